@@ -103,7 +103,7 @@ def _analysis(a: dict, report, where) -> S.Analysis:
       _str(a.get("nonInferiorityType")))
 
 
-def _outcomes(om_list: list, arm_labels, report, rid) -> tuple[S.Outcome, ...]:
+def _outcomes(om_list: list, arms, report, rid) -> tuple[S.Outcome, ...]:
   out = []
   for k, om in enumerate(om_list):
     om = _dict(om, "outcomeMeasures[]")
@@ -116,8 +116,9 @@ def _outcomes(om_list: list, arm_labels, report, rid) -> tuple[S.Outcome, ...]:
     gid2label = {}
     for g in _list(om.get("groups"), "groups"):
       g = _dict(g, "groups[]")
-      gid2label[_str(g.get("id"))] = (S.match_arm_label(_str(g.get("title")), arm_labels)
-                                      or _str(g.get("title")))
+      gid2label[_str(g.get("id"))] = (
+          S.match_arm(_str(g.get("title")), _str(g.get("description")), arms)
+          or _str(g.get("title")))
     gid2n = {}
     for d in _list(om.get("denoms"), "denoms")[:1]:
       for c in _list(_dict(d, "denoms[]").get("counts"), "counts"):
@@ -166,7 +167,7 @@ def parse_study(study, report: BuildReport) -> S.Trial:
   flow = _dict(rs.get("participantFlowModule"), "participantFlowModule").get("groups")
   arms = _arms(ps, _list(flow, "participantFlowModule.groups"), report, rid)
   oms = _dict(rs.get("outcomeMeasuresModule"), "outcomeMeasuresModule").get("outcomeMeasures")
-  outcomes = _outcomes(_list(oms, "outcomeMeasures"), tuple(a.label for a in arms), report, rid)
+  outcomes = _outcomes(_list(oms, "outcomeMeasures"), arms, report, rid)
   if not outcomes:
     raise S.SkipRecord("no_results", f"{rid}: no outcome with numeric values")
   status = _dict(ps.get("statusModule"), "statusModule")

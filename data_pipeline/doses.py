@@ -28,7 +28,9 @@ _BASE_UNITS = {
     "pfu": "PFU", "kg": None,
 }
 _DENOMS = {"kg": "kg", "m2": "m2", "m²": "m2", "m^2": "m2", "sqm": "m2", "ml": "mL",
-           "l": "L", "h": "h", "hr": "h", "hour": "h", "min": "min", "dose": ""}
+           "l": "L", "h": "h", "hr": "h", "hour": "h", "min": "min", "dose": "",
+           "kilogram": "kg", "fraction": "fraction", "cycle": "cycle", "spray": "spray",
+           "dl": "dL", "puff": "puff"}
 _PER_TIME = {"day": "once daily", "d": "once daily", "daily": "once daily",
              "week": "once weekly", "wk": "once weekly"}
 
@@ -36,7 +38,7 @@ _NUM = r"(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\.\d+)"
 _AMOUNT = re.compile(
     _NUM + r"(?:\s*(?:-|–|to)\s*" + _NUM + r")?"
     r"(?:\s*[x×*]\s*10\s*(?:\^|\*\*|e)?\s*([+-]?\d+))?"
-    r"\s*(international units?|[a-zA-Zµμ%][a-zA-Z0-9µμ%²^]*(?:\s*/\s*[a-zA-Z0-9²^]+)*)?",
+    r"\s*(international units?|[a-zA-Zµμ%][a-zA-Zµμ%]*(?:\s*/\s*[a-zA-Z]+[2²]?(?:\^2)?)*)?",
     flags=re.UNICODE)
 
 # Words that often follow a number but are not dose units.
@@ -49,7 +51,7 @@ _NOT_UNITS = {
     "puff", "drops", "drop", "sessions", "visits", "meals", "cm", "mm", "kg", "of",
     "and", "or", "to", "in", "at", "per", "with", "for", "a", "the", "arms", "groups",
     "st", "nd", "rd", "th", "am", "pm", "bid", "tid", "qid", "qd", "qw", "iv", "sc",
-    "im", "po", "vs", "mmhg", "bpm", "m", "km",
+    "im", "po", "vs", "mmhg", "bpm", "m", "km", "f", "c", "b", "t", "fx", "ip",
 }
 
 _ROUTES = (
@@ -136,6 +138,8 @@ def normalise_unit(token: str) -> tuple[str | None, str]:
     elif p in _DENOMS:
       if _DENOMS[p]:
         denoms.append(_DENOMS[p])
+    elif len(p) > 3:
+      break  # "12.5 mg / hydrochlorothiazide": the next word is a name, not a unit
     else:
       return None, ""
   return "/".join([base] + denoms), freq
@@ -156,7 +160,10 @@ def parse_doses(text: str, report: BuildReport | None = None, source: str = "dos
     return ()
   found = []  # (start, end, amount, high, unit, per_time_freq, raw)
   for m in _AMOUNT.finditer(text):
-    if m.start() > 0 and (text[m.start() - 1].isalnum() or text[m.start() - 1] in "^."):
+    prev = text[max(0, m.start() - 2):m.start()]
+    if prev[-1:] in ("x", "×") and prev[:1].isdigit():
+      pass  # "2x25mg": the 25 is a dose
+    elif prev[-1:] and (prev[-1].isalnum() or prev[-1] in "^."):
       continue  # inside a word or an exponent ("10^6", "A1", "v2.1")
     unit_tok = m.group(4) or ""
     if not unit_tok:

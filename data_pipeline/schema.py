@@ -310,6 +310,20 @@ def match_arm_label(title: str, labels: tuple[str, ...] | list[str]) -> str:
   return contained[0] if len(contained) == 1 else ""
 
 
+def match_arm(title: str, description: str, arms) -> str:
+  """Like match_arm_label, then by description: result groups often copy the arm's
+  description verbatim under a different title. `arms` holds Arm objects."""
+  lab = match_arm_label(title, [a.label for a in arms])
+  if lab:
+    return lab
+  d = _norm_label(description)
+  if not d:
+    return ""
+  hits = [a.label for a in arms if len(_norm_label(a.description)) > 10 and
+          (_norm_label(a.description) in d or d in _norm_label(a.description))]
+  return hits[0] if len(hits) == 1 else ""
+
+
 def unique(items) -> tuple[str, ...]:
   """Order-preserving de-duplication of non-empty cleaned strings."""
   out = []
