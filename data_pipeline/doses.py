@@ -23,14 +23,14 @@ _BASE_UNITS = {
     "iu": "IU", "international units": "IU", "international unit": "IU",
     "u": "U", "unit": "U", "units": "U", "ml": "mL", "cc": "mL", "milliliter": "mL",
     "milliliters": "mL", "millilitre": "mL", "l": "L", "liter": "L", "litre": "L",
-    "mmol": "mmol", "meq": "mEq", "%": "%", "percent": "%", "cells": "cells",
+    "mmol": "mmol", "µmol": "µmol", "umol": "µmol", "meq": "mEq", "%": "%", "percent": "%", "cells": "cells",
     "cell": "cells", "gy": "Gy", "cgy": "cGy", "mci": "mCi", "mbq": "MBq", "vp": "vp",
     "pfu": "PFU", "kg": None,
 }
 _DENOMS = {"kg": "kg", "m2": "m2", "m²": "m2", "m^2": "m2", "sqm": "m2", "ml": "mL",
            "l": "L", "h": "h", "hr": "h", "hour": "h", "min": "min", "dose": "",
            "kilogram": "kg", "fraction": "fraction", "cycle": "cycle", "spray": "spray",
-           "dl": "dL", "puff": "puff"}
+           "dl": "dL", "puff": "puff", "m": "m2", "kgs": "kg"}
 _PER_TIME = {"day": "once daily", "d": "once daily", "daily": "once daily",
              "week": "once weekly", "wk": "once weekly"}
 
