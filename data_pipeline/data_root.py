@@ -1,0 +1,69 @@
+"""Where the trial data lives.
+
+Order: an explicit setting (`--config.data.root`), the `DEEPIMAGINE_DATA`
+environment variable, `../shared/data` beside the repository, else a download of
+the public CT Open pickles into a cache directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import urllib.error
+import urllib.request
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared" / "data"
+ENV_VAR = "DEEPIMAGINE_DATA"
+CACHE_DIR = pathlib.Path(
+    os.environ.get("DEEPIMAGINE_CACHE", pathlib.Path.home() / ".cache" / "deepimagine"))
+
+CT_OPEN_URL = ("https://raw.githubusercontent.com/ClinicalTrial-OpenChallenge/"
+               "CT_Open/main/datasets/{name}")
+CT_OPEN_FILES = ("Winter_2025.pickle", "Summer_2025.pickle")
+
+
+class DataRootError(RuntimeError):
+  pass
+
+
+def resolve_data_root(root: str | None, allow_download: bool = True) -> pathlib.Path:
+  """Returns the data root, trying the documented places in order."""
+  if root:
+    path = pathlib.Path(root).expanduser()
+    if not path.is_dir():
+      raise DataRootError(f"data root {path} (from --config.data.root) does not exist")
+    return path
+  if os.environ.get(ENV_VAR):
+    path = pathlib.Path(os.environ[ENV_VAR]).expanduser()
+    if not path.is_dir():
+      raise DataRootError(f"data root {path} (from ${ENV_VAR}) does not exist")
+    return path
+  if SHARED.is_dir():
+    return SHARED
+  if not allow_download:
+    raise DataRootError(
+        f"no data root: set --config.data.root or ${ENV_VAR}, or place the data at {SHARED}")
+  return download_ct_open(CACHE_DIR / "data")
+
+
+def download_ct_open(dest: pathlib.Path) -> pathlib.Path:
+  """Downloads the public CT Open pickles; says clearly when offline."""
+  target = dest / "ct_open"
+  target.mkdir(parents=True, exist_ok=True)
+  for name in CT_OPEN_FILES:
+    out = target / name
+    if out.exists():
+      continue
+    url = CT_OPEN_URL.format(name=name)
+    logging.info("downloading %s -> %s", url, out)
+    tmp = out.with_suffix(".part")
+    try:
+      with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+        f.write(r.read())
+    except (urllib.error.URLError, OSError) as e:
+      raise DataRootError(
+          f"no local data and the download of {url} failed ({e}); this machine "
+          f"may be offline. Set ${ENV_VAR} to a folder holding ct_open/*.pickle") from e
+    os.replace(tmp, out)  # never leave a half-written pickle under the final name
+  return dest

@@ -1,0 +1,134 @@
+"""One sharding story: logical axis names -> mesh axes `data`, `fsdp`, `tensor`.
+
+Parameters carry `logical_axes` metadata (model.py). `RULES` maps each logical
+name to a mesh axis (or None = replicated). The mesh uses Auto axis types, so
+XLA propagates shardings through the computation; activations are pinned to
+the batch axes at block boundaries by `constrain_activation`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1 meaning "the rest"."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into mesh {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                     f"devices, have {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def mesh_from_config(mesh_cfg) -> jax.sharding.Mesh:
+  """Builds the mesh from `config.mesh`, initialising multi-host JAX if asked."""
+  if mesh_cfg.multihost and jax.process_count() == 1:
+    jax.distributed.initialize()
+  mesh = make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+               jax.process_count())
+  return mesh
+
+
+def logical_to_spec(axes: Sequence[str | None] | None,
+                    rules=RULES, mesh: jax.sharding.Mesh | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec (unknown names are an error)."""
+  if axes is None:
+    return P()
+  table = dict(rules)
+  out = []
+  for name in axes:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f"logical axis {name!r} has no sharding rule")
+    out.append(table[name])
+  return P(*out)
+
+
+def _spec_fits(spec: P, shape, mesh) -> P:
+  """Drops mesh axes that do not divide the dimension (e.g. 2 kv heads on 4 shards)."""
+  fixed = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axis is not None and dim % mesh.shape[axis]:
+      logging.warning("dimension %d not divisible by mesh axis %s=%d: replicating it",
+                      dim, axis, mesh.shape[axis])
+      axis = None
+    fixed.append(axis)
+  return P(*fixed)
+
+
+def state_shardings(abstract_state, mesh, rules=RULES):
+  """NamedSharding for every Variable in an (abstract) nnx.State."""
+
+  def one(v):
+    if isinstance(v, nnx.Variable):
+      meta = v.get_metadata()
+      spec = logical_to_spec(meta.get("logical_axes"), rules)
+      return v.replace(NamedSharding(mesh, _spec_fits(spec, v.shape, mesh)))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(make_module: Callable[[], nnx.Module], mesh, rules=RULES) -> nnx.Module:
+  """Creates a module whose parameters are born sharded (never whole on one device)."""
+  abstract = nnx.eval_shape(make_module)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  def init():
+    return nnx.split(make_module())[1]
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
+  """Batch arrays: leading dim over (data, fsdp), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def constrain_activation(x):
+  """Pins the batch dimension of an activation to (data, fsdp) under a mesh context."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  if x.shape[0] % n:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))

@@ -1,0 +1,36 @@
+"""Installs deepimagine_jax (model, training, RL, eval) and data_pipeline."""
+from setuptools import find_packages, setup
+
+setup(
+    name="deepimagine-jax",
+    version="0.1.0",
+    description="Counterfactual imagining for clinical-trial outcome prediction, in JAX.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["deepimagine_jax*", "data_pipeline*"]),
+    package_data={"data_pipeline": ["tfds_pairs/*"]},
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2.0",
+        "ml-collections>=1.1.0",
+        "tensorflow-datasets>=4.9.10",
+        "importlib_resources>=6.0",  # TFDS needs it without TensorFlow installed
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "scikit-learn>=1.5",
+        "safetensors>=0.4",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "hypothesis>=6.100",
+            "torch==2.13.0",  # CPU wheel; only a test-time reference
+            "transformers>=4.50",
+        ],
+    },
+)
