@@ -1,0 +1,221 @@
+"""Grain: example records -> token batches -> global sharded arrays.
+
+The pipeline knows nothing of the model; only `to_global_arrays` knows the mesh.
+Stages (all seeded, all checkpointable through `iterator.get_state()`):
+
+  MapDataset.source(records) -> this host's shard -> shuffle(seed), reseeded
+  each epoch -> repeat(num_epochs) -> tokenize + truncate -> [pad | pack] -> batch
+
+A training sequence is `[BOS] + prompt + completion + [EOS]`; the loss covers the
+completion and EOS only. Too-long sequences lose prompt tokens from the left
+(after BOS) so the completion - and its final DECISION line - survives.
+
+Iterator state is a small dict of ints (JSON-serialisable): save it with
+`json.dumps(it.get_state())`, or inside an Orbax checkpoint with
+`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` (see
+`checkpoint_save_args`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any, Mapping, Sequence
+
+import grain
+import grain.experimental as grain_exp
+import jax
+import numpy as np
+
+TOKEN_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+
+
+def _text(x: Any) -> str:
+  """TFDS data sources hand back text features as bytes."""
+  if isinstance(x, bytes):
+    return x.decode("utf-8")
+  if isinstance(x, np.ndarray) and x.shape == ():
+    return _text(x.item())
+  return str(x)
+
+
+def _field(rec: Mapping[str, Any], key: str) -> Any:
+  if key not in rec:
+    raise KeyError(f"example record {_text(rec.get('id', '?'))!r} has no field {key!r}")
+  return rec[key]
+
+
+def sft_tokens(rec: Mapping[str, Any], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+  """One record -> unpadded inputs/targets/loss_mask of length <= seq_len."""
+  prompt = tokenizer.encode(_text(_field(rec, "prompt")))
+  completion = tokenizer.encode(_text(_field(rec, "completion")))
+  tokens = [tokenizer.bos_id] + prompt + completion + [tokenizer.eos_id]
+  mask = [0.0] * (1 + len(prompt)) + [1.0] * (len(completion) + 1)
+  if len(tokens) > seq_len + 1:  # drop from the left, after BOS
+    cut = len(tokens) - (seq_len + 1)
+    tokens = tokens[:1] + tokens[1 + cut:]
+    mask = mask[:1] + mask[1 + cut:]
+  tokens_T = np.asarray(tokens, np.int32)
+  mask_T = np.asarray(mask, np.float32)
+  return {"inputs": tokens_T[:-1], "targets": tokens_T[1:], "loss_mask": mask_T[1:]}
+
+
+def pad_tokens(ex: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """Pads one unpacked example to seq_len; positions/segment ids 0 on padding."""
+  n = len(ex["inputs"])
+  out = {}
+  for key, dtype in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32)):
+    out[key] = np.zeros(seq_len, dtype)
+    out[key][:n] = ex[key]
+  out["positions"] = np.zeros(seq_len, np.int32)
+  out["positions"][:n] = np.arange(n)
+  out["segment_ids"] = np.zeros(seq_len, np.int32)
+  out["segment_ids"][:n] = 1
+  return out
+
+
+def _rename_packed(ex: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Grain's packer emits per-feature positions/segment ids; keep one pair."""
+  return {
+      "inputs": ex["inputs"], "targets": ex["targets"], "loss_mask": ex["loss_mask"],
+      "positions": ex["inputs_positions"], "segment_ids": ex["inputs_segment_ids"],
+  }
+
+
+def _host_shard(records, shard_index: int | None, shard_count: int | None,
+                global_batch_size: int):
+  """This host's equal-length slice of the source, and its local batch size."""
+  if shard_index is None:
+    shard_index = jax.process_index()
+  if shard_count is None:
+    shard_count = jax.process_count()
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  if global_batch_size % shard_count:
+    raise ValueError(f"global batch size {global_batch_size} does not split over "
+                     f"{shard_count} hosts")
+  ds = grain.MapDataset.source(records)
+  n = len(ds)
+  per_host = n // shard_count
+  if per_host == 0:
+    raise ValueError(f"{n} records cannot feed {shard_count} hosts")
+  if n % shard_count:
+    # Equal lengths keep hosts in step: a host that ran out first would hang
+    # the others at the next collective.
+    logging.info("grain_pipeline: dropping %d of %d records so %d hosts get equal shards",
+                 n % shard_count, n, shard_count)
+  ds = ds[shard_index::shard_count][:per_host]
+  return ds, global_batch_size // shard_count
+
+
+def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: int,
+                      seed: int, num_epochs: int | None = None, pack: bool = False,
+                      shard_index: int | None = None, shard_count: int | None = None,
+                      num_packing_bins: int | None = None,
+                      read_threads: int = 4) -> grain.DatasetIterator:
+  """Token batches ([B_local, seq_len], design.md "Token batches") for this host.
+
+  `records` is a sequence of example dicts or a TFDS data source of the same.
+  `num_epochs=None` repeats forever (trainers stop by step count). With
+  `pack=True`, several examples share a row (first-fit packing over
+  `num_packing_bins` rows, default the local batch size); hosts may then see
+  different batch counts per epoch, so multi-host packed runs should repeat
+  forever.
+  """
+  ds, local_bs = _host_shard(records, shard_index, shard_count, global_batch_size)
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.map(functools.partial(sft_tokens, tokenizer=tokenizer, seq_len=seq_len))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+  if pack:
+    lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+    it_ds = grain_exp.FirstFitPackIterDataset(
+        it_ds, length_struct=lengths, num_packing_bins=num_packing_bins or local_bs,
+        seed=seed, shuffle_bins=True).map(_rename_packed)
+  else:
+    it_ds = it_ds.map(functools.partial(pad_tokens, seq_len=seq_len))
+  return iter(it_ds.batch(local_bs, drop_remainder=True))
+
+
+def rl_prompt(rec: Mapping[str, Any], tokenizer, prompt_len: int) -> dict[str, Any]:
+  """One record -> a left-padded prompt row plus the host-side fields."""
+  tokens = [tokenizer.bos_id] + tokenizer.encode(_text(_field(rec, "prompt")))
+  if len(tokens) > prompt_len:
+    tokens = tokens[:1] + tokens[len(tokens) - prompt_len + 1:]
+  row_P = np.full(prompt_len, tokenizer.pad_id, np.int32)
+  mask_P = np.zeros(prompt_len, np.int32)
+  row_P[prompt_len - len(tokens):] = tokens
+  mask_P[prompt_len - len(tokens):] = 1
+  if "n_options" in rec and int(rec["n_options"]) > 0:
+    n_options = int(rec["n_options"])
+  else:
+    n_options = len(_field(rec, "options"))
+  return {"prompt_tokens": row_P, "prompt_mask": mask_P,
+          "label": int(_field(rec, "label")), "n_options": n_options,
+          "example_id": _text(_field(rec, "id"))}
+
+
+def _stack_prompts(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  return {
+      "prompt_tokens": np.stack([r["prompt_tokens"] for r in rows]),
+      "prompt_mask": np.stack([r["prompt_mask"] for r in rows]),
+      "labels": [r["label"] for r in rows],
+      "n_options": [r["n_options"] for r in rows],
+      "example_ids": [r["example_id"] for r in rows],
+  }
+
+
+def make_prompt_iterator(records, tokenizer, *, prompt_len: int, batch_size: int,
+                         seed: int, num_epochs: int | None = None,
+                         shard_index: int | None = None, shard_count: int | None = None,
+                         read_threads: int = 4) -> grain.DatasetIterator:
+  """RL prompt batches (design.md "RL prompt batches") for this host.
+
+  `batch_size` is global; each host gets batch_size / hosts rows, and the
+  host-side lists (`labels`, `n_options`, `example_ids`) describe those rows.
+  """
+  ds, local_bs = _host_shard(records, shard_index, shard_count, batch_size)
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.map(functools.partial(rl_prompt, tokenizer=tokenizer, prompt_len=prompt_len))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+  return iter(it_ds.batch(local_bs, drop_remainder=True, batch_fn=_stack_prompts))
+
+
+def to_global_arrays(batch_np: Mapping[str, Any], sharding) -> dict[str, Any]:
+  """Host-local numpy batch -> global jax.Arrays laid out by `sharding`.
+
+  `sharding` is one `jax.sharding.Sharding` for every array, or a dict of them
+  by key. The leading (batch) axis of each host's data is its slice of the
+  global batch. Values that are not arrays (host-side lists) pass through.
+  """
+  out = {}
+  for key, value in batch_np.items():
+    if not isinstance(value, np.ndarray):
+      out[key] = value
+      continue
+    s = sharding[key] if isinstance(sharding, Mapping) else sharding
+    out[key] = jax.make_array_from_process_local_data(s, value)
+  return out
+
+
+def state_to_json(iterator: grain.DatasetIterator) -> str:
+  """The iterator's position as JSON (a dict of ints), for any checkpointer."""
+  return json.dumps(iterator.get_state())
+
+
+def restore_from_json(iterator: grain.DatasetIterator, state_json: str) -> grain.DatasetIterator:
+  """Moves a freshly built iterator (same records and settings) to a saved position."""
+  iterator.set_state(json.loads(state_json))
+  return iterator
+
+
+def checkpoint_save_args(iterator: grain.DatasetIterator):
+  """Orbax args that save the iterator (one JSON file per process).
+
+  Use inside `ocp.args.Composite(..., data=checkpoint_save_args(it))`; restore
+  with `checkpoint_restore_args(it)` on an iterator built with the same settings.
+  """
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_args(iterator: grain.DatasetIterator):
+  return grain.checkpoint.CheckpointRestore(iterator)
