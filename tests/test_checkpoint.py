@@ -1,0 +1,189 @@
+"""Checkpointer: exact round trips (sharded, optax state, typed keys, JSON items),
+retention, save interval, and that a crashed or partial save never hides the last good step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from deepimagine_jax.checkpoint import Checkpointer, abstract_state
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _train_state(mesh, seed=0):
+  """Params sharded on the mesh + an AdamW state after one update + step + typed key."""
+  rng = np.random.default_rng(seed)
+  params = {
+      "w_DF": jax.device_put(rng.normal(size=(8, 4)).astype(np.float32),
+                             NamedSharding(mesh, P("fsdp", "tensor"))),
+      "emb_VD": jax.device_put(rng.normal(size=(6, 8)).astype(jnp.bfloat16),
+                               NamedSharding(mesh, P(None, ("data", "fsdp")))),
+      "scale_D": jax.device_put(rng.normal(size=(8,)).astype(np.float32), NamedSharding(mesh, P())),
+  }
+  tx = optax.adamw(1e-2)
+  opt = tx.init(params)
+  grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.5, params)
+  _, opt = tx.update(grads, opt, params)
+  key = jax.device_put(jax.random.key(seed), NamedSharding(mesh, P()))
+  return {"params": params, "opt": opt, "step": jnp.asarray(seed + 7, jnp.int32), "rng": key}
+
+
+def _assert_same(a, b):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      assert jax.dtypes.issubdtype(y.dtype, jax.dtypes.prng_key)
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (x.sharding, y.sharding)
+
+
+def test_round_trip_sharded_optax_key_and_json(tmp_path, mesh):
+  state = _train_state(mesh)
+  data_state = {"next_index": 123, "blob": b"\x00\xffgrain", "nested": [{"b": b"xy"}, 3.5]}
+  meta = {"config": {"lr": 1e-3}, "git": "abc"}
+  with Checkpointer(tmp_path / "ck", max_to_keep=3, save_every=1) as ck:
+    assert ck.latest_step() is None
+    assert ck.save(7, state, data_state, meta)
+    ck.wait()
+    assert ck.latest_step() == 7
+  # A fresh Checkpointer (a resumed process) restores into the abstract shardings.
+  with Checkpointer(tmp_path / "ck", max_to_keep=3, save_every=1) as ck:
+    got, got_data, got_meta = ck.restore(None, abstract_state(state))
+  _assert_same(state, got)
+  assert got["params"]["w_DF"].sharding.spec == P("fsdp", "tensor")
+  assert got_data == {"next_index": 123, "blob": b"\x00\xffgrain", "nested": [{"b": b"xy"}, 3.5]}
+  assert got_meta == meta
+  # The RNG key works as a key after the round trip.
+  np.testing.assert_array_equal(np.asarray(jax.random.normal(got["rng"], (3,))),
+                                np.asarray(jax.random.normal(state["rng"], (3,))))
+
+
+def test_restore_into_other_sharding(tmp_path, mesh):
+  state = _train_state(mesh)
+  with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
+    ck.save(1, state, None, None)
+    ck.wait()
+    target = abstract_state(state)
+    new_sh = NamedSharding(mesh, P("tensor", None))
+    target["params"]["w_DF"] = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=new_sh)
+    got, data, meta = ck.restore(1, target)
+  assert got["params"]["w_DF"].sharding == new_sh
+  np.testing.assert_array_equal(np.asarray(got["params"]["w_DF"]), np.asarray(state["params"]["w_DF"]))
+  assert data is None and meta == {}
+
+
+def test_nnx_state_round_trip(tmp_path):
+  model = nnx.Linear(3, 5, rngs=nnx.Rngs(1))
+  params = nnx.state(model, nnx.Param)
+  with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
+    ck.save(2, {"params": params}, None, None)
+    ck.wait()
+    fresh = nnx.state(nnx.Linear(3, 5, rngs=nnx.Rngs(9)), nnx.Param)
+    got, _, _ = ck.restore(2, abstract_state({"params": fresh}))
+  assert isinstance(got["params"], nnx.State)
+  nnx.update(model, got["params"])  # structure fits the model
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_keep_last_k_and_save_every(tmp_path):
+  state = {"x": jnp.arange(4.0)}
+  with Checkpointer(tmp_path, max_to_keep=2, save_every=3) as ck:
+    saved = [s for s in range(1, 11) if ck.save(s, {"x": state["x"] + s}, {"s": s}, None)]
+    ck.wait()
+    assert saved == [3, 6, 9]
+    assert ck.all_steps() == [6, 9]
+    assert ck.latest_step() == 9
+    assert ck.save(10, state, None, None, force=True)  # off-grid final save
+    ck.wait()
+    assert ck.all_steps() == [9, 10]
+    assert not ck.save(10, state, None, None, force=True)  # already there: skipped
+    got, data, _ = ck.restore(9, abstract_state(state))
+  np.testing.assert_array_equal(np.asarray(got["x"]), np.arange(4.0) + 9)
+  assert data == {"s": 9}
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["10", "9"]
+
+
+def test_restore_missing_step_names_directory(tmp_path):
+  with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+      ck.restore(None, {"x": jax.ShapeDtypeStruct((2,), jnp.float32)})
+
+
+def test_partial_save_dir_is_ignored(tmp_path):
+  state = {"x": jnp.arange(3.0)}
+  with Checkpointer(tmp_path, max_to_keep=3, save_every=1) as ck:
+    ck.save(1, state, {"pos": 1}, None)
+    ck.wait()
+  # What a process killed mid-save leaves behind: Orbax's uncommitted temp directory.
+  tmp = tmp_path / "2.orbax-checkpoint-tmp-1700000000"
+  (tmp / "state").mkdir(parents=True)
+  (tmp / "state" / "junk").write_bytes(b"half written")
+  with Checkpointer(tmp_path, max_to_keep=3, save_every=1) as ck:
+    assert ck.latest_step() == 1
+    got, data, _ = ck.restore(None, abstract_state(state))
+    np.testing.assert_array_equal(np.asarray(got["x"]), np.arange(3.0))
+    assert data == {"pos": 1}
+    # The run goes on and can save step 2 for real.
+    assert ck.save(2, {"x": state["x"] * 2}, {"pos": 2}, None)
+    ck.wait()
+    assert ck.all_steps() == [1, 2]
+  assert not tmp.exists()
+
+
+def test_incomplete_step_dir_is_skipped(tmp_path):
+  state = {"x": jnp.arange(3.0)}
+  with Checkpointer(tmp_path, max_to_keep=3, save_every=1) as ck:
+    ck.save(1, state, {"pos": 1}, None)
+    ck.wait()
+  # A final-looking step directory without all items (say, an interrupted copy).
+  (tmp_path / "3" / "state").mkdir(parents=True)
+  with Checkpointer(tmp_path, max_to_keep=3, save_every=1) as ck:
+    assert ck.latest_step() == 1
+    got, data, _ = ck.restore(None, abstract_state(state))
+  np.testing.assert_array_equal(np.asarray(got["x"]), np.arange(3.0))
+  assert data == {"pos": 1}
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path):
+  good = {"x": jnp.arange(3.0)}
+  with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
+    ck.save(1, good, {"pos": 1}, {"ok": True})
+    ck.wait()
+    # A save that raises while writing (a leaf Orbax cannot serialise). With
+    # max_to_keep=1 a successful step 2 would delete step 1; a failed one must not.
+    with pytest.raises(Exception):
+      ck.save(2, {"x": object()}, {"pos": 2}, None)
+      ck.wait()
+  with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
+    assert ck.latest_step() == 1
+    got, data, meta = ck.restore(None, abstract_state(good))
+  np.testing.assert_array_equal(np.asarray(got["x"]), np.arange(3.0))
+  assert data == {"pos": 1} and meta == {"ok": True}
+
+
+def test_nan_state_is_saved_as_is(tmp_path):
+  # NaN is data, not a failure: the trainer decides not to save a diverged state.
+  state = {"x": jnp.array([1.0, jnp.nan, jnp.inf])}
+  with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
+    assert ck.save(1, state, None, None)
+    ck.wait()
+    got, _, _ = ck.restore(1, abstract_state(state))
+  np.testing.assert_array_equal(np.asarray(got["x"]), np.asarray(state["x"]))
+
+
+def test_non_json_data_state_fails_clearly(tmp_path):
+  with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
+    with pytest.raises(TypeError, match="dict keys must be str"):
+      ck.save(1, {"x": jnp.zeros(2)}, {1: "a"}, None)
