@@ -97,7 +97,8 @@ _FIXED_FREQS = (
     ("monthly", r"\bmonthly\b|\bonce\s+(a|per)\s+month\b|\bevery\s+month\b"),
     ("once daily", r"\b(once|one time)\s+(a\s+|per\s+|each\s+)?da(y|ily)\b|\bq\.?d\.?\b|"
      r"\bdaily\b|\bevery\s+day\b|\bper\s+day\b|\bq\.?h\.?s\.?\b|\bat\s+bedtime\b"),
-    ("single dose", r"\bsingle\s+(dose|injection|infusion|administration)\b|\bonce\b"),
+    ("single dose", r"\bsingle\s+(dose|injection|infusion|administration)\b|"
+     r"\bonce\b(?!\s*-?\s*(every|a|per|daily|weekly|monthly|each|q\d|in))"),
 )
 _FIXED_RE = [(f, re.compile(p, re.IGNORECASE)) for f, p in _FIXED_FREQS]
 
@@ -110,16 +111,18 @@ def find_route(text: str) -> str:
 
 
 def find_frequency(text: str) -> str:
+  """The frequency phrase that comes first in `text` ('' if none)."""
+  hits = []  # (position, -length, frequency)
   for rx, fmt in _FREQS_RE:
     m = rx.search(text)
     if m:
       g = next(x for x in m.groups() if x)
-      n = _WORDNUM.get(g.lower()) or int(g)
-      return fmt(n)
+      hits.append((m.start(), -len(m.group(0)), fmt(_WORDNUM.get(g.lower()) or int(g))))
   for f, rx in _FIXED_RE:
-    if rx.search(text):
-      return f
-  return ""
+    m = rx.search(text)
+    if m:
+      hits.append((m.start(), -len(m.group(0)), f))
+  return min(hits)[2] if hits else ""
 
 
 def normalise_unit(token: str) -> tuple[str | None, str]:

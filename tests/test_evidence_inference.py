@@ -1,0 +1,31 @@
+"""Evidence Inference reader: majority labels recomputed independently from the CSVs."""
+import collections
+import csv
+
+from data_pipeline.build_report import BuildReport
+from data_pipeline.evidence_inference import LABELS, majority, read_evidence_inference
+
+
+def test_majority():
+  assert majority(["a", "b", "a"]) == "a"
+  assert majority(["a", "b"]) is None
+  assert majority([]) is None
+
+
+def test_real_files(data_root):
+  root = data_root / "evidence_inference"
+  r = BuildReport()
+  ex = read_evidence_inference(root, r)
+  assert len(ex) == r.n_read("evidence_inference") > 2000
+  assert {e["label"] for e in ex} == set(LABELS)
+  assert {e["split"] for e in ex} <= {"train", "validation", "test"}
+  # Independent recount for one prompt read by hand: 11164 (LMWH vs unfractionated heparin).
+  rows = [row for row in csv.DictReader(open(root / "v2_annotations.csv", encoding="utf-8"))
+          if row["PromptID"] == "11164" and row["Valid Label"] != "False"]
+  want = collections.Counter(row["Label"] for row in rows).most_common(1)[0][0]
+  e = next(e for e in ex if e["prompt_id"] == "11164")
+  assert e["label"] == want == "no significant difference"
+  assert (e["pmcid"], e["intervention"], e["comparator"]) == (
+      "59610", "LMWH", "Unfractionated heparin")
+  assert e["evidence"].startswith("Recurrent venous thromboembolism")
+  assert r.n_skipped("evidence_inference", "label_tie") > 0
