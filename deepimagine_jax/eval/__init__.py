@@ -1,0 +1,1 @@
+"""Evaluation: CT Open metrics, predictions I/O, baselines, imagining, run report."""

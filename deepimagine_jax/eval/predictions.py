@@ -1,0 +1,190 @@
+"""CT Open predictions: `(nct_id, endpoint_str, question_index) -> text` with a DECISION line.
+
+Two on-disk forms of the same mapping:
+  * a pickle of a plain dict (protocol 4, built-in types only), the form the
+    benchmark's own `evaluation.py` reads; read back with `safe_pickle`, never the
+    stock unpickler;
+  * JSON lines `{"nct_id", "endpoint_str", "question_index", "text"}`, one per
+    question, for humans and tools.
+Files are written to a temporary name and moved into place with `os.replace`, so
+a crash never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pickle
+import tempfile
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from data_pipeline import safe_pickle
+from data_pipeline.build_report import BuildReport
+from deepimagine_jax import rewards
+from deepimagine_jax.eval import ct_open_metrics
+
+Key = tuple  # (nct_id: str, endpoint_str: str, question_index: int)
+SOURCE = "predictions"
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def question_key(q: Mapping) -> Key:
+  """The benchmark key of a question dict."""
+  return (str(q["nct_id"]), str(q["endpoint_str"]), int(q["question_index"]))
+
+
+def format_decision(probs: Sequence[float]) -> str:
+  """A `DECISION: (p1, p2[, p3])` line that parses back to the same probabilities."""
+  return "DECISION: (" + ", ".join(repr(float(p)) for p in probs) + ")"
+
+
+def predictions_from_probs(questions: Sequence[Mapping],
+                           probs: Sequence[Sequence[float]]) -> dict:
+  """Predictions for a model that outputs probabilities directly (the baselines)."""
+  if len(questions) != len(probs):
+    raise ValueError(f"{len(probs)} probability vectors for {len(questions)} questions")
+  return {question_key(q): format_decision(p) for q, p in zip(questions, probs)}
+
+
+def _check(preds: Mapping, source: str) -> dict:
+  if not isinstance(preds, Mapping):
+    raise TypeError(f"{source}: predictions must be a dict, got {type(preds).__name__}")
+  out = {}
+  for k, v in preds.items():
+    if not (isinstance(k, tuple) and len(k) == 3 and isinstance(k[0], str)
+            and isinstance(k[1], str) and isinstance(k[2], int)
+            and not isinstance(k[2], bool)):
+      raise ValueError(f"{source}: key {k!r} is not (nct_id: str, endpoint_str: str, "
+                       "question_index: int)")
+    if not isinstance(v, str):
+      raise ValueError(f"{source}: value for key {k!r} is {type(v).__name__}, not str")
+    out[k] = v
+  return out
+
+
+def _atomic_write(path: pathlib.Path, data: bytes):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_pickle(path: str | os.PathLike, preds: Mapping) -> pathlib.Path:
+  """Writes a plain-dict pickle (protocol 4) the benchmark script can read."""
+  path = pathlib.Path(path)
+  _atomic_write(path, pickle.dumps(_check(preds, str(path)), protocol=4))
+  return path
+
+
+def write_jsonl(path: str | os.PathLike, preds: Mapping) -> pathlib.Path:
+  """Writes one JSON object per prediction, sorted by key for stable diffs."""
+  path = pathlib.Path(path)
+  lines = [json.dumps({"nct_id": k[0], "endpoint_str": k[1], "question_index": k[2],
+                       "text": v}, ensure_ascii=False)
+           for k, v in sorted(_check(preds, str(path)).items())]
+  _atomic_write(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+  return path
+
+
+def read_predictions(path: str | os.PathLike, report: BuildReport | None = None) -> dict:
+  """Reads either form back, chosen by suffix.
+
+  A pickle must be a well-formed dict (else a clear error). In JSON lines a
+  malformed line or a repeated key is counted in `report` under source
+  "predictions" and skipped (the first occurrence of a key wins).
+  """
+  path = pathlib.Path(path)
+  if path.suffix in PICKLE_SUFFIXES:
+    preds = _check(safe_pickle.load(path), str(path))
+    if report is not None:
+      report.add_read(SOURCE, len(preds))
+    return preds
+  if path.suffix not in JSONL_SUFFIXES:
+    raise ValueError(f"{path}: unknown predictions format (use {PICKLE_SUFFIXES} or "
+                     f"{JSONL_SUFFIXES})")
+  report = report if report is not None else BuildReport()
+  preds = {}
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{n}"
+      try:
+        rec = json.loads(line)
+        key = (rec["nct_id"], rec["endpoint_str"], rec["question_index"])
+        text = rec["text"]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        report.add_skip(SOURCE, "malformed_line", where)
+        continue
+      try:
+        _check({key: text}, where)
+      except ValueError:
+        report.add_skip(SOURCE, "bad_field_type", where)
+        continue
+      if key in preds:
+        report.add_skip(SOURCE, "duplicate_key", where)
+        continue
+      preds[key] = text
+      report.add_read(SOURCE)
+  return preds
+
+
+def probs_from_predictions(questions: Sequence[Mapping], preds: Mapping,
+                           on_error: str = "uniform") -> tuple[list, dict]:
+  """Probabilities per question from prediction texts, and failure counts.
+
+  A missing prediction or an unparseable DECISION line gets uniform probabilities
+  (so it can still be scored, and costs log(n) nats) and is counted under
+  "missing" / "unparsed:<code>"; with on_error="raise" it is an error instead.
+  """
+  if on_error not in ("uniform", "raise"):
+    raise ValueError(f"on_error must be 'uniform' or 'raise', got {on_error!r}")
+  probs, counts = [], {"missing": 0}
+  for q in questions:
+    key, n = question_key(q), len(q["options"])
+    if key not in preds:
+      if on_error == "raise":
+        raise KeyError(f"no prediction for question {key!r}")
+      counts["missing"] += 1
+      probs.append(np.full(n, 1.0 / n))
+      continue
+    d = rewards.parse_decision(preds[key], n)
+    if not d.ok:
+      if on_error == "raise":
+        raise ValueError(f"question {key!r}: cannot parse DECISION ({d.error})")
+      code = f"unparsed:{d.error_code}"
+      counts[code] = counts.get(code, 0) + 1
+      probs.append(np.full(n, 1.0 / n))
+      continue
+    probs.append(np.asarray(d.probs, dtype=np.float64))
+  return probs, counts
+
+
+def score_predictions(questions: Sequence[Mapping], runs: Sequence[Mapping],
+                      on_error: str = "uniform") -> dict:
+  """Scores one or more prediction dicts (runs) against the questions, averaged.
+
+  The failure counts of every run are summed into metrics["overall"]["failures"].
+  """
+  if isinstance(runs, Mapping):
+    runs = [runs]
+  per_run, failures = [], {}
+  for preds in runs:
+    probs, counts = probs_from_predictions(questions, preds, on_error)
+    per_run.append(ct_open_metrics.score_questions(questions, probs))
+    for k, v in counts.items():
+      failures[k] = failures.get(k, 0) + v
+  out = ct_open_metrics.average_runs(per_run)
+  out["overall"]["failures"] = failures
+  return out
