@@ -111,7 +111,7 @@ def arm_text(arm: Arm) -> str:
 
 def endpoint_text(outcome: Outcome) -> str:
   tf = f" Time frame: {outcome.time_frame}." if outcome.time_frame else ""
-  return f"{outcome.title} ({outcome.type} outcome).{tf}"
+  return f"{outcome.title.rstrip('. ')} ({outcome.type} outcome).{tf}"
 
 
 def _base(trial: Trial, outcome: Outcome, k: int, j: int, qtype: str, a: ArmValue,

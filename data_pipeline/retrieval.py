@@ -45,6 +45,9 @@ class TrialIndex:
   def __len__(self) -> int:
     return len(self.ids)
 
+  def __contains__(self, trial_id: str) -> bool:
+    return trial_id in self._row
+
   def scores(self, query: Trial | str) -> np.ndarray:
     """Cosine similarity of `query` (a Trial, an indexed id, or free text) to every row."""
     if self.matrix is None:

@@ -77,9 +77,14 @@ def assign_splits(examples: Iterable[dict], seed: int, *, dev_fraction: float = 
 
 
 def ct_open_eval_ids(examples: Iterable[dict], eval_release: str = "Summer_2025") -> set[str]:
-  """Trial ids of CT Open examples from the held-out release (field 'release')."""
+  """Trial ids of CT Open examples from the held-out release.
+
+  The release is the field 'release', else the reader's 'split' (the file stem).
+  Call this before assign_splits, which overwrites 'split'.
+  """
   return {ex["trial_id"] for ex in examples
-          if ex.get("source") == "ct_open" and ex.get("release") == eval_release}
+          if ex.get("source") == "ct_open"
+          and (ex.get("release") or ex.get("split")) == eval_release}
 
 
 def assert_no_leakage(examples_by_split: Mapping[str, Iterable[dict]]) -> None:

@@ -66,12 +66,30 @@ def _options_block(options: Sequence[str], scale: float) -> list[str]:
   return [f"{i + 1}. {clip(o, lim)}" for i, o in enumerate(options)]
 
 
+def endpoint_text(ex: dict) -> str:
+  """The endpoint as one line; CT Open examples carry it as a dict."""
+  e = ex.get("endpoint", "")
+  if isinstance(e, dict):
+    tf = f" Time frame: {e['timeFrame']}." if e.get("timeFrame") else ""
+    desc = f" {e['description']}" if e.get("description") else ""
+    return f"{e.get('measure', '')}.{tf}{desc}"
+  return str(e or "")
+
+
+def arm_lines(ex: dict) -> list[str]:
+  """`arms` (list of str), else CT Open's newline-separated `arms_text`."""
+  if ex.get("arms"):
+    return [str(a) for a in ex["arms"]]
+  return [ln.strip().lstrip("- ") for ln in str(ex.get("arms_text") or "").splitlines()
+          if ln.strip()]
+
+
 def _question_lines(ex: dict, scale: float, header: str = "") -> list[str]:
   """Title, endpoint, arms and numbered options of one question."""
   lines = [header] if header else []
   lines.append("Trial: " + clip(ex.get("title", ""), int(LIMITS["title"] * scale)))
-  lines.append("Endpoint: " + clip(ex.get("endpoint", ""), int(LIMITS["endpoint"] * scale)))
-  arms = list(ex.get("arms") or [])
+  lines.append("Endpoint: " + clip(endpoint_text(ex), int(LIMITS["endpoint"] * scale)))
+  arms = arm_lines(ex)
   if arms:
     shown = [clip(a, int(LIMITS["arm"] * scale)) for a in arms[:MAX_ARMS]]
     more = f" (+{len(arms) - MAX_ARMS} more)" if len(arms) > MAX_ARMS else ""
@@ -86,8 +104,7 @@ def _anchor_lines(anchor: dict, scale: float) -> list[str]:
   answer = anchor["options"][anchor["label"]]
   lines = ["Known result:"]
   lines.append("Trial: " + clip(anchor.get("title", ""), int(LIMITS["anchor_title"] * scale)))
-  lines.append("Endpoint: " + clip(anchor.get("endpoint", ""),
-                                   int(LIMITS["anchor_endpoint"] * scale)))
+  lines.append("Endpoint: " + clip(endpoint_text(anchor), int(LIMITS["anchor_endpoint"] * scale)))
   lines.append("Observed: " + clip(answer, int(LIMITS["anchor_answer"] * scale)))
   return lines
 
