@@ -1,0 +1,101 @@
+"""splits: deterministic trial hashing, time-ordered CT Open, no leakage."""
+import collections
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_pipeline import ct_open, splits
+from data_pipeline.build_report import BuildReport
+
+
+def _ex(eid, trial, anchor=""):
+  return {"id": eid, "trial_id": trial, "anchor_trial_id": anchor, "split": ""}
+
+
+def test_unit_hash_matches_sha256_reference():
+  ref = int.from_bytes(hashlib.sha256(b"7:NCT01").digest()[:8], "big") / 2.0**64
+  assert splits.unit_hash("NCT01", 7) == ref
+  assert 0.0 <= ref < 1.0
+
+
+def test_split_does_not_depend_on_python_hash_seed():
+  code = ("from data_pipeline import splits;"
+          "print([splits.trial_split(f'NCT{i}', 3) for i in range(50)])")
+  outs = []
+  for hs in ("1", "2"):
+    env = dict(os.environ, PYTHONHASHSEED=hs, PYTHONPATH=os.getcwd())
+    outs.append(subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                               capture_output=True, text=True).stdout)
+  assert outs[0] == outs[1]
+  assert outs[0].strip() == str([splits.trial_split(f"NCT{i}", 3) for i in range(50)])
+
+
+def test_fractions_are_respected():
+  c = collections.Counter(splits.trial_split(f"T{i}", 0, 0.1, 0.2, 0.05) for i in range(20000))
+  for name, frac in (("dev", 0.1), ("rl", 0.2), ("eval", 0.05), ("train", 0.65)):
+    assert abs(c[name] / 20000 - frac) < 0.015, (name, c)
+  with pytest.raises(ValueError):
+    splits.trial_split("T", 0, 0.5, 0.5)
+
+
+def test_assign_is_deterministic_and_by_trial():
+  exs = [_ex(f"e{i}", f"T{i % 40}") for i in range(200)]
+  a = splits.assign_splits([dict(e) for e in exs], seed=5)
+  b = splits.assign_splits([dict(e) for e in exs], seed=5)
+  assert a == b
+  per_trial = collections.defaultdict(set)
+  for s, xs in a.items():
+    for x in xs:
+      per_trial[x["trial_id"]].add(s)
+      assert x["split"] == s
+  assert all(len(v) == 1 for v in per_trial.values())
+  splits.assert_no_leakage(a)
+
+
+def test_eval_trial_as_anchor_is_excluded_from_training():
+  report = BuildReport()
+  # pick a trial id that hashes to train so the only thing that can move it is the rule
+  train_ids = [f"T{i}" for i in range(100) if splits.trial_split(f"T{i}", 0) == "train"]
+  t_train, t_train2 = train_ids[:2]
+  exs = [
+      _ex("eval_q", "EVAL1"),
+      _ex("leaky", t_train, anchor="EVAL1"),        # eval result shown to a train example
+      _ex("ok_pair", t_train, anchor=t_train2),     # train anchor: fine
+      _ex("natural", "EVAL1", anchor="EVAL1"),      # in-trial pair stays in eval
+      _ex("eval_from_train", "EVAL1", anchor=t_train),
+  ]
+  out = splits.assign_splits(exs, seed=0, eval_trial_ids={"EVAL1"}, report=report)
+  ids = {s: sorted(x["id"] for x in xs) for s, xs in out.items()}
+  assert ids["eval"] == ["eval_from_train", "eval_q", "natural"]
+  assert "leaky" not in sum(ids.values(), [])
+  assert "ok_pair" in ids["train"]
+  assert report.n_skipped("splits", "anchor_in_eval") == 1
+  splits.assert_no_leakage(out)
+
+
+def test_assert_no_leakage_names_the_ids():
+  with pytest.raises(splits.LeakageError, match="EVAL9"):
+    splits.assert_no_leakage({"eval": [_ex("a", "EVAL9")],
+                              "train": [_ex("b", "T1", anchor="EVAL9")]})
+  with pytest.raises(splits.LeakageError, match="T1"):
+    splits.assert_no_leakage({"eval": [_ex("a", "T1")], "train": [_ex("b", "T1")]})
+  with pytest.raises(splits.LeakageError, match="DEV1"):
+    splits.assert_no_leakage({"dev": [_ex("a", "DEV1")], "rl": [_ex("b", "T2", anchor="DEV1")]})
+  with pytest.raises(splits.LeakageError, match="E2"):
+    splits.assert_no_leakage({"eval": [_ex("a", "E1", anchor="E2"), _ex("b", "E2")]})
+
+
+def test_ct_open_time_order(data_root):
+  r = BuildReport()
+  win = ct_open.read_questions(data_root / "ct_open" / "Winter_2025.pickle", r)
+  summ = ct_open.read_questions(data_root / "ct_open" / "Summer_2025.pickle", r)
+  eval_ids = splits.ct_open_eval_ids(win + summ)
+  assert eval_ids == {q["trial_id"] for q in summ}
+  out = splits.assign_splits(win + summ, seed=0, eval_trial_ids=eval_ids)
+  summer_ids = {q["id"] for q in summ}
+  assert {x["id"] for x in out["eval"]} == summer_ids
+  assert set(out) <= {"train", "dev", "rl", "eval"} and len(out["train"]) > len(out["dev"])
+  splits.assert_no_leakage(out)
