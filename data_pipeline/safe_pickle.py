@@ -42,6 +42,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._source = source
 
   def find_class(self, module: str, name: str):
+    # Protocols 0-2 name builtins as Python 2's '__builtin__' (the stock find_class
+    # maps this, ours replaces it) and write bytes as _codecs.encode(str, 'latin1'),
+    # which only re-encodes a string.
+    if module == "__builtin__":
+      module = "builtins"
+    if (module, name) == ("_codecs", "encode"):
+      import _codecs
+      return _codecs.encode
     if (module, name) in _ALLOWED and module == "builtins":
       import builtins
       return getattr(builtins, name)

@@ -152,7 +152,9 @@ _QUAL = {"<": "<", ">": ">", "<=": "<=", ">=": ">=", "=": "=", "≤": "<=",
 
 def clean_text(s: str | None) -> str:
   """Collapses whitespace (NBSP included); None becomes ''."""
-  return _SPACES.sub(" ", s or "").strip()
+  if s is None:
+    return ""
+  return _SPACES.sub(" ", s if isinstance(s, str) else str(s)).strip()
 
 
 def parse_number(s) -> float | None:
