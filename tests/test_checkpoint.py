@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepimagine_jax.checkpoint import Checkpointer, abstract_state
+from deepimagine_jax.optimizer import OptimizerConfig, make_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +84,26 @@ def test_restore_into_other_sharding(tmp_path, mesh):
   assert data is None and meta == {}
 
 
-def test_nnx_state_round_trip(tmp_path):
-  model = nnx.Linear(3, 5, rngs=nnx.Rngs(1))
+def _nnx_train_state(seed):
+  """What the trainers hold: nnx params + the project's masked AdamW state after one update."""
+  model = nnx.Linear(3, 5, rngs=nnx.Rngs(seed))
   params = nnx.state(model, nnx.Param)
+  tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10))
+  opt = tx.init(params)
+  _, opt = tx.update(jax.tree.map(jnp.ones_like, params), opt, params)
+  return model, {"params": params, "opt": opt, "step": jnp.asarray(1), "rng": jax.random.key(seed)}
+
+
+def test_nnx_state_and_masked_adamw_round_trip(tmp_path):
+  model, state = _nnx_train_state(1)
   with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
-    ck.save(2, {"params": params}, None, None)
+    ck.save(2, state, None, None)
     ck.wait()
-    fresh = nnx.state(nnx.Linear(3, 5, rngs=nnx.Rngs(9)), nnx.Param)
-    got, _, _ = ck.restore(2, abstract_state({"params": fresh}))
+    _, fresh = _nnx_train_state(9)
+    got, _, _ = ck.restore(2, abstract_state(fresh))
   assert isinstance(got["params"], nnx.State)
   nnx.update(model, got["params"])  # structure fits the model
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(got["params"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same(state, got)
 
 
 def test_keep_last_k_and_save_every(tmp_path):
