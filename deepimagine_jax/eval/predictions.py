@@ -65,7 +65,8 @@ def _check(preds: Mapping, source: str) -> dict:
   return out
 
 
-def _atomic_write(path: pathlib.Path, data: bytes):
+def atomic_write(path: pathlib.Path, data: bytes):
+  """Writes bytes to a temporary file beside `path`, then renames it into place."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
@@ -83,7 +84,7 @@ def _atomic_write(path: pathlib.Path, data: bytes):
 def write_pickle(path: str | os.PathLike, preds: Mapping) -> pathlib.Path:
   """Writes a plain-dict pickle (protocol 4) the benchmark script can read."""
   path = pathlib.Path(path)
-  _atomic_write(path, pickle.dumps(_check(preds, str(path)), protocol=4))
+  atomic_write(path, pickle.dumps(_check(preds, str(path)), protocol=4))
   return path
 
 
@@ -93,7 +94,7 @@ def write_jsonl(path: str | os.PathLike, preds: Mapping) -> pathlib.Path:
   lines = [json.dumps({"nct_id": k[0], "endpoint_str": k[1], "question_index": k[2],
                        "text": v}, ensure_ascii=False)
            for k, v in sorted(_check(preds, str(path)).items())]
-  _atomic_write(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+  atomic_write(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
   return path
 
 

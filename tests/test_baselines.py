@@ -1,0 +1,126 @@
+"""Baselines: the published Winter -> Summer figures, option logic, and pair features."""
+import numpy as np
+import pytest
+
+from data_pipeline.build_report import BuildReport
+from data_pipeline.ct_open import read_questions
+from deepimagine_jax.eval import baselines as B
+from deepimagine_jax.eval import ct_open_metrics as M
+
+# Published overall (class-balanced accuracy, macro-F1), trained on Winter 2025,
+# scored on Summer 2025.
+PUBLISHED = {"uniform": (0.500, 0.287), "majority": (0.500, 0.429),
+             "logreg_tfidf": (0.577, 0.563), "random_forest_tfidf": (0.549, 0.531)}
+# The learned baselines' recipe is not published; ours lands within 0.02 (see
+# baselines.py); a little slack for scikit-learn version drift.
+TOL = {"uniform": 1e-3, "majority": 1e-3, "logreg_tfidf": 0.025, "random_forest_tfidf": 0.025}
+
+POS = "The study arm X has achieved statistically significant improvements over the study arm Y."
+NEG = ("The study arm X has not achieved statistically significant improvements over the "
+       "study arm Y, either because of no statistical effect or worse effect.")
+OPTS3 = ["Study Arm X is statistically significantly worse than Study Arm Y.",
+         "Study Arm Y is statistically significantly worse than Study Arm X.",
+         "No statistically significant difference between Study Arm Y and Study Arm X."]
+
+
+@pytest.fixture(scope="module")
+def ct_open(data_root):
+  report = BuildReport()
+  train = read_questions(data_root / "ct_open" / "Winter_2025.pickle", report, split="train")
+  evals = read_questions(data_root / "ct_open" / "Summer_2025.pickle", report, split="eval")
+  assert (len(train), len(evals)) == (605, 857)
+  return train, evals
+
+
+@pytest.fixture(scope="module")
+def results(ct_open):
+  return B.run_baselines(*ct_open)
+
+
+def test_reproduces_published_figures(results):
+  for name, (acc, f1) in PUBLISHED.items():
+    got = results[name]["overall"]
+    assert got["balanced_accuracy"] == pytest.approx(acc, abs=TOL[name]), name
+    assert got["macro_f1"] == pytest.approx(f1, abs=TOL[name]), name
+
+
+def test_learned_beat_uniform_and_are_finite(results):
+  for name in ("logreg_tfidf", "random_forest_tfidf"):
+    assert results[name]["overall"]["macro_f1"] > results["uniform"]["overall"]["macro_f1"] + 0.1
+    assert results[name]["overall"]["cross_entropy"] < results["uniform"]["overall"]["cross_entropy"]
+  assert results["uniform"]["2-way/explicit"]["cross_entropy"] == pytest.approx(np.log(2))
+  assert results["uniform"]["3-way/explicit"]["cross_entropy"] == pytest.approx(np.log(3))
+  table = B.format_table(results)
+  assert table.count("\n| ") == 5 and "3-way/explicit (n=49)" in table
+
+
+def test_every_real_question_has_an_outcome_class(ct_open):
+  for q in ct_open[0] + ct_open[1]:
+    p = B.probs_from_positive(q, 0.9)
+    assert p.sum() == pytest.approx(1.0)
+    # the positive class gets the top probability: its collapsed class is "positive"
+    assert B.outcome_class(dict(q, label=M.choose(p))) == 1
+
+
+def test_positive_option_from_text():
+  assert B.positive_index([POS, NEG]) == 0
+  assert B.positive_index([NEG, POS]) == 1
+  assert B.positive_index(["At least one arm listed here met this endpoint.",
+                           "No arm listed here met this endpoint."]) == 0
+  with pytest.raises(ValueError):
+    B.positive_index([POS, POS])
+  assert B.outcome_class({"options": OPTS3, "label": 2}) == 0
+  assert B.outcome_class({"options": OPTS3, "label": 1}) == 1
+  np.testing.assert_allclose(B.probs_from_positive({"options": OPTS3}, 0.6), [0.3, 0.3, 0.4])
+  np.testing.assert_allclose(B.probs_from_positive({"options": [NEG, POS]}, 0.8), [0.2, 0.8])
+
+
+def test_majority_hand_computed():
+  cat = "2-way/explicit"
+  train = [{"options": [POS, NEG], "label": 1, "category": cat}] * 3 + [
+      {"options": [POS, NEG], "label": 0, "category": cat}]
+  got = B.majority_probs(train, [{"options": [POS, NEG], "label": 0, "category": cat},
+                                 {"options": OPTS3, "label": 0, "category": "3-way/explicit"}])
+  np.testing.assert_allclose(got[0], [2 / 6, 4 / 6])  # (1+1)/(4+2) positive
+  np.testing.assert_allclose(got[1], [1 / 6, 1 / 6, 4 / 6])  # unseen category: all training
+
+
+def _pairs(n, seed):
+  """Pairs whose label is the anchor's outcome (dose) or its opposite (population).
+
+  The target text is random words, so only the anchor features carry signal.
+  """
+  rng = np.random.default_rng(seed)
+  vocab = [f"w{i}" for i in range(50)]
+  out = []
+  for i in range(n):
+    a = int(rng.integers(2))
+    pert = "dose" if rng.random() < 0.5 else "population"
+    y = a if pert == "dose" else 1 - a
+    out.append({
+        "id": f"p{seed}-{i}", "options": [POS, NEG], "label": 0 if y else 1,
+        "category": "2-way/explicit", "perturbation": pert,
+        "title": " ".join(rng.choice(vocab, 8)), "endpoint": {"measure": "m"}, "arms_text": "",
+        "anchor": {"options": [POS, NEG], "label": 0 if a else 1},
+    })
+  return out
+
+
+def test_pair_baselines_use_the_anchor():
+  res = B.pair_baselines(_pairs(300, 0), _pairs(120, 1), rf_seeds=(0,))
+  assert set(res) == {"logreg_tfidf", "logreg_tfidf+anchor",
+                      "random_forest_tfidf", "random_forest_tfidf+anchor"}
+  for name in ("logreg_tfidf", "random_forest_tfidf"):
+    plain = res[name]["overall"]["balanced_accuracy"]
+    anchored = res[name + "+anchor"]["overall"]["balanced_accuracy"]
+    assert anchored > 0.9, name
+    assert anchored > plain + 0.2, name
+
+
+def test_anchor_features_reject_unknown_factor():
+  bad = dict(_pairs(1, 0)[0], perturbation="weather")
+  with pytest.raises(ValueError, match="weather"):
+    B.anchor_features([bad])
+  f = B.anchor_features([dict(bad, perturbation="dose+phase")])
+  assert f.shape == (1, 2 + 3 * len(B.FACTORS))
+  assert f[0, 2 + B.FACTORS.index("dose")] == 1 and f[0, 2 + B.FACTORS.index("phase")] == 1

@@ -1,0 +1,112 @@
+"""Predictions: pickle and JSON-lines round trips, and scoring prediction texts."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from data_pipeline import safe_pickle
+from data_pipeline.build_report import BuildReport
+from deepimagine_jax.eval import ct_open_metrics as M
+from deepimagine_jax.eval import predictions as P
+
+EP = "{'measure': 'Change in HbA1c', 'description': 'x', 'timeFrame': '12 weeks'}"
+OPTS2 = ["This endpoint is met.", "This endpoint is not met."]
+OPTS3 = ["Study Arm A is statistically significantly worse than Study Arm B.",
+         "Study Arm B is statistically significantly worse than Study Arm A.",
+         "No statistically significant difference between Study Arm B and Study Arm A."]
+
+
+def _questions():
+  return [
+      {"nct_id": "NCT01", "endpoint_str": EP, "question_index": 0, "options": OPTS2,
+       "label": 0, "category": "2-way/implicit"},
+      {"nct_id": "NCT01", "endpoint_str": EP, "question_index": 1, "options": OPTS2,
+       "label": 1, "category": "2-way/implicit"},
+      {"nct_id": "NCT02", "endpoint_str": "e\u00e9\"\n2", "question_index": 0, "options": OPTS3,
+       "label": 2, "category": "3-way/explicit"},
+  ]
+
+
+def _preds():
+  return {("NCT01", EP, 0): "reasoning...\nDECISION: (3, 7)\n\nREASON: <b>why</b>",
+          ("NCT01", EP, 1): "**DECISION:** (0.2, 0.8)",
+          ("NCT02", "e\u00e9\"\n2", 0): "DECISION: (1, 1, 2)"}
+
+
+@pytest.mark.parametrize("name", ["preds.pkl", "preds.jsonl"])
+def test_round_trip(tmp_path, name):
+  path = tmp_path / "sub" / name
+  writer = P.write_pickle if name.endswith(".pkl") else P.write_jsonl
+  writer(path, _preds())
+  assert P.read_predictions(path) == _preds()
+  assert [p.name for p in path.parent.iterdir()] == [name]  # no temp file left behind
+
+
+def test_pickle_is_plain_protocol_4(tmp_path):
+  path = P.write_pickle(tmp_path / "p.pickle", _preds())
+  data = path.read_bytes()
+  assert data[:2] == b"\x80\x04"
+  assert safe_pickle.load(path) == _preds()
+  assert type(safe_pickle.load(path)) is dict
+
+
+def test_bad_inputs(tmp_path):
+  with pytest.raises(ValueError, match="question_index"):
+    P.write_pickle(tmp_path / "x.pkl", {("NCT01", EP, "0"): "DECISION: (1, 0)"})
+  bad = tmp_path / "bad.pkl"
+  bad.write_bytes(pickle.dumps([1, 2], protocol=4))
+  with pytest.raises(TypeError, match="bad.pkl"):
+    P.read_predictions(bad)
+  with pytest.raises(ValueError, match="unknown predictions format"):
+    P.read_predictions(tmp_path / "x.csv")
+
+
+def test_jsonl_malformed_lines_counted(tmp_path):
+  path = tmp_path / "p.jsonl"
+  good = {"nct_id": "NCT01", "endpoint_str": EP, "question_index": 0, "text": "DECISION: (1, 0)"}
+  lines = [json.dumps(good), "{not json", json.dumps({"nct_id": "NCT01"}),
+           json.dumps(dict(good, question_index="0")), json.dumps(dict(good, text="again"))]
+  path.write_text("\n".join(lines) + "\n")
+  report = BuildReport()
+  preds = P.read_predictions(path, report)
+  assert preds == {("NCT01", EP, 0): "DECISION: (1, 0)"}
+  assert report.n_skipped(P.SOURCE, "malformed_line") == 2
+  assert report.n_skipped(P.SOURCE, "bad_field_type") == 1
+  assert report.n_skipped(P.SOURCE, "duplicate_key") == 1
+  assert report.n_read(P.SOURCE) == 1
+
+
+def test_score_predictions_matches_direct_scoring(tmp_path):
+  qs = _questions()
+  path = P.write_jsonl(tmp_path / "p.jsonl", _preds())
+  got = P.score_predictions(qs, [P.read_predictions(path)])
+  want = M.score_questions(qs, [[0.3, 0.7], [0.2, 0.8], [0.25, 0.25, 0.5]])
+  for cat in ("2-way/implicit", "3-way/explicit", "overall"):
+    for k in M.METRICS:
+      assert got[cat][k] == pytest.approx(want[cat][k])
+  assert got["overall"]["failures"] == {"missing": 0}
+
+
+def test_probs_from_probabilities_round_trip():
+  qs = _questions()
+  probs = [np.array([0.125, 0.875]), np.array([0.5, 0.5]), np.array([0.1, 0.2, 0.7])]
+  preds = P.predictions_from_probs(qs, probs)
+  back, counts = P.probs_from_predictions(qs, preds)
+  for a, b in zip(back, probs):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+  assert counts == {"missing": 0}
+
+
+def test_missing_and_unparsed_get_uniform_and_are_counted():
+  qs = _questions()
+  preds = {("NCT01", EP, 0): "no decision here", ("NCT01", EP, 1): "DECISION: (1, 0)"}
+  probs, counts = P.probs_from_predictions(qs, preds)
+  np.testing.assert_allclose(probs[0], [0.5, 0.5])
+  np.testing.assert_allclose(probs[2], [1 / 3] * 3)
+  assert counts["missing"] == 1
+  assert sum(v for k, v in counts.items() if k.startswith("unparsed:")) == 1
+  with pytest.raises(ValueError, match="no_decision_line"):
+    P.probs_from_predictions(qs, preds, on_error="raise")
+  with pytest.raises(KeyError):
+    P.probs_from_predictions(qs[1:], preds, on_error="raise")
