@@ -26,6 +26,7 @@ ALPHA = 0.05
 QUESTION_TYPES = ("superiority", "comparative", "endpoint_met", "neutral_higher")
 COMPARATOR_TYPES = ("PLACEBO_COMPARATOR", "SHAM_COMPARATOR", "NO_INTERVENTION",
                     "ACTIVE_COMPARATOR")
+_PLACEBO_LABEL = re.compile(r"placebo|sham|vehicle|no treatment|control", re.IGNORECASE)
 _SUPERIORITY_NI = ("", "superiority", "superiority or other", "superiority or other (legacy)",
                    "other", "no")
 
@@ -90,16 +91,48 @@ def significance(an: Analysis) -> bool | None:
   return None
 
 
+# Title cues used only to veto the schema's keyword polarity (schema.infer_polarity
+# reads title + description and can be misled, e.g. a response-rate outcome whose
+# description mentions progression, or "time to objective disease progression").
+_BAD_EVENT = re.compile(r"progression|relapse|recurrence|death|failure|event|metasta|"
+                        r"mortality|exacerbation|hospitali|infection|stroke")
+_GOOD_CUE = re.compile(r"response|remission|control|improve|success|cure|healing|survival|"
+                       r"quality of life|abstinence|seroconversion|seroprotection")
+_NEGATED = re.compile(r"\b(decrease|reduction|worsening|deterioration|decline|loss)\b")
+
+
+def question_polarity(outcome: Outcome) -> tuple[str, str]:
+  """(polarity used for labels, veto reason or ''): the schema's, unless the title contradicts it.
+
+  "time to <bad event>" is higher_better; a title that names a decrease of
+  something, or a good cue against a lower_better polarity (or a bad event
+  against higher_better), gives 'unknown' so no directional label is guessed.
+  """
+  pol, t = outcome.polarity, outcome.title.lower()
+  if re.search(r"\btime to\b", t):
+    if _BAD_EVENT.search(t):
+      return "higher_better", ("" if pol == "higher_better" else "polarity_corrected_time_to_event")
+    return "unknown", ("" if pol == "unknown" else "polarity_veto_time_to")
+  if pol == "unknown":
+    return pol, ""
+  if _NEGATED.search(t):
+    return "unknown", "polarity_veto_negated_title"
+  good, bad = bool(_GOOD_CUE.search(t)), bool(_BAD_EVENT.search(t))
+  if "free survival" in t or "survival" in t:
+    bad = False  # "progression-free survival", "survival without relapse" are good
+  if (pol == "lower_better" and good and not bad) or (pol == "higher_better" and bad and not good):
+    return "unknown", "polarity_veto_title_cue"
+  return pol, ""
+
+
 def _value_of(outcome: Outcome, arm_id: str) -> ArmValue | None:
   vs = [v for v in outcome.values if v.arm_id == arm_id]
   return vs[0] if len(vs) == 1 else None
 
 
 def _arm_of(trial: Trial, v: ArmValue) -> Arm | None:
-  for arm in trial.arms:
-    if arm.id == v.arm_id or arm.label == v.arm_label:
-      return arm
-  return None
+  """The protocol arm of a result group, by label (group and arm ids are different spaces)."""
+  return next((arm for arm in trial.arms if arm.label == v.arm_label), None)
 
 
 def arm_text(arm: Arm) -> str:
@@ -140,9 +173,10 @@ def _base(trial: Trial, outcome: Outcome, k: int, j: int, qtype: str, a: ArmValu
       "outcome_index": k,
       "outcome_title": outcome.title,
       "outcome_type": outcome.type,
-      "polarity": outcome.polarity,
+      "polarity": question_polarity(outcome)[0],
       "arm_a": a.arm_label, "arm_b": b.arm_label,
       "arm_a_id": arm_a.id if arm_a else "", "arm_b_id": arm_b.id if arm_b else "",
+      "group_a_id": a.arm_id, "group_b_id": b.arm_id,
   }
 
 
@@ -171,14 +205,22 @@ def _usable(trial: Trial, k: int, j: int, outcome: Outcome, an: Analysis, report
     return skip("censored_arm_value")
   if va.value == vb.value:
     return skip("equal_arm_values")
+  labels = [v.arm_label for v in outcome.values]
+  if labels.count(va.arm_label) > 1 or labels.count(vb.arm_label) > 1:
+    # Several result groups share one protocol label (e.g. dose groups of one arm):
+    # the option sentences could not tell them apart.
+    return skip("ambiguous_arm_label")
   arm_a, arm_b = _arm_of(trial, va), _arm_of(trial, vb)
-  # The study arm is the non-comparator when the arm types say so; else analysis order.
-  if (arm_a and arm_b and arm_a.type in COMPARATOR_TYPES
-      and arm_b.type not in COMPARATOR_TYPES):
-    va, vb, arm_a, arm_b = vb, va, arm_b, arm_a
-  if va.arm_label == vb.arm_label:
-    return skip("same_arm_label")
+  if _is_comparator(arm_a, va) and not _is_comparator(arm_b, vb):
+    va, vb, arm_a, arm_b = vb, va, arm_b, arm_a  # the study arm is the non-comparator
   return va, vb, arm_a, arm_b, sig, va.value > vb.value
+
+
+def _is_comparator(arm: Arm | None, v: ArmValue) -> bool:
+  """By the protocol arm type where the group maps to an arm, else a placebo-like label."""
+  if arm is not None and arm.type:
+    return arm.type in COMPARATOR_TYPES
+  return bool(_PLACEBO_LABEL.search(v.arm_label))
 
 
 def derive_questions(trial: Trial, report: BuildReport | None = None,
@@ -192,14 +234,17 @@ def derive_questions(trial: Trial, report: BuildReport | None = None,
       u = _usable(trial, k, j, outcome, an, report, source)
       if u is not None:
         usable.append((j, u))
+    polarity, veto = question_polarity(outcome)
+    if veto and usable and report is not None:
+      report.add_skip(source, veto, f"{trial.id}:o{k}")
     for j, (a, b, arm_a, arm_b, sig, a_higher) in usable:
-      if outcome.polarity == "unknown":
+      if polarity == "unknown":
         if "neutral_higher" in question_types:
           out.append(_base(trial, outcome, k, j, "neutral_higher", a, b, arm_a, arm_b,
                            neutral_options(a.arm_label, b.arm_label), 0 if a_higher else 1,
                            "neutral_unknown_polarity"))
         continue
-      a_better = a_higher == (outcome.polarity == "higher_better")
+      a_better = a_higher == (polarity == "higher_better")
       basis = "p_value_and_arm_values"
       if "superiority" in question_types:
         out.append(_base(trial, outcome, k, j, "superiority", a, b, arm_a, arm_b,
