@@ -1,0 +1,103 @@
+"""Run report: every file written, valid PNGs, escaped HTML, hand-computed calibration."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepimagine_jax.eval import ct_open_metrics as M
+from deepimagine_jax.eval import report as R
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+OPTS2 = ["This endpoint is met.", "This endpoint is not met."]
+
+
+def _results():
+  qs = [{"options": OPTS2, "label": l, "category": c}
+        for l, c in [(0, "2-way/implicit"), (1, "2-way/implicit"), (0, "2-way/explicit"),
+                     (1, "2-way/explicit")]]
+  return {"model": M.score_questions(qs, [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]]),
+          "uniform": M.score_questions(qs, [[0.5, 0.5]] * 4)}
+
+
+def _trajectories():
+  return [
+      {"prompt": "Trial <script>alert('x')</script> & co", "completion": "DECISION: (0.9, 0.1)",
+       "probs": [0.9, 0.1], "label": 0, "correct": True, "perturbation": "dose",
+       "category": "2-way/explicit"},
+      {"prompt": "p2", "completion": "DECISION: (0.3, 0.7)", "probs": [0.3, 0.7], "label": 0,
+       "correct": False, "perturbation": "population\"><b>", "category": "2-way/implicit"},
+      {"prompt": "p3", "completion": "no decision", "probs": None, "label": 1,
+       "correct": False, "perturbation": "", "category": "2-way/implicit"},
+  ]
+
+
+def _log(path, rows):
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+  return path
+
+
+def test_reliability_bins_hand_computed():
+  b = R.reliability_bins([0.55, 0.65, 0.95, 1.0], [1, 0, 1, 1], n_bins=10)
+  assert b["count"].tolist() == [0] * 5 + [1, 1, 0, 0, 2]
+  assert b["accuracy"][5] == 1.0 and b["accuracy"][6] == 0.0 and b["accuracy"][9] == 1.0
+  assert b["confidence"][9] == pytest.approx(0.975)
+  assert np.isnan(b["accuracy"][0])
+  assert b["ece"] == pytest.approx(0.25 * 0.45 + 0.25 * 0.65 + 0.5 * 0.025)
+
+
+def test_write_report_files(tmp_path):
+  log_a = _log(tmp_path / "sft.jsonl", [{"step": s, "loss": 2.0 / (s + 1)} for s in range(5)])
+  log_b = _log(tmp_path / "rl.jsonl", [{"step": s, "loss": 0.1, "reward_mean": s / 10,
+                                        "reward_std": 0.1} for s in range(5)])
+  out = tmp_path / "report"
+  paths = R.write_report(out, _results(), [log_a, log_b, tmp_path / "missing.jsonl"],
+                         _trajectories())
+  assert sorted(p.name for p in out.iterdir()) == sorted(R.FILES)
+  assert set(paths) == set(R.FILES)
+  for name in R.FILES:
+    if name.endswith(".png"):
+      data = (out / name).read_bytes()
+      assert data[:8] == PNG_SIGNATURE, name
+      with Image.open(out / name) as im:
+        im.load()
+        assert im.size[0] > 100 and im.size[1] > 100, name
+
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["results"]["model"]["overall"]["balanced_accuracy"] == pytest.approx(
+      _results()["model"]["overall"]["balanced_accuracy"])
+  assert metrics["calibration"]["n_decisions"] == 2
+  assert metrics["calibration"]["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.7)
+  assert any("missing.jsonl" in n for n in metrics["notes"])
+  assert any("malformed" in n for n in metrics["notes"])
+
+  md = (out / "report.md").read_text()
+  assert "| model |" in md and "| uniform |" in md and "2-way/implicit" in md
+  for name in R.FILES[2:]:
+    assert name in md
+
+  page = (out / "trajectories.html").read_text()
+  assert "<script>alert" not in page and "&lt;script&gt;alert" in page
+  assert 'population"><b>' not in page and "population&quot;&gt;&lt;b&gt;" in page
+  assert "http://" not in page and "https://" not in page  # self-contained
+  assert page.count('class="traj ') == 3
+  assert 'data-correct="false"' in page and 'data-pert="dose"' in page
+
+
+def test_write_report_without_logs_or_trajectories(tmp_path):
+  R.write_report(tmp_path, {}, [], [])
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(R.FILES)
+  for name in R.FILES:
+    if name.endswith(".png"):
+      assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  assert metrics["calibration"]["ece"] is None
+
+
+def test_read_metrics_log_and_series(tmp_path):
+  path = _log(tmp_path / "m.jsonl", [{"step": 2, "loss": 1.0}, {"step": 1, "loss": 3.0},
+                                     {"step": 3, "loss": float("nan")}, {"loss": 9.0}])
+  rows, skipped = R.read_metrics_log(path)
+  assert skipped == 2 and len(rows) == 3
+  s, v = R.series(rows, "loss")
+  assert s.tolist() == [1.0, 2.0] and v.tolist() == [3.0, 1.0]
