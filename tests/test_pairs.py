@@ -1,0 +1,196 @@
+"""pairs: natural pairs inside a trial, approximate pairs differing in exactly one factor."""
+import collections
+import copy
+
+from data_pipeline import ct_open, pairs, questions, retrieval
+from data_pipeline.build_report import BuildReport
+from data_pipeline.schema import (Analysis, Arm, ArmValue, Dose, Eligibility, Intervention,
+                                  Outcome, Trial)
+
+REGION = {"France": "Europe", "Germany": "Europe", "Japan": "East Asia",
+          "United States": "North America"}
+
+
+def _drug_arm(aid, label, drug, mg, typ="EXPERIMENTAL"):
+  dose = (Dose(f"{mg} mg", float(mg), None, "mg", "oral", "daily"),) if mg else ()
+  return Arm(aid, label, typ, f"{drug} {mg} mg" if mg else drug,
+             (Intervention(drug, "DRUG", "", dose),))
+
+
+def _an(a, b, p):
+  return Analysis((a, b), p, "=", "", "", None, None, None, None, "Superiority")
+
+
+def _trial(tid, *, countries=("France",), phase="PHASE3", mg=10, comparator="placebo",
+           sex="ALL", min_age=18.0, drug="Drug X", outcomes=None):
+  comp = (Arm("P2", "Placebo", "PLACEBO_COMPARATOR", "placebo",
+              (Intervention("Placebo", "DRUG", "", ()),)) if comparator == "placebo"
+          else _drug_arm("P2", "Standard care", "Drug Y", 0, "ACTIVE_COMPARATOR"))
+  arms = (_drug_arm("P1", drug, drug, mg), comp)
+  vals = (ArmValue("O1", drug, 30.0), ArmValue("O2", comp.label, 50.0))
+  outcomes = outcomes or (Outcome("Pain score at week 12", "", "primary", "12 weeks", "", "",
+                                  vals, (_an("O1", "O2", 0.01),), "lower_better"),)
+  return Trial(tid, "ctgov_xml", f"Study {tid} of {drug} for pain", phase, ("Chronic pain",),
+               tuple(countries), 100, "", "", arms, outcomes,
+               Eligibility(sex, min_age, None, ""))
+
+
+def _dose_trial():
+  arms = (_drug_arm("P1", "X low", "Drug X", 10), _drug_arm("P2", "X high", "Drug X", 20),
+          Arm("P3", "Placebo", "PLACEBO_COMPARATOR", "placebo", ()),
+          _drug_arm("P4", "Standard care", "Drug Y", 0, "ACTIVE_COMPARATOR"))
+  vals = (ArmValue("O1", "X low", 30.0), ArmValue("O2", "X high", 20.0),
+          ArmValue("O3", "Placebo", 50.0), ArmValue("O4", "Standard care", 25.0))
+  ans = (_an("O1", "O3", 0.2), _an("O2", "O3", 0.001), _an("O2", "O4", 0.04))
+  outs = (Outcome("Pain score at week 12", "", "primary", "", "", "", vals, ans, "lower_better"),
+          Outcome("Number of participants with relapse", "", "secondary", "", "", "", vals,
+                  ans, "lower_better"))
+  return Trial("NCTDOSE", "ctgov_xml", "Dose ranging of X", "PHASE2", ("Pain",), ("France",),
+               80, "", "", arms, outs, None)
+
+
+def _questions(trials):
+  qs = questions.derive_all(trials, question_types=("superiority", "comparative"))
+  return pairs.attach_facts(qs, {t.id: t for t in trials})
+
+
+def test_natural_pairs_inside_one_trial():
+  t = _dose_trial()
+  report = BuildReport()
+  ps = pairs.natural_pairs(_questions([t]), report)
+  by_type = collections.defaultdict(list)
+  for p in ps:
+    by_type[p["perturbation"]].append(p)
+    assert p["kind"] == "natural_pair" and p["trial_id"] == p["anchor_trial_id"] == "NCTDOSE"
+    assert p["anchor"]["question_type"] == p["question_type"]
+    assert p["prompt"] and p["completion"].startswith("DECISION: (")
+    assert report.n_read(f"pairs:natural_pair:{p['perturbation']}") == len(
+        [x for x in ps if x["perturbation"] == p["perturbation"]])
+  dose = by_type["dose"]
+  assert dose and all(p["arm_b"] == "Placebo" for p in dose)
+  assert {(p["factors"][0]["anchor_value"], p["factors"][0]["target_value"]) for p in dose} == {
+      ("10 mg", "20 mg"), ("20 mg", "10 mg")}
+  # high dose vs placebo is significant (p=0.001, lower pain) -> target label 0
+  hi = [p for p in dose if p["arm_a"] == "X high" and p["question_type"] == "superiority"]
+  assert hi[0]["label"] == 0 and hi[0]["anchor"]["label"] == 1
+  comp = by_type["comparator"]
+  assert comp and all(p["arm_a"] == "X high" for p in comp)
+  assert {p["factors"][0]["target_value"] for p in comp} == {"Placebo", "Standard care"}
+  outc = by_type["outcome"]
+  assert outc and all(p["anchor"]["options"] == p["options"] for p in outc)
+  assert set(by_type) == {"dose", "comparator", "outcome"}
+  assert pairs.natural_pairs(_questions([_dose_trial()])) == ps  # deterministic
+
+
+def _independent_factors(a: Trial, b: Trial) -> dict:
+  """What differs between two one-comparison trials, read straight from the Trials."""
+  def comp(t):
+    return "placebo" if t.arms[1].type == "PLACEBO_COMPARATOR" else "active"
+
+  def pop(t):
+    return (t.eligibility.sex, t.eligibility.min_age_years)
+  out = {}
+  if {REGION[c] for c in a.countries} != {REGION[c] for c in b.countries}:
+    out["country"] = 1
+  if a.phase != b.phase:
+    out["phase"] = 1
+  if a.arms[0].interventions[0].doses[0].amount != b.arms[0].interventions[0].doses[0].amount:
+    out["dose"] = 1
+  if comp(a) != comp(b):
+    out["comparator"] = 1
+  if pop(a) != pop(b):
+    out["population"] = 1
+  return out
+
+
+def _family():
+  return [
+      _trial("NCT1"),
+      _trial("NCT2", countries=("Japan",)),                       # country
+      _trial("NCT3", phase="PHASE2"),                             # phase
+      _trial("NCT4", mg=40),                                      # dose
+      _trial("NCT5", comparator="active"),                        # comparator
+      _trial("NCT6", min_age=65.0),                               # population
+      _trial("NCT7", countries=("Germany", "France")),            # same region as NCT1
+      _trial("NCT8", countries=("Japan",), phase="PHASE2"),       # two factors
+      _trial("NCT9", drug="Drug Z"),                              # another drug
+  ]
+
+
+def test_approximate_pairs_differ_in_exactly_the_recorded_factor():
+  trials = _family()
+  by_id = {t.id: t for t in trials}
+  qs = _questions(trials)
+  report = BuildReport()
+  ps = pairs.approximate_pairs(qs, retrieval.TrialIndex(trials), k=10, report=report,
+                               max_anchors=20)
+  assert ps
+  seen = collections.Counter()
+  for p in ps:
+    diff = _independent_factors(by_id[p["anchor_trial_id"]], by_id[p["trial_id"]])
+    assert list(diff) == [p["perturbation"]], (p["id"], diff)
+    assert [f["factor"] for f in p["factors"]] == [p["perturbation"]]
+    assert "NCT9" not in (p["trial_id"], p["anchor_trial_id"])
+    seen[p["perturbation"]] += 1
+  assert set(seen) == {"country", "phase", "dose", "comparator", "population"}
+  pair_ids = {(p["anchor_trial_id"], p["trial_id"]) for p in ps}
+  assert ("NCT1", "NCT7") not in pair_ids and ("NCT1", "NCT8") not in pair_ids
+  assert sum(report.n_read(f"pairs:approximate_pair:{f}") for f in seen) == len(ps)
+
+
+def test_chains_order_steps_and_prefer_short_chains():
+  trials = _family()
+  qs = [q for q in _questions(trials) if q["question_type"] == "superiority"]
+  target = next(q for q in qs if q["trial_id"] == "NCT8")
+  anchors = [q for q in qs if q["trial_id"] != "NCT8"]
+  chains = pairs.build_chains(target, anchors, k=3)
+  assert len(chains) == 3
+  assert [c["anchor_trial_id"] for c in chains[:2]] == ["NCT2", "NCT3"]  # one step each
+  steps = [len(c["factors"]) for c in chains]
+  assert steps == sorted(steps)
+  two = [c for c in pairs.build_chains(target, anchors, k=10) if c["anchor_trial_id"] == "NCT1"]
+  assert [(f["factor"], f["anchor_value"], f["target_value"]) for f in two[0]["factors"]] == [
+      ("country", "Europe", "East Asia"), ("phase", "PHASE3", "PHASE2")]
+  assert two[0]["perturbation"] == "country+phase" and two[0]["kind"] == "chain"
+  assert all(c["anchor_trial_id"] != "NCT9" for c in pairs.build_chains(target, anchors, 10))
+
+
+def test_one_sided_unknown_factor_rejects_the_pair():
+  a = {"facts": {"country": "Europe", "phase": "", "outcome": "pain"}}
+  b = {"facts": {"country": "Europe", "phase": "PHASE2", "outcome": "pain"}}
+  assert pairs.compare_facts(a, b, ("country", "phase")) is None
+  c = copy.deepcopy(b)
+  c["facts"]["phase"] = ""
+  assert pairs.compare_facts(a, c, ("country", "phase")) == ([], ["phase"])
+
+
+def test_real_ct_open_pairs(data_root):
+  r = BuildReport()
+  qs, trials = [], {}
+  for name in ("Winter_2025", "Summer_2025"):
+    path = data_root / "ct_open" / f"{name}.pickle"
+    qs += ct_open.read_questions(path, r)
+    for t in ct_open.read_trials(path, r):
+      trials.setdefault(t.id, t)
+  pairs.attach_facts(qs, trials)
+  nat = pairs.natural_pairs(qs, r)
+  kinds = collections.Counter(p["perturbation"] for p in nat)
+  assert kinds["outcome"] > 1000 and kinds["comparator"] > 0
+  for p in nat:
+    assert p["trial_id"] == p["anchor_trial_id"]
+    if p["perturbation"] == "outcome":
+      assert p["anchor"]["options"] == p["options"]
+      assert p["anchor"]["endpoint"] != p["endpoint"]
+  app = pairs.approximate_pairs(qs, retrieval.TrialIndex(list(trials.values())), k=10, report=r)
+  for p in app:
+    assert p["trial_id"] != p["anchor_trial_id"] and len(p["factors"]) == 1
+    f = p["factors"][0]
+    assert f["anchor_value"] and f["target_value"] and f["anchor_value"] != f["target_value"]
+    # independent check on the Trials: the comparator arm types named in the options
+    ta, tt = trials[p["anchor_trial_id"]], trials[p["trial_id"]]
+    arms_a = questions.arms_from_options(p["anchor"]["options"])
+    arms_t = questions.arms_from_options(p["options"])
+    if f["factor"] == "comparator":
+      types = [next(a.type for a in t.arms if a.label == arms[1])
+               for t, arms in ((ta, arms_a), (tt, arms_t))]
+      assert types[0] != types[1]
