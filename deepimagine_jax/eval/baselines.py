@@ -243,7 +243,7 @@ def format_table(results: Mapping[str, Mapping], digits: int = 3) -> str:
   Each cell is "class-balanced accuracy / macro-F1 / cross-entropy".
   """
   cols = sorted({k for m in results.values() for k in m if k != "overall"},
-                key=ct_open_metrics._category_order) + ["overall"]
+                key=ct_open_metrics.category_order) + ["overall"]
   head = "| model | " + " | ".join(
       f"{c} (n={_n(results, c)})" for c in cols) + " |"
   lines = [f"Cells: class-balanced accuracy / macro-F1 / cross-entropy (nats).", "",

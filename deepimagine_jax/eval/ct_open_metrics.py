@@ -171,7 +171,7 @@ def average_runs(run_metrics: Sequence[Mapping[str, Mapping]]) -> dict:
   """
   if not run_metrics:
     raise ValueError("no runs to average")
-  keys = sorted({k for r in run_metrics for k in r}, key=_category_order)
+  keys = sorted({k for r in run_metrics for k in r}, key=category_order)
   out = {}
   for k in keys:
     rows = [r[k] for r in run_metrics if k in r]
@@ -214,5 +214,6 @@ def score_runs(questions: Sequence[Mapping], runs: Sequence[Sequence[Sequence[fl
   return average_runs([score_questions(questions, r) for r in runs])
 
 
-def _category_order(key: str) -> tuple:
+def category_order(key: str) -> tuple:
+  """Sort key: the CATEGORIES order, then unknown names, "overall" last."""
   return (key == "overall", CATEGORIES.index(key) if key in CATEGORIES else 99, key)

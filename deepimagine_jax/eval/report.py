@@ -141,7 +141,7 @@ def plot_accuracy(results: Mapping[str, Mapping], path: pathlib.Path):
   fig = _new_figure(8, 4)
   ax = fig.add_subplot()
   cols = sorted({k for m in results.values() for k in m if k != "overall"},
-                key=ct_open_metrics._category_order) + ["overall"]
+                key=ct_open_metrics.category_order) + ["overall"]
   if not results:
     _no_data(ax, "results")
   else:
