@@ -1,0 +1,122 @@
+"""SFT: the masked loss, the train step, overfitting, and exact resume."""
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepimagine_jax import metrics_log
+from deepimagine_jax import model as model_lib
+from deepimagine_jax import sft
+from deepimagine_jax import sharding
+from deepimagine_jax.config import ModelConfig
+from deepimagine_jax.optimizer import OptimizerConfig, make_optimizer
+
+CFG = ModelConfig.tiny().replace(vocab_size=64, n_layers=1, mlp_dim=64)
+T = 16
+
+
+def _rows(n, seed=0):
+  """Fixed sequences; the loss covers the second half of each (the "completion")."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(n):
+    ids = rng.integers(4, CFG.vocab_size, size=T + 1).astype(np.int32)
+    mask = np.zeros(T, np.float32)
+    mask[T // 2:] = 1.0
+    rows.append({"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask,
+                 "positions": np.arange(T, dtype=np.int32),
+                 "segment_ids": np.ones(T, np.int32)})
+  return rows
+
+
+def _batches(rows, batch_size, seed=0):
+  ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None).batch(batch_size)
+  return iter(ds)
+
+
+def test_masked_loss_matches_numpy():
+  model = model_lib.Transformer(CFG, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  rows = _rows(2)
+  batch = {k: jnp.stack([r[k] for r in rows]) for k in rows[0]}
+  batch["loss_mask"] = batch["loss_mask"].at[0, 3].set(1.0)  # an irregular mask
+  loss_sum, n = sft.masked_nll_sum(params, graphdef, batch)
+  logits = np.asarray(model(batch["inputs"], batch["positions"])[0], np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  tgt = np.asarray(batch["targets"])
+  nll = -np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+  m = np.asarray(batch["loss_mask"])
+  np.testing.assert_allclose(float(loss_sum), (nll * m).sum(), rtol=1e-5)
+  assert float(n) == m.sum()
+
+
+def _opt(steps, lr=3e-3, accum=1):
+  return OptimizerConfig(learning_rate=lr, warmup_steps=0, total_steps=steps,
+                         weight_decay=0.0, grad_accum_steps=accum)
+
+
+def test_accumulation_equals_one_big_batch():
+  mesh = sharding.make_mesh(-1, 1, 1)
+  rows = _rows(8)
+  batch = {k: jnp.stack([r[k] for r in rows]) for k in rows[0]}
+  batch["loss_mask"] = batch["loss_mask"].at[:2].set(0.0).at[0, -1].set(1.0)  # uneven counts
+  outs = []
+  for accum in (1, 4):
+    tx, _ = make_optimizer(_opt(10, accum=accum))
+    graphdef, state, _ = sft.init_state(CFG, tx, mesh, seed=0)
+    new, metrics = jax.jit(lambda s, b: sft.train_step(s, b, graphdef=graphdef, tx=tx,
+                                                       accum_steps=accum))(state, batch)
+    outs.append((jax.tree.leaves(new.params), float(metrics["loss"])))
+  assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-5)
+  for a, b in zip(outs[0][0], outs[1][0]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_one_step_lowers_loss_and_overfits(tmp_path):
+  mesh = sharding.make_mesh(2, 2, 2)
+  rows = _rows(4)
+  tcfg = sft.TrainConfig(steps=60, global_batch_size=4, seq_len=T, checkpoint_every=1000,
+                         log_every=1000)
+  _, state = sft.run_sft(CFG, _opt(60, lr=1e-2), tcfg, mesh, _batches(rows, 4), str(tmp_path))
+  logs = metrics_log.read_metrics(tmp_path / "metrics.jsonl")
+  losses = [r["loss"] for r in logs]
+  assert len(losses) == 60
+  assert losses[1] < losses[0]
+  assert losses[-1] < 0.05, losses[-5:]
+  assert int(state.step) == 60
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+  mesh = sharding.make_mesh(2, 2, 2)
+  rows = _rows(12)
+  tcfg = sft.TrainConfig(steps=12, global_batch_size=4, seq_len=T, checkpoint_every=3,
+                         log_every=1000)
+  _, full = sft.run_sft(CFG, _opt(12), tcfg, mesh, _batches(rows, 4), str(tmp_path / "a"))
+  sft.run_sft(CFG, _opt(12), tcfg, mesh, _batches(rows, 4), str(tmp_path / "b"), stop_after=7)
+  # Killed after step 7: the newest checkpoint is step 6; a fresh process resumes from it.
+  _, resumed = sft.run_sft(CFG, _opt(12), tcfg, mesh, _batches(rows, 4), str(tmp_path / "b"))
+  assert int(resumed.step) == 12
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(full.opt_state), jax.tree.leaves(resumed.opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  steps = [r["step"] for r in metrics_log.read_metrics(tmp_path / "b" / "metrics.jsonl")]
+  assert steps == list(range(1, 13))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  mesh = sharding.make_mesh(-1, 1, 1)
+  rows = _rows(8)
+  tcfg = sft.TrainConfig(steps=8, global_batch_size=8, seq_len=T, checkpoint_every=2,
+                         log_every=1000)
+  sft.run_sft(CFG, _opt(8), tcfg, mesh, _batches(rows, 8), str(tmp_path), stop_after=4)
+  # An absurd learning rate blows the weights up; the run must stop with a clear error.
+  with pytest.raises(metrics_log.NonFiniteLossError, match="step"):
+    sft.run_sft(CFG, _opt(8, lr=1e30), tcfg, mesh, _batches(rows, 8), str(tmp_path))
+  from deepimagine_jax import checkpoint as ckpt_lib
+  ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", max_to_keep=3, save_every=2)
+  assert ck.latest_step() == 4
+  ck.close()
