@@ -1,0 +1,257 @@
+"""On-device sampling: one prefill call, then a `lax.while_loop` over a KV cache.
+
+The prompt arrives left-padded ([B, P] tokens + mask). Buffers hold L = P + N
+slots (N = max_new_tokens): slot s of the token buffer and of the KV cache is
+the same sequence position, prompt first, generated tokens after. Positions are
+`cumsum(mask) - 1`, so a left-padded row behaves like the bare prompt.
+
+Jitted functions, all module level (compiled once per shape and setting):
+`_prefill` builds the `SamplerState` and samples the first token; `_decode` takes
+the state (donated: the returned state aliases it, so the cache is updated in
+place) and loops one T=1 model call per token until every row is done or N
+tokens exist; `_finish` slices out the completion. No host round trip per token.
+
+Log-probs: the log-prob of each sampled token under log_softmax(logits / T), the
+temperature applied but *without* top-k / top-p truncation (log_softmax(logits)
+when greedy). GRPO compares them with the trainer's log-probs at the same
+temperature, which knows nothing of the truncation.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
+
+from deepimagine_jax import model as model_lib
+from deepimagine_jax import sharding
+
+
+@struct.dataclass
+class SamplerState:
+  """The while_loop carry. L = P + max_new_tokens slots, N = max_new_tokens."""
+  tokens_BL: jax.Array      # int32, prompt then generated (pad after a row stops)
+  cache: list               # per layer {"k","v"} [B, L, K, H]
+  kv_valid_BL: jax.Array    # bool, slots the next query may attend to
+  cur_index: jax.Array      # int32 scalar: slot of the last sampled token (fed next)
+  positions_B: jax.Array    # int32 RoPE position of the token at cur_index
+  done_B: jax.Array         # bool, row has emitted EOS
+  logprobs_BN: jax.Array    # float32, 0 where completion_mask is 0
+  mask_BN: jax.Array        # bool completion mask (EOS included)
+  rng: jax.Array
+  lengths_B: jax.Array      # int32 number of completion tokens (EOS included)
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array           # [B, N] int32, pad after EOS
+  lengths: jax.Array          # [B] int32, EOS counted
+  logprobs: jax.Array         # [B, N] float32 (see module docstring), 0 where masked
+  completion_mask: jax.Array  # [B, N] float32 1/0
+  sequences: jax.Array        # [B, P + N] int32 prompt (left-padded) + completion
+  sequence_mask: jax.Array    # [B, P + N] float32: prompt mask then completion mask
+
+
+# Sharding --------------------------------------------------------------------
+
+def cache_spec(n_kv_heads: int, batch: int, mesh) -> P:
+  """Batch over (data, fsdp), kv heads over tensor, each only where it divides."""
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_axes = sharding.BATCH_AXES if batch % n_batch == 0 else None
+  heads_axis = "tensor" if n_kv_heads % mesh.shape["tensor"] == 0 else None
+  return P(batch_axes, None, heads_axis, None)
+
+
+def _active_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
+
+
+def _constrain_cache(cache):
+  mesh = _active_mesh()
+  if mesh is None:
+    return cache
+  k = cache[0]["k"]
+  spec = cache_spec(k.shape[2], k.shape[0], mesh)
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), cache)
+
+
+# Token choice ----------------------------------------------------------------
+
+def truncate_logits(logits_BV, top_k: int, top_p: float):
+  """Sets logits outside the top-k and outside the top-p nucleus to -inf.
+
+  top-k first, then top-p over what is left (the Hugging Face order). The
+  most likely token always survives. Ties at a threshold are all kept.
+  """
+  if top_k > 0 and top_k < logits_BV.shape[-1]:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p < 1.0:
+    sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass strictly above
+    keep_BV = before_BV < top_p
+    keep_BV = keep_BV.at[:, 0].set(True)
+    thresh_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < thresh_B1, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float):
+  """(token [B] int32, log-prob [B] float32) for one step; greedy at temperature 0."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if temperature == 0.0:
+    tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  else:
+    scaled_BV = logits_BV / temperature
+    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+    tok_B = jax.random.categorical(key, truncate_logits(scaled_BV, top_k, top_p), axis=-1)
+    tok_B = tok_B.astype(jnp.int32)
+  logp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+  return tok_B, logp_B
+
+
+# The two jitted stages --------------------------------------------------------
+
+_SAMPLING = ("temperature", "top_k", "top_p")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_dtype")
+                   + _SAMPLING)
+def _prefill(graphdef, params, prompt_BP, mask_BP, rng, eos_id, pad_id, *, max_new_tokens,
+             cache_dtype, temperature, top_k, top_p) -> SamplerState:
+  """Runs the whole left-padded prompt through the model and samples token 0."""
+  model = nnx.merge(graphdef, params)
+  cfg = model.cfg
+  B, Pl = prompt_BP.shape
+  N = max_new_tokens
+  if Pl + N > cfg.max_seq_len:  # checked at trace time, where the config is known
+    raise ValueError(f"prompt length {Pl} + max_new_tokens {N} = {Pl + N} exceeds "
+                     f"max_seq_len {cfg.max_seq_len}")
+  mask_BP = mask_BP.astype(bool)
+  prompt_BP = prompt_BP.astype(jnp.int32)
+  positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
+  kv_valid_BL = jnp.concatenate([mask_BP, jnp.zeros((B, N), bool)], axis=1)
+  cache = _constrain_cache(model_lib.init_cache(cfg, B, Pl + N, jnp.dtype(cache_dtype)))
+  logits_BPV, cache = model(prompt_BP, positions_BP, cache=cache, cache_index=0,
+                            kv_valid_BS=kv_valid_BL)
+  cache = _constrain_cache(cache)
+  rng, key = jax.random.split(rng)
+  tok_B, logp_B = choose_token(logits_BPV[:, -1], key, temperature=temperature,
+                               top_k=top_k, top_p=top_p)
+  tokens_BL = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], axis=1)
+  tokens_BL = tokens_BL.at[:, Pl].set(tok_B)
+  return SamplerState(
+      tokens_BL=sharding.constrain_activation(tokens_BL),
+      cache=cache,
+      kv_valid_BL=kv_valid_BL,
+      cur_index=jnp.asarray(Pl, jnp.int32),
+      positions_B=jnp.sum(mask_BP, axis=1).astype(jnp.int32),
+      done_B=tok_B == eos_id,
+      logprobs_BN=jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp_B),
+      mask_BN=jnp.zeros((B, N), bool).at[:, 0].set(True),
+      rng=rng,
+      lengths_B=jnp.ones((B,), jnp.int32),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",) + _SAMPLING,
+                   donate_argnames=("state",))
+def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
+            temperature, top_k, top_p) -> SamplerState:
+  """Feeds the last sampled token (T=1) until all rows are done or the buffer is full."""
+  model = nnx.merge(graphdef, params)
+  B, L = state.tokens_BL.shape
+  Pl = L - state.mask_BN.shape[1]
+
+  def cond(s: SamplerState):
+    return (s.cur_index + 1 < L) & ~jnp.all(s.done_B)
+
+  def body(s: SamplerState) -> SamplerState:
+    slot = s.cur_index
+    tok_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BL, slot, 1, axis=1)
+    kv_valid_BL = jax.lax.dynamic_update_slice_in_dim(
+        s.kv_valid_BL, jnp.ones((B, 1), bool), slot, axis=1)
+    logits_B1V, cache = model(tok_B1, s.positions_B[:, None], cache=s.cache,
+                              cache_index=slot, kv_valid_BS=kv_valid_BL)
+    rng, key = jax.random.split(s.rng)
+    tok_B, logp_B = choose_token(logits_B1V[:, 0], key, temperature=temperature,
+                                 top_k=top_k, top_p=top_p)
+    live_B = ~s.done_B
+    tok_B = jnp.where(live_B, tok_B, pad_id)
+    logp_B = jnp.where(live_B, logp_B, 0.0)
+    n = slot + 1 - Pl  # index of the new token in the completion arrays
+    put = lambda buf, col, i: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], i, axis=1)
+    return SamplerState(
+        tokens_BL=put(s.tokens_BL, tok_B, slot + 1),
+        cache=_constrain_cache(cache),
+        kv_valid_BL=kv_valid_BL,
+        cur_index=slot + 1,
+        positions_B=s.positions_B + 1,
+        done_B=s.done_B | (live_B & (tok_B == eos_id)),
+        logprobs_BN=put(s.logprobs_BN, logp_B, n),
+        mask_BN=put(s.mask_BN, live_B, n),
+        rng=rng,
+        lengths_B=s.lengths_B + live_B.astype(jnp.int32),
+    )
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+@jax.jit
+def _finish(tokens_BL, mask_BN, logprobs_BN, lengths_B, prompt_mask_BP) -> SampleOutput:
+  Pl = prompt_mask_BP.shape[1]
+  completion_mask_BN = mask_BN.astype(jnp.float32)
+  return SampleOutput(
+      tokens=tokens_BL[:, Pl:],
+      lengths=lengths_B,
+      logprobs=logprobs_BN,
+      completion_mask=completion_mask_BN,
+      sequences=tokens_BL,
+      sequence_mask=jnp.concatenate(
+          [prompt_mask_BP.astype(jnp.float32), completion_mask_BN], axis=1),
+  )
+
+
+def sample(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, *,
+           max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           eos_id: int | None = None, pad_id: int = 0, cache_dtype: Any = "float32"
+           ) -> SampleOutput:
+  """Samples up to `max_new_tokens` per left-padded prompt, all on device.
+
+  `graphdef, params_state = nnx.split(model)`. temperature 0 is greedy; top_k 0
+  and top_p 1.0 are off. A row stops after emitting `eos_id` (None: never);
+  the EOS token is part of the completion (mask 1), later slots are `pad_id`
+  with mask 0. Every prompt row needs at least one real token, and the last
+  column of the prompt must be real (left padding). Call under
+  `jax.set_mesh(mesh)` to shard the cache (batch on data+fsdp, kv heads on
+  tensor). Compiles once per (shapes, graphdef, max_new_tokens, sampling
+  settings, cache dtype).
+  """
+  if prompt_tokens_BP.ndim != 2 or prompt_tokens_BP.shape != prompt_mask_BP.shape:
+    raise ValueError(f"prompt tokens {prompt_tokens_BP.shape} and mask "
+                     f"{prompt_mask_BP.shape} must be the same [B, P] shape")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+  sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+  eos = jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
+  pad = jnp.asarray(pad_id, jnp.int32)
+  state = _prefill(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, eos, pad,
+                   max_new_tokens=int(max_new_tokens),
+                   cache_dtype=jnp.dtype(cache_dtype).name, **sampling)
+  state = _decode(graphdef, params_state, state, eos, pad, **sampling)
+  return _finish(state.tokens_BL, state.mask_BN, state.logprobs_BN, state.lengths_B,
+                 prompt_mask_BP)
+
