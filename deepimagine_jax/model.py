@@ -179,7 +179,12 @@ class Transformer(nnx.Module):
                                cfg.weight_dtype, cfg.d_model)
 
   def __call__(self, tokens_BT, positions_BT, *, segment_ids_BT=None, cache: KVCache | None = None,
-               cache_index=None, kv_valid_BS=None):
+               cache_index=None, kv_valid_BS=None, return_hidden: bool = False):
+    """Returns (logits_BTV, cache), or (hidden_BTD, cache) with `return_hidden`.
+
+    Callers that need logits at a few positions only (the last prompt token,
+    the completion) take the hidden states and call `logits` on a slice.
+    """
     cfg, dt = self.cfg, self.cfg.compute_dtype
     T = tokens_BT.shape[1]
     if cache is not None and (cache_index is None or kv_valid_BS is None):
@@ -196,13 +201,18 @@ class Transformer(nnx.Module):
       if cache is not None:
         new_cache.append(layer_cache)
     x_BTD = self.final_norm(x_BTD)
-    if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_VD[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-    else:
-      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head_DV[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-    return logits_BTV, new_cache
+    if return_hidden:
+      return x_BTD, new_cache
+    return self.logits(x_BTD), new_cache
+
+  def logits(self, x_BTD):
+    """float32 logits from final hidden states (after the final norm)."""
+    dt = self.cfg.compute_dtype
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_VD[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head_DV[...].astype(dt),
+                      preferred_element_type=jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:

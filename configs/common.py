@@ -1,0 +1,85 @@
+"""Config sections shared by the job configs. Every key is declared here once."""
+import ml_collections
+
+
+def model(preset: str = "small") -> ml_collections.ConfigDict:
+  """`preset` picks a ModelConfig classmethod; the other keys override it."""
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
+  c.param_dtype = "float32"
+  c.remat = False
+  c.hf_checkpoint = ""  # a Hugging Face folder (config.json + *.safetensors) to start from
+  return c
+
+
+def mesh() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.data = -1  # -1: all devices not used by the other axes
+  c.fsdp = 1
+  c.tensor = 1
+  c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+  return c
+
+
+def data() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.root = ""  # "" -> $DEEPIMAGINE_DATA, else ../shared/data, else download CT Open
+  c.build_dir = ""  # "" -> <workdir>/data ; reused when its fingerprint matches
+  c.sources = "ct_open,ctgov_xml,ctgov_json"  # also: evidence_inference
+  c.seed = 0
+  c.vocab_size = 8000
+  c.seq_len = 512  # SFT sequence length (prompt + completion)
+  c.prompt_len = 448  # RL / eval prompt length (left-padded)
+  c.pack = False
+  c.dev_fraction = 0.1
+  c.rl_fraction = 0.1
+  c.max_anchors = 3  # natural / approximate pairs per target
+  c.chain_k = 2  # anchors per target for successive imagining
+  c.tfds = False  # also write a TFDS (ArrayRecord) copy of the examples
+  return c
+
+
+def optimizer(lr: float = 3e-4, steps: int = 1000, warmup: int = 50) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.learning_rate = lr
+  c.warmup_steps = warmup
+  c.total_steps = steps
+  c.end_lr_ratio = 0.1
+  c.weight_decay = 0.1
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  c.grad_clip_norm = 1.0
+  c.grad_accum_steps = 1
+  return c
+
+
+def sft(steps: int = 300, batch: int = 16) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = steps
+  c.global_batch_size = batch
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3
+  c.log_every = 10
+  c.resume = True
+  c.kinds = "question,natural_pair"  # which example kinds train the SFT stage
+  c.optimizer = optimizer(lr=1e-3, steps=steps, warmup=min(20, steps))
+  return c
+
+
+def eval_() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "score"  # "score": option probabilities from logits; "sample": n sampled runs
+  c.runs = 3  # sampling runs averaged (mode "sample")
+  c.temperature = 0.7
+  c.max_new_tokens = 24
+  c.batch_size = 32
+  c.max_questions = 0  # 0 = all
+  c.imagining = True  # also successive imagining over retrieved anchors
+  c.imagining_k = 2
+  c.aggregate = "mean"  # how the k anchors' final distributions combine: mean | geometric
+  c.baselines = True
+  c.rf_seeds = "0,1,2"
+  c.checkpoint = ""  # a run's workdir (its checkpoints/) or "" = this workdir
+  return c
