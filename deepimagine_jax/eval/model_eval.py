@@ -1,0 +1,255 @@
+"""A policy on CT Open: option probabilities by scoring the answers or by sampling them.
+
+Scoring: each option i of a question gets the candidate completion
+`templates.decision_line(n, i)` + EOS (the exact tokens SFT trains on:
+`[BOS] prompt completion [EOS]`, prompt and completion encoded separately), its
+log-likelihood given the prompt is computed in one forward pass per batch of
+(question, option) rows, and the options of a question are softmax-normalised.
+Deterministic, no parse failures, and it reads the model's whole belief rather
+than one draw.
+
+Sampling: `runs` independent sampled completions per question (sampler.sample),
+each parsed by rewards.parse_decision; a failure scores as uniform and is counted.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data_pipeline import templates
+from data_pipeline.grain_pipeline import rl_prompt
+from deepimagine_jax import rewards
+from deepimagine_jax import sampler
+from deepimagine_jax.eval import ct_open_metrics, predictions
+
+MAX_OPTIONS = 3
+
+
+# Scoring ---------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _candidate_logprobs(graphdef, params, tokens_BL, mask_BL, cand_mask_BL):
+  """Sum of log p(token) over the candidate slots of each row: [B] float32.
+
+  tokens_BL is a left-padded prompt followed by a right-padded candidate; mask_BL
+  is 1 on real tokens (it doubles as the segment ids, so padding is never
+  attended to); cand_mask_BL is 1 on candidate tokens.
+  """
+  model = nnx.merge(graphdef, params)
+  positions_BL = jnp.maximum(jnp.cumsum(mask_BL, axis=1) - 1, 0).astype(jnp.int32)
+  logits_BLV, _ = model(tokens_BL, positions_BL, segment_ids_BT=mask_BL.astype(jnp.int32))
+  logp_BLV = jax.nn.log_softmax(logits_BLV[:, :-1].astype(jnp.float32), axis=-1)
+  tok_logp_BL = jnp.take_along_axis(logp_BLV, tokens_BL[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(cand_mask_BL[:, 1:] > 0, tok_logp_BL, 0.0), axis=1)
+
+
+def candidate_tokens(tokenizer, n_options: int) -> list[list[int]]:
+  """Token ids of each option's one-hot DECISION line followed by EOS."""
+  return [tokenizer.encode(templates.decision_line(n_options, i)) + [tokenizer.eos_id]
+          for i in range(n_options)]
+
+
+def _check_examples(examples: Sequence[Mapping]):
+  for ex in examples:
+    n = len(ex.get("options") or ())
+    if n not in (2, 3):
+      raise ValueError(f"example {ex.get('id', '?')}: field 'options' has {n} entries, need 2 or 3")
+    if not ex.get("prompt"):
+      raise ValueError(f"example {ex.get('id', '?')}: field 'prompt' is empty (render it first)")
+
+
+def scoring_rows(tokenizer, examples: Sequence[Mapping], prompt_len: int):
+  """All (question, option) rows: tokens/mask/candidate mask [R, P + C] and question ids [R].
+
+  C is the longest candidate of any option count, so the shape (and the compiled
+  forward) does not depend on which questions are in the set.
+  """
+  cands = {n: candidate_tokens(tokenizer, n) for n in (2, 3)}
+  C = max(len(c) for cs in cands.values() for c in cs)
+  L = prompt_len + C
+  rows_tok, rows_mask, rows_cand, owner = [], [], [], []
+  for qi, ex in enumerate(examples):
+    p = rl_prompt(ex, tokenizer, prompt_len)
+    for cand in cands[len(ex["options"])]:
+      tok = np.full(L, tokenizer.pad_id, np.int32)
+      mask = np.zeros(L, np.int32)
+      cmask = np.zeros(L, np.int32)
+      tok[:prompt_len], mask[:prompt_len] = p["prompt_tokens"], p["prompt_mask"]
+      tok[prompt_len:prompt_len + len(cand)] = cand
+      mask[prompt_len:prompt_len + len(cand)] = 1
+      cmask[prompt_len:prompt_len + len(cand)] = 1
+      rows_tok.append(tok)
+      rows_mask.append(mask)
+      rows_cand.append(cmask)
+      owner.append(qi)
+  if not owner:
+    z = np.zeros((0, L), np.int32)
+    return z, z, z, np.zeros(0, np.int64)
+  return (np.stack(rows_tok), np.stack(rows_mask), np.stack(rows_cand),
+          np.asarray(owner, np.int64))
+
+
+def _pad_rows(x_RL: np.ndarray, n: int) -> np.ndarray:
+  """Pads to n rows with zeros (pad id 0, mask 0): fixed batch shape, no recompiles."""
+  if x_RL.shape[0] == n:
+    return x_RL
+  return np.concatenate([x_RL, np.zeros((n - x_RL.shape[0],) + x_RL.shape[1:], x_RL.dtype)])
+
+
+def candidate_logprobs(graphdef, params, tokens_RL, mask_RL, cand_RL, batch_size: int) -> np.ndarray:
+  """log p(candidate | prompt) for every row, in fixed batches of batch_size rows."""
+  out = []
+  for s in range(0, tokens_RL.shape[0], batch_size):
+    e = min(s + batch_size, tokens_RL.shape[0])
+    lp_B = _candidate_logprobs(graphdef, params,
+                               *(jnp.asarray(_pad_rows(x[s:e], batch_size))
+                                 for x in (tokens_RL, mask_RL, cand_RL)))
+    out.append((s, e, lp_B))  # dispatch every batch before reading any back
+  res = np.zeros(tokens_RL.shape[0], np.float64)
+  for s, e, lp_B in out:
+    res[s:e] = np.asarray(lp_B)[:e - s]
+  return res
+
+
+def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Mapping], *,
+                            prompt_len: int, batch_size: int) -> np.ndarray:
+  """[N, 3] option probabilities (softmax of candidate log-likelihoods), 0 past n_options."""
+  _check_examples(examples)
+  tok, mask, cand, owner = scoring_rows(tokenizer, examples, prompt_len)
+  lp_R = candidate_logprobs(graphdef, params, tok, mask, cand, batch_size)
+  probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
+  for qi, ex in enumerate(examples):
+    lp = lp_R[owner == qi]
+    probs[qi, :len(lp)] = np.exp(lp - np.logaddexp.reduce(lp))
+  return probs
+
+
+# Sampling --------------------------------------------------------------------
+
+def _prompt_batch(tokenizer, examples: Sequence[Mapping], prompt_len: int, batch_size: int):
+  """Left-padded prompt rows, padded to batch_size with BOS-only rows."""
+  rows = [rl_prompt(ex, tokenizer, prompt_len) for ex in examples]
+  tok = np.full((batch_size, prompt_len), tokenizer.pad_id, np.int32)
+  mask = np.zeros((batch_size, prompt_len), np.int32)
+  tok[:, -1], mask[:, -1] = tokenizer.bos_id, 1  # a filler row needs one real last token
+  for b, r in enumerate(rows):
+    tok[b], mask[b] = r["prompt_tokens"], r["prompt_mask"]
+  return jnp.asarray(tok), jnp.asarray(mask)
+
+
+def decode_completion(tokenizer, tokens_N: np.ndarray, length: int) -> str:
+  """The sampled text without its EOS."""
+  ids = [int(t) for t in tokens_N[:length]]
+  if ids and ids[-1] == tokenizer.eos_id:
+    ids = ids[:-1]
+  return tokenizer.decode(ids)
+
+
+def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Mapping], *,
+                             runs: int, temperature: float, max_new_tokens: int,
+                             batch_size: int, prompt_len: int, seed: int):
+  """(probs_runs: list of [N, 3], texts_runs: list of list[str], failures: {code: count}).
+
+  Each run samples every question once with its own key; an unparseable
+  completion gets uniform probabilities and is counted by error code.
+  """
+  _check_examples(examples)
+  if runs < 1:
+    raise ValueError(f"runs must be >= 1, got {runs}")
+  probs_runs, texts_runs, failures = [], [], {}
+  for r in range(runs):
+    probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
+    texts = []
+    for s in range(0, len(examples), batch_size):
+      chunk = examples[s:s + batch_size]
+      tok_BP, mask_BP = _prompt_batch(tokenizer, chunk, prompt_len, batch_size)
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), r), s)
+      out = sampler.sample(graphdef, params, tok_BP, mask_BP, key,
+                           max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+      tokens_BN, lengths_B = np.asarray(out.tokens), np.asarray(out.lengths)
+      for b, ex in enumerate(chunk):
+        text = decode_completion(tokenizer, tokens_BN[b], int(lengths_B[b]))
+        n = len(ex["options"])
+        d = rewards.parse_decision(text, n)
+        if d.ok:
+          probs[s + b, :n] = d.probs
+        else:
+          probs[s + b, :n] = 1.0 / n
+          code = f"unparsed:{d.error_code}"
+          failures[code] = failures.get(code, 0) + 1
+        texts.append(text)
+    probs_runs.append(probs)
+    texts_runs.append(texts)
+  return probs_runs, texts_runs, failures
+
+
+# The whole evaluation -----------------------------------------------------------
+
+def trimmed(probs_N3: np.ndarray, examples: Sequence[Mapping]) -> list[np.ndarray]:
+  """Per-question probability vectors of each question's own length."""
+  return [np.asarray(p[:len(ex["options"])], np.float64) for p, ex in zip(probs_N3, examples)]
+
+
+def trajectory(ex: Mapping, completion: str, probs, **extra) -> dict:
+  """One report trajectory (report.write_report's fields plus id)."""
+  label = int(ex["label"])
+  p = None if probs is None else [float(x) for x in probs]
+  return {"id": ex.get("id", ""), "prompt": ex.get("prompt", ""), "completion": completion,
+          "probs": p, "label": label,
+          "correct": p is not None and ct_open_metrics.choose(p) == label,
+          "perturbation": ex.get("perturbation", ""), "category": ex.get("category", ""),
+          **extra}
+
+
+def has_key(ex: Mapping) -> bool:
+  return bool(ex.get("nct_id")) and int(ex.get("question_index", -1)) >= 0
+
+
+def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping], eval_cfg, *,
+                    prompt_len: int, seed: int = 0):
+  """(metrics, trajectories, predictions_runs) for one policy on CT Open questions.
+
+  eval_cfg: the eval config section (mode, runs, temperature, max_new_tokens,
+  batch_size). predictions_runs is a list of benchmark prediction dicts, one per
+  run (one in scoring mode, whose texts carry the exact probabilities so the
+  files score identically); trajectories hold every run's answers.
+  """
+  mode = eval_cfg.mode
+  examples = list(eval_examples)
+  if mode == "score":
+    probs = option_probs_by_scoring(graphdef, params, tokenizer, examples,
+                                    prompt_len=prompt_len, batch_size=eval_cfg.batch_size)
+    runs = [trimmed(probs, examples)]
+    texts_runs = [[templates.decision_line(len(p), ct_open_metrics.choose(p)) for p in runs[0]]]
+    pred_texts = [[predictions.format_decision(p) for p in runs[0]]]
+    failures = {}
+  elif mode == "sample":
+    probs_runs, texts_runs, failures = option_probs_by_sampling(
+        graphdef, params, tokenizer, examples, runs=eval_cfg.runs,
+        temperature=eval_cfg.temperature, max_new_tokens=eval_cfg.max_new_tokens,
+        batch_size=eval_cfg.batch_size, prompt_len=prompt_len, seed=seed)
+    runs = [trimmed(p, examples) for p in probs_runs]
+    pred_texts = texts_runs
+  else:
+    raise ValueError(f"eval mode must be 'score' or 'sample', got {mode!r}")
+  metrics = ct_open_metrics.score_runs(examples, runs)
+  metrics["overall"]["failures"] = dict(failures)
+  trajectories, preds_runs = [], []
+  for r, (probs_r, texts_r, ptexts_r) in enumerate(zip(runs, texts_runs, pred_texts)):
+    preds = {}
+    for ex, p, text, ptext in zip(examples, probs_r, texts_r, ptexts_r):
+      parsed = mode == "score" or rewards.parse_decision(text, len(ex["options"])).ok
+      trajectories.append(trajectory(ex, text, p if parsed else None, run=r, method="direct"))
+      if has_key(ex):
+        preds[predictions.question_key(ex)] = ptext
+    preds_runs.append(preds)
+  if failures:
+    logging.info("evaluate_policy: %s parse failures over %d runs", failures, len(runs))
+  return metrics, trajectories, preds_runs

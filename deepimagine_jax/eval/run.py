@@ -1,0 +1,159 @@
+"""The evaluation entry: baselines, the model's direct answers, successive imagining, one report.
+
+Everything is scored by the same code (ct_open_metrics) on the same questions:
+CT Open Summer 2025 (source "ct_open", split "eval"). The baselines train on the
+CT Open Winter 2025 questions (source "ct_open", kind "question", any other
+split) and always use all eval questions; the model parts respect
+eval_cfg.max_questions. Files written under workdir:
+  eval/predictions_<name>_run<r>.pkl / .jsonl   benchmark predictions per run
+  eval/trajectories_<name>.jsonl                 every answer (imagining: every step)
+  eval/results.json                              name -> metrics, plus imagining stats
+  report/                                        eval.report.write_report
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from data_pipeline import templates
+from deepimagine_jax.eval import baselines, ct_open_metrics, imagining, model_eval
+from deepimagine_jax.eval import predictions, report
+from deepimagine_jax.eval.predictions import atomic_write
+
+EVAL_SPLIT = "eval"
+
+
+def is_ct_open_question(ex: Mapping) -> bool:
+  return ex.get("source") == "ct_open" and ex.get("kind", "question") == "question"
+
+
+def eval_questions(built_examples: Mapping[str, Sequence[Mapping]]) -> list[dict]:
+  """CT Open questions of the eval split, prompts rendered where missing."""
+  out = []
+  for ex in built_examples.get(EVAL_SPLIT, ()):
+    if is_ct_open_question(ex):
+      ex = dict(ex)
+      if not ex.get("prompt"):
+        templates.render(ex)
+      out.append(ex)
+  return out
+
+
+def train_questions_of(built_examples: Mapping[str, Sequence[Mapping]]) -> list[dict]:
+  """CT Open questions of every split but eval (the Winter release)."""
+  return [ex for split, exs in built_examples.items() if split != EVAL_SPLIT
+          for ex in exs if is_ct_open_question(ex)]
+
+
+def chains_of(built_examples: Mapping[str, Sequence[Mapping]]) -> list[dict]:
+  return [ex for exs in built_examples.values() for ex in exs if ex.get("kind") == "chain"]
+
+
+def parse_seeds(text) -> tuple[int, ...]:
+  if isinstance(text, (list, tuple)):
+    return tuple(int(s) for s in text)
+  seeds = tuple(int(s) for s in str(text).split(",") if s.strip())
+  if not seeds:
+    raise ValueError(f"eval.rf_seeds {text!r}: need at least one integer seed")
+  return seeds
+
+
+def write_predictions(out_dir: pathlib.Path, name: str, preds_runs: Sequence[Mapping]) -> list:
+  paths = []
+  for r, preds in enumerate(preds_runs):
+    stem = out_dir / f"predictions_{name}_run{r}"
+    paths.append(predictions.write_pickle(stem.with_suffix(".pkl"), preds))
+    predictions.write_jsonl(stem.with_suffix(".jsonl"), preds)
+  return paths
+
+
+def _json_default(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.integer, np.floating, np.bool_)):
+    return x.item()
+  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping]):
+  lines = [json.dumps(r, ensure_ascii=False, default=_json_default) for r in rows]
+  atomic_write(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+
+
+def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[Mapping]],
+             eval_cfg, *, prompt_len: int, workdir: str | os.PathLike,
+             train_questions: Sequence[Mapping] | None = None,
+             metrics_logs: Sequence[str | os.PathLike] = (), seed: int = 0) -> dict:
+  """Runs what eval_cfg asks for; returns {name: metrics}. graphdef None: baselines only."""
+  workdir = pathlib.Path(workdir)
+  out_dir = workdir / "eval"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  questions = eval_questions(built_examples)
+  if not questions:
+    raise ValueError(f"no CT Open questions in split {EVAL_SPLIT!r} of the built examples "
+                     f"(splits: {sorted(built_examples)})")
+  results: dict = {}
+  extra: dict = {}
+  if eval_cfg.baselines:
+    train = list(train_questions) if train_questions is not None else \
+        train_questions_of(built_examples)
+    if train:
+      results.update(baselines.run_baselines(train, questions, parse_seeds(eval_cfg.rf_seeds)))
+    else:
+      logging.warning("evaluate: no CT Open training questions; baselines skipped")
+      extra["notes"] = ["baselines skipped: no CT Open training questions"]
+
+  trajectories: list = []
+  if graphdef is not None:
+    subset = questions[:eval_cfg.max_questions] if eval_cfg.max_questions > 0 else questions
+    t0 = time.perf_counter()
+    metrics, traj, preds_runs = model_eval.evaluate_policy(
+        graphdef, params, tokenizer, subset, eval_cfg, prompt_len=prompt_len, seed=seed)
+    extra["model_seconds"] = time.perf_counter() - t0
+    name = f"model_{eval_cfg.mode}"
+    results[name] = metrics
+    write_predictions(out_dir, name, preds_runs)
+    write_jsonl(out_dir / f"trajectories_{name}.jsonl", traj)
+    trajectories.extend(traj)
+
+    if eval_cfg.imagining:
+      direct = None
+      if eval_cfg.mode == "score":  # reuse the direct scores for the fallback
+        direct = np.zeros((len(subset), model_eval.MAX_OPTIONS))
+        for i, t in enumerate(traj):
+          direct[i, :len(t["probs"])] = t["probs"]
+      t0 = time.perf_counter()
+      probs, steps, stats = imagining.imagine(
+          graphdef, params, tokenizer, subset, chains_of(built_examples),
+          k=eval_cfg.imagining_k, how=eval_cfg.aggregate, prompt_len=prompt_len,
+          batch_size=eval_cfg.batch_size, direct_probs=direct,
+          exclude_anchor_ids={str(q["id"]) for q in questions})
+      stats["seconds"] = time.perf_counter() - t0
+      name = "model_imagining"
+      probs_list = model_eval.trimmed(probs, subset)
+      metrics = ct_open_metrics.score_questions(subset, probs_list)
+      metrics["overall"]["imagining"] = stats
+      results[name] = metrics
+      extra["imagining"] = stats
+      preds = {predictions.question_key(q): predictions.format_decision(p)
+               for q, p in zip(subset, probs_list) if model_eval.has_key(q)}
+      write_predictions(out_dir, name, [preds])
+      write_jsonl(out_dir / f"trajectories_{name}.jsonl", steps)
+      final = [model_eval.trajectory(q, templates.decision_line(len(p), ct_open_metrics.choose(p)),
+                                     p, method="imagining")
+               for q, p in zip(subset, probs_list)]
+      trajectories.extend(final)
+
+  atomic_write(out_dir / "results.json",
+               json.dumps({"results": results, **extra}, indent=2, sort_keys=True,
+                          default=_json_default).encode("utf-8"))
+  report.write_report(workdir / "report", copy.deepcopy(results), metrics_logs, trajectories)
+  print(baselines.format_table(results))
+  return results
