@@ -262,7 +262,7 @@ def load_hf_checkpoint(model_dir, mesh: jax.sharding.Mesh | None = None, *,
         got = tuple(handle.get_slice(hf_name).get_shape())
         if got != want:
           raise HFImportError(f"{file}: tensor {hf_name!r} has shape {list(got)}, expected "
-                              f"{list(want)} for {cfg.n_layers}-layer {cfg}")
+                              f"{list(want)} from config.json")
         arr = np.ascontiguousarray(layout.to_ours(_read(handle, hf_name), tuple(var.shape)))
         var.set_value(_place(arr.astype(np_dtype), targets[path]))
   logging.info("loaded %s: %d tensors, %.1fM parameters", model_dir, len(flat),

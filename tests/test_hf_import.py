@@ -48,17 +48,30 @@ def _hf_model(case: str, seed: int = 0) -> transformers.PreTrainedModel:
   return model
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def saved(request, tmp_path_factory):
-  """(case, HF model, directory holding its save_pretrained output)."""
-  model = _hf_model(request.param)
-  path = tmp_path_factory.mktemp(request.param)
-  # One case sharded, so model.safetensors.index.json is read too.
-  model.save_pretrained(path, max_shard_size="40KB" if request.param == "qwen3_untied" else "1GB")
-  return request.param, model, path
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """case -> (HF model, directory holding its save_pretrained output)."""
+  out = {}
+  for case in CASES:
+    model = _hf_model(case)
+    path = tmp_path_factory.mktemp(case)
+    # One case sharded, so model.safetensors.index.json is read too.
+    model.save_pretrained(path, max_shard_size="40KB" if case == "qwen3_untied" else "1GB")
+    out[case] = (model, path)
+  return out
 
 
-def _tokens(B=2, T=80, seed=3):
+@pytest.fixture(params=list(CASES))
+def saved(request, checkpoints):
+  """(case, HF model, checkpoint directory) for each case."""
+  return (request.param, *checkpoints[request.param])
+
+
+# One batch shape throughout, so each jitted forward compiles once per model.
+B, T = 3, 40
+
+
+def _tokens(B=B, T=T, seed=3):
   return np.random.RandomState(seed).randint(0, _SHAPE["vocab_size"], (B, T))
 
 
@@ -71,9 +84,18 @@ def _hf_logits(model, tok, mask=None):
     return model(torch.tensor(tok), **kw).logits.numpy()
 
 
-def _ours(model, tok, **kw):
-  pos = jnp.broadcast_to(jnp.arange(tok.shape[1]), tok.shape)
-  return np.asarray(model(jnp.asarray(tok), pos, **kw)[0])
+@nnx.jit
+def _forward(model, tok_BT, pos_BT, seg_BT=None):
+  return model(tok_BT, pos_BT, segment_ids_BT=seg_BT)[0]
+
+
+@nnx.jit
+def _forward_cached(model, tok_BT, pos_BT, cache, cache_index, kv_valid_BS):
+  return model(tok_BT, pos_BT, cache=cache, cache_index=cache_index, kv_valid_BS=kv_valid_BS)
+
+
+def _ours(model, tok):
+  return np.asarray(_forward(model, jnp.asarray(tok), jnp.broadcast_to(jnp.arange(T), tok.shape)))
 
 
 def test_logits_match_transformers(saved):
@@ -93,11 +115,9 @@ def test_logits_match_transformers(saved):
   assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero numbers
 
 
-def test_llama3_scaling_is_exercised(saved):
+def test_llama3_scaling_is_exercised(checkpoints):
   """Without the scaling our logits would differ: the parity test above sees it."""
-  case, hf, path = saved
-  if case != "llama3_scaled":
-    pytest.skip("llama3 only")
+  hf, path = checkpoints["llama3_scaled"]
   cfg, model = H.load_hf_checkpoint(path)
   unscaled = cfg.replace(rope_scaling=None)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: M.Transformer(unscaled, nnx.Rngs(0))))
@@ -106,8 +126,8 @@ def test_llama3_scaling_is_exercised(saved):
   assert np.abs(_ours(plain, tok) - _hf_logits(hf, tok)).max() > 100 * ATOL
 
 
-def _left_padded(T=40):
-  tok = _tokens(B=3, T=T, seed=5)
+def _left_padded():
+  tok = _tokens(seed=5)
   lengths = np.array([T, T - 7, T - 19])
   mask = (np.arange(T)[None] >= (T - lengths)[:, None]).astype(np.int64)
   return tok * mask, mask
@@ -119,8 +139,8 @@ def test_left_padded_batch_segment_path(saved):
   tok, mask = _left_padded()
   ref = _hf_logits(hf, tok, mask)
   pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  ours = np.asarray(model(jnp.asarray(tok), jnp.asarray(pos),
-                          segment_ids_BT=jnp.asarray(mask, jnp.int32))[0])
+  ours = np.asarray(_forward(model, jnp.asarray(tok), jnp.asarray(pos),
+                             jnp.asarray(mask, jnp.int32)))
   real = mask.astype(bool)
   assert np.abs(ours[real] - ref[real]).max() < ATOL
 
@@ -130,18 +150,18 @@ def test_left_padded_prefill_and_decode_with_cache(saved):
   _, hf, path = saved
   cfg, model = H.load_hf_checkpoint(path)
   tok, mask = _left_padded()
-  B, T = tok.shape
-  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  ref = _hf_logits(hf, tok, mask)
-  cache = M.init_cache(cfg, B, T)
-  kv_valid = jnp.asarray(mask, bool)
-  pre, cache = model(jnp.asarray(tok[:, :-1]), jnp.asarray(pos[:, :-1]), cache=cache,
-                     cache_index=0, kv_valid_BS=kv_valid)
-  step, _ = model(jnp.asarray(tok[:, -1:]), jnp.asarray(pos[:, -1:]), cache=cache,
-                  cache_index=T - 1, kv_valid_BS=kv_valid)
-  real = mask[:, :-1].astype(bool)
-  assert np.abs(np.asarray(pre)[real] - ref[:, :-1][real]).max() < ATOL
-  assert np.abs(np.asarray(step)[:, 0] - ref[:, -1]).max() < ATOL
+  nxt = _tokens(T=1, seed=6)
+  full_tok, full_mask = np.concatenate([tok, nxt], 1), np.pad(mask, ((0, 0), (0, 1)), constant_values=1)
+  pos = np.maximum(np.cumsum(full_mask, 1) - 1, 0)
+  ref = _hf_logits(hf, full_tok, full_mask)
+  cache = M.init_cache(cfg, B, T + 1)
+  kv_valid = jnp.asarray(full_mask, bool)
+  pre, cache = _forward_cached(model, jnp.asarray(tok), jnp.asarray(pos[:, :T]), cache, 0,
+                               kv_valid)
+  step, _ = _forward_cached(model, jnp.asarray(nxt), jnp.asarray(pos[:, T:]), cache, T, kv_valid)
+  real = mask.astype(bool)
+  assert np.abs(np.asarray(pre)[real] - ref[:, :T][real]).max() < ATOL
+  assert np.abs(np.asarray(step)[:, 0] - ref[:, T]).max() < ATOL
 
 
 def _flat_params(model):
@@ -165,7 +185,8 @@ def test_export_import_round_trip_is_exact(saved, tmp_path, dtype):
   if dtype == "float32":
     # transformers reads our export back into the same model.
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
-    ref, tok = _hf_logits(hf, _tokens(T=20)), _tokens(T=20)
+    tok = _tokens()
+    ref = _hf_logits(hf, tok)
     np.testing.assert_array_equal(_hf_logits(back, tok), ref)
 
 
@@ -243,24 +264,19 @@ def test_legacy_and_v5_rope_keys_agree():
   assert H.config_from_hf(H.config_to_hf(a)) == a
 
 
-def test_sharded_load_matches_transformers(saved):
-  case, hf, path = saved
-  if case != "qwen3_untied":
-    pytest.skip("one case is enough on the 8-device mesh")
+def test_sharded_load_matches_transformers(checkpoints):
+  case = "qwen3_untied"
+  hf, path = checkpoints[case]
   mesh = S.make_mesh(2, 2, 2)
   _, model = H.load_hf_checkpoint(path, mesh)
   wq = model.layers[0].attn.wq_DNH.get_value()
   assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   assert model.lm_head_DV.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
-  @nnx.jit
-  def fwd(m, t, p):
-    return m(t, p)[0]
-
-  tok = _tokens(B=4, T=24)
-  pos = np.broadcast_to(np.arange(24), tok.shape)
+  tok = _tokens(B=4)
+  pos = np.broadcast_to(np.arange(T), tok.shape)
   with jax.set_mesh(mesh):
-    out = fwd(model, jax.device_put(jnp.asarray(tok, jnp.int32), S.batch_sharding(mesh)),
+    out = _forward(model, jax.device_put(jnp.asarray(tok, jnp.int32), S.batch_sharding(mesh)),
               jax.device_put(jnp.asarray(pos, jnp.int32), S.batch_sharding(mesh)))
   diff = np.abs(np.asarray(out) - _hf_logits(hf, tok)).max()
   print(f"{case} on mesh (2,2,2): max |logit diff| {diff:.2e}")
