@@ -6,7 +6,8 @@ protocol text comes from ct_open.read_trials instead.)
 
 Result groups ("OG000") are per outcome in the registry, so ArmValue.arm_id keeps
 the outcome's group id and ArmValue.arm_label is the protocol arm label the group
-title matches (else the group title). Arm.id is the participant-flow group id
+title matches (else the group title); ArmValue.group_title is the group's own
+title (dose groups of one arm share arm_label). Arm.id is the participant-flow group id
 ("FG000") whose title matches the arm, else the arm label. A measure with several
 classes/categories becomes one Outcome per row ("title [class / category]"); its
 analyses are attached only when the measure has a single row.
@@ -77,7 +78,8 @@ def _arms(ps: dict, flow_groups: list, report, rid) -> tuple[S.Arm, ...]:
   return tuple(arms)
 
 
-def _measurement(m: dict, gid2label, gid2n, disp_type: str, report, where) -> S.ArmValue | None:
+def _measurement(m: dict, gid2label, gid2n, disp_type: str, report, where,
+                 gid2title=None) -> S.ArmValue | None:
   gid = _str(m.get("groupId"))
   value, qual = S.parse_qualified(m.get("value"))
   if value is None:
@@ -85,7 +87,8 @@ def _measurement(m: dict, gid2label, gid2n, disp_type: str, report, where) -> S.
     return None
   lo, hi = S.parse_number(m.get("lowerLimit")), S.parse_number(m.get("upperLimit"))
   return S.ArmValue(gid, gid2label.get(gid, gid), value, qual, disp_type,
-                    S.parse_number(m.get("spread")), lo, hi, gid2n.get(gid))
+                    S.parse_number(m.get("spread")), lo, hi, gid2n.get(gid),
+                    (gid2title or {}).get(gid, ""))
 
 
 def _analysis(a: dict, report, where) -> S.Analysis:
@@ -113,9 +116,10 @@ def _outcomes(om_list: list, arms, report, rid) -> tuple[S.Outcome, ...]:
       report.add_skip(SOURCE, "outcome_missing_title", where)
       continue
     desc = _str(om.get("description"))
-    gid2label = {}
+    gid2label, gid2title = {}, {}
     for g in _list(om.get("groups"), "groups"):
       g = _dict(g, "groups[]")
+      gid2title[_str(g.get("id"))] = _str(g.get("title"))
       gid2label[_str(g.get("id"))] = (
           S.match_arm(_str(g.get("title")), _str(g.get("description")), arms)
           or _str(g.get("title")))
@@ -138,7 +142,8 @@ def _outcomes(om_list: list, arms, report, rid) -> tuple[S.Outcome, ...]:
       report.add_skip(SOURCE, "analysis_on_multirow_outcome", where)
     for name, ms in rows:
       values = tuple(v for v in (_measurement(_dict(m, "measurements[]"), gid2label, gid2n,
-                                              _str(om.get("dispersionType")), report, where)
+                                              _str(om.get("dispersionType")), report, where,
+                                              gid2title)
                                  for m in ms) if v is not None)
       if not values:
         report.add_skip(SOURCE, "outcome_no_values", where)

@@ -6,7 +6,8 @@ expansion bomb; these files come from the registry's own export, and a file that
 fails to parse is counted as `bad_xml` and skipped.
 
 Group ids follow ctgov_json: ArmValue.arm_id is the outcome's group id ("O1"),
-arm_label the protocol arm label its title matches (else the group title); Arm.id
+arm_label the protocol arm label its title matches (else the group title) and
+group_title the group's own title (dose groups of one arm share arm_label); Arm.id
 is the participant-flow group id ("P1") whose title matches the arm, else the label.
 A measure with several class/category rows becomes one Outcome per row, with the
 analyses attached only when there is a single row.
@@ -78,9 +79,10 @@ def _outcomes(root, arms, report, rid) -> tuple[S.Outcome, ...]:
     if m is None:
       report.add_skip(SOURCE, "outcome_no_values", where)
       continue
+    groups = o.findall("group_list/group")
     gid2label = {g.get("group_id", ""): (S.match_arm(_t(g, "title"), _t(g, "description"), arms)
-                                         or _t(g, "title"))
-                 for g in o.findall("group_list/group")}
+                                         or _t(g, "title")) for g in groups}
+    gid2title = {g.get("group_id", ""): _t(g, "title") for g in groups}
     gid2n = {}
     for c in m.findall("analyzed_list/analyzed[1]/count_list/count"):
       n = S.parse_number(c.get("value"))
@@ -106,7 +108,7 @@ def _outcomes(root, arms, report, rid) -> tuple[S.Outcome, ...]:
         values.append(S.ArmValue(
             gid, gid2label.get(gid, gid), v, q, _t(m, "dispersion"),
             S.parse_number(me.get("spread")), S.parse_number(me.get("lower_limit")),
-            S.parse_number(me.get("upper_limit")), gid2n.get(gid)))
+            S.parse_number(me.get("upper_limit")), gid2n.get(gid), gid2title.get(gid, "")))
       if not values:
         report.add_skip(SOURCE, "outcome_no_values", where)
         continue

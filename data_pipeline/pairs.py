@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Sequence
 
 from data_pipeline import templates
 from data_pipeline.build_report import BuildReport
+from data_pipeline.doses import parse_doses
 from data_pipeline.questions import arms_from_options
 from data_pipeline.retrieval import TrialIndex
 from data_pipeline.schema import Arm, Trial, match_arm_label
@@ -119,6 +120,28 @@ def dose_of(arm: Arm | None) -> str:
   return f"{amount:g} {unit}".strip()
 
 
+def group_dose(title: str) -> tuple[str, str]:
+  """('250 mg', 'twice daily') from a result group's title naming one amount, else ('', '').
+
+  Only the title: group descriptions often give the strength per tablet
+  ("2 tablets of 125 mg each"), not the dose.
+  """
+  amounts = {(d.amount, d.unit, d.frequency) for d in parse_doses(title)
+             if d.amount is not None and d.amount_high is None and d.unit != "placebo"}
+  if len({(a, u) for a, u, _ in amounts}) != 1:
+    return "", ""
+  amount, unit, freq = next(iter(amounts))
+  return f"{amount:g} {unit}".strip(), (freq if len(amounts) == 1 else "")
+
+
+def _dose_fact(q: dict, arm: Arm | None, label: str, side: str) -> tuple[str, str]:
+  """(dose, frequency): from the group title when the question names a dose group
+  of the arm (its label is the group's title, not the arm's), else the arm's."""
+  if arm is not None and label != arm.label and label == q.get(f"group_{side}_title"):
+    return group_dose(label)
+  return dose_of(arm), ""
+
+
 def comparator_of(arm: Arm | None, label: str) -> str:
   """placebo / active / no intervention, from the comparator arm's type or name."""
   typ = arm.type if arm else ""
@@ -151,12 +174,13 @@ def facts_of(q: dict, trial: Trial | None) -> dict:
   a_label, b_label = question_arms(q)
   arm_a = find_arm(trial, a_label, q.get("arm_a_id", "")) if trial and a_label else None
   arm_b = find_arm(trial, b_label, q.get("arm_b_id", "")) if trial and b_label else None
+  dose, freq = _dose_fact(q, arm_a, a_label, "a")
   return {
       "country": region_of(trial.countries) if trial else "",
       "population": population_of(trial) if trial else "",
       "phase": phase_of(trial) if trial else "",
       "comparator": comparator_of(arm_b, b_label) if b_label else "",
-      "dose": dose_of(arm_a),
+      "dose": dose, "dose_frequency": freq,
       "outcome": outcome_of(q),
       "arm_a": a_label, "arm_b": b_label,
       "drugs": sorted(drugs_of(arm_a)),
@@ -270,7 +294,8 @@ def _natural_type(a: dict, t: dict) -> str | None:
   if (fa["arm_b"] == ft["arm_b"] and fa["arm_a"] != ft["arm_a"]
       and set(fa["drugs"]) & set(ft["drugs"]) and fa["dose"] and ft["dose"]
       and fa["dose"].split(" ", 1)[1:] == ft["dose"].split(" ", 1)[1:]
-      and fa["dose"] != ft["dose"]):
+      and fa["dose"] != ft["dose"]
+      and fa.get("dose_frequency", "") == ft.get("dose_frequency", "")):
     return "dose"
   return None
 

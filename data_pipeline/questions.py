@@ -13,7 +13,10 @@ Directional questions need the direction even when the result is not significant
 so the filter does not depend on the label (skipping only significant results
 without values would bias the kept labels toward "not met").
 When polarity is unknown only the neutral "which arm's value is higher" question
-is emitted, with `label_basis: "neutral_unknown_polarity"`.
+is emitted, with `label_basis: "neutral_unknown_polarity"`. Polarity is the
+outcome's (schema.infer_polarity, which reads the title first).
+Arms are named by their protocol label, or by the result group's own title where
+several groups share one label (dose groups of one arm: "GSK189075 250 mg QD").
 """
 from __future__ import annotations
 
@@ -91,40 +94,6 @@ def significance(an: Analysis) -> bool | None:
   return None
 
 
-# Title cues used only to veto the schema's keyword polarity (schema.infer_polarity
-# reads title + description and can be misled, e.g. a response-rate outcome whose
-# description mentions progression, or "time to objective disease progression").
-_BAD_EVENT = re.compile(r"progression|relapse|recurrence|death|failure|event|metasta|"
-                        r"mortality|exacerbation|hospitali|infection|stroke")
-_GOOD_CUE = re.compile(r"response|remission|control|improve|success|cure|healing|survival|"
-                       r"quality of life|abstinence|seroconversion|seroprotection")
-_NEGATED = re.compile(r"\b(decrease|reduction|worsening|deterioration|decline|loss)\b")
-
-
-def question_polarity(outcome: Outcome) -> tuple[str, str]:
-  """(polarity used for labels, veto reason or ''): the schema's, unless the title contradicts it.
-
-  "time to <bad event>" is higher_better; a title that names a decrease of
-  something, or a good cue against a lower_better polarity (or a bad event
-  against higher_better), gives 'unknown' so no directional label is guessed.
-  """
-  pol, t = outcome.polarity, outcome.title.lower()
-  if re.search(r"\btime to\b", t):
-    if _BAD_EVENT.search(t):
-      return "higher_better", ("" if pol == "higher_better" else "polarity_corrected_time_to_event")
-    return "unknown", ("" if pol == "unknown" else "polarity_veto_time_to")
-  if pol == "unknown":
-    return pol, ""
-  if _NEGATED.search(t):
-    return "unknown", "polarity_veto_negated_title"
-  good, bad = bool(_GOOD_CUE.search(t)), bool(_BAD_EVENT.search(t))
-  if "free survival" in t or "survival" in t:
-    bad = False  # "progression-free survival", "survival without relapse" are good
-  if (pol == "lower_better" and good and not bad) or (pol == "higher_better" and bad and not good):
-    return "unknown", "polarity_veto_title_cue"
-  return pol, ""
-
-
 def _value_of(outcome: Outcome, arm_id: str) -> ArmValue | None:
   vs = [v for v in outcome.values if v.arm_id == arm_id]
   return vs[0] if len(vs) == 1 else None
@@ -148,7 +117,8 @@ def endpoint_text(outcome: Outcome) -> str:
 
 
 def _base(trial: Trial, outcome: Outcome, k: int, j: int, qtype: str, a: ArmValue,
-          b: ArmValue, arm_a: Arm | None, arm_b: Arm | None, options, label, basis) -> dict:
+          b: ArmValue, arm_a: Arm | None, arm_b: Arm | None, options, label, basis,
+          names: tuple[str, str]) -> dict:
   return {
       "id": f"{trial.source}:{trial.id}:o{k}:a{j}:{qtype}",
       "source": trial.source,
@@ -173,15 +143,16 @@ def _base(trial: Trial, outcome: Outcome, k: int, j: int, qtype: str, a: ArmValu
       "outcome_index": k,
       "outcome_title": outcome.title,
       "outcome_type": outcome.type,
-      "polarity": question_polarity(outcome)[0],
-      "arm_a": a.arm_label, "arm_b": b.arm_label,
+      "polarity": outcome.polarity,
+      "arm_a": names[0], "arm_b": names[1],
+      "group_a_title": a.group_title, "group_b_title": b.group_title,
       "arm_a_id": arm_a.id if arm_a else "", "arm_b_id": arm_b.id if arm_b else "",
       "group_a_id": a.arm_id, "group_b_id": b.arm_id,
   }
 
 
 def _usable(trial: Trial, k: int, j: int, outcome: Outcome, an: Analysis, report, source):
-  """(a, b, arm_a, arm_b, significant, a_higher) or None after counting the reason."""
+  """(a, b, arm_a, arm_b, significant, a_higher, names) or None after counting the reason."""
   rid = f"{trial.id}:o{k}:a{j}"
 
   def skip(reason):
@@ -205,15 +176,28 @@ def _usable(trial: Trial, k: int, j: int, outcome: Outcome, an: Analysis, report
     return skip("censored_arm_value")
   if va.value == vb.value:
     return skip("equal_arm_values")
-  labels = [v.arm_label for v in outcome.values]
-  if labels.count(va.arm_label) > 1 or labels.count(vb.arm_label) > 1:
-    # Several result groups share one protocol label (e.g. dose groups of one arm):
-    # the option sentences could not tell them apart.
+  na, nb = arm_name(outcome, va), arm_name(outcome, vb)
+  if not na or not nb or na == nb:
+    # Several result groups share one label and one title: the option sentences
+    # could not tell them apart.
     return skip("ambiguous_arm_label")
   arm_a, arm_b = _arm_of(trial, va), _arm_of(trial, vb)
   if _is_comparator(arm_a, va) and not _is_comparator(arm_b, vb):
-    va, vb, arm_a, arm_b = vb, va, arm_b, arm_a  # the study arm is the non-comparator
-  return va, vb, arm_a, arm_b, sig, va.value > vb.value
+    # the study arm is the non-comparator
+    va, vb, arm_a, arm_b, na, nb = vb, va, arm_b, arm_a, nb, na
+  return va, vb, arm_a, arm_b, sig, va.value > vb.value, (na, nb)
+
+
+def arm_name(outcome: Outcome, v: ArmValue) -> str:
+  """The protocol arm label, else the group's own title where groups share the label.
+
+  '' when neither is unique within the outcome.
+  """
+  labels = [w.arm_label for w in outcome.values]
+  if labels.count(v.arm_label) == 1:
+    return v.arm_label
+  titles = [w.group_title for w in outcome.values if w.arm_label == v.arm_label]
+  return v.group_title if v.group_title and titles.count(v.group_title) == 1 else ""
 
 
 def _is_comparator(arm: Arm | None, v: ArmValue) -> bool:
@@ -229,36 +213,32 @@ def derive_questions(trial: Trial, report: BuildReport | None = None,
   source = f"questions:{trial.source}"
   out = []
   for k, outcome in enumerate(trial.outcomes):
-    usable = []
+    polarity = outcome.polarity
     for j, an in enumerate(outcome.analyses):
       u = _usable(trial, k, j, outcome, an, report, source)
-      if u is not None:
-        usable.append((j, u))
-    polarity, veto = question_polarity(outcome)
-    if veto and usable and report is not None:
-      report.add_skip(source, veto, f"{trial.id}:o{k}")
-    for j, (a, b, arm_a, arm_b, sig, a_higher) in usable:
+      if u is None:
+        continue
+      a, b, arm_a, arm_b, sig, a_higher, names = u
+
+      def q(qtype, options, label, basis="p_value_and_arm_values"):
+        return _base(trial, outcome, k, j, qtype, a, b, arm_a, arm_b, options, label,
+                     basis, names)
+
       if polarity == "unknown":
         if "neutral_higher" in question_types:
-          out.append(_base(trial, outcome, k, j, "neutral_higher", a, b, arm_a, arm_b,
-                           neutral_options(a.arm_label, b.arm_label), 0 if a_higher else 1,
-                           "neutral_unknown_polarity"))
+          out.append(q("neutral_higher", neutral_options(*names), 0 if a_higher else 1,
+                       "neutral_unknown_polarity"))
         continue
       a_better = a_higher == (polarity == "higher_better")
-      basis = "p_value_and_arm_values"
       if "superiority" in question_types:
-        out.append(_base(trial, outcome, k, j, "superiority", a, b, arm_a, arm_b,
-                         superiority_options(a.arm_label, b.arm_label),
-                         0 if sig and a_better else 1, basis))
+        out.append(q("superiority", superiority_options(*names), 0 if sig and a_better else 1))
       if "comparative" in question_types:
-        out.append(_base(trial, outcome, k, j, "comparative", a, b, arm_a, arm_b,
-                         comparative_options(a.arm_label, b.arm_label),
-                         2 if not sig else (0 if a_better else 1), basis))
+        out.append(q("comparative", comparative_options(*names),
+                     2 if not sig else (0 if a_better else 1)))
       # "Endpoint met" is only well defined when one comparison decides the endpoint.
       if ("endpoint_met" in question_types and outcome.type == "primary"
           and len(outcome.analyses) == 1):
-        out.append(_base(trial, outcome, k, j, "endpoint_met", a, b, arm_a, arm_b,
-                         list(ENDPOINT_OPTIONS), 0 if sig and a_better else 1, basis))
+        out.append(q("endpoint_met", list(ENDPOINT_OPTIONS), 0 if sig and a_better else 1))
   if report is not None:
     report.add_read(source)
   return out

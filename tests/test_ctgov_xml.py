@@ -40,6 +40,14 @@ def test_peptide_t(read):
   assert (an.p_value, an.p_qualifier, an.method) == (0.18, "=", "ANOVA")
 
 
+def test_group_titles_kept(read):
+  t = read[0]["NCT00495469"]
+  o = t.outcomes[0]
+  assert [(v.arm_id, v.arm_label, v.group_title) for v in o.values[:3]] == [
+      ("O1", "Placebo", "Placebo"), ("O2", "GSK189075", "GSK189075 100 mg QD"),
+      ("O3", "GSK189075", "GSK189075 250 mg QD")]
+
+
 def test_botox_japan(read):
   t = read[0]["NCT00460564"]
   assert (t.phase, t.enrollment, t.countries) == ("PHASE3", 109, ("Japan",))

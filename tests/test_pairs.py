@@ -194,3 +194,26 @@ def test_real_ct_open_pairs(data_root):
       types = [next(a.type for a in t.arms if a.label == arms[1])
                for t, arms in ((ta, arms_a), (tt, arms_t))]
       assert types[0] != types[1]
+
+
+def test_group_dose_from_title():
+  assert pairs.group_dose("GSK189075 250 mg BID") == ("250 mg", "twice daily")
+  assert pairs.group_dose("GSK189075 100 mg QD") == ("100 mg", "once daily")
+  assert pairs.group_dose("Cohort A") == ("", "")
+  assert pairs.group_dose("X 10 mg then 20 mg") == ("", "")  # two amounts: no single dose
+
+
+def test_dose_pairs_from_result_groups_of_one_arm(data_root):
+  """NCT00495469: the dose groups of arm 'GSK189075' pair up against placebo; the 250 mg
+  BID group differs in frequency from the QD groups and pairs with none of them."""
+  from data_pipeline import ctgov_xml
+  t = ctgov_xml.read_ctgov_xml([data_root / "ctgov_xml" / "NCT00495469.xml"], BuildReport())[0]
+  ps = [p for p in pairs.natural_pairs(_questions([t]), max_anchors=10)
+        if p["perturbation"] == "dose"]
+  steps = {(p["factors"][0]["anchor_value"], p["factors"][0]["target_value"]) for p in ps}
+  qd = ("100 mg", "250 mg", "500 mg", "1000 mg")
+  assert steps == {(a, b) for a in qd for b in qd if a != b}
+  for p in ps:
+    assert p["arm_b"] == "Placebo"
+    assert "BID" not in p["arm_a"] and p["arm_a"].endswith("mg QD")
+    assert p["factors"][0]["target_value"] in p["arm_a"]
