@@ -55,6 +55,12 @@ def candidate_tokens(tokenizer, n_options: int) -> list[list[int]]:
           for i in range(n_options)]
 
 
+def _prompt_row(ex: Mapping, tokenizer, prompt_len: int) -> dict:
+  """rl_prompt's left-padded row; only prompt text is needed (no label at inference)."""
+  return rl_prompt({"id": ex.get("id", "?"), "prompt": ex["prompt"], "options": ex["options"],
+                    "label": 0}, tokenizer, prompt_len)
+
+
 def _check_examples(examples: Sequence[Mapping]):
   for ex in examples:
     n = len(ex.get("options") or ())
@@ -75,7 +81,7 @@ def scoring_rows(tokenizer, examples: Sequence[Mapping], prompt_len: int):
   L = prompt_len + C
   rows_tok, rows_mask, rows_cand, owner = [], [], [], []
   for qi, ex in enumerate(examples):
-    p = rl_prompt(ex, tokenizer, prompt_len)
+    p = _prompt_row(ex, tokenizer, prompt_len)
     for cand in cands[len(ex["options"])]:
       tok = np.full(L, tokenizer.pad_id, np.int32)
       mask = np.zeros(L, np.int32)
@@ -134,7 +140,7 @@ def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Mapp
 
 def _prompt_batch(tokenizer, examples: Sequence[Mapping], prompt_len: int, batch_size: int):
   """Left-padded prompt rows, padded to batch_size with BOS-only rows."""
-  rows = [rl_prompt(ex, tokenizer, prompt_len) for ex in examples]
+  rows = [_prompt_row(ex, tokenizer, prompt_len) for ex in examples]
   tok = np.full((batch_size, prompt_len), tokenizer.pad_id, np.int32)
   mask = np.zeros((batch_size, prompt_len), np.int32)
   tok[:, -1], mask[:, -1] = tokenizer.bos_id, 1  # a filler row needs one real last token
