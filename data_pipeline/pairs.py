@@ -325,11 +325,12 @@ def approximate_pairs(questions: Sequence[dict], index: TrialIndex, k: int = 10,
   for q in questions:
     by_trial[q["trial_id"]].append(q)
   out = []
+  near = _NearestCache(index, k)
   for target in questions:
     n = 0
     if target["trial_id"] not in index:
       continue
-    for tid, score in index.nearest(target["trial_id"], k):
+    for tid, score in near(target["trial_id"]):
       for anchor in by_trial.get(tid, ()):
         if n >= max_anchors or not _comparable(anchor, target):
           continue
@@ -379,10 +380,26 @@ def all_chains(questions: Sequence[dict], index: TrialIndex, k: int = 2, n_neigh
   for q in questions:
     by_trial[q["trial_id"]].append(q)
   out = []
+  near = _NearestCache(index, n_neighbours)
+  anchors_of: dict[str, list[dict]] = {}
   for target in questions:
-    if target["trial_id"] not in index:
+    tid = target["trial_id"]
+    if tid not in index:
       continue
-    near = index.nearest(target["trial_id"], n_neighbours)
-    anchors = list(itertools.chain.from_iterable(by_trial.get(t, ()) for t, _ in near))
-    out.extend(build_chains(target, anchors, k, report))
+    if tid not in anchors_of:
+      anchors_of[tid] = list(itertools.chain.from_iterable(
+          by_trial.get(t, ()) for t, _ in near(tid)))
+    out.extend(build_chains(target, anchors_of[tid], k, report))
   return out
+
+
+class _NearestCache:
+  """index.nearest per trial id, computed once: a trial has many questions."""
+
+  def __init__(self, index: TrialIndex, k: int):
+    self.index, self.k, self.memo = index, k, {}
+
+  def __call__(self, trial_id: str) -> list[tuple[str, float]]:
+    if trial_id not in self.memo:
+      self.memo[trial_id] = self.index.nearest(trial_id, self.k)
+    return self.memo[trial_id]

@@ -1,0 +1,393 @@
+"""The dataset build: raw records -> questions and counterfactual pairs -> splits ->
+rendered JSONL + tokenizer + report.
+
+    python -m data_pipeline.build --root=../shared/data --out=/tmp/di_data
+    python launch/main.py --config=configs/data.py   (calls build_dataset)
+
+The build directory holds `examples/<split>.jsonl`, `tokenizer/tokenizer.model`,
+`report.json`, `fingerprint.json` (and `tfds/` when asked). Everything is written
+into a staging folder beside it and swapped in with renames, so a crash never
+leaves a half-written build that looks complete, and the previous build survives.
+A build whose fingerprint (the config keys that change the output, the data
+files' names/sizes/mtimes and BUILD_VERSION) matches is loaded, not rebuilt.
+
+CT Open Summer 2025 trials are the benchmark `eval` split (their questions keep the
+CT Open keys the evaluation needs); every other trial is hashed into
+train / dev / rl. Winter 2025 questions about a Summer trial are dropped (counted):
+they are not benchmark questions and would leak the trial into training.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+from data_pipeline import (ct_open, ctgov_json, ctgov_xml, evidence_inference, pairs,
+                           questions, splits, synthetic, templates)
+from data_pipeline.build_report import BuildReport
+from data_pipeline.data_root import resolve_data_root
+from data_pipeline.retrieval import TrialIndex
+
+BUILD_VERSION = 2  # bump when the build's code changes what it writes
+SOURCES = ("ct_open", "ctgov_xml", "ctgov_json", "evidence_inference", "synthetic")
+SPLITS = ("train", "dev", "rl", "eval")
+CT_OPEN_RELEASES = ("Winter_2025", "Summer_2025")
+EVAL_RELEASE = "Summer_2025"
+# The config keys that change what a build writes (seq_len, prompt_len, pack do not).
+FINGERPRINT_KEYS = ("sources", "seed", "vocab_size", "dev_fraction", "rl_fraction",
+                    "max_anchors", "chain_k", "tfds")
+SYNTHETIC_EXAMPLES = 2000
+APPROX_NEIGHBOURS = 10  # retrieval candidates per target trial
+EI_SOURCE = evidence_inference.SOURCE
+
+
+@dataclasses.dataclass
+class BuiltData:
+  """A finished build on disk."""
+  dir: pathlib.Path
+  tokenizer_path: pathlib.Path
+  report: dict
+  splits: tuple[str, ...]
+
+  def examples(self, split: str, kinds: Sequence[str] | None = None) -> list[dict]:
+    """The examples of `split` (e.g. 'train'), optionally only those of the given kinds."""
+    if split not in self.splits:
+      raise KeyError(f"{self.dir}: no split {split!r}; splits are {list(self.splits)}")
+    keep = set(kinds) if kinds is not None else None
+    out = []
+    with open(self.dir / "examples" / f"{split}.jsonl", encoding="utf-8") as f:
+      for line in f:
+        ex = json.loads(line)
+        if keep is None or ex["kind"] in keep:
+          out.append(ex)
+    return out
+
+
+def parse_sources(sources) -> tuple[str, ...]:
+  """'ct_open,ctgov_xml' (or a list) -> validated tuple."""
+  items = sources.split(",") if isinstance(sources, str) else list(sources)
+  out = tuple(s.strip() for s in items if s.strip())
+  bad = [s for s in out if s not in SOURCES]
+  if bad:
+    raise ValueError(f"data.sources: unknown source(s) {bad}; known: {list(SOURCES)}")
+  return out
+
+
+# --- fingerprint --------------------------------------------------------------
+
+def source_files(root: pathlib.Path, sources: Sequence[str]) -> list[pathlib.Path]:
+  """The input files a build reads, in a fixed order."""
+  files = []
+  if "ct_open" in sources:
+    files += [root / "ct_open" / f"{r}.pickle" for r in CT_OPEN_RELEASES]
+  if "ctgov_xml" in sources:
+    files += sorted((root / "ctgov_xml").glob("*.xml"))
+  if "ctgov_json" in sources:
+    files += sorted((root / "ctgov_json").glob("*.json"))
+  if "evidence_inference" in sources:
+    files += sorted((root / "evidence_inference").glob("*.csv"))
+    files += sorted((root / "evidence_inference").glob("ev2_*_article_ids.txt"))
+  return files
+
+
+def fingerprint(cfg, root: pathlib.Path) -> dict:
+  """What decides a build's content; equal fingerprints mean an equal build."""
+  sources = parse_sources(cfg.sources)
+  files = []
+  for p in source_files(root, sources):
+    st = p.stat() if p.exists() else None
+    files.append([os.fspath(p.relative_to(root)), st.st_size if st else -1,
+                  st.st_mtime_ns if st else -1])
+  keys = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}  # every key is required
+  keys["sources"] = list(sources)
+  body = {"build_version": BUILD_VERSION, "config": keys, "root": os.fspath(root),
+          "synthetic_examples": SYNTHETIC_EXAMPLES if "synthetic" in sources else 0,
+          "files": files}
+  digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+  return {"sha256": digest, **body}
+
+
+def _load_if_current(build_dir: pathlib.Path, fp: dict) -> BuiltData | None:
+  try:
+    old = json.loads((build_dir / "fingerprint.json").read_text())
+    report = json.loads((build_dir / "report.json").read_text())
+  except (OSError, ValueError):
+    return None
+  names = tuple(report.get("split_sizes", {}))
+  tok = build_dir / "tokenizer" / "tokenizer.model"
+  if old.get("sha256") != fp["sha256"] or not tok.is_file() or not all(
+      (build_dir / "examples" / f"{s}.jsonl").is_file() for s in names):
+    return None
+  return BuiltData(build_dir, tok, report, names)
+
+
+# --- reading ------------------------------------------------------------------
+
+def ei_question(row: dict) -> dict:
+  """An Evidence Inference prompt as a plain 3-option question (label = reported direction)."""
+  i, c, o = row["intervention"], row["comparator"], row["outcome"]
+  options = [f"{i} significantly increased {o} compared with {c}.",
+             f"{i} significantly decreased {o} compared with {c}.",
+             f"No significant difference between {i} and {c} in {o}."]
+  return {
+      "id": f"{EI_SOURCE}:{row['prompt_id']}", "source": EI_SOURCE, "kind": "question",
+      "perturbation": "", "trial_id": f"PMC{row['pmcid']}", "anchor_trial_id": "",
+      "options": options, "label": evidence_inference.LABELS.index(row["label"]),
+      "prompt": "", "completion": "", "split": "", "category": "", "nct_id": "",
+      "endpoint_str": "", "question_index": -1,
+      "title": f"Randomised trial report PMC{row['pmcid']}", "endpoint": o, "arms": [i, c],
+      "question_type": "ico_direction",
+  }
+
+
+def read_sources(root: pathlib.Path, sources: Sequence[str], seed: int, report: BuildReport):
+  """(question examples, {trial id: Trial}, ready examples such as synthetic)."""
+  qs, trials, ready = [], {}, []
+  if "ct_open" in sources:
+    for rel in CT_OPEN_RELEASES:
+      path = root / "ct_open" / f"{rel}.pickle"
+      if not path.is_file():
+        report.add_skip("ct_open", "missing_file", os.fspath(path))
+        continue
+      qs += ct_open.read_questions(path, report, split=rel)
+      for t in ct_open.read_trials(path, report):
+        trials.setdefault(t.id, t)
+  registry = []
+  if "ctgov_xml" in sources:
+    registry += ctgov_xml.read_ctgov_xml(root / "ctgov_xml", report)
+  if "ctgov_json" in sources:
+    registry += ctgov_json.read_ctgov_json(root / "ctgov_json", report)
+  for t in registry:
+    trials[t.id] = t  # registry records carry countries, phase, eligibility: prefer them
+  qs += questions.derive_all(registry, report)
+  if "evidence_inference" in sources:
+    rows = evidence_inference.read_evidence_inference(root / "evidence_inference", report)
+    qs += [ei_question(r) for r in rows]
+  if "synthetic" in sources:
+    ready += synthetic.make_synthetic(SYNTHETIC_EXAMPLES, seed)
+    report.add_read("synthetic", SYNTHETIC_EXAMPLES)
+  return qs, trials, ready
+
+
+# --- statistics ---------------------------------------------------------------
+
+def label_balance(examples: Sequence[dict]) -> dict:
+  """{n_options: {n, fractions: [share of label 0, 1(, 2)]}}."""
+  counts: dict[int, list[int]] = {}
+  for ex in examples:
+    n = len(ex["options"])
+    counts.setdefault(n, [0] * n)[int(ex["label"])] += 1
+  return {str(n): {"n": sum(c), "fractions": [round(x / sum(c), 4) for x in c]}
+          for n, c in sorted(counts.items())}
+
+
+def _nested_counts(examples, *keys) -> dict:
+  out: dict = {}
+  for ex in examples:
+    d = out
+    for k in keys[:-1]:
+      d = d.setdefault(str(ex.get(k, "")), {})
+    last = str(ex.get(keys[-1], ""))
+    d[last] = d.get(last, 0) + 1
+  return out
+
+
+def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: float,
+                tok_vocab: int, fp: dict) -> dict:
+  everything = [ex for exs in by_split.values() for ex in exs]
+  rd = reader.to_dict()
+  qs = [ex for ex in everything if ex["kind"] == "question"]
+  pairs_ = [ex for ex in everything if ex["kind"] != "question"]
+  return {
+      "build_version": BUILD_VERSION,
+      "fingerprint": fp["sha256"],
+      "elapsed_s": round(elapsed, 1),
+      "records": {s: d for s, d in rd.items() if ":" not in s and s not in ("splits", "render")},
+      "questions_skipped": {s.split(":", 1)[1]: d["skipped"] for s, d in rd.items()
+                            if s.startswith("questions:")},
+      "dropped": {s: d["skipped"] for s, d in rd.items() if s in ("splits", "render")},
+      "questions_by_source_and_type": _nested_counts(qs, "source", "question_type"),
+      "pairs_by_kind_and_perturbation": _nested_counts(pairs_, "kind", "perturbation"),
+      "pairs_by_kind_and_source": _nested_counts(pairs_, "kind", "source"),
+      "split_sizes": {s: len(by_split.get(s, [])) for s in by_split},
+      "split_sizes_by_kind": {s: dict(collections.Counter(ex["kind"] for ex in exs))
+                              for s, exs in by_split.items()},
+      "label_balance": {s: label_balance(exs) for s, exs in by_split.items()},
+      "eval_trials": eval_trials,
+      "tokenizer_vocab_size": tok_vocab,
+  }
+
+
+def format_report(r: dict) -> str:
+  """The report as plain text, for the terminal."""
+  lines = [f"data build v{r['build_version']} ({r['elapsed_s']} s){' [reused]' if r.get('reused') else ''}"]
+  lines.append("records read / skipped:")
+  for src, d in r["records"].items():
+    sk = ", ".join(f"{k}={v['count']}" for k, v in d["skipped"].items())
+    lines.append(f"  {src:<20} read {d['read']:>6}  {sk}")
+  for src, d in r["questions_skipped"].items():
+    lines.append(f"  questions:{src:<10} skipped: "
+                 + ", ".join(f"{k}={v['count']}" for k, v in d.items()))
+  for src, d in r["dropped"].items():
+    lines.append(f"  dropped ({src}): " + ", ".join(f"{k}={v['count']}" for k, v in d.items()))
+  lines.append("questions by source / type:")
+  for src, d in r["questions_by_source_and_type"].items():
+    lines.append(f"  {src:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in sorted(d.items())))
+  lines.append("pairs by kind / perturbation:")
+  for kind, d in r["pairs_by_kind_and_perturbation"].items():
+    lines.append(f"  {kind:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in sorted(d.items())))
+  lines.append("splits (label balance: fraction of each label index, per option count):")
+  for s, n in r["split_sizes"].items():
+    bal = "; ".join(f"{k}-way n={v['n']} {v['fractions']}"
+                    for k, v in r["label_balance"][s].items())
+    lines.append(f"  {s:<6} {n:>6}  {bal}")
+  lines.append(f"eval trials: {r['eval_trials']}  tokenizer vocab: {r['tokenizer_vocab_size']}")
+  return "\n".join(lines)
+
+
+# --- writing ------------------------------------------------------------------
+
+def _write_jsonl(path: pathlib.Path, examples: Sequence[dict]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    for ex in examples:
+      f.write(json.dumps(ex, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _train_tokenizer(model_dir: pathlib.Path, by_split: dict, vocab_size: int):
+  from deepimagine_jax.tokenizer import Tokenizer  # the pipeline needs it only here
+  texts = [t for s, exs in by_split.items() if s != "eval"
+           for ex in exs for t in (ex["prompt"], ex["completion"])]
+  return Tokenizer.train(texts, model_dir, vocab_size, model_type="bpe")
+
+
+def _swap_in(staging: pathlib.Path, build_dir: pathlib.Path) -> None:
+  """Replaces build_dir by staging with renames; the old build is removed last."""
+  old = None
+  if build_dir.exists():
+    old = build_dir.with_name(f".{build_dir.name}.old-{staging.name}")
+    os.rename(build_dir, old)
+  os.rename(staging, build_dir)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- the build ----------------------------------------------------------------
+
+def build_dataset(data_cfg, workdir: str | os.PathLike, force: bool = False,
+                  verbose: bool = True) -> BuiltData:
+  """Builds (or reuses) the dataset described by `data_cfg` (configs/common.py data())."""
+  t0 = time.time()
+  root = resolve_data_root(data_cfg.root)
+  build_dir = pathlib.Path(data_cfg.build_dir or pathlib.Path(workdir) / "data").resolve()
+  sources = parse_sources(data_cfg.sources)
+  fp = fingerprint(data_cfg, root)
+  if not force:
+    built = _load_if_current(build_dir, fp)
+    if built is not None:
+      built.report["reused"] = True
+      logging.info("data build: reusing %s (fingerprint %s)", build_dir, fp["sha256"][:12])
+      if verbose:
+        print(f"data build: reusing {build_dir} (fingerprint matches)")
+      return built
+  logging.info("data build: building %s from %s (sources %s)", build_dir, root, sources)
+
+  report = BuildReport()
+  qs, trials, ready = read_sources(root, sources, data_cfg.seed, report)
+  eval_ids = splits.ct_open_eval_ids(qs, EVAL_RELEASE)
+  kept = []
+  for q in qs:  # a Winter question about a Summer trial is neither benchmark nor trainable
+    if q["source"] == "ct_open" and q["trial_id"] in eval_ids and q["split"] != EVAL_RELEASE:
+      report.add_skip("splits", "ct_open_earlier_release_on_eval_trial", q["id"])
+    else:
+      kept.append(q)
+  qs = pairs.attach_facts(kept, trials)
+  index = TrialIndex(list(trials.values())) if trials else None
+  examples = list(qs)
+  examples += pairs.natural_pairs(qs, report, max_anchors=data_cfg.max_anchors)
+  if index is not None:
+    examples += pairs.approximate_pairs(qs, index, k=APPROX_NEIGHBOURS, report=report,
+                                        max_anchors=data_cfg.max_anchors)
+    if data_cfg.chain_k > 0:
+      examples += pairs.all_chains(qs, index, k=data_cfg.chain_k,
+                                   n_neighbours=APPROX_NEIGHBOURS, report=report)
+  examples += ready
+  rendered = []
+  for ex in examples:
+    if not ex.get("prompt"):
+      try:
+        templates.render(ex)
+      except ValueError as e:
+        report.add_skip("render", type(e).__name__, f"{ex['id']}: {str(e)[:80]}")
+        continue
+    rendered.append(ex)
+  by_split = splits.assign_splits(
+      rendered, data_cfg.seed, dev_fraction=data_cfg.dev_fraction,
+      rl_fraction=data_cfg.rl_fraction, eval_trial_ids=eval_ids, report=report)
+  by_split = {s: by_split.get(s, []) for s in SPLITS} | {
+      s: v for s, v in sorted(by_split.items()) if s not in SPLITS}
+  splits.assert_no_leakage(by_split)
+
+  build_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{build_dir.name}.staging-",
+                                          dir=build_dir.parent))
+  try:
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would become the build's mode
+    (staging / "examples").mkdir()
+    for s, exs in by_split.items():
+      _write_jsonl(staging / "examples" / f"{s}.jsonl", exs)
+    tok = _train_tokenizer(staging / "tokenizer", by_split, data_cfg.vocab_size)
+    if data_cfg.tfds:
+      from data_pipeline.tfds_pairs import build_tfds  # heavy import, only when asked
+      both = staging / "all.jsonl"
+      _write_jsonl(both, [ex for exs in by_split.values() for ex in exs])
+      build_tfds(both, staging / "tfds")
+      both.unlink()
+    rep = make_report(report, by_split, len(eval_ids), time.time() - t0, tok.vocab_size, fp)
+    (staging / "report.json").write_text(json.dumps(rep, indent=1, sort_keys=True))
+    # written last: a staging folder without it is never mistaken for a build
+    (staging / "fingerprint.json").write_text(json.dumps(fp, indent=1))
+    _swap_in(staging, build_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  if verbose:
+    print(format_report(rep))
+  logging.info("data build: wrote %s in %.1f s", build_dir, rep["elapsed_s"])
+  return BuiltData(build_dir, build_dir / "tokenizer" / "tokenizer.model", rep,
+                   tuple(by_split))
+
+
+def main(argv=None) -> int:
+  from configs import common  # the one declaration of the data keys
+  cfg = common.data()
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--root", default=cfg.root, help="data root ('' = the default search)")
+  p.add_argument("--out", required=True, help="build directory")
+  p.add_argument("--sources", default=cfg.sources)
+  p.add_argument("--seed", type=int, default=cfg.seed)
+  p.add_argument("--vocab_size", type=int, default=cfg.vocab_size)
+  p.add_argument("--chain_k", type=int, default=cfg.chain_k)
+  p.add_argument("--tfds", action="store_true", default=cfg.tfds)
+  p.add_argument("--force", action="store_true", help="rebuild even if the fingerprint matches")
+  a = p.parse_args(argv)
+  cfg.root, cfg.sources, cfg.seed = a.root, a.sources, a.seed
+  cfg.vocab_size, cfg.chain_k, cfg.tfds = a.vocab_size, a.chain_k, a.tfds
+  cfg.build_dir = os.fspath(pathlib.Path(a.out).resolve())
+  built = build_dataset(cfg, ".", force=a.force, verbose=False)
+  print(format_report(built.report))
+  print(f"build: {built.dir}")
+  return 0
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  sys.exit(main())

@@ -1,0 +1,173 @@
+"""The dataset build on a tiny root: files, tokenizer, report, reuse, leakage, bad input, crash."""
+import json
+import pickle
+import shutil
+
+import pytest
+
+from configs import common
+from data_pipeline import build, safe_pickle
+from deepimagine_jax.tokenizer import Tokenizer
+
+XML_IDS = ("NCT00495469", "NCT00000392", "NCT00460564", "NCT00005044", "NCT00000620")
+N_WINTER, N_SUMMER = 10, 6  # CT Open entries (trial, endpoint) copied per release
+CT_OPEN_KEYS = ("nct_id", "endpoint_str", "question_index", "category", "meta_label", "title",
+                "endpoint", "arms_text")
+
+
+def _make_root(dest, data_root):
+  """5 real XML files and small CT Open pickles written here (protocol 4, plain dicts)."""
+  (dest / "ctgov_xml").mkdir(parents=True)
+  for i in XML_IDS:
+    shutil.copy(data_root / "ctgov_xml" / f"{i}.xml", dest / "ctgov_xml")
+  (dest / "ct_open").mkdir()
+  for rel, n in (("Winter_2025", N_WINTER), ("Summer_2025", N_SUMMER)):
+    data = safe_pickle.load(data_root / "ct_open" / f"{rel}.pickle")
+    small = dict(list(data.items())[:n])
+    with open(dest / "ct_open" / f"{rel}.pickle", "wb") as f:
+      pickle.dump(small, f, protocol=4)
+  return dest
+
+
+def _cfg(root, build_dir, **kw):
+  c = common.data()
+  c.root, c.build_dir = str(root), str(build_dir)
+  c.sources = "ct_open,ctgov_xml,synthetic"
+  c.vocab_size = 400
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+@pytest.fixture(autouse=True)
+def _few_synthetic(monkeypatch):
+  monkeypatch.setattr(build, "SYNTHETIC_EXAMPLES", 200)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, data_root):
+  return _make_root(tmp_path_factory.mktemp("root"), data_root)
+
+
+@pytest.fixture(scope="module")
+def built(root, tmp_path_factory):
+  mp = pytest.MonkeyPatch()
+  mp.setattr(build, "SYNTHETIC_EXAMPLES", 200)
+  out = tmp_path_factory.mktemp("work") / "build"
+  b = build.build_dataset(_cfg(root, out), "unused", verbose=False)
+  mp.undo()
+  return b
+
+
+def test_build_writes_splits_tokenizer_and_report(built):
+  assert set(built.splits) == {"train", "dev", "rl", "eval"}
+  for s in built.splits:
+    assert (built.dir / "examples" / f"{s}.jsonl").is_file()
+  r = json.loads((built.dir / "report.json").read_text())
+  for key in ("records", "questions_by_source_and_type", "pairs_by_kind_and_perturbation",
+              "split_sizes", "label_balance", "elapsed_s", "eval_trials"):
+    assert key in r, key
+  assert r["records"]["ctgov_xml"]["read"] == len(XML_IDS)
+  assert r["records"]["synthetic"]["read"] == 200
+  for s in built.splits:
+    exs = built.examples(s)
+    assert len(exs) == r["split_sizes"][s]
+    for ex in exs:
+      assert ex["split"] == s and ex["prompt"] and ex["completion"].startswith("DECISION: (")
+      assert 0 <= ex["label"] < len(ex["options"])
+  tok = Tokenizer.load(built.tokenizer_path)
+  text = built.examples("train")[0]["prompt"]
+  assert tok.decode(tok.encode(text)) == text and tok.vocab_size <= 400
+  # dose groups of NCT00495469 give dose natural pairs
+  assert r["pairs_by_kind_and_perturbation"]["natural_pair"].get("dose", 0) > 0
+
+
+def test_label_balance_matches_counts(built):
+  r = built.report
+  for s in built.splits:
+    exs = built.examples(s)
+    for n, bal in r["label_balance"][s].items():
+      sub = [ex for ex in exs if len(ex["options"]) == int(n)]
+      assert bal["n"] == len(sub)
+      for i, frac in enumerate(bal["fractions"]):
+        assert frac == pytest.approx(sum(ex["label"] == i for ex in sub) / len(sub), abs=1e-4)
+  assert build.label_balance([{"options": ["a", "b"], "label": 1}] * 3 +
+                             [{"options": ["a", "b"], "label": 0}]) == {
+      "2": {"n": 4, "fractions": [0.25, 0.75]}}
+
+
+def test_eval_is_ct_open_summer_with_its_keys_and_no_leakage(built, root):
+  summer = safe_pickle.load(root / "ct_open" / "Summer_2025.pickle")
+  eval_trials = {k[0] for k in summer}
+  n_summer_q = sum(len(v["question_list_of_lists"]) for v in summer.values())
+  eval_q = [ex for ex in built.examples("eval", ["question"]) if ex["source"] == "ct_open"]
+  assert len(eval_q) == n_summer_q
+  for q in eval_q:
+    assert all(k in q for k in CT_OPEN_KEYS) and q["trial_id"] in eval_trials
+    assert q["nct_id"] == q["trial_id"] and q["question_index"] >= 0
+  for s in ("train", "dev", "rl"):
+    for ex in built.examples(s):
+      assert ex["trial_id"] not in eval_trials, (s, ex["id"])
+      assert ex.get("anchor_trial_id", "") not in eval_trials, (s, ex["id"])
+  winter = safe_pickle.load(root / "ct_open" / "Winter_2025.pickle")
+  trained = {ex["trial_id"] for s in ("train", "dev", "rl") for ex in built.examples(s)}
+  assert {k[0] for k in winter} - eval_trials <= trained
+
+
+def test_second_call_reuses_and_a_changed_key_rebuilds(built, root):
+  cfg = _cfg(root, built.dir)
+  stamp = (built.dir / "fingerprint.json").stat().st_mtime_ns
+  again = build.build_dataset(cfg, "unused", verbose=False)
+  assert again.report.get("reused") is True
+  assert (built.dir / "fingerprint.json").stat().st_mtime_ns == stamp
+  assert again.examples("eval") == built.examples("eval")
+  other = built.dir.parent / "other"
+  first = build.build_dataset(_cfg(root, other), "unused", verbose=False)
+  changed = build.build_dataset(_cfg(root, other, seed=1), "unused", verbose=False)
+  assert not changed.report.get("reused") and changed.report["fingerprint"] != first.report[
+      "fingerprint"]
+
+
+def test_truncated_xml_is_counted_and_skipped(root, tmp_path):
+  bad_root = tmp_path / "root"
+  shutil.copytree(root, bad_root)
+  text = (bad_root / "ctgov_xml" / "NCT00000392.xml").read_text()
+  (bad_root / "ctgov_xml" / "NCT99999999.xml").write_text(text[: len(text) // 2])
+  b = build.build_dataset(_cfg(bad_root, tmp_path / "build"), "unused", verbose=False)
+  rec = b.report["records"]["ctgov_xml"]
+  assert rec["skipped"]["bad_xml"]["count"] == 1 and rec["read"] == len(XML_IDS)
+  assert rec["skipped"]["bad_xml"]["examples"] == ["NCT99999999"]
+
+
+def test_crash_while_writing_keeps_the_previous_build(root, tmp_path, monkeypatch):
+  out = tmp_path / "build"
+  cfg = _cfg(root, out)
+  first = build.build_dataset(cfg, "unused", verbose=False)
+  before = first.examples("train")
+  real = build._write_jsonl
+
+  def crashing(path, examples):
+    real(path, examples[: len(examples) // 2])
+    raise OSError("disk full (simulated)")
+
+  monkeypatch.setattr(build, "_write_jsonl", crashing)
+  with pytest.raises(OSError, match="simulated"):
+    build.build_dataset(_cfg(root, out, seed=7), "unused", verbose=False)
+  monkeypatch.setattr(build, "_write_jsonl", real)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no staging left behind
+  again = build.build_dataset(cfg, "unused", verbose=False)
+  assert again.report.get("reused") is True and again.examples("train") == before
+  Tokenizer.load(again.tokenizer_path)
+
+
+def test_evidence_inference_question():
+  q = build.ei_question({"prompt_id": "7", "pmcid": "123", "intervention": "drug A",
+                         "comparator": "placebo", "outcome": "pain", "label":
+                         "significantly decreased"})
+  assert q["options"][q["label"]] == "drug A significantly decreased pain compared with placebo."
+  assert q["trial_id"] == "PMC123" and len(q["options"]) == 3
+
+
+def test_unknown_source_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown source.*bogus"):
+    build.parse_sources("ct_open,bogus")
