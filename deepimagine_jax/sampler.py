@@ -228,8 +228,9 @@ def sample(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, *,
   `graphdef, params_state = nnx.split(model)`. temperature 0 is greedy; top_k 0
   and top_p 1.0 are off. A row stops after emitting `eos_id` (None: never);
   the EOS token is part of the completion (mask 1), later slots are `pad_id`
-  with mask 0. Every prompt row needs at least one real token, and the last
-  column of the prompt must be real (left padding). Call under
+  with mask 0. Prompts are left-padded: the last column of a real row must be a
+  real token. An all-padding row (batch filler) is allowed; its output is
+  meaningless but finite and does not affect other rows. Call under
   `jax.set_mesh(mesh)` to shard the cache (batch on data+fsdp, kv heads on
   tensor). Compiles once per (shapes, graphdef, max_new_tokens, sampling
   settings, cache dtype).

@@ -220,8 +220,11 @@ def test_bf16_cache_runs(tiny, greedy):
                  temperature=0.0, pad_id=PAD, cache_dtype=jnp.bfloat16)
   assert out.tokens.shape == (len(PROMPT_LENS), N_NEW) and out.tokens.dtype == jnp.int32
   assert bool(jnp.all(jnp.isfinite(out.logprobs))) and bool(jnp.all(out.logprobs <= 0))
-  # the first token comes from prefill logits that barely feel the rounding
-  np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], np.asarray(greedy.tokens)[:, 0])
+  # The first token comes from prefill logits that barely feel the rounding: its
+  # log-prob is within rounding of the float32 greedy one (row 2 has a 0.004 logit
+  # near-tie that bf16 may flip, so the tokens themselves are not compared).
+  np.testing.assert_allclose(np.asarray(out.logprobs)[:, 0], np.asarray(greedy.logprobs)[:, 0],
+                             atol=0.02)
 
 
 def test_bad_settings_raise(tiny):
@@ -234,3 +237,14 @@ def test_bad_settings_raise(tiny):
     S.sample(graphdef, state, tok, mask[:, 1:], jax.random.key(0), **kw)
   with pytest.raises(ValueError, match="max_seq_len"):
     S.sample(graphdef, state, tok, mask, jax.random.key(0), max_new_tokens=CFG.max_seq_len)
+
+
+def test_all_padding_filler_row_is_harmless(tiny, greedy):
+  """A batch filler row with no real token stays finite and leaves other rows alone."""
+  _, graphdef, state = tiny
+  tok, mask = _prompt()
+  tok, mask = tok.at[3].set(PAD), mask.at[3].set(0)
+  out = S.sample(graphdef, state, tok, mask, jax.random.key(0), max_new_tokens=N_NEW,
+                 temperature=0.0, pad_id=PAD)
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:3], np.asarray(greedy.tokens)[:3])
+  assert bool(jnp.all(jnp.isfinite(out.logprobs)))
