@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Counterfactual imagining for clinical-trial outcome prediction, in JAX.",
     python_requires=">=3.11",
-    packages=find_packages(include=["deepimagine_jax*", "data_pipeline*"]),
+    packages=find_packages(include=["deepimagine_jax*", "data_pipeline*", "configs"]),
     package_data={"data_pipeline": ["tfds_pairs/*"]},
     install_requires=[
         "jax>=0.10.2",

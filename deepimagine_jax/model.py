@@ -169,9 +169,9 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_VD = nnx.Param(
-        jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), cfg.weight_dtype),
-        logical_axes=("vocab", "embed"))
+    # std 1/sqrt(D): with a tied head the initial logits then have unit scale.
+    self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                           cfg.weight_dtype, cfg.d_model)
     self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype)
     if not cfg.tie_embeddings:
@@ -189,6 +189,8 @@ class Transformer(nnx.Module):
     T = tokens_BT.shape[1]
     if cache is not None and (cache_index is None or kv_valid_BS is None):
       raise ValueError("decoding with a cache needs cache_index and kv_valid_BS")
+    if cache is None and kv_valid_BS is not None:
+      raise ValueError("kv_valid_BS applies to cached decoding; pass segment_ids_BT instead")
     mask_BTS = attention_mask(T, segment_ids_BT, cache_index=cache_index,
                               kv_valid_BS=kv_valid_BS if cache is not None else None)
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)

@@ -1,0 +1,80 @@
+"""The main job: data -> SFT warm start -> GRPO with verifiable rewards -> CT Open eval.
+
+On this 2-core CPU, with no other argument (about 15 minutes, `small` model):
+  python launch/main.py --config=configs/rl.py
+Tests and a quick look (tiny model, a couple of minutes):
+  python launch/main.py --config=configs/rl.py:tiny --workdir=/tmp/rl_tiny
+A real model on a TPU/GPU slice (e.g. v5e-16 or 8 x H100), starting from Hugging Face weights:
+  python launch/main.py --config=configs/rl.py --workdir=gs://bucket/runs/qwen3_1_7b \\
+    --config.model.hf_checkpoint=/ckpt/Qwen3-1.7B --config.model.dtype=bfloat16 \\
+    --config.model.remat=True --config.mesh.fsdp=8 --config.mesh.tensor=1 \\
+    --config.data.seq_len=2048 --config.data.prompt_len=1536 \\
+    --config.sft.steps=2000 --config.sft.global_batch_size=64 \\
+    --config.rl.steps=1000 --config.rl.prompts_per_step=64 --config.rl.group_size=8 \\
+    --config.rl.max_new_tokens=512 --config.rl.cache_dtype=bfloat16 --config.mesh.multihost=True
+(hf_checkpoint needs a SentencePiece tokenizer.model beside the weights.)
+"""
+import ml_collections
+
+from configs import common
+
+
+def rl_section(steps: int) -> ml_collections.ConfigDict:
+  r = ml_collections.ConfigDict()
+  r.steps = steps
+  r.splits = "rl"  # prompt source; trials here never appear in SFT or eval
+  r.kinds = "question,approximate_pair,chain"
+  r.prompts_per_step = 8
+  r.group_size = 4
+  r.max_new_tokens = 16
+  r.temperature = 1.0
+  r.top_k = 0
+  r.top_p = 1.0
+  r.eps_low = 0.2
+  r.eps_high = 0.28
+  r.beta = 0.04  # KL to the SFT policy; 0 disables it and skips the reference forward
+  r.aggregation = "token"  # or "sequence"
+  r.scale_by_std = True
+  r.mu = 1
+  r.recompute_old_logprobs = False
+  r.reward_weights = "correctness=1.0,format=0.1"  # any registered reward: log_prob, brier
+  r.cache_dtype = "float32"
+  r.checkpoint_every = 25
+  r.keep_checkpoints = 3
+  r.log_every = 5
+  r.resume = True
+  r.optimizer = common.optimizer(lr=1e-4, steps=steps, warmup=5)
+  r.optimizer.weight_decay = 0.0
+  return r
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "rl"
+  c.workdir = "runs/rl"
+  c.seed = 0
+  c.model = common.model("small")
+  c.mesh = common.mesh()
+  c.data = common.data()
+  c.sft = common.sft(steps=150, batch=16)
+  c.sft.kinds = "question,natural_pair"
+  c.rl = rl_section(steps=100)
+  c.eval = common.eval_()
+  if variant == "tiny":
+    c.workdir = "runs/rl_tiny"
+    c.model.preset = "tiny"
+    c.data.sources = "synthetic"
+    c.data.vocab_size = 320
+    c.data.seq_len = 64
+    c.data.prompt_len = 48
+    c.sft = common.sft(steps=4, batch=8)
+    c.sft.kinds = "synthetic"
+    c.rl = rl_section(steps=3)
+    c.rl.kinds = "synthetic"
+    c.rl.max_new_tokens = 8
+    c.eval.imagining = False
+    c.eval.baselines = False
+    c.eval.max_questions = 16
+  elif variant:
+    raise ValueError(f"configs/rl.py: unknown variant {variant!r} (have: tiny)")
+  return c
