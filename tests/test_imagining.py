@@ -118,6 +118,9 @@ def test_select_chains_leaks_and_k(data):
   own = dict(chains[2], anchor=dict(chains[2]["anchor"], id=targets[0]["id"]))
   _, skipped = imagining.select_chains(targets, [own], k=2)
   assert skipped["anchor_is_target"] == 1
+  trial = chains[3]["anchor"]["trial_id"]
+  _, skipped = imagining.select_chains(targets, chains, k=2, exclude_anchor_trials={trial})
+  assert skipped["anchor_is_target"] == sum(c["anchor"]["trial_id"] == trial for c in chains) > 0
   assert imagining.chain_target_id(chains[2]) == targets[1]["id"]
 
 

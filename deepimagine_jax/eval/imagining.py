@@ -51,12 +51,14 @@ def aggregate(probs_KO: np.ndarray, how: str) -> np.ndarray:
 
 
 def select_chains(targets: Sequence[Mapping], chains: Sequence[Mapping], k: int,
-                  exclude_anchor_ids: frozenset | set = frozenset()):
+                  exclude_anchor_ids: frozenset | set = frozenset(),
+                  exclude_anchor_trials: frozenset | set = frozenset()):
   """target index -> up to k chains (input order), plus counts of what was left out.
 
   A chain whose anchor is one of the targets or in exclude_anchor_ids (pass
   every evaluation question) is dropped: its "known" result would be an
-  evaluation label. Chains without steps or with option lists unlike the
+  evaluation label; so is one whose anchor trial is in exclude_anchor_trials
+  (pass the evaluation trials). Chains without steps or with option lists unlike the
   target's are dropped too.
   """
   index = {str(t["id"]): i for i, t in enumerate(targets)}
@@ -67,7 +69,8 @@ def select_chains(targets: Sequence[Mapping], chains: Sequence[Mapping], k: int,
     i = index.get(chain_target_id(ch))
     if i is None:
       continue
-    if str(ch["anchor"].get("id", "")) in banned:
+    if (str(ch["anchor"].get("id", "")) in banned
+        or str(ch["anchor"].get("trial_id", "")) in exclude_anchor_trials):
       skipped["anchor_is_target"] += 1
     elif not ch.get("factors"):
       skipped["no_steps"] += 1
@@ -83,19 +86,21 @@ def select_chains(targets: Sequence[Mapping], chains: Sequence[Mapping], k: int,
 def imagine(graphdef, params, tokenizer, targets: Sequence[Mapping], chains: Sequence[Mapping],
             *, k: int, how: str, prompt_len: int, batch_size: int,
             direct_probs: np.ndarray | None = None,
-            exclude_anchor_ids: frozenset | set = frozenset()):
+            exclude_anchor_ids: frozenset | set = frozenset(),
+            exclude_anchor_trials: frozenset | set = frozenset()):
   """(probs [N, 3], step trajectories, stats) for the targets.
 
   direct_probs [N, 3]: the direct answers used for targets without a chain
   (computed here by scoring when None). stats counts targets imagined / fallen
   back, chains walked, scoring calls, steps scored and chains left out.
-  exclude_anchor_ids: anchors never to use (see select_chains).
+  exclude_anchor_ids / exclude_anchor_trials: anchors never to use (select_chains).
   """
   if how not in AGGREGATES:
     raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
   if k < 1:
     raise ValueError(f"imagining_k must be >= 1, got {k}")
-  chosen, skipped = select_chains(targets, chains, k, exclude_anchor_ids)
+  chosen, skipped = select_chains(targets, chains, k, exclude_anchor_ids,
+                                  exclude_anchor_trials)
   walks = [(i, ch) for i in sorted(chosen) for ch in chosen[i]]
   current = [ch["anchor"]["options"][int(ch["anchor"]["label"])] for _, ch in walks]
   final = [None] * len(walks)

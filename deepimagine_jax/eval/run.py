@@ -134,7 +134,8 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
           graphdef, params, tokenizer, subset, chains_of(built_examples),
           k=eval_cfg.imagining_k, how=eval_cfg.aggregate, prompt_len=prompt_len,
           batch_size=eval_cfg.batch_size, direct_probs=direct,
-          exclude_anchor_ids={str(q["id"]) for q in questions})
+          exclude_anchor_ids={str(q["id"]) for q in questions},
+          exclude_anchor_trials={str(q["trial_id"]) for q in questions})
       stats["seconds"] = time.perf_counter() - t0
       name = "model_imagining"
       probs_list = model_eval.trimmed(probs, subset)
