@@ -3,8 +3,9 @@
 Scoring: each option i of a question gets the candidate completion
 `templates.decision_line(n, i)` + EOS (the exact tokens SFT trains on:
 `[BOS] prompt completion [EOS]`, prompt and completion encoded separately), its
-log-likelihood given the prompt is computed in one forward pass per batch of
-(question, option) rows, and the options of a question are softmax-normalised.
+log-likelihood given the prompt is computed in one jitted call per batch of
+questions (the prompt runs once into a KV cache, each option's candidate runs
+against it), and the options of a question are softmax-normalised.
 Deterministic, no parse failures, and it reads the model's whole belief rather
 than one draw.
 
@@ -24,6 +25,7 @@ from flax import nnx
 
 from data_pipeline import templates
 from data_pipeline.grain_pipeline import rl_prompt
+from deepimagine_jax import model as model_lib
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
 from deepimagine_jax.eval import ct_open_metrics, predictions
@@ -34,19 +36,39 @@ MAX_OPTIONS = 3
 # Scoring ---------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _candidate_logprobs(graphdef, params, tokens_BL, mask_BL, cand_mask_BL):
-  """Sum of log p(token) over the candidate slots of each row: [B] float32.
+def _candidate_logprobs(graphdef, params, prompt_BP, pmask_BP, cand_BOC, cmask_BOC):
+  """log p(candidate o | prompt) for every row and option slot: [B, O] float32.
 
-  tokens_BL is a left-padded prompt followed by a right-padded candidate; mask_BL
-  is 1 on real tokens (it doubles as the segment ids, so padding is never
-  attended to); cand_mask_BL is 1 on candidate tokens.
+  The prompt (left-padded, pmask 1 on real tokens) is run once into a KV cache
+  of P + C slots; each option's candidate (right-padded, cmask 1 on real tokens)
+  is then run from slot P against that cache, overwriting the same C slots, so
+  the shared prompt is computed once rather than once per option. Option slots
+  with an all-zero cmask score 0 (a 2-option question's third slot).
   """
   model = nnx.merge(graphdef, params)
-  positions_BL = jnp.maximum(jnp.cumsum(mask_BL, axis=1) - 1, 0).astype(jnp.int32)
-  logits_BLV, _ = model(tokens_BL, positions_BL, segment_ids_BT=mask_BL.astype(jnp.int32))
-  logp_BLV = jax.nn.log_softmax(logits_BLV[:, :-1].astype(jnp.float32), axis=-1)
-  tok_logp_BL = jnp.take_along_axis(logp_BLV, tokens_BL[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(cand_mask_BL[:, 1:] > 0, tok_logp_BL, 0.0), axis=1)
+  cfg = model.cfg
+  B, Pl = prompt_BP.shape
+  O, C = cand_BOC.shape[1:]
+  pmask_BP = pmask_BP.astype(bool)
+  positions_BP = jnp.maximum(jnp.cumsum(pmask_BP, axis=1) - 1, 0).astype(jnp.int32)
+  cache = model_lib.init_cache(cfg, B, Pl + C, cfg.compute_dtype)
+  kv_valid_BL = jnp.concatenate([pmask_BP, jnp.zeros((B, C), bool)], axis=1)
+  logits_BPV, cache = model(prompt_BP, positions_BP, cache=cache, cache_index=0,
+                            kv_valid_BS=kv_valid_BL)
+  first_logp_BV = jax.nn.log_softmax(logits_BPV[:, -1].astype(jnp.float32), axis=-1)
+  start_B = jnp.sum(pmask_BP, axis=1).astype(jnp.int32)
+  out = []
+  for o in range(O):
+    tok_BC, m_BC = cand_BOC[:, o], cmask_BOC[:, o] > 0
+    kv_valid_BL = jnp.concatenate([pmask_BP, m_BC], axis=1)
+    pos_BC = start_B[:, None] + jnp.arange(C, dtype=jnp.int32)[None]
+    logits_BCV, _ = model(tok_BC, pos_BC, cache=cache, cache_index=Pl, kv_valid_BS=kv_valid_BL)
+    logp_BCV = jax.nn.log_softmax(logits_BCV[:, :-1].astype(jnp.float32), axis=-1)
+    rest_BC = jnp.take_along_axis(logp_BCV, tok_BC[:, 1:, None], axis=-1)[..., 0]
+    first_B = jnp.take_along_axis(first_logp_BV, tok_BC[:, :1], axis=-1)[:, 0]
+    out.append(jnp.where(m_BC[:, 0], first_B, 0.0)
+               + jnp.sum(jnp.where(m_BC[:, 1:], rest_BC, 0.0), axis=1))
+  return jnp.stack(out, axis=1)
 
 
 def candidate_tokens(tokenizer, n_options: int) -> list[list[int]]:
@@ -70,56 +92,46 @@ def _check_examples(examples: Sequence[Mapping]):
       raise ValueError(f"example {ex.get('id', '?')}: field 'prompt' is empty (render it first)")
 
 
-def scoring_rows(tokenizer, examples: Sequence[Mapping], prompt_len: int):
-  """All (question, option) rows: tokens/mask/candidate mask [R, P + C] and question ids [R].
+def scoring_arrays(tokenizer, examples: Sequence[Mapping], prompt_len: int):
+  """prompt [N, P], prompt mask [N, P], candidates [N, 3, C], candidate mask [N, 3, C].
 
   C is the longest candidate of any option count, so the shape (and the compiled
   forward) does not depend on which questions are in the set.
   """
   cands = {n: candidate_tokens(tokenizer, n) for n in (2, 3)}
   C = max(len(c) for cs in cands.values() for c in cs)
-  L = prompt_len + C
-  rows_tok, rows_mask, rows_cand, owner = [], [], [], []
+  N = len(examples)
+  prompt = np.full((N, prompt_len), tokenizer.pad_id, np.int32)
+  pmask = np.zeros((N, prompt_len), np.int32)
+  cand = np.full((N, MAX_OPTIONS, C), tokenizer.pad_id, np.int32)
+  cmask = np.zeros((N, MAX_OPTIONS, C), np.int32)
   for qi, ex in enumerate(examples):
-    p = _prompt_row(ex, tokenizer, prompt_len)
-    for cand in cands[len(ex["options"])]:
-      tok = np.full(L, tokenizer.pad_id, np.int32)
-      mask = np.zeros(L, np.int32)
-      cmask = np.zeros(L, np.int32)
-      tok[:prompt_len], mask[:prompt_len] = p["prompt_tokens"], p["prompt_mask"]
-      tok[prompt_len:prompt_len + len(cand)] = cand
-      mask[prompt_len:prompt_len + len(cand)] = 1
-      cmask[prompt_len:prompt_len + len(cand)] = 1
-      rows_tok.append(tok)
-      rows_mask.append(mask)
-      rows_cand.append(cmask)
-      owner.append(qi)
-  if not owner:
-    z = np.zeros((0, L), np.int32)
-    return z, z, z, np.zeros(0, np.int64)
-  return (np.stack(rows_tok), np.stack(rows_mask), np.stack(rows_cand),
-          np.asarray(owner, np.int64))
+    row = _prompt_row(ex, tokenizer, prompt_len)
+    prompt[qi], pmask[qi] = row["prompt_tokens"], row["prompt_mask"]
+    for o, c in enumerate(cands[len(ex["options"])]):
+      cand[qi, o, :len(c)], cmask[qi, o, :len(c)] = c, 1
+  return prompt, pmask, cand, cmask
 
 
-def _pad_rows(x_RL: np.ndarray, n: int) -> np.ndarray:
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   """Pads to n rows with zeros (pad id 0, mask 0): fixed batch shape, no recompiles."""
-  if x_RL.shape[0] == n:
-    return x_RL
-  return np.concatenate([x_RL, np.zeros((n - x_RL.shape[0],) + x_RL.shape[1:], x_RL.dtype)])
+  if x.shape[0] == n:
+    return x
+  return np.concatenate([x, np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)])
 
 
-def candidate_logprobs(graphdef, params, tokens_RL, mask_RL, cand_RL, batch_size: int) -> np.ndarray:
-  """log p(candidate | prompt) for every row, in fixed batches of batch_size rows."""
+def candidate_logprobs(graphdef, params, arrays, batch_size: int) -> np.ndarray:
+  """[N, 3] log p(candidate | prompt), in fixed batches of batch_size questions."""
+  n = arrays[0].shape[0]
   out = []
-  for s in range(0, tokens_RL.shape[0], batch_size):
-    e = min(s + batch_size, tokens_RL.shape[0])
-    lp_B = _candidate_logprobs(graphdef, params,
-                               *(jnp.asarray(_pad_rows(x[s:e], batch_size))
-                                 for x in (tokens_RL, mask_RL, cand_RL)))
-    out.append((s, e, lp_B))  # dispatch every batch before reading any back
-  res = np.zeros(tokens_RL.shape[0], np.float64)
-  for s, e, lp_B in out:
-    res[s:e] = np.asarray(lp_B)[:e - s]
+  for s in range(0, n, batch_size):
+    e = min(s + batch_size, n)
+    lp_BO = _candidate_logprobs(graphdef, params,
+                                *(jnp.asarray(_pad_rows(x[s:e], batch_size)) for x in arrays))
+    out.append((s, e, lp_BO))  # dispatch every batch before reading any back
+  res = np.zeros((n, MAX_OPTIONS), np.float64)
+  for s, e, lp_BO in out:
+    res[s:e] = np.asarray(lp_BO)[:e - s]
   return res
 
 
@@ -127,11 +139,11 @@ def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Mapp
                             prompt_len: int, batch_size: int) -> np.ndarray:
   """[N, 3] option probabilities (softmax of candidate log-likelihoods), 0 past n_options."""
   _check_examples(examples)
-  tok, mask, cand, owner = scoring_rows(tokenizer, examples, prompt_len)
-  lp_R = candidate_logprobs(graphdef, params, tok, mask, cand, batch_size)
+  lp_N3 = candidate_logprobs(graphdef, params, scoring_arrays(tokenizer, examples, prompt_len),
+                             batch_size)
   probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
   for qi, ex in enumerate(examples):
-    lp = lp_R[owner == qi]
+    lp = lp_N3[qi, :len(ex["options"])]
     probs[qi, :len(lp)] = np.exp(lp - np.logaddexp.reduce(lp))
   return probs
 
