@@ -13,7 +13,7 @@ import random
 
 from data_pipeline import templates
 
-DOSES = (5, 10, 20, 40, 80, 160)
+DOSES = (10, 20, 40, 80)
 RESPONSES = tuple(range(10, 100, 10))
 OPTIONS = ("target higher", "target lower")
 

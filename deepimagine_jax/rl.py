@@ -134,6 +134,7 @@ class GRPOTrainer:
     self.ref_logprobs = jax.jit(functools.partial(
         _ref_logprobs, graphdef=graphdef, prompt_len=prompt_len, temperature=cfg.temperature))
     self.rows = rows
+    self.batch_sh = batch_sh
 
   def rollout(self, params, prompt_batch, rng, tokenizer):
     """Samples, scores and builds the update batch. Returns (batch, host metrics)."""
@@ -163,6 +164,7 @@ class GRPOTrainer:
     batch = {"sequences": out.sequences, "sequence_mask": out.sequence_mask,
              "old_logprobs": old, "advantages": adv, "completion_mask": out.completion_mask,
              "ref_logprobs": ref}
+    batch = jax.device_put(batch, self.batch_sh)  # a no-op where the layout already matches
     correct = rewards_lib.get_reward("correctness")(texts, labels, n_opts)
     host = {"reward_mean": float(np.mean(total)), "reward_std": float(np.std(total)),
             "accuracy": float(np.mean(correct)),

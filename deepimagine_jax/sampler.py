@@ -139,11 +139,12 @@ def _prefill(graphdef, params, prompt_BP, mask_BP, rng, eos_id, pad_id, *, max_n
   positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
   kv_valid_BL = jnp.concatenate([mask_BP, jnp.zeros((B, N), bool)], axis=1)
   cache = _constrain_cache(model_lib.init_cache(cfg, B, Pl + N, jnp.dtype(cache_dtype)))
-  logits_BPV, cache = model(prompt_BP, positions_BP, cache=cache, cache_index=0,
-                            kv_valid_BS=kv_valid_BL)
+  hidden_BPD, cache = model(prompt_BP, positions_BP, cache=cache, cache_index=0,
+                            kv_valid_BS=kv_valid_BL, return_hidden=True)
   cache = _constrain_cache(cache)
   rng, key = jax.random.split(rng)
-  tok_B, logp_B = choose_token(logits_BPV[:, -1], key, temperature=temperature,
+  logits_BV = model.logits(hidden_BPD[:, -1:])[:, 0]  # the head only where it is needed
+  tok_B, logp_B = choose_token(logits_BV, key, temperature=temperature,
                                top_k=top_k, top_p=top_p)
   tokens_BL = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], axis=1)
   tokens_BL = tokens_BL.at[:, Pl].set(tok_B)
