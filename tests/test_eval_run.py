@@ -24,7 +24,7 @@ def built(data_root):
                                   split="eval")[:N_EVAL]
   winter = ct_open.read_questions(data_root / "ct_open" / "Winter_2025.pickle", BuildReport(),
                                   split="train")
-  target = templates.render(dict(summer[0]))
+  target = templates.render(dict(summer[0]))  # model_subset always keeps the first
   anchors = [q for q in winter if len(q["options"]) == len(target["options"])][:2]
   steps = [{"factor": "dose", "anchor_value": "10 mg", "target_value": "20 mg"}]
   chains = [pairs.make_pair(a, target, "chain", steps) for a in anchors]
@@ -66,7 +66,7 @@ def test_evaluate_score_mode(policy, built, tmp_path):
                           "model_score", "model_imagining"}
   assert results["uniform"]["overall"]["n"] == N_EVAL  # baselines: all eval questions
   assert results["model_score"]["overall"]["n"] == N_MODEL
-  subset = run.eval_questions(built)[:N_MODEL]
+  subset = run.model_subset(run.eval_questions(built), N_MODEL)
   for name in ("model_score", "model_imagining"):
     for suffix in (".pkl", ".jsonl"):
       preds = predictions.read_predictions(tmp_path / "eval" / f"predictions_{name}_run0{suffix}")
@@ -92,11 +92,17 @@ def test_evaluate_sample_mode_runs(policy, built, tmp_path):
                          _cfg(mode="sample", baselines=False, imagining=False),
                          prompt_len=PROMPT_LEN, workdir=tmp_path)
   assert set(results) == {"model_sample"}
-  subset = run.eval_questions(built)[:N_MODEL]
+  subset = run.model_subset(run.eval_questions(built), N_MODEL)
   runs = [predictions.read_predictions(tmp_path / "eval" / f"predictions_model_sample_run{r}.pkl")
           for r in range(2)]
   _same(results["model_sample"], predictions.score_predictions(subset, runs))
   assert results["model_sample"]["overall"]["runs"] == 2
+
+
+def test_model_subset_spreads():
+  qs = [{"id": str(i)} for i in range(10)]
+  assert [q["id"] for q in run.model_subset(qs, 4)] == ["0", "3", "6", "9"]
+  assert run.model_subset(qs, 0) == qs and run.model_subset(qs, 50) == qs
 
 
 def test_evaluate_baselines_only(built, tmp_path, capsys):

@@ -52,6 +52,18 @@ def train_questions_of(built_examples: Mapping[str, Sequence[Mapping]]) -> list[
           for ex in exs if is_ct_open_question(ex)]
 
 
+def model_subset(questions: Sequence[Mapping], max_questions: int) -> list:
+  """All questions (max_questions 0) or max_questions spread evenly over the file order.
+
+  The file groups questions by trial and category, so a head slice would be one
+  category; evenly spaced indices keep the subset deterministic and mixed.
+  """
+  if max_questions <= 0 or max_questions >= len(questions):
+    return list(questions)
+  idx = np.unique(np.linspace(0, len(questions) - 1, max_questions).round().astype(int))
+  return [questions[i] for i in idx]
+
+
 def chains_of(built_examples: Mapping[str, Sequence[Mapping]]) -> list[dict]:
   return [ex for exs in built_examples.values() for ex in exs if ex.get("kind") == "chain"]
 
@@ -112,7 +124,7 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
 
   trajectories: list = []
   if graphdef is not None:
-    subset = questions[:eval_cfg.max_questions] if eval_cfg.max_questions > 0 else questions
+    subset = model_subset(questions, eval_cfg.max_questions)
     t0 = time.perf_counter()
     metrics, traj, preds_runs = model_eval.evaluate_policy(
         graphdef, params, tokenizer, subset, eval_cfg, prompt_len=prompt_len, seed=seed)
