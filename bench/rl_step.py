@@ -44,10 +44,10 @@ def main():
   tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-5, warmup_steps=0, total_steps=100))
   graphdef, state, state_sh = sft.init_state(cfg, tx, mesh, seed=0)
   ref_params = jax.tree.map(lambda x: x.copy(), state.params)
-  trainer = rl.GRPOTrainer(graphdef, tx, rcfg, mesh, state_sh, P)
+  trainer = rl.GRPOTrainer(graphdef, tx, rcfg, mesh, state_sh)
   rng = np.random.default_rng(0)
-  prompts = jax.device_put(rng.integers(4, cfg.vocab_size, (B, P)).astype(np.int32))
-  pmask = jax.device_put(np.ones((B, P), np.int32))
+  prompts = jax.device_put(rng.integers(4, cfg.vocab_size, (args.prompts, P)).astype(np.int32))
+  pmask = jax.device_put(np.ones((args.prompts, P), np.int32))
   labels = [int(x) for x in rng.integers(0, 2, B)]
 
   times = {"sample": [], "reward": [], "reference": [], "update": [], "total": []}
@@ -55,7 +55,8 @@ def main():
     for step in range(args.steps + 1):  # step 0 compiles
       t0 = time.perf_counter()
       out = sampler.sample(graphdef, state.params, prompts, pmask, jax.random.key(step),
-                           max_new_tokens=N, temperature=1.0, eos_id=None)
+                           max_new_tokens=N, temperature=1.0, eos_id=None,
+                           group_size=args.group)
       jax.block_until_ready(out)
       t1 = time.perf_counter()
       toks = jax.device_get(out.tokens)
@@ -63,11 +64,12 @@ def main():
       total, _, _ = rewards.combined_reward(texts, labels, [2] * B, dict(rcfg.reward_weights))
       adv, _ = rl.grpo.group_advantages(jax.numpy.asarray(total), args.group)
       t2 = time.perf_counter()
-      ref = (trainer.ref_logprobs(ref_params, out.sequences, out.sequence_mask)
+      ref = (trainer.ref_logprobs(ref_params, prompts, pmask, out.tokens)
              if args.beta > 0 else jax.numpy.zeros_like(out.logprobs))
       jax.block_until_ready(ref)
       t3 = time.perf_counter()
-      batch = jax.device_put({"sequences": out.sequences, "sequence_mask": out.sequence_mask,
+      batch = jax.device_put({"prompt_tokens": prompts, "prompt_mask": pmask,
+                              "completions": out.tokens,
                               "old_logprobs": out.logprobs, "advantages": adv,
                               "completion_mask": out.completion_mask, "ref_logprobs": ref},
                              trainer.batch_sh)

@@ -135,7 +135,7 @@ def rl(config, workdir: str):
   state = rl_lib.run_grpo(rcfg, _opt(r.optimizer, r.steps), mesh, graphdef, params,
                           params if rcfg.beta > 0 else None, prompts, tokenizer,
                           os.path.join(workdir, "rl"), seed=config.seed,
-                          prompt_len=config.data.prompt_len, ref_handle=ref_handle)
+                          ref_handle=ref_handle)
   export_policy(graphdef, state.params, model_config(config, tokenizer), tokenizer,
                 os.path.join(workdir, POLICY_DIR))
   _evaluate(config, workdir, built, tokenizer, graphdef, state.params,

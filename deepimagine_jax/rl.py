@@ -25,6 +25,7 @@ from flax import nnx
 from deepimagine_jax import checkpoint as ckpt_lib
 from deepimagine_jax import grpo
 from deepimagine_jax import metrics_log
+from deepimagine_jax import model as model_lib
 from deepimagine_jax import rewards as rewards_lib
 from deepimagine_jax import sampler
 from deepimagine_jax import sharding
@@ -62,34 +63,48 @@ class RLConfig:
       rewards_lib.get_reward(name)  # unknown reward names fail at start-up
 
 
-def completion_logprobs(params, graphdef, sequences_BL, sequence_mask_BL, prompt_len: int,
-                        temperature: float):
+def completion_logprobs(params, graphdef, prompt_BpP, prompt_mask_BpP, completions_BN,
+                        group_size: int, temperature: float):
   """Log-probs (at `temperature`) and entropies of the completion tokens, [B, N].
 
-  The head is applied only to the positions that predict completion tokens.
+  Shared-prefix forward, exact and cheaper than running B = Bp * G full
+  sequences: each distinct prompt runs once into a KV cache, the cache is
+  repeated for its G completions, and the completions run against it (the
+  cached decoding path with T = N - 1). Autodiff sums the G completions'
+  gradients into the shared prompt. The head runs on completion positions only.
   """
   model = nnx.merge(graphdef, params)
-  inputs_BT = sequences_BL[:, :-1]
-  mask_BT = sequence_mask_BL[:, :-1] > 0
-  positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-  hidden_BTD, _ = model(inputs_BT, positions_BT, segment_ids_BT=mask_BT.astype(jnp.int32),
-                        return_hidden=True)
-  hidden_BND = hidden_BTD[:, prompt_len - 1:]
-  logits_BNV = model.logits(hidden_BND) / max(temperature, 1e-6)
-  targets_BN = sequences_BL[:, prompt_len:]
-  logp_BN = grpo.logprobs_from_logits(logits_BNV, targets_BN)
+  cfg = model.cfg
+  Bp, P = prompt_BpP.shape
+  B, N = completions_BN.shape
+  pmask_BpP = prompt_mask_BpP.astype(bool)
+  positions_BpP = jnp.maximum(jnp.cumsum(pmask_BpP, axis=1) - 1, 0)
+  cache = model_lib.init_cache(cfg, Bp, P + N - 1, cfg.compute_dtype)
+  kv_valid_BpL = jnp.concatenate([pmask_BpP, jnp.zeros((Bp, N - 1), bool)], axis=1)
+  hidden_BpPD, cache = model(prompt_BpP, positions_BpP, cache=cache, cache_index=0,
+                             kv_valid_BS=kv_valid_BpL, return_hidden=True)
+  hidden_B1D = sampler.repeat_rows(hidden_BpPD[:, -1:], group_size)
+  if N > 1:
+    cache, pmask_BP = sampler.repeat_rows((cache, pmask_BpP), group_size)
+    positions_BT = jnp.sum(pmask_BP, axis=1, keepdims=True) + jnp.arange(N - 1)[None]
+    kv_valid_BL = jnp.concatenate([pmask_BP, jnp.ones((B, N - 1), bool)], axis=1)
+    hidden_BTD, _ = model(completions_BN[:, :-1], positions_BT, cache=cache, cache_index=P,
+                          kv_valid_BS=kv_valid_BL, return_hidden=True)
+    hidden_B1D = jnp.concatenate([hidden_B1D, hidden_BTD], axis=1)
+  logits_BNV = model.logits(hidden_B1D) / max(temperature, 1e-6)
+  logp_BN = grpo.logprobs_from_logits(logits_BNV, completions_BN)
   logp_all = jax.nn.log_softmax(logits_BNV, axis=-1)
   entropy_BN = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
   return logp_BN, entropy_BN
 
 
-def rl_update(state: sft.TrainState, batch, *, graphdef, tx, cfg: RLConfig, prompt_len: int):
+def rl_update(state: sft.TrainState, batch, *, graphdef, tx, cfg: RLConfig):
   """One optimizer update on a rollout batch (pure; jitted by `make_update`)."""
 
   def loss_fn(params):
-    logp_BN, entropy_BN = completion_logprobs(params, graphdef, batch["sequences"],
-                                              batch["sequence_mask"], prompt_len,
-                                              cfg.temperature)
+    logp_BN, entropy_BN = completion_logprobs(params, graphdef, batch["prompt_tokens"],
+                                              batch["prompt_mask"], batch["completions"],
+                                              cfg.group_size, cfg.temperature)
     loss, aux = grpo.policy_loss(
         logp_BN, batch["old_logprobs"], batch["advantages"], batch["completion_mask"],
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
@@ -113,26 +128,27 @@ def rl_update(state: sft.TrainState, batch, *, graphdef, tx, cfg: RLConfig, prom
   return state.replace(step=state.step, params=params, opt_state=opt_state), aux
 
 
-def _ref_logprobs(params, sequences, sequence_mask, *, graphdef, prompt_len, temperature):
-  return completion_logprobs(params, graphdef, sequences, sequence_mask, prompt_len,
-                             temperature)[0]
+def _ref_logprobs(params, prompt_tokens, prompt_mask, completions, *, graphdef, group_size,
+                  temperature):
+  return completion_logprobs(params, graphdef, prompt_tokens, prompt_mask, completions,
+                             group_size, temperature)[0]
 
 
 class GRPOTrainer:
   """Holds the jitted pieces of one run (built once) and runs the loop."""
 
-  def __init__(self, graphdef, tx, cfg: RLConfig, mesh, state_sh, prompt_len: int):
+  def __init__(self, graphdef, tx, cfg: RLConfig, mesh, state_sh):
     self.graphdef, self.tx, self.cfg, self.mesh = graphdef, tx, cfg, mesh
-    self.prompt_len = prompt_len
     rows = sharding.batch_sharding(mesh)
-    batch_sh = {"sequences": rows, "sequence_mask": rows, "old_logprobs": rows,
-                "advantages": sharding.batch_sharding(mesh, 1), "completion_mask": rows,
-                "ref_logprobs": rows}
+    batch_sh = {"prompt_tokens": rows, "prompt_mask": rows, "completions": rows,
+                "old_logprobs": rows, "advantages": sharding.batch_sharding(mesh, 1),
+                "completion_mask": rows, "ref_logprobs": rows}
     self.update = jax.jit(
-        functools.partial(rl_update, graphdef=graphdef, tx=tx, cfg=cfg, prompt_len=prompt_len),
+        functools.partial(rl_update, graphdef=graphdef, tx=tx, cfg=cfg),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
     self.ref_logprobs = jax.jit(functools.partial(
-        _ref_logprobs, graphdef=graphdef, prompt_len=prompt_len, temperature=cfg.temperature))
+        _ref_logprobs, graphdef=graphdef, group_size=cfg.group_size,
+        temperature=cfg.temperature))
     self.rows = rows
     self.batch_sh = batch_sh
 
@@ -140,19 +156,19 @@ class GRPOTrainer:
     """Samples, scores and builds the update batch. Returns (batch, host metrics)."""
     cfg, G = self.cfg, self.cfg.group_size
     rep = lambda x: np.repeat(np.asarray(x), G, axis=0)
-    prompts = jax.device_put(rep(prompt_batch["prompt_tokens"]), self.rows)
-    pmask = jax.device_put(rep(prompt_batch["prompt_mask"]), self.rows)
+    prompts = jax.device_put(np.asarray(prompt_batch["prompt_tokens"]), self.rows)
+    pmask = jax.device_put(np.asarray(prompt_batch["prompt_mask"]), self.rows)
     out = sampler.sample(self.graphdef, params, prompts, pmask, rng,
                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eos_id,
-                         pad_id=tokenizer.pad_id, cache_dtype=cfg.cache_dtype)
+                         pad_id=tokenizer.pad_id, cache_dtype=cfg.cache_dtype, group_size=G)
     if cfg.beta > 0:  # dispatched before the host round trip below, so they overlap
-      ref = self.ref_logprobs(self.ref_params, out.sequences, out.sequence_mask)
+      ref = self.ref_logprobs(self.ref_params, prompts, pmask, out.tokens)
     else:
       ref = jnp.zeros_like(out.logprobs)
     old = out.logprobs
     if cfg.recompute_old_logprobs:
-      old = self.ref_logprobs(params, out.sequences, out.sequence_mask)
+      old = self.ref_logprobs(params, prompts, pmask, out.tokens)
     tokens, lengths = jax.device_get((out.tokens, out.lengths))  # the one round trip
     texts = [tokenizer.decode([t for t in row[:n] if t != tokenizer.eos_id])
              for row, n in zip(tokens.tolist(), lengths.tolist())]
@@ -161,7 +177,7 @@ class GRPOTrainer:
                                                           dict(cfg.reward_weights))
     adv, zero_groups = grpo.group_advantages(jnp.asarray(total), G,
                                              scale_by_std=cfg.scale_by_std)
-    batch = {"sequences": out.sequences, "sequence_mask": out.sequence_mask,
+    batch = {"prompt_tokens": prompts, "prompt_mask": pmask, "completions": out.tokens,
              "old_logprobs": old, "advantages": adv, "completion_mask": out.completion_mask,
              "ref_logprobs": ref}
     batch = jax.device_put(batch, self.batch_sh)  # a no-op where the layout already matches
@@ -211,15 +227,15 @@ class GRPOTrainer:
 
 def run_grpo(cfg: RLConfig, opt_cfg: OptimizerConfig, mesh, graphdef, init_params, ref_params,
              prompts: Iterator[dict], tokenizer, workdir: str, *, seed: int = 0,
-             prompt_len: int, ref_handle: dict | None = None, stop_after: int | None = None):
+             ref_handle: dict | None = None, stop_after: int | None = None):
   """GRPO from `init_params` (e.g. the SFT warm start) with `ref_params` frozen.
 
   Resumes policy, optimizer, rng and prompt position from `workdir/checkpoints`.
   Returns the final TrainState.
   """
-  if (cfg.prompts_per_step * cfg.group_size) % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"prompts_per_step x group_size ({cfg.prompts_per_step} x "
-                     f"{cfg.group_size}) must divide over the data*fsdp mesh axes")
+  if cfg.prompts_per_step % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the "
+                     f"data*fsdp mesh size ({mesh.shape['data'] * mesh.shape['fsdp']})")
   tx, _ = make_optimizer(opt_cfg)
   state, state_sh = sft._state_from_params(init_params, tx, mesh, seed)
   ckpt = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", max_to_keep=cfg.keep_checkpoints,
@@ -227,7 +243,7 @@ def run_grpo(cfg: RLConfig, opt_cfg: OptimizerConfig, mesh, graphdef, init_param
   state, data_state = sft.restore_or_init(ckpt, state, state_sh, cfg.resume)
   if data_state is not None:
     prompts.set_state(data_state)
-  trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, prompt_len)
+  trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh)
   # The policy state is donated at every update; the reference must own its buffers.
   trainer.ref_params = None if ref_params is None else jax.tree.map(jnp.copy, ref_params)
   writer = metrics_log.MetricsWriter(workdir, cfg.steps, start_step=int(state.step) + 1,

@@ -102,6 +102,18 @@ def truncate_logits(logits_BV, top_k: int, top_p: float):
   return logits_BV
 
 
+def sample_categorical(key, logits_BV):
+  """One draw per row from softmax(logits), by inverting the CDF with one uniform.
+
+  Exact like `jax.random.categorical`, but it draws B random numbers instead of
+  B x V Gumbel variates, which dominated a CPU decode step (6 ms of ~30).
+  """
+  cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV, axis=-1), axis=-1)
+  u_B1 = jax.random.uniform(key, (logits_BV.shape[0], 1), minval=1e-12) * cdf_BV[:, -1:]
+  tok_B = jnp.sum(cdf_BV < u_B1, axis=-1)  # first index whose cdf reaches u
+  return jnp.minimum(tok_B, logits_BV.shape[-1] - 1).astype(jnp.int32)
+
+
 def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float):
   """(token [B] int32, log-prob [B] float32) for one step; greedy at temperature 0."""
   logits_BV = logits_BV.astype(jnp.float32)
@@ -111,8 +123,7 @@ def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float
   else:
     scaled_BV = logits_BV / temperature
     logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
-    tok_B = jax.random.categorical(key, truncate_logits(scaled_BV, top_k, top_p), axis=-1)
-    tok_B = tok_B.astype(jnp.int32)
+    tok_B = sample_categorical(key, truncate_logits(scaled_BV, top_k, top_p))
   logp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
   return tok_B, logp_B
 
@@ -122,14 +133,22 @@ def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float
 _SAMPLING = ("temperature", "top_k", "top_p")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_dtype")
-                   + _SAMPLING)
+def repeat_rows(tree, group_size: int):
+  """Repeats every array's leading (batch) axis: row p becomes rows p*G .. p*G+G-1."""
+  if group_size == 1:
+    return tree
+  return jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_dtype",
+                                             "group_size") + _SAMPLING)
 def _prefill(graphdef, params, prompt_BP, mask_BP, rng, eos_id, pad_id, *, max_new_tokens,
-             cache_dtype, temperature, top_k, top_p) -> SamplerState:
-  """Runs the whole left-padded prompt through the model and samples token 0."""
+             cache_dtype, group_size, temperature, top_k, top_p) -> SamplerState:
+  """Runs each distinct prompt once, then fans it out to its G samples; samples token 0."""
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
-  B, Pl = prompt_BP.shape
+  Bp, Pl = prompt_BP.shape
+  B = Bp * group_size
   N = max_new_tokens
   if Pl + N > cfg.max_seq_len:  # checked at trace time, where the config is known
     raise ValueError(f"prompt length {Pl} + max_new_tokens {N} = {Pl + N} exceeds "
@@ -137,13 +156,15 @@ def _prefill(graphdef, params, prompt_BP, mask_BP, rng, eos_id, pad_id, *, max_n
   mask_BP = mask_BP.astype(bool)
   prompt_BP = prompt_BP.astype(jnp.int32)
   positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-  kv_valid_BL = jnp.concatenate([mask_BP, jnp.zeros((B, N), bool)], axis=1)
-  cache = _constrain_cache(model_lib.init_cache(cfg, B, Pl + N, jnp.dtype(cache_dtype)))
+  kv_valid_BL = jnp.concatenate([mask_BP, jnp.zeros((Bp, N), bool)], axis=1)
+  cache = model_lib.init_cache(cfg, Bp, Pl + N, jnp.dtype(cache_dtype))
   hidden_BPD, cache = model(prompt_BP, positions_BP, cache=cache, cache_index=0,
                             kv_valid_BS=kv_valid_BL, return_hidden=True)
+  logits_BV = model.logits(hidden_BPD[:, -1:])[:, 0]  # the head only where it is needed
+  cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP = repeat_rows(
+      (cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP), group_size)
   cache = _constrain_cache(cache)
   rng, key = jax.random.split(rng)
-  logits_BV = model.logits(hidden_BPD[:, -1:])[:, 0]  # the head only where it is needed
   tok_B, logp_B = choose_token(logits_BV, key, temperature=temperature,
                                top_k=top_k, top_p=top_p)
   tokens_BL = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], axis=1)
@@ -222,9 +243,12 @@ def _finish(tokens_BL, mask_BN, logprobs_BN, lengths_B, prompt_mask_BP) -> Sampl
 
 def sample(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, *,
            max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           eos_id: int | None = None, pad_id: int = 0, cache_dtype: Any = "float32"
-           ) -> SampleOutput:
+           eos_id: int | None = None, pad_id: int = 0, cache_dtype: Any = "float32",
+           group_size: int = 1) -> SampleOutput:
   """Samples up to `max_new_tokens` per left-padded prompt, all on device.
+
+  With `group_size` G, each of the Bp prompts gets G samples (output row
+  p*G + g): the prompt is prefilled once and its cache shared, as GRPO needs.
 
   `graphdef, params_state = nnx.split(model)`. temperature 0 is greedy; top_k 0
   and top_p 1.0 are off. A row stops after emitting `eos_id` (None: never);
@@ -252,8 +276,9 @@ def sample(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, *,
   pad = jnp.asarray(pad_id, jnp.int32)
   state = _prefill(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, eos, pad,
                    max_new_tokens=int(max_new_tokens),
-                   cache_dtype=jnp.dtype(cache_dtype).name, **sampling)
+                   cache_dtype=jnp.dtype(cache_dtype).name, group_size=int(group_size),
+                   **sampling)
   state = _decode(graphdef, params_state, state, eos, pad, **sampling)
   return _finish(state.tokens_BL, state.mask_BN, state.logprobs_BN, state.lengths_B,
-                 prompt_mask_BP)
+                 repeat_rows(prompt_mask_BP, int(group_size)))
 

@@ -49,7 +49,7 @@ def run(workdir: str, *, rl_steps: int = 160, sft_steps: int = 60, seed: int = 0
   rl.run_grpo(rcfg, OptimizerConfig(learning_rate=lr, warmup_steps=0, total_steps=rl_steps,
                                     weight_decay=0.0),
               mesh, graphdef, state.params, None, prompts, tok, os.path.join(workdir, "rl"),
-              seed=seed, prompt_len=PROMPT_LEN)
+              seed=seed)
   return metrics_log.read_metrics(os.path.join(workdir, "rl", "metrics.jsonl"))
 
 

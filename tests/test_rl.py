@@ -49,6 +49,18 @@ def _iterator(rows, batch):
   return iter(ds.batch(batch, batch_fn=stack))
 
 
+def _naive_logprobs(params, graphdef, prompts, pmask, completions, G, temperature):
+  """Reference: repeat each prompt G times and run every full sequence separately."""
+  model = nnx.merge(graphdef, params)
+  prompts, pmask = jnp.repeat(prompts, G, 0), jnp.repeat(pmask, G, 0)
+  seq = jnp.concatenate([prompts, completions], 1)
+  valid = jnp.concatenate([pmask, jnp.ones_like(completions)], 1)
+  pos = jnp.maximum(jnp.cumsum(valid, 1) - 1, 0)
+  logits, _ = model(seq[:, :-1], pos[:, :-1], segment_ids_BT=valid[:, :-1])
+  logp = jax.nn.log_softmax(logits[:, P - 1:] / temperature, -1)
+  return jnp.take_along_axis(logp, completions[..., None], -1)[..., 0]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_trainer_logprobs_equal_sampler_logprobs(temperature):
   model = model_lib.Transformer(CFG, nnx.Rngs(0))
@@ -57,12 +69,33 @@ def test_trainer_logprobs_equal_sampler_logprobs(temperature):
   prompts = jnp.stack([r["prompt_tokens"] for r in rows])
   mask = jnp.stack([r["prompt_mask"] for r in rows])
   out = sampler.sample(graphdef, params, prompts, mask, jax.random.key(1), max_new_tokens=6,
-                       temperature=temperature, eos_id=5)
-  logp, entropy = rl.completion_logprobs(params, graphdef, out.sequences, out.sequence_mask, P,
+                       temperature=temperature, eos_id=5, group_size=3)
+  assert out.tokens.shape == (12, 6)
+  logp, entropy = rl.completion_logprobs(params, graphdef, prompts, mask, out.tokens, 3,
                                          temperature)
   m = np.asarray(out.completion_mask) > 0
   np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-4)
   assert bool(jnp.all(entropy >= 0))
+  # The G samples of one prompt differ (they are not copies of one sample).
+  assert len({tuple(r) for r in np.asarray(out.tokens[:3]).tolist()}) > 1
+
+
+def test_shared_prefix_forward_and_grads_equal_full_sequences():
+  """The shared-prompt path is exact: same log-probs and same parameter gradients."""
+  model = model_lib.Transformer(CFG, nnx.Rngs(2))
+  graphdef, params = nnx.split(model)
+  rows = _prompts(3, seed=4)
+  prompts = jnp.stack([r["prompt_tokens"] for r in rows])
+  mask = jnp.stack([r["prompt_mask"] for r in rows])
+  comps = jax.random.randint(jax.random.key(3), (6, 5), 4, CFG.vocab_size)
+  weights = jax.random.normal(jax.random.key(4), (6, 5))
+  shared = lambda p: jnp.sum(weights * rl.completion_logprobs(p, graphdef, prompts, mask, comps,
+                                                              2, 0.9)[0])
+  naive = lambda p: jnp.sum(weights * _naive_logprobs(p, graphdef, prompts, mask, comps, 2, 0.9))
+  np.testing.assert_allclose(float(shared(params)), float(naive(params)), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(shared)(params)),
+                  jax.tree.leaves(jax.grad(naive)(params))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
 def _run(workdir, steps, stop_after=None):
@@ -73,7 +106,7 @@ def _run(workdir, steps, stop_after=None):
                     beta=0.1, checkpoint_every=2, log_every=100)
   opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=steps, weight_decay=0.0)
   return rl.run_grpo(cfg, opt, mesh, graphdef, params, params, _iterator(_prompts(), 4), _Tok(),
-                     str(workdir), prompt_len=P, stop_after=stop_after, ref_handle={"dir": "x"})
+                     str(workdir), stop_after=stop_after, ref_handle={"dir": "x"})
 
 
 def test_resume_matches_uninterrupted(tmp_path):

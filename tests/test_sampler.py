@@ -195,7 +195,7 @@ def test_sharded_mesh_gives_same_greedy_tokens(greedy):
     eos, pad = jnp.int32(-1), jnp.int32(PAD)
     greedy_kw = dict(temperature=0.0, top_k=0, top_p=1.0)
     st = S._prefill(graphdef, state, tok, mask, jax.random.key(0), eos, pad,
-                    max_new_tokens=N_NEW, cache_dtype="float32", **greedy_kw)
+                    max_new_tokens=N_NEW, cache_dtype="float32", group_size=1, **greedy_kw)
     k = st.cache[0]["k"]
     want = jax.sharding.NamedSharding(mesh, S.cache_spec(CFG.n_kv_heads, 4, mesh))
     assert k.sharding.is_equivalent_to(want, k.ndim)
@@ -248,3 +248,14 @@ def test_all_padding_filler_row_is_harmless(tiny, greedy):
                  temperature=0.0, pad_id=PAD)
   np.testing.assert_array_equal(np.asarray(out.tokens)[:3], np.asarray(greedy.tokens)[:3])
   assert bool(jnp.all(jnp.isfinite(out.logprobs)))
+
+
+def test_sample_categorical_matches_softmax_frequencies():
+  """The inverse-CDF draw follows softmax(logits), never picks a -inf token."""
+  logits = jnp.log(jnp.array([[0.5, 0.2, 0.0, 0.3], [0.1, 0.1, 0.1, 0.7]]))
+  keys = jax.random.split(jax.random.key(0), 20000)
+  toks = np.asarray(jax.vmap(lambda k: S.sample_categorical(k, logits))(keys))
+  for row in range(2):
+    freq = np.bincount(toks[:, row], minlength=4) / len(toks)
+    np.testing.assert_allclose(freq, np.exp(np.asarray(logits[row])), atol=0.015)
+  assert not np.any(toks[:, 0] == 2)
