@@ -10,6 +10,7 @@ from data_pipeline import ct_open, pairs, templates
 from data_pipeline.build_report import BuildReport
 from deepimagine_jax import model as M
 from deepimagine_jax.config import ModelConfig
+from deepimagine_jax.eval import baselines as baselines_mod
 from deepimagine_jax.eval import ct_open_metrics, predictions, report, run
 from deepimagine_jax.tokenizer import Tokenizer
 
@@ -115,3 +116,84 @@ def test_evaluate_baselines_only(built, tmp_path, capsys):
   with pytest.raises(ValueError, match="eval"):
     run.evaluate(None, None, None, {"train": built["train"]}, _cfg(), prompt_len=PROMPT_LEN,
                  workdir=tmp_path)
+
+
+def _pairs(questions, kind_cycle, split_tag):
+  """Real CT Open questions as pair targets, each anchored on the next same-shape question."""
+  out = []
+  for i, target in enumerate(questions):
+    anchor = next((q for q in questions[i + 1:] + questions[:i]
+                   if len(q["options"]) == len(target["options"])), None)
+    if anchor is None:
+      continue
+    factor = baselines_mod.FACTORS[i % len(baselines_mod.FACTORS)]
+    steps = [{"factor": factor, "anchor_value": "a", "target_value": "b"}]
+    ex = pairs.make_pair(anchor, templates.render(dict(target)), kind_cycle[i % len(kind_cycle)],
+                         steps)
+    ex["split"] = split_tag
+    out.append(ex)
+  return out
+
+
+@pytest.fixture(scope="module")
+def built_pairs(built):
+  winter = [q for q in built["train"] if q.get("kind", "question") == "question"]
+  kinds = ("natural_pair", "approximate_pair")
+  train_p = _pairs(winter[:60], kinds, "train")
+  rl_p = _pairs(winter[60:80], kinds, "rl")
+  dev_p = _pairs(winter[80:100], kinds, "dev")  # held out: never trains the pair baselines
+  eval_p = _pairs(built["eval"][:N_PAIRS], kinds, "eval")
+  eval_p[1]["category"] = ""  # no category: falls back to "<n>-way/pair"
+  bad_factor = dict(eval_p[2], perturbation="weather")
+  neutral = dict(train_p[0], options=["A has a higher value than B.",
+                                      "B has a higher value than A."], label=0)
+  chain = dict(eval_p[3], kind="chain")
+  return {"train": built["train"] + train_p + [neutral], "rl": rl_p, "dev": dev_p,
+          "eval": built["eval"] + eval_p + [bad_factor, chain]}, train_p + rl_p, eval_p
+
+
+N_PAIRS = 12
+N_MODEL_PAIRS = 5
+
+
+def test_evaluate_pairs(policy, built_pairs, tmp_path, capsys):
+  tok, graphdef, params = policy
+  data, train_p, eval_p = built_pairs
+  results = run.evaluate(graphdef, params, tok, data,
+                         _cfg(imagining=False, pair_eval=True, max_pairs=N_MODEL_PAIRS),
+                         prompt_len=PROMPT_LEN, workdir=tmp_path)
+  pair_names = {"pairs/" + n for n in ("logreg_tfidf", "logreg_tfidf+anchor", "random_forest_tfidf",
+                                       "random_forest_tfidf+anchor", "model_score")}
+  assert pair_names <= set(results)
+  for name in pair_names:
+    overall = results[name]["overall"]
+    for m in ct_open_metrics.METRICS:
+      assert np.isfinite(overall[m]), (name, m)
+    assert 0.0 <= overall["balanced_accuracy"] <= 1.0 and overall["cross_entropy"] > 0
+    want_n = N_MODEL_PAIRS if name == "pairs/model_score" else len(eval_p)
+    assert overall["n"] == want_n, name
+  assert "2-way/pair" in results["pairs/logreg_tfidf"]
+
+  # the baselines: trained on train + rl pairs only (dev held out, neutral pair skipped)
+  expect_eval = run.pair_examples({"eval": eval_p}, ["eval"])
+  direct = baselines_mod.pair_baselines(train_p, expect_eval, (0,))
+  for k, v in direct.items():
+    _same(results["pairs/" + k], v)
+  info = json.loads((tmp_path / "eval" / "results.json").read_text())["pairs"]
+  assert info["train_pairs"] == len(train_p) and info["eval_pairs"] == len(eval_p)
+  assert info["skipped"] == {"eval:unknown_perturbation": 1, "train:target_outcome_class": 1}
+
+  # the model: max_pairs evenly spread pairs, the file's probabilities score back
+  traj = [json.loads(l) for l in
+          (tmp_path / "eval" / "trajectories_pairs_model_score.jsonl").read_text().splitlines()]
+  subset = run.model_subset(expect_eval, N_MODEL_PAIRS)
+  assert [t["id"] for t in traj] == [ex["id"] for ex in subset]
+  _same(results["pairs/model_score"],
+        ct_open_metrics.score_questions(subset, [t["probs"] for t in traj]))
+  for t in traj:
+    assert sum(t["probs"]) == pytest.approx(1.0)
+
+  out = capsys.readouterr().out
+  assert "Counterfactual pairs (eval split)" in out and "| pairs/model_score |" in out
+  md = (tmp_path / "report" / "report.md").read_text()
+  assert "| pairs/logreg_tfidf+anchor |" in md and "pairs/overall" in md

@@ -9,6 +9,14 @@ eval_cfg.max_questions. Files written under workdir:
   eval/trajectories_<name>.jsonl                 every answer (imagining: every step)
   eval/results.json                              name -> metrics, plus imagining stats
   report/                                        eval.report.write_report
+
+With eval_cfg.pair_eval, the counterfactual pairs (natural_pair / approximate_pair)
+are evaluated too, under names "pairs/<name>": the TF-IDF learners without and
+with anchor features (baselines.pair_baselines; trained on the train and rl
+splits' pairs, the data the model learns from; dev stays held out) on every
+eval-split pair, and the model in scoring mode on at most eval_cfg.max_pairs of
+them, all scored by ct_open_metrics. A pair's category is its target's CT Open
+category, else "<n>-way/pair".
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import logging
 import os
 import pathlib
 import time
+from collections import Counter
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -28,6 +37,9 @@ from deepimagine_jax.eval import predictions, report
 from deepimagine_jax.eval.predictions import atomic_write
 
 EVAL_SPLIT = "eval"
+PAIR_KINDS = ("natural_pair", "approximate_pair")
+PAIR_TRAIN_SPLITS = ("train", "rl")
+PAIR_PREFIX = "pairs/"
 
 
 def is_ct_open_question(ex: Mapping) -> bool:
@@ -99,6 +111,101 @@ def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping]):
   atomic_write(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
 
 
+def _pair_problem(ex: Mapping) -> str | None:
+  """Why the pair baselines cannot use this pair (None: usable)."""
+  try:
+    baselines.outcome_class(ex)
+  except (ValueError, KeyError, TypeError):
+    return "target_outcome_class"
+  try:
+    baselines.outcome_class(ex["anchor"])
+  except (ValueError, KeyError, TypeError):
+    return "anchor_outcome_class"
+  try:
+    baselines.anchor_features([ex])
+  except ValueError:
+    return "unknown_perturbation"
+  return None
+
+
+def pair_examples(built_examples: Mapping[str, Sequence[Mapping]], splits: Sequence[str],
+                  skipped: Counter | None = None) -> list[dict]:
+  """Counterfactual pairs of `splits`, category defaulted, prompts rendered where missing.
+
+  Pairs whose target or anchor has no positive option (e.g. the ctgov
+  "neutral_higher" questions) or an unknown perturbation are skipped, counted
+  per reason in `skipped`, so baselines and model score the same pairs.
+  """
+  out = []
+  for split in splits:
+    for ex in built_examples.get(split, ()):
+      if ex.get("kind") not in PAIR_KINDS:
+        continue
+      why = _pair_problem(ex)
+      if why:
+        if skipped is not None:
+          skipped[f"{split}:{why}"] += 1
+        continue
+      ex = dict(ex)
+      ex["category"] = ex.get("category") or f"{len(ex['options'])}-way/pair"
+      if not ex.get("prompt"):
+        templates.render(ex)
+      out.append(ex)
+  return out
+
+
+def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg, *, prompt_len: int,
+                   out_dir: pathlib.Path) -> tuple[dict, dict]:
+  """({"pairs/<name>": metrics}, info) for the counterfactual pairs of the eval split."""
+  skipped: Counter = Counter()
+  evals = pair_examples(built_examples, (EVAL_SPLIT,), skipped)
+  train = pair_examples(built_examples, PAIR_TRAIN_SPLITS, skipped)
+  info = {"eval_pairs": len(evals), "train_pairs": len(train),
+          "train_splits": list(PAIR_TRAIN_SPLITS), "skipped": dict(sorted(skipped.items()))}
+  results: dict = {}
+  if not evals:
+    logging.warning("evaluate: no counterfactual pairs in split %r; pair evaluation skipped",
+                    EVAL_SPLIT)
+    info["note"] = f"no counterfactual pairs in split {EVAL_SPLIT!r}"
+    return results, info
+  if eval_cfg.baselines:
+    if train:
+      base = baselines.pair_baselines(train, evals, parse_seeds(eval_cfg.rf_seeds))
+      results.update({PAIR_PREFIX + k: v for k, v in base.items()})
+    else:
+      logging.warning("evaluate: no training pairs; pair baselines skipped")
+      info["note"] = "pair baselines skipped: no training pairs"
+  if graphdef is not None:
+    subset = model_subset(evals, eval_cfg.get("max_pairs", 0))
+    t0 = time.perf_counter()
+    probs = model_eval.option_probs_by_scoring(graphdef, params, tokenizer, subset,
+                                               prompt_len=prompt_len,
+                                               batch_size=eval_cfg.batch_size)
+    info["model_seconds"] = time.perf_counter() - t0
+    info["model_pairs"] = len(subset)
+    probs_list = model_eval.trimmed(probs, subset)
+    results[PAIR_PREFIX + "model_score"] = ct_open_metrics.score_questions(subset, probs_list)
+    traj = [model_eval.trajectory(ex, templates.decision_line(len(p), ct_open_metrics.choose(p)),
+                                  p, method="pair_score", anchor_id=ex["anchor"].get("id", ""))
+            for ex, p in zip(subset, probs_list)]
+    write_jsonl(out_dir / "trajectories_pairs_model_score.jsonl", traj)
+  return results, info
+
+
+def report_view(results: Mapping[str, Mapping]) -> dict:
+  """Results for the report's single table: pair categories get their own columns.
+
+  Pairs and questions share category names but not counts, so a shared column
+  would show one n for both; "pairs/<category>" keeps them apart.
+  """
+  out = {}
+  for name, m in results.items():
+    if name.startswith(PAIR_PREFIX):
+      m = {PAIR_PREFIX + k: v for k, v in m.items()}
+    out[name] = copy.deepcopy(dict(m))
+  return out
+
+
 def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[Mapping]],
              eval_cfg, *, prompt_len: int, workdir: str | os.PathLike,
              train_questions: Sequence[Mapping] | None = None,
@@ -164,9 +271,22 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
                for q, p in zip(subset, probs_list)]
       trajectories.extend(final)
 
+  pair_results: dict = {}
+  if eval_cfg.get("pair_eval", False):
+    pair_results, extra["pairs"] = evaluate_pairs(
+        graphdef, params, tokenizer, built_examples, eval_cfg, prompt_len=prompt_len,
+        out_dir=out_dir)
+    results.update(pair_results)
+
   atomic_write(out_dir / "results.json",
                json.dumps({"results": results, **extra}, indent=2, sort_keys=True,
                           default=_json_default).encode("utf-8"))
-  report.write_report(workdir / "report", copy.deepcopy(results), metrics_logs, trajectories)
-  print(baselines.format_table(results))
+  report.write_report(workdir / "report", report_view(results), metrics_logs, trajectories)
+  print(baselines.format_table({k: v for k, v in results.items() if k not in pair_results}))
+  if pair_results:
+    p = extra["pairs"]
+    print(f"Counterfactual pairs (eval split): baselines on all {p['eval_pairs']} pairs "
+          f"(trained on {p['train_pairs']} {'+'.join(p['train_splits'])} pairs), model on "
+          f"{p.get('model_pairs', 0)}; skipped {p['skipped']}\n")
+    print(baselines.format_table(pair_results))
   return results
