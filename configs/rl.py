@@ -1,6 +1,6 @@
 """The main job: data -> SFT warm start -> GRPO with verifiable rewards -> CT Open eval.
 
-On this 2-core CPU, with no other argument (about 15 minutes, `small` model):
+On this 2-core CPU, with no other argument (under 20 minutes, `small` model):
   python launch/main.py --config=configs/rl.py
 Tests and a quick look (tiny model, a couple of minutes):
   python launch/main.py --config=configs/rl.py:tiny --workdir=/tmp/rl_tiny
@@ -56,9 +56,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model = common.model("small")
   c.mesh = common.mesh()
   c.data = common.data()
-  c.sft = common.sft(steps=150, batch=16)
+  c.data.seq_len = 400  # the longest rendered training example is 388 tokens
+  c.data.prompt_len = 384  # left-truncated; keeps the options and the question
+  c.sft = common.sft(steps=60, batch=16)
   c.sft.kinds = "question,natural_pair"
-  c.rl = rl_section(steps=100)
+  c.sft.checkpoint_every = 20
+  c.rl = rl_section(steps=60)
   c.eval = common.eval_()
   if variant == "tiny":
     c.workdir = "runs/rl_tiny"

@@ -1,11 +1,11 @@
 """The evaluation entry: baselines + model + imagining on real CT Open, files that score back."""
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from configs import common
 from data_pipeline import ct_open, pairs, templates
 from data_pipeline.build_report import BuildReport
 from deepimagine_jax import model as M
@@ -45,10 +45,10 @@ def policy(built, tmp_path_factory):
 
 
 def _cfg(**kw):
-  c = ml_collections.ConfigDict(dict(
-      mode="score", runs=2, temperature=1.0, max_new_tokens=8, batch_size=8,
-      max_questions=N_MODEL, imagining=True, imagining_k=2, aggregate="mean", baselines=True,
-      rf_seeds="0", checkpoint=""))
+  c = common.eval_()  # the real section: every key declared, none defaulted here
+  c.update(dict(mode="score", runs=2, temperature=1.0, max_new_tokens=8, batch_size=8,
+                max_questions=N_MODEL, imagining=True, imagining_k=2, aggregate="mean",
+                baselines=True, rf_seeds="0", checkpoint="", pair_eval=False))
   c.update(kw)
   return c
 

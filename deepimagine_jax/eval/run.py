@@ -176,7 +176,7 @@ def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg, *, pro
       logging.warning("evaluate: no training pairs; pair baselines skipped")
       info["note"] = "pair baselines skipped: no training pairs"
   if graphdef is not None:
-    subset = model_subset(evals, eval_cfg.get("max_pairs", 0))
+    subset = model_subset(evals, eval_cfg.max_pairs)
     t0 = time.perf_counter()
     probs = model_eval.option_probs_by_scoring(graphdef, params, tokenizer, subset,
                                                prompt_len=prompt_len,
@@ -272,7 +272,7 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
       trajectories.extend(final)
 
   pair_results: dict = {}
-  if eval_cfg.get("pair_eval", False):
+  if eval_cfg.pair_eval:
     pair_results, extra["pairs"] = evaluate_pairs(
         graphdef, params, tokenizer, built_examples, eval_cfg, prompt_len=prompt_len,
         out_dir=out_dir)
