@@ -102,18 +102,6 @@ def truncate_logits(logits_BV, top_k: int, top_p: float):
   return logits_BV
 
 
-def sample_categorical(key, logits_BV):
-  """One draw per row from softmax(logits), by inverting the CDF with one uniform.
-
-  Exact like `jax.random.categorical`, but it draws B random numbers instead of
-  B x V Gumbel variates, which dominated a CPU decode step (6 ms of ~30).
-  """
-  cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV, axis=-1), axis=-1)
-  u_B1 = jax.random.uniform(key, (logits_BV.shape[0], 1), minval=1e-12) * cdf_BV[:, -1:]
-  tok_B = jnp.sum(cdf_BV < u_B1, axis=-1)  # first index whose cdf reaches u
-  return jnp.minimum(tok_B, logits_BV.shape[-1] - 1).astype(jnp.int32)
-
-
 def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float):
   """(token [B] int32, log-prob [B] float32) for one step; greedy at temperature 0."""
   logits_BV = logits_BV.astype(jnp.float32)
@@ -123,7 +111,8 @@ def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float
   else:
     scaled_BV = logits_BV / temperature
     logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
-    tok_B = sample_categorical(key, truncate_logits(scaled_BV, top_k, top_p))
+    tok_B = jax.random.categorical(key, truncate_logits(scaled_BV, top_k, top_p), axis=-1)
+    tok_B = tok_B.astype(jnp.int32)
   logp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
   return tok_B, logp_B
 
