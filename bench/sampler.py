@@ -65,7 +65,7 @@ def time_cache(graphdef, params, vocab, batch, prompt_len, new, cache_dtype, rep
   def run():
     t0 = time.perf_counter()
     st = sampler._prefill(graphdef, params, tok, mask, jax.random.key(0), eos, pad,
-                          max_new_tokens=new, cache_dtype=cache_dtype, **_GREEDY)
+                          max_new_tokens=new, cache_dtype=cache_dtype, group_size=1, **_GREEDY)
     jax.block_until_ready(st)
     t1 = time.perf_counter()
     st = sampler._decode(graphdef, params, st, eos, pad, **_GREEDY)
