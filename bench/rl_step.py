@@ -18,9 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from deepimagine_jax import model as model_lib  # noqa: E402
 from deepimagine_jax import rewards, rl, sampler, sharding, sft  # noqa: E402
 from deepimagine_jax.config import ModelConfig  # noqa: E402
 from deepimagine_jax.optimizer import OptimizerConfig, make_optimizer  # noqa: E402

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +125,7 @@ def rl_update(state: sft.TrainState, batch, *, graphdef, tx, cfg: RLConfig):
   params = optax.apply_updates(state.params, updates)
   aux["loss"] = loss
   aux["grad_norm"] = optax.global_norm(grads)
-  return state.replace(step=state.step, params=params, opt_state=opt_state), aux
+  return state.replace(params=params, opt_state=opt_state), aux
 
 
 def _ref_logprobs(params, prompt_tokens, prompt_mask, completions, *, graphdef, group_size,

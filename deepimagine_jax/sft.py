@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ from deepimagine_jax import model as model_lib
 from deepimagine_jax import sft
 from deepimagine_jax import sharding
 from deepimagine_jax.config import ModelConfig
-from deepimagine_jax.optimizer import OptimizerConfig, make_optimizer
+from deepimagine_jax.optimizer import OptimizerConfig
 
 CFG = ModelConfig.tiny().replace(vocab_size=64, n_layers=1, mlp_dim=64)
 T = 16
