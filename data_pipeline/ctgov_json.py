@@ -26,7 +26,8 @@ SOURCE = "ctgov_json"
 _OUTCOME_TYPES = {"PRIMARY": "primary", "SECONDARY": "secondary"}
 
 
-def _expand(path_or_paths, suffix: str) -> list[pathlib.Path]:
+def expand_paths(path_or_paths, suffix: str) -> list[pathlib.Path]:
+  """Files named directly, and the `suffix` files of folders named, in sorted order."""
   items = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else path_or_paths
   out = []
   for p in map(pathlib.Path, items):
@@ -239,7 +240,7 @@ def parse_document(doc, report: BuildReport, where: str = "<doc>") -> list[S.Tri
 def read_ctgov_json(path_or_paths, report: BuildReport) -> list[S.Trial]:
   """Reads .json files (or folders of them); unreadable files are counted, not fatal."""
   trials = []
-  for path in _expand(path_or_paths, ".json"):
+  for path in expand_paths(path_or_paths, ".json"):
     try:
       with open(path, encoding="utf-8") as f:
         doc = json.load(f)

@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 
 from data_pipeline import schema as S
 from data_pipeline.build_report import BuildReport
-from data_pipeline.ctgov_json import _expand
+from data_pipeline.ctgov_json import expand_paths
 from data_pipeline.doses import intervention_doses
 
 SOURCE = "ctgov_xml"
@@ -174,7 +174,7 @@ def parse_text(text: str | bytes, report: BuildReport, where: str = "<xml>") -> 
 def read_ctgov_xml(path_or_paths, report: BuildReport) -> list[S.Trial]:
   """Reads .xml files (or folders of them); bad files are counted, never fatal."""
   trials = []
-  for path in _expand(path_or_paths, ".xml"):
+  for path in expand_paths(path_or_paths, ".xml"):
     try:
       data = path.read_bytes()
     except OSError:
