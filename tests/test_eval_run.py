@@ -11,7 +11,7 @@ from data_pipeline.build_report import BuildReport
 from deepimagine_jax import model as M
 from deepimagine_jax.config import ModelConfig
 from deepimagine_jax.eval import baselines as baselines_mod
-from deepimagine_jax.eval import ct_open_metrics, predictions, report, run
+from deepimagine_jax.eval import metrics, predictions, report, run
 from deepimagine_jax.tokenizer import Tokenizer
 
 PROMPT_LEN = 128
@@ -55,7 +55,7 @@ def _cfg(**kw):
 
 def _same(a, b):
   for cat in a:
-    for m in ct_open_metrics.METRICS:
+    for m in metrics.METRICS:
       assert a[cat][m] == pytest.approx(b[cat][m]), (cat, m)
 
 
@@ -167,7 +167,7 @@ def test_evaluate_pairs(policy, built_pairs, tmp_path, capsys):
   assert pair_names <= set(results)
   for name in pair_names:
     overall = results[name]["overall"]
-    for m in ct_open_metrics.METRICS:
+    for m in metrics.METRICS:
       assert np.isfinite(overall[m]), (name, m)
     assert 0.0 <= overall["balanced_accuracy"] <= 1.0 and overall["cross_entropy"] > 0
     want_n = N_MODEL_PAIRS if name == "pairs/model_score" else len(eval_p)
@@ -189,7 +189,7 @@ def test_evaluate_pairs(policy, built_pairs, tmp_path, capsys):
   subset = run.model_subset(expect_eval, N_MODEL_PAIRS)
   assert [t["id"] for t in traj] == [ex["id"] for ex in subset]
   _same(results["pairs/model_score"],
-        ct_open_metrics.score_questions(subset, [t["probs"] for t in traj]))
+        metrics.score_questions(subset, [t["probs"] for t in traj]))
   for t in traj:
     assert sum(t["probs"]) == pytest.approx(1.0)
 

@@ -40,7 +40,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from deepimagine_jax.eval import ct_open_metrics
+from deepimagine_jax.eval import metrics, report
 
 RF_TREES = 100
 RF_SEEDS = (0, 1, 2)
@@ -70,7 +70,7 @@ def outcome_class(q: Mapping) -> int:
   """1 if the question's true option is the positive / significant one, else 0."""
   options, label = q["options"], int(q["label"])
   if len(options) == 3:
-    return int(label != ct_open_metrics.no_difference_index(options))
+    return int(label != metrics.no_difference_index(options))
   return int(label == positive_index(options))
 
 
@@ -79,7 +79,7 @@ def probs_from_positive(q: Mapping, p_pos: float) -> np.ndarray:
   options = q["options"]
   if len(options) == 3:
     out = np.full(3, p_pos / 2.0)
-    out[ct_open_metrics.no_difference_index(options)] = 1.0 - p_pos
+    out[metrics.no_difference_index(options)] = 1.0 - p_pos
     return out
   out = np.empty(2)
   pos = positive_index(options)
@@ -194,7 +194,7 @@ def run_baselines(train_questions: Sequence[Mapping], eval_questions: Sequence[M
                   rf_seeds: Sequence[int] = RF_SEEDS) -> dict:
   """name -> CT Open metrics dict (per category + "overall"), runs averaged."""
   runs = baseline_probs(train_questions, eval_questions, rf_seeds)
-  return {name: ct_open_metrics.score_runs(eval_questions, r) for name, r in runs.items()}
+  return {name: metrics.score_runs(eval_questions, r) for name, r in runs.items()}
 
 
 def anchor_features(pairs: Sequence[Mapping]) -> np.ndarray:
@@ -233,37 +233,8 @@ def pair_baselines(train_pairs: Sequence[Mapping], eval_pairs: Sequence[Mapping]
       for s in _seeds(name, rf_seeds):
         p = _fit_predict(name, s, X_train, y, X_eval)
         runs.append([probs_from_positive(q, pi) for q, pi in zip(eval_pairs, p)])
-      out[key + suffix] = ct_open_metrics.score_runs(eval_pairs, runs)
+      out[key + suffix] = metrics.score_runs(eval_pairs, runs)
   return out
-
-
-def format_table(results: Mapping[str, Mapping], digits: int = 3) -> str:
-  """Markdown table: one row per model, one column per category and overall.
-
-  Each cell is "class-balanced accuracy / macro-F1 / cross-entropy".
-  """
-  cols = sorted({k for m in results.values() for k in m if k != "overall"},
-                key=ct_open_metrics.category_order) + ["overall"]
-  head = "| model | " + " | ".join(
-      f"{c} (n={_n(results, c)})" for c in cols) + " |"
-  lines = [f"Cells: class-balanced accuracy / macro-F1 / cross-entropy (nats).", "",
-           head, "|" + "---|" * (len(cols) + 1)]
-  for name, m in results.items():
-    cells = []
-    for c in cols:
-      if c in m:
-        cells.append(" / ".join(f"{m[c][k]:.{digits}f}" for k in ct_open_metrics.METRICS))
-      else:
-        cells.append("-")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def _n(results: Mapping, col: str):
-  for m in results.values():
-    if col in m:
-      return m[col].get("n", "?")
-  return "?"
 
 
 def main():
@@ -271,12 +242,12 @@ def main():
   from data_pipeline.build_report import BuildReport
   from data_pipeline.ct_open import read_questions
   root = data_root.resolve_data_root(None)
-  report = BuildReport()
-  train = read_questions(root / "ct_open" / "Winter_2025.pickle", report, split="train")
-  evals = read_questions(root / "ct_open" / "Summer_2025.pickle", report, split="eval")
+  counts = BuildReport()
+  train = read_questions(root / "ct_open" / "Winter_2025.pickle", counts, split="train")
+  evals = read_questions(root / "ct_open" / "Summer_2025.pickle", counts, split="eval")
   print(f"CT Open baselines, trained on Winter 2025 ({len(train)} questions), "
         f"scored on Summer 2025 ({len(evals)} questions)\n")
-  print(format_table(run_baselines(train, evals)))
+  print(report.format_table(run_baselines(train, evals)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ after the d-th change, and its argmax option sentence becomes the current result
 of step d + 1. The last step's option distribution is that anchor's prediction;
 the k predictions are combined by the mean of probabilities or the normalised
 geometric mean. Every step of every chain at the same depth is scored in one
-batched call (model_eval.option_probs_by_scoring), so the number of calls is the
+batched call (scoring.option_probs_by_scoring), so the number of calls is the
 longest chain, not the number of targets. Targets without a chain fall back to
 the direct answer and are counted.
 """
@@ -19,11 +19,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from data_pipeline import templates
-from deepimagine_jax.eval import ct_open_metrics
-from deepimagine_jax.eval import model_eval
+from deepimagine_jax.eval import metrics
+from deepimagine_jax.eval import scoring
 
 AGGREGATES = ("mean", "geometric")
-EPS = ct_open_metrics.EPS
+EPS = metrics.EPS
 
 
 def chain_target_id(chain: Mapping) -> str:
@@ -116,7 +116,7 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Mapping], chains: Seq
       prompt, _ = templates.render_chain_step(ch, depth, current[w])
       step_examples.append({"id": f"{ch['id']}#step{depth}", "options": ch["options"],
                             "prompt": prompt})
-    probs = model_eval.option_probs_by_scoring(graphdef, params, tokenizer, step_examples,
+    probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, step_examples,
                                                prompt_len=prompt_len, batch_size=batch_size)
     calls += 1
     steps += len(live)
@@ -124,9 +124,9 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Mapping], chains: Seq
       i, ch = walks[w]
       n = len(ch["options"])
       p = p3[:n]
-      choice = ct_open_metrics.choose(p)
+      choice = metrics.choose(p)
       last = depth == len(ch["factors"]) - 1
-      trajectories.append(model_eval.trajectory(
+      trajectories.append(scoring.trajectory(
           {**targets[i], "prompt": ex["prompt"]}, templates.decision_line(n, choice), p,
           method="imagining", chain_id=ch["id"], step=depth, n_steps=len(ch["factors"]),
           final=last, factor=ch["factors"][depth].get("factor", ""),
@@ -136,11 +136,11 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Mapping], chains: Seq
         final[w] = p
     depth += 1
 
-  out = np.zeros((len(targets), model_eval.MAX_OPTIONS), np.float64)
+  out = np.zeros((len(targets), scoring.MAX_OPTIONS), np.float64)
   fallback = [i for i in range(len(targets)) if i not in chosen]
   if fallback:
     if direct_probs is None:
-      fb = model_eval.option_probs_by_scoring(
+      fb = scoring.option_probs_by_scoring(
           graphdef, params, tokenizer, [targets[i] for i in fallback],
           prompt_len=prompt_len, batch_size=batch_size)
     else:

@@ -23,7 +23,7 @@ import numpy as np
 from data_pipeline import safe_pickle
 from data_pipeline.build_report import BuildReport
 from deepimagine_jax import rewards
-from deepimagine_jax.eval import ct_open_metrics
+from deepimagine_jax.eval import metrics
 
 Key = tuple  # (nct_id: str, endpoint_str: str, question_index: int)
 SOURCE = "predictions"
@@ -183,9 +183,9 @@ def score_predictions(questions: Sequence[Mapping], runs: Sequence[Mapping],
   per_run, failures = [], {}
   for preds in runs:
     probs, counts = probs_from_predictions(questions, preds, on_error)
-    per_run.append(ct_open_metrics.score_questions(questions, probs))
+    per_run.append(metrics.score_questions(questions, probs))
     for k, v in counts.items():
       failures[k] = failures.get(k, 0) + v
-  out = ct_open_metrics.average_runs(per_run)
+  out = metrics.average_runs(per_run)
   out["overall"]["failures"] = failures
   return out

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from deepimagine_jax.eval import baselines, ct_open_metrics
+from deepimagine_jax.eval import metrics
 from deepimagine_jax.eval.predictions import atomic_write
 
 FILES = ("metrics.json", "report.md", "loss.png", "reward.png",
@@ -47,6 +47,35 @@ def read_metrics_log(path: str | os.PathLike) -> tuple[list[dict], int]:
   if skipped:
     logging.warning("%s: skipped %d malformed metrics lines", path, skipped)
   return rows, skipped
+
+
+def format_table(results: Mapping[str, Mapping], digits: int = 3) -> str:
+  """Markdown table: one row per model, one column per category and overall.
+
+  Each cell is "class-balanced accuracy / macro-F1 / cross-entropy".
+  """
+  cols = sorted({k for m in results.values() for k in m if k != "overall"},
+                key=metrics.category_order) + ["overall"]
+  head = "| model | " + " | ".join(
+      f"{c} (n={_n(results, c)})" for c in cols) + " |"
+  lines = ["Cells: class-balanced accuracy / macro-F1 / cross-entropy (nats).", "",
+           head, "|" + "---|" * (len(cols) + 1)]
+  for name, m in results.items():
+    cells = []
+    for c in cols:
+      if c in m:
+        cells.append(" / ".join(f"{m[c][k]:.{digits}f}" for k in metrics.METRICS))
+      else:
+        cells.append("-")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _n(results: Mapping, col: str):
+  for m in results.values():
+    if col in m:
+      return m[col].get("n", "?")
+  return "?"
 
 
 def series(rows: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +170,7 @@ def plot_accuracy(results: Mapping[str, Mapping], path: pathlib.Path):
   fig = _new_figure(8, 4)
   ax = fig.add_subplot()
   cols = sorted({k for m in results.values() for k in m if k != "overall"},
-                key=ct_open_metrics.category_order) + ["overall"]
+                key=metrics.category_order) + ["overall"]
   if not results:
     _no_data(ax, "results")
   else:
@@ -263,7 +292,7 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
                  trajectories: Sequence[Mapping] = ()) -> dict:
   """Writes every file in FILES into report_dir; returns name -> path.
 
-  results: model name -> CT Open metrics dict (ct_open_metrics.score / the
+  results: model name -> CT Open metrics dict (metrics.score / the
   baselines); metrics_logs: JSON-lines training logs (missing files are noted
   and skipped); trajectories: dicts with prompt, completion, probs, label,
   correct, perturbation, category.
@@ -301,7 +330,7 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
   atomic_write(paths["metrics.json"],
                json.dumps(_jsonable(summary), indent=2, sort_keys=True).encode("utf-8"))
   md = ["# Run report", "", "## CT Open results", "",
-        baselines.format_table(results) if results else "(no results)", "",
+        format_table(results) if results else "(no results)", "",
         "![accuracy per category](accuracy_per_category.png)", "",
         "## Training", "", "![loss](loss.png) ![reward](reward.png)", "",
         "## Calibration", "",

@@ -1,6 +1,6 @@
 """The evaluation entry: baselines, the model's direct answers, successive imagining, one report.
 
-Everything is scored by the same code (ct_open_metrics) on the same questions:
+Everything is scored by the same code (metrics) on the same questions:
 CT Open Summer 2025 (source "ct_open", split "eval"). The baselines train on the
 CT Open Winter 2025 questions (source "ct_open", kind "question", any other
 split) and always use all eval questions; the model parts respect
@@ -15,7 +15,7 @@ are evaluated too, under names "pairs/<name>": the TF-IDF learners without and
 with anchor features (baselines.pair_baselines; trained on the train and rl
 splits' pairs, the data the model learns from; dev stays held out) on every
 eval-split pair, and the model in scoring mode on at most eval_cfg.max_pairs of
-them, all scored by ct_open_metrics. A pair's category is its target's CT Open
+them, all scored by metrics. A pair's category is its target's CT Open
 category, else "<n>-way/pair".
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from data_pipeline import templates
-from deepimagine_jax.eval import baselines, ct_open_metrics, imagining, model_eval
+from deepimagine_jax.eval import baselines, imagining, metrics, scoring
 from deepimagine_jax.eval import predictions, report
 from deepimagine_jax.eval.predictions import atomic_write
 
@@ -178,14 +178,14 @@ def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg, *, pro
   if graphdef is not None:
     subset = model_subset(evals, eval_cfg.max_pairs)
     t0 = time.perf_counter()
-    probs = model_eval.option_probs_by_scoring(graphdef, params, tokenizer, subset,
+    probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, subset,
                                                prompt_len=prompt_len,
                                                batch_size=eval_cfg.batch_size)
     info["model_seconds"] = time.perf_counter() - t0
     info["model_pairs"] = len(subset)
-    probs_list = model_eval.trimmed(probs, subset)
-    results[PAIR_PREFIX + "model_score"] = ct_open_metrics.score_questions(subset, probs_list)
-    traj = [model_eval.trajectory(ex, templates.decision_line(len(p), ct_open_metrics.choose(p)),
+    probs_list = scoring.trimmed(probs, subset)
+    results[PAIR_PREFIX + "model_score"] = metrics.score_questions(subset, probs_list)
+    traj = [scoring.trajectory(ex, templates.decision_line(len(p), metrics.choose(p)),
                                   p, method="pair_score", anchor_id=ex["anchor"].get("id", ""))
             for ex, p in zip(subset, probs_list)]
     write_jsonl(out_dir / "trajectories_pairs_model_score.jsonl", traj)
@@ -233,11 +233,11 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
   if graphdef is not None:
     subset = model_subset(questions, eval_cfg.max_questions)
     t0 = time.perf_counter()
-    metrics, traj, preds_runs = model_eval.evaluate_policy(
+    scores, traj, preds_runs = scoring.evaluate_policy(
         graphdef, params, tokenizer, subset, eval_cfg, prompt_len=prompt_len, seed=seed)
     extra["model_seconds"] = time.perf_counter() - t0
     name = f"model_{eval_cfg.mode}"
-    results[name] = metrics
+    results[name] = scores
     write_predictions(out_dir, name, preds_runs)
     write_jsonl(out_dir / f"trajectories_{name}.jsonl", traj)
     trajectories.extend(traj)
@@ -245,7 +245,7 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
     if eval_cfg.imagining:
       direct = None
       if eval_cfg.mode == "score":  # reuse the direct scores for the fallback
-        direct = np.zeros((len(subset), model_eval.MAX_OPTIONS))
+        direct = np.zeros((len(subset), scoring.MAX_OPTIONS))
         for i, t in enumerate(traj):
           direct[i, :len(t["probs"])] = t["probs"]
       t0 = time.perf_counter()
@@ -257,16 +257,16 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
           exclude_anchor_trials={str(q["trial_id"]) for q in questions})
       stats["seconds"] = time.perf_counter() - t0
       name = "model_imagining"
-      probs_list = model_eval.trimmed(probs, subset)
-      metrics = ct_open_metrics.score_questions(subset, probs_list)
-      metrics["overall"]["imagining"] = stats
-      results[name] = metrics
+      probs_list = scoring.trimmed(probs, subset)
+      scores = metrics.score_questions(subset, probs_list)
+      scores["overall"]["imagining"] = stats
+      results[name] = scores
       extra["imagining"] = stats
       preds = {predictions.question_key(q): predictions.format_decision(p)
-               for q, p in zip(subset, probs_list) if model_eval.has_key(q)}
+               for q, p in zip(subset, probs_list) if scoring.has_key(q)}
       write_predictions(out_dir, name, [preds])
       write_jsonl(out_dir / f"trajectories_{name}.jsonl", steps)
-      final = [model_eval.trajectory(q, templates.decision_line(len(p), ct_open_metrics.choose(p)),
+      final = [scoring.trajectory(q, templates.decision_line(len(p), metrics.choose(p)),
                                      p, method="imagining")
                for q, p in zip(subset, probs_list)]
       trajectories.extend(final)
@@ -282,11 +282,11 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
                json.dumps({"results": results, **extra}, indent=2, sort_keys=True,
                           default=_json_default).encode("utf-8"))
   report.write_report(workdir / "report", report_view(results), metrics_logs, trajectories)
-  print(baselines.format_table({k: v for k, v in results.items() if k not in pair_results}))
+  print(report.format_table({k: v for k, v in results.items() if k not in pair_results}))
   if pair_results:
     p = extra["pairs"]
     print(f"Counterfactual pairs (eval split): baselines on all {p['eval_pairs']} pairs "
           f"(trained on {p['train_pairs']} {'+'.join(p['train_splits'])} pairs), model on "
           f"{p.get('model_pairs', 0)}; skipped {p['skipped']}\n")
-    print(baselines.format_table(pair_results))
+    print(report.format_table(pair_results))
   return results

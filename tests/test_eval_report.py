@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepimagine_jax.eval import ct_open_metrics as M
+from deepimagine_jax.eval import metrics as M
 from deepimagine_jax.eval import report as R
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

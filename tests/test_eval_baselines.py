@@ -5,7 +5,8 @@ import pytest
 from data_pipeline.build_report import BuildReport
 from data_pipeline.ct_open import read_questions
 from deepimagine_jax.eval import baselines as B
-from deepimagine_jax.eval import ct_open_metrics as M
+from deepimagine_jax.eval import metrics as M
+from deepimagine_jax.eval import report
 
 # Published overall (class-balanced accuracy, macro-F1), trained on Winter 2025,
 # scored on Summer 2025.
@@ -50,7 +51,7 @@ def test_learned_beat_uniform_and_are_finite(results):
     assert results[name]["overall"]["cross_entropy"] < results["uniform"]["overall"]["cross_entropy"]
   assert results["uniform"]["2-way/explicit"]["cross_entropy"] == pytest.approx(np.log(2))
   assert results["uniform"]["3-way/explicit"]["cross_entropy"] == pytest.approx(np.log(3))
-  table = B.format_table(results)
+  table = report.format_table(results)
   assert table.count("\n| ") == 5 and "3-way/explicit (n=49)" in table
 
 

@@ -12,7 +12,7 @@ from data_pipeline import ct_open, pairs, templates
 from data_pipeline.build_report import BuildReport
 from deepimagine_jax import model as M
 from deepimagine_jax.config import ModelConfig
-from deepimagine_jax.eval import imagining, model_eval
+from deepimagine_jax.eval import imagining, scoring
 from deepimagine_jax.tokenizer import Tokenizer
 
 PROMPT_LEN = 128
@@ -56,7 +56,7 @@ def policy(data, tmp_path_factory):
 
 def _score(policy, examples):
   tok, graphdef, params = policy
-  return model_eval.option_probs_by_scoring(graphdef, params, tok, examples,
+  return scoring.option_probs_by_scoring(graphdef, params, tok, examples,
                                             prompt_len=PROMPT_LEN, batch_size=BATCH)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from data_pipeline import safe_pickle
 from data_pipeline.build_report import BuildReport
-from deepimagine_jax.eval import ct_open_metrics as M
+from deepimagine_jax.eval import metrics as M
 from deepimagine_jax.eval import predictions as P
 
 EP = "{'measure': 'Change in HbA1c', 'description': 'x', 'timeFrame': '12 weeks'}"

@@ -16,7 +16,7 @@ from deepimagine_jax import model as M
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
 from deepimagine_jax.config import ModelConfig
-from deepimagine_jax.eval import ct_open_metrics, model_eval, predictions
+from deepimagine_jax.eval import metrics, predictions, scoring
 from deepimagine_jax.tokenizer import Tokenizer
 
 PROMPT_LEN = 128
@@ -79,7 +79,7 @@ def _reference_logp(graphdef, params, tok, prompt, candidate):
 
 def test_scoring_matches_per_candidate_loop(policy, tok, questions):
   model, graphdef, params = policy
-  probs = model_eval.option_probs_by_scoring(graphdef, params, tok, questions,
+  probs = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
                                              prompt_len=PROMPT_LEN, batch_size=8)
   assert probs.shape == (len(questions), 3)
   for q, p in zip(questions, probs):
@@ -97,9 +97,9 @@ def test_scoring_matches_per_candidate_loop(policy, tok, questions):
 
 def test_scoring_batch_size_does_not_matter(policy, tok, questions):
   _, graphdef, params = policy
-  a = model_eval.option_probs_by_scoring(graphdef, params, tok, questions,
+  a = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
                                          prompt_len=PROMPT_LEN, batch_size=8)
-  b = model_eval.option_probs_by_scoring(graphdef, params, tok, questions[::-1],
+  b = scoring.option_probs_by_scoring(graphdef, params, tok, questions[::-1],
                                          prompt_len=PROMPT_LEN, batch_size=8)
   np.testing.assert_allclose(a, b[::-1], rtol=1e-5, atol=1e-7)
 
@@ -107,13 +107,13 @@ def test_scoring_batch_size_does_not_matter(policy, tok, questions):
 def test_scoring_rejects_unrendered(policy, tok, questions):
   _, graphdef, params = policy
   with pytest.raises(ValueError, match="prompt"):
-    model_eval.option_probs_by_scoring(graphdef, params, tok, [dict(questions[0], prompt="")],
+    scoring.option_probs_by_scoring(graphdef, params, tok, [dict(questions[0], prompt="")],
                                        prompt_len=PROMPT_LEN, batch_size=8)
 
 
 def test_sampling_runs_and_failures(policy, tok, questions):
   _, graphdef, params = policy
-  probs_runs, texts_runs, failures = model_eval.option_probs_by_sampling(
+  probs_runs, texts_runs, failures = scoring.option_probs_by_sampling(
       graphdef, params, tok, questions, runs=2, temperature=1.0, max_new_tokens=8,
       batch_size=8, prompt_len=PROMPT_LEN, seed=0)
   assert len(probs_runs) == len(texts_runs) == 2
@@ -146,7 +146,7 @@ def test_sampling_parse_accounting(monkeypatch, policy, tok, questions):
     return sampler.SampleOutput(out, lengths, None, None, None, None)
 
   monkeypatch.setattr(sampler, "sample", fake_sample)
-  probs_runs, texts_runs, failures = model_eval.option_probs_by_sampling(
+  probs_runs, texts_runs, failures = scoring.option_probs_by_sampling(
       graphdef, params, tok, questions, runs=1, temperature=1.0, max_new_tokens=20,
       batch_size=8, prompt_len=PROMPT_LEN, seed=0)
   assert [q["options"].__len__() for q in questions] == [2, 2, 3, 2, 3]
@@ -169,14 +169,14 @@ def _cfg(mode, **kw):
 
 def test_evaluate_policy_score(policy, tok, questions):
   _, graphdef, params = policy
-  metrics, traj, preds_runs = model_eval.evaluate_policy(
+  scores, traj, preds_runs = scoring.evaluate_policy(
       graphdef, params, tok, questions, _cfg("score"), prompt_len=PROMPT_LEN)
-  probs = model_eval.option_probs_by_scoring(graphdef, params, tok, questions,
+  probs = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
                                              prompt_len=PROMPT_LEN, batch_size=8)
-  ref = ct_open_metrics.score_questions(questions, model_eval.trimmed(probs, questions))
+  ref = metrics.score_questions(questions, scoring.trimmed(probs, questions))
   for cat in ref:
-    for m in ct_open_metrics.METRICS:
-      assert metrics[cat][m] == pytest.approx(ref[cat][m])
+    for m in metrics.METRICS:
+      assert scores[cat][m] == pytest.approx(ref[cat][m])
   assert len(preds_runs) == 1 and len(traj) == len(questions)
   rescored = predictions.score_predictions(questions, preds_runs)
   assert rescored["overall"]["cross_entropy"] == pytest.approx(ref["overall"]["cross_entropy"])
@@ -190,16 +190,16 @@ def test_evaluate_policy_score(policy, tok, questions):
 
 def test_evaluate_policy_sample(policy, tok, questions):
   _, graphdef, params = policy
-  metrics, traj, preds_runs = model_eval.evaluate_policy(
+  scores, traj, preds_runs = scoring.evaluate_policy(
       graphdef, params, tok, questions, _cfg("sample"), prompt_len=PROMPT_LEN)
   assert len(preds_runs) == 2 and len(traj) == 2 * len(questions)
-  assert metrics["overall"]["runs"] == 2
+  assert scores["overall"]["runs"] == 2
   rescored = predictions.score_predictions(questions, preds_runs)
-  for m in ct_open_metrics.METRICS:
-    assert rescored["overall"][m] == pytest.approx(metrics["overall"][m])
+  for m in metrics.METRICS:
+    assert rescored["overall"][m] == pytest.approx(scores["overall"][m])
   n_unparsed = sum(t["probs"] is None for t in traj)
-  assert sum(metrics["overall"]["failures"].values()) == n_unparsed
+  assert sum(scores["overall"]["failures"].values()) == n_unparsed
   assert sum(v for k, v in rescored["overall"]["failures"].items() if k != "missing") == n_unparsed
   with pytest.raises(ValueError, match="mode"):
-    model_eval.evaluate_policy(graphdef, params, tok, questions, _cfg("beam"),
+    scoring.evaluate_policy(graphdef, params, tok, questions, _cfg("beam"),
                                prompt_len=PROMPT_LEN)

@@ -28,7 +28,7 @@ from data_pipeline.grain_pipeline import rl_prompt
 from deepimagine_jax import model as model_lib
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
-from deepimagine_jax.eval import ct_open_metrics, predictions
+from deepimagine_jax.eval import metrics, predictions
 
 MAX_OPTIONS = 3
 
@@ -221,7 +221,7 @@ def trajectory(ex: Mapping, completion: str, probs, **extra) -> dict:
   p = None if probs is None else [float(x) for x in probs]
   return {"id": ex.get("id", ""), "prompt": ex.get("prompt", ""), "completion": completion,
           "probs": p, "label": label,
-          "correct": p is not None and ct_open_metrics.choose(p) == label,
+          "correct": p is not None and metrics.choose(p) == label,
           "perturbation": ex.get("perturbation", ""), "category": ex.get("category", ""),
           **extra}
 
@@ -232,7 +232,7 @@ def has_key(ex: Mapping) -> bool:
 
 def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping], eval_cfg, *,
                     prompt_len: int, seed: int = 0):
-  """(metrics, trajectories, predictions_runs) for one policy on CT Open questions.
+  """(scores, trajectories, predictions_runs) for one policy on CT Open questions.
 
   eval_cfg: the eval config section (mode, runs, temperature, max_new_tokens,
   batch_size). predictions_runs is a list of benchmark prediction dicts, one per
@@ -245,7 +245,7 @@ def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping
     probs = option_probs_by_scoring(graphdef, params, tokenizer, examples,
                                     prompt_len=prompt_len, batch_size=eval_cfg.batch_size)
     runs = [trimmed(probs, examples)]
-    texts_runs = [[templates.decision_line(len(p), ct_open_metrics.choose(p)) for p in runs[0]]]
+    texts_runs = [[templates.decision_line(len(p), metrics.choose(p)) for p in runs[0]]]
     pred_texts = [[predictions.format_decision(p) for p in runs[0]]]
     failures = {}
   elif mode == "sample":
@@ -257,8 +257,8 @@ def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping
     pred_texts = texts_runs
   else:
     raise ValueError(f"eval mode must be 'score' or 'sample', got {mode!r}")
-  metrics = ct_open_metrics.score_runs(examples, runs)
-  metrics["overall"]["failures"] = dict(failures)
+  scores = metrics.score_runs(examples, runs)
+  scores["overall"]["failures"] = dict(failures)
   trajectories, preds_runs = [], []
   for r, (probs_r, texts_r, ptexts_r) in enumerate(zip(runs, texts_runs, pred_texts)):
     preds = {}
@@ -270,4 +270,4 @@ def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping
     preds_runs.append(preds)
   if failures:
     logging.info("evaluate_policy: %s parse failures over %d runs", failures, len(runs))
-  return metrics, trajectories, preds_runs
+  return scores, trajectories, preds_runs

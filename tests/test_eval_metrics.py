@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from deepimagine_jax.eval import ct_open_metrics as M
+from deepimagine_jax.eval import metrics as M
 
 OPTS2 = ["The endpoint is met.", "This endpoint is not met."]
 OPTS3_NODIFF_MIDDLE = [
