@@ -2,7 +2,7 @@
 
 Formulation (chosen because it reproduces the published Winter -> Summer figures,
 LR .577 / .563 and RF .549 / .531 class-balanced accuracy / macro-F1, within
-0.02; measured .583 / .581 and .558 / .549, see tests/test_baselines.py):
+0.02; measured .583 / .581 and .558 / .549, see tests/test_eval_baselines.py):
   * every question is reduced to one binary "outcome class": 1 = the positive
     option is true (the endpoint is met / the arm achieved a significant
     improvement / a significant difference in a 3-way question), 0 = not;

@@ -15,7 +15,7 @@ Follows the benchmark's own evaluation (CT_Open `evaluations/evaluation.py`) and
 
 With these definitions the published Winter->Summer figures for uniform scores
 (.500 / .287) and the per-category majority class (.500 / .429) are reproduced
-exactly (see tests/test_baselines.py).
+exactly (see tests/test_eval_baselines.py).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Scoring: each option i of a question gets the candidate completion
 `templates.decision_line(n, i)` + EOS (the exact tokens SFT trains on:
 `[BOS] prompt completion [EOS]`, prompt and completion encoded separately), its
 log-likelihood given the prompt is computed in one jitted call per batch of
-questions (the prompt runs once into a KV cache, each option's candidate runs
-against it), and the options of a question are softmax-normalised.
+questions (prefix.py: the prompt runs once into a KV cache, fanned out to the
+option candidates), and the options of a question are softmax-normalised.
 Deterministic, no parse failures, and it reads the model's whole belief rather
 than one draw.
 
@@ -25,7 +25,7 @@ from flax import nnx
 
 from data_pipeline import templates
 from data_pipeline.grain_pipeline import rl_prompt
-from deepimagine_jax import model as model_lib
+from deepimagine_jax import prefix
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
 from deepimagine_jax.eval import metrics, predictions
@@ -36,39 +36,21 @@ MAX_OPTIONS = 3
 # Scoring ---------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _candidate_logprobs(graphdef, params, prompt_BP, pmask_BP, cand_BOC, cmask_BOC):
-  """log p(candidate o | prompt) for every row and option slot: [B, O] float32.
+def _option_logprobs(graphdef, params, prompt_BP, prompt_mask_BP, candidates_BOT,
+                     candidate_mask_BOT):
+  """log p(candidate o | prompt) for every question and option slot: [B, O] float32.
 
-  The prompt (left-padded, pmask 1 on real tokens) is run once into a KV cache
-  of P + C slots; each option's candidate (right-padded, cmask 1 on real tokens)
-  is then run from slot P against that cache, overwriting the same C slots, so
-  the shared prompt is computed once rather than once per option. Option slots
-  with an all-zero cmask score 0 (a 2-option question's third slot).
+  The shared-prefix forward (prefix.py): each prompt runs once into a KV cache,
+  which is fanned out to its O candidates (row b*O + o), as the GRPO trainer
+  does for its G completions. Padding after a candidate's end is masked out; an
+  option slot with an all-zero mask scores 0 (a 2-option question's third slot).
   """
   model = nnx.merge(graphdef, params)
-  cfg = model.cfg
-  B, Pl = prompt_BP.shape
-  O, C = cand_BOC.shape[1:]
-  pmask_BP = pmask_BP.astype(bool)
-  positions_BP = jnp.maximum(jnp.cumsum(pmask_BP, axis=1) - 1, 0).astype(jnp.int32)
-  cache = model_lib.init_cache(cfg, B, Pl + C, cfg.compute_dtype)
-  kv_valid_BL = jnp.concatenate([pmask_BP, jnp.zeros((B, C), bool)], axis=1)
-  logits_BPV, cache = model(prompt_BP, positions_BP, cache=cache, cache_index=0,
-                            kv_valid_BS=kv_valid_BL)
-  first_logp_BV = jax.nn.log_softmax(logits_BPV[:, -1].astype(jnp.float32), axis=-1)
-  start_B = jnp.sum(pmask_BP, axis=1).astype(jnp.int32)
-  out = []
-  for o in range(O):
-    tok_BC, m_BC = cand_BOC[:, o], cmask_BOC[:, o] > 0
-    kv_valid_BL = jnp.concatenate([pmask_BP, m_BC], axis=1)
-    pos_BC = start_B[:, None] + jnp.arange(C, dtype=jnp.int32)[None]
-    logits_BCV, _ = model(tok_BC, pos_BC, cache=cache, cache_index=Pl, kv_valid_BS=kv_valid_BL)
-    logp_BCV = jax.nn.log_softmax(logits_BCV[:, :-1].astype(jnp.float32), axis=-1)
-    rest_BC = jnp.take_along_axis(logp_BCV, tok_BC[:, 1:, None], axis=-1)[..., 0]
-    first_B = jnp.take_along_axis(first_logp_BV, tok_BC[:, :1], axis=-1)[:, 0]
-    out.append(jnp.where(m_BC[:, 0], first_B, 0.0)
-               + jnp.sum(jnp.where(m_BC[:, 1:], rest_BC, 0.0), axis=1))
-  return jnp.stack(out, axis=1)
+  B, O, T = candidates_BOT.shape
+  logp_BOT = prefix.continuation_logprobs(model, prompt_BP, prompt_mask_BP,
+                                          candidates_BOT.reshape(B * O, T),
+                                          group_size=O).reshape(B, O, T)
+  return jnp.sum(jnp.where(candidate_mask_BOT > 0, logp_BOT, 0.0), axis=-1)
 
 
 def candidate_tokens(tokenizer, n_options: int) -> list[list[int]]:
@@ -126,8 +108,8 @@ def candidate_logprobs(graphdef, params, arrays, batch_size: int) -> np.ndarray:
   out = []
   for s in range(0, n, batch_size):
     e = min(s + batch_size, n)
-    lp_BO = _candidate_logprobs(graphdef, params,
-                                *(jnp.asarray(_pad_rows(x[s:e], batch_size)) for x in arrays))
+    lp_BO = _option_logprobs(graphdef, params,
+                             *(jnp.asarray(_pad_rows(x[s:e], batch_size)) for x in arrays))
     out.append((s, e, lp_BO))  # dispatch every batch before reading any back
   res = np.zeros((n, MAX_OPTIONS), np.float64)
   for s, e, lp_BO in out:
