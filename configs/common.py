@@ -26,7 +26,7 @@ def data() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.root = ""  # "" -> $DEEPIMAGINE_DATA, else ../shared/data, else download CT Open
   c.build_dir = ""  # "" -> <workdir>/data ; reused when its fingerprint matches
-  c.sources = "ct_open,ctgov_xml,ctgov_json"  # also: evidence_inference
+  c.sources = ("ct_open", "ctgov_xml", "ctgov_json")  # also: evidence_inference, synthetic
   c.seed = 0
   c.vocab_size = 8000
   c.seq_len = 512  # SFT sequence length (prompt + completion)
@@ -63,7 +63,7 @@ def sft(steps: int = 300, batch: int = 16) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every = 10
   c.resume = True
-  c.kinds = "question,natural_pair"  # which example kinds train the SFT stage
+  c.kinds = ("question", "natural_pair")  # which example kinds train the SFT stage
   c.optimizer = optimizer(lr=1e-3, steps=steps, warmup=min(20, steps))
   return c
 
@@ -80,8 +80,8 @@ def eval_() -> ml_collections.ConfigDict:
   c.imagining_k = 2
   c.aggregate = "mean"  # how the k anchors' final distributions combine: mean | geometric
   c.baselines = True
-  c.rf_seeds = "0,1,2"
+  c.rf_seeds = (0, 1, 2)
   c.pair_eval = True  # also the eval split's counterfactual pairs ("pairs/" results)
   c.max_pairs = 300  # pairs the model scores, evenly spread (0 = all); baselines use all
-  c.checkpoint = ""  # a run's workdir (its checkpoints/) or "" = this workdir
+  c.checkpoint = ""  # eval job: a finished run's workdir, whose exported policy/ is evaluated
   return c

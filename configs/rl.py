@@ -22,8 +22,8 @@ from configs import common
 def rl_section(steps: int) -> ml_collections.ConfigDict:
   r = ml_collections.ConfigDict()
   r.steps = steps
-  r.splits = "rl"  # prompt source; trials here never appear in SFT or eval
-  r.kinds = "question,approximate_pair,chain"
+  r.splits = ("rl",)  # prompt source; trials here never appear in SFT or eval
+  r.kinds = ("question", "approximate_pair", "chain")
   r.prompts_per_step = 8
   r.group_size = 4
   r.max_new_tokens = 16
@@ -37,7 +37,7 @@ def rl_section(steps: int) -> ml_collections.ConfigDict:
   r.scale_by_std = True
   r.mu = 1
   r.recompute_old_logprobs = False
-  r.reward_weights = "correctness=1.0,format=0.1"  # any registered reward: log_prob, brier
+  r.reward_weights = (("correctness", 1.0), ("format", 0.1))  # any registered reward: log_prob, brier
   r.cache_dtype = "float32"
   r.checkpoint_every = 25
   r.keep_checkpoints = 3
@@ -59,21 +59,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.seq_len = 400  # the longest rendered training example is 388 tokens
   c.data.prompt_len = 384  # left-truncated; keeps the options and the question
   c.sft = common.sft(steps=60, batch=16)
-  c.sft.kinds = "question,natural_pair"
+  c.sft.kinds = ("question", "natural_pair")
   c.sft.checkpoint_every = 20
   c.rl = rl_section(steps=60)
   c.eval = common.eval_()
   if variant == "tiny":
     c.workdir = "runs/rl_tiny"
     c.model.preset = "tiny"
-    c.data.sources = "synthetic,ct_open"  # CT Open Summer 2025 is the eval set
+    c.data.sources = ("synthetic", "ct_open")  # CT Open Summer 2025 is the eval set
     c.data.vocab_size = 512
     c.data.seq_len = 64
     c.data.prompt_len = 48
     c.sft = common.sft(steps=4, batch=8)
-    c.sft.kinds = "synthetic"
+    c.sft.kinds = ("synthetic",)
     c.rl = rl_section(steps=3)
-    c.rl.kinds = "synthetic"
+    c.rl.kinds = ("synthetic",)
     c.rl.max_new_tokens = 8
     c.eval.imagining = False
     c.eval.baselines = False

@@ -21,11 +21,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant == "tiny":
     c.workdir = "runs/sft_tiny"
     c.model.preset = "tiny"
-    c.data.sources = "synthetic"
+    c.data.sources = ("synthetic",)
     c.data.vocab_size = 320
     c.data.seq_len = 64
     c.sft = common.sft(steps=3, batch=8)
-    c.sft.kinds = "synthetic"
+    c.sft.kinds = ("synthetic",)
     c.sft.log_every = 1
   elif variant:
     raise ValueError(f"configs/sft.py: unknown variant {variant!r} (have: tiny)")

@@ -1,10 +1,20 @@
-"""The model's shape and numerics as a frozen dataclass, with named presets."""
+"""Typed configs: the ConfigDict becomes these frozen dataclasses once, in jobs.py.
+
+`configs/*.py` declare every key once; here each section has one dataclass with
+no defaults of its own, so a key is never read with a silent default. List-valued
+keys are tuples in the configs and here. `ModelConfig` is the model's shape and
+numerics, with named presets; `DataConfig` lives in data_pipeline (the pipeline
+knows nothing of deepimagine_jax) and is re-exported here.
+"""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+
+from data_pipeline.config import DataConfig  # noqa: F401 - re-exported: one place for configs
+from deepimagine_jax import rewards
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,3 +142,188 @@ class ModelConfig:
                head_dim=128, mlp_dim=14336, rope_base=500_000.0,
                rope_scaling=RopeScaling(), qk_norm=False, tie_embeddings=False,
                norm_eps=1e-5, max_seq_len=131_072)
+
+
+# Run sections: one dataclass per config section, fields = the section's keys. --------
+
+def _section(cls, section, **built):
+  """cls(**section) with nested sections passed in `built`; a key cls lacks is an error."""
+  d = dict(section)
+  d.update(built)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"{cls.__name__}: config keys {unknown} are not fields")
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int  # -1: all devices the other axes leave
+  fsdp: int
+  tensor: int
+  multihost: bool  # jax.distributed.initialize() before anything else (launch/main.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  """`config.model`: which model, in which numerics (the shape is `ModelConfig`)."""
+  preset: str  # a ModelConfig classmethod, when hf_checkpoint is ""
+  dtype: str
+  param_dtype: str
+  remat: bool
+  hf_checkpoint: str  # a Hugging Face folder (config.json + *.safetensors) to start from
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float
+  warmup_steps: int
+  total_steps: int
+  end_lr_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip_norm: float  # <= 0 disables clipping
+  grad_accum_steps: int  # read by the trainer (lax.scan), not by optax
+
+  def __post_init__(self):
+    if self.learning_rate <= 0:
+      raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
+    if self.total_steps < 1:
+      raise ValueError(f"OptimizerConfig.total_steps must be >= 1, got {self.total_steps}")
+    if not 0 <= self.warmup_steps <= self.total_steps:
+      raise ValueError(
+          f"OptimizerConfig.warmup_steps must be in [0, total_steps={self.total_steps}], "
+          f"got {self.warmup_steps}")
+    if not 0.0 <= self.end_lr_ratio <= 1.0:
+      raise ValueError(f"OptimizerConfig.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+    if self.grad_accum_steps < 1:
+      raise ValueError(f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+  @classmethod
+  def for_run(cls, section, steps: int) -> "OptimizerConfig":
+    """The section's optimizer over a run of `steps` updates (warm-up leaves a decay phase)."""
+    d = dict(section)
+    d["total_steps"] = steps
+    d["warmup_steps"] = min(d["warmup_steps"], steps - 1)
+    return _section(cls, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """What the training loop (loop.py) needs: length, checkpoint grid, logging, resume."""
+  steps: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  log_every: int
+  resume: bool
+
+  @classmethod
+  def of(cls, section) -> "LoopConfig":
+    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  loop: LoopConfig
+  global_batch_size: int
+  kinds: tuple[str, ...]  # example kinds of the train split
+  optimizer: OptimizerConfig
+
+  @classmethod
+  def from_config(cls, section) -> "SFTConfig":
+    loop = LoopConfig.of(section)
+    d = {k: v for k, v in dict(section).items() if k not in LoopConfig.__dataclass_fields__}
+    return _section(cls, d, loop=loop,
+                    optimizer=OptimizerConfig.for_run(section.optimizer, loop.steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  loop: LoopConfig
+  splits: tuple[str, ...]  # prompt source splits
+  kinds: tuple[str, ...]
+  prompts_per_step: int  # distinct prompts; prompts_per_step * group_size sequences
+  group_size: int
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  eps_low: float
+  eps_high: float
+  beta: float  # KL to the reference; 0 skips the reference forward
+  aggregation: str  # "token" | "sequence"
+  scale_by_std: bool
+  mu: int  # updates per rollout batch
+  recompute_old_logprobs: bool
+  reward_weights: tuple[tuple[str, float], ...]
+  cache_dtype: str
+  optimizer: OptimizerConfig
+
+  def __post_init__(self):
+    if self.aggregation not in ("token", "sequence"):
+      raise ValueError(f"rl.aggregation must be 'token' or 'sequence', got {self.aggregation!r}")
+    for name, _ in self.reward_weights:
+      rewards.get_reward(name)  # an unknown reward name fails at start-up
+
+  @classmethod
+  def from_config(cls, section) -> "RLConfig":
+    loop = LoopConfig.of(section)
+    d = {k: v for k, v in dict(section).items() if k not in LoopConfig.__dataclass_fields__}
+    d["reward_weights"] = tuple((str(k), float(w)) for k, w in d["reward_weights"])
+    return _section(cls, d, loop=loop,
+                    optimizer=OptimizerConfig.for_run(section.optimizer, loop.steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  mode: str  # "score": option probabilities from logits; "sample": `runs` sampled answers
+  runs: int
+  temperature: float
+  max_new_tokens: int
+  batch_size: int
+  max_questions: int  # 0 = all
+  imagining: bool
+  imagining_k: int
+  aggregate: str  # how the k anchors' final distributions combine: mean | geometric
+  baselines: bool
+  rf_seeds: tuple[int, ...]
+  pair_eval: bool
+  max_pairs: int  # pairs the model scores, evenly spread (0 = all)
+  checkpoint: str  # a finished run's workdir whose exported policy is evaluated (eval job)
+
+  def __post_init__(self):
+    if self.mode not in ("score", "sample"):
+      raise ValueError(f"eval.mode must be 'score' or 'sample', got {self.mode!r}")
+
+  @classmethod
+  def from_config(cls, section) -> "EvalConfig":
+    return _section(cls, section)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A whole job config, typed once (jobs.py); a section the job's config lacks is None."""
+  job: str
+  workdir: str
+  seed: int
+  data: DataConfig
+  model: ModelSection | None
+  mesh: MeshConfig | None
+  sft: SFTConfig | None
+  rl: RLConfig | None
+  eval: EvalConfig | None
+
+  @classmethod
+  def from_config(cls, config) -> "RunConfig":
+    has = lambda name: name in config
+    return cls(
+        job=config.job, workdir=config.workdir, seed=config.seed,
+        data=_section(DataConfig, config.data),
+        model=_section(ModelSection, config.model) if has("model") else None,
+        mesh=_section(MeshConfig, config.mesh) if has("mesh") else None,
+        sft=SFTConfig.from_config(config.sft) if has("sft") else None,
+        rl=RLConfig.from_config(config.rl) if has("rl") else None,
+        eval=EvalConfig.from_config(config.eval) if has("eval") else None)

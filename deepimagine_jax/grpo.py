@@ -36,7 +36,7 @@ def group_advantages(rewards_N, group_size: int, *, scale_by_std: bool = True,
   return adv_PG.reshape(-1), jnp.sum(zero_P1).astype(jnp.int32)
 
 
-def _masked_mean(x_BT, m_BT):
+def masked_mean(x_BT, m_BT):
   """Mean over True entries; 0 when there are none. jnp.where keeps garbage out."""
   return jnp.sum(jnp.where(m_BT, x_BT, 0.0)) / jnp.maximum(jnp.sum(m_BT), 1)
 
@@ -77,12 +77,12 @@ def policy_loss(logp_new_BT, logp_old_BT, advantages_B, mask_BT, *, eps_low: flo
     d_BT = ref_BT - new_BT
     kl_BT = jnp.exp(d_BT) - d_BT - 1.0
     loss_BT = loss_BT + beta * kl_BT
-    kl_mean = jnp.where(jnp.asarray(beta) == 0, 0.0, _masked_mean(kl_BT, m_BT))
+    kl_mean = jnp.where(jnp.asarray(beta) == 0, 0.0, masked_mean(kl_BT, m_BT))
   else:
     kl_mean = jnp.zeros((), jnp.float32)
 
   if aggregation == "token":
-    loss = _masked_mean(loss_BT, m_BT)
+    loss = masked_mean(loss_BT, m_BT)
   else:
     n_B = jnp.sum(m_BT, axis=1)
     seq_B = jnp.sum(jnp.where(m_BT, loss_BT, 0.0), axis=1) / jnp.maximum(n_B, 1)
@@ -90,12 +90,12 @@ def policy_loss(logp_new_BT, logp_old_BT, advantages_B, mask_BT, *, eps_low: flo
     loss = jnp.sum(jnp.where(has_B, seq_B, 0.0)) / jnp.maximum(jnp.sum(has_B), 1)
 
   aux = {
-      "clip_frac": _masked_mean((clip_low_BT | clip_high_BT).astype(jnp.float32), m_BT),
-      "clip_frac_low": _masked_mean(clip_low_BT.astype(jnp.float32), m_BT),
-      "clip_frac_high": _masked_mean(clip_high_BT.astype(jnp.float32), m_BT),
-      "ratio_mean": _masked_mean(ratio_BT, m_BT),
+      "clip_frac": masked_mean((clip_low_BT | clip_high_BT).astype(jnp.float32), m_BT),
+      "clip_frac_low": masked_mean(clip_low_BT.astype(jnp.float32), m_BT),
+      "clip_frac_high": masked_mean(clip_high_BT.astype(jnp.float32), m_BT),
+      "ratio_mean": masked_mean(ratio_BT, m_BT),
       "kl_mean": kl_mean,
-      "token_loss_mean": _masked_mean(loss_BT, m_BT),
+      "token_loss_mean": masked_mean(loss_BT, m_BT),
       "n_tokens": jnp.sum(m_BT).astype(jnp.float32),
   }
   return loss, aux
@@ -115,4 +115,4 @@ def token_entropy(logits_BTV, mask_BT):
   p_BTV = jnp.exp(logp_BTV)
   # where, not multiply: a -inf logit gives 0 * -inf = NaN.
   ent_BT = -jnp.sum(jnp.where(p_BTV > 0, p_BTV * logp_BTV, 0.0), axis=-1)
-  return _masked_mean(ent_BT, jnp.asarray(mask_BT) > 0)
+  return masked_mean(ent_BT, jnp.asarray(mask_BT) > 0)

@@ -5,39 +5,12 @@ Gradient accumulation is NOT done here: the trainers split a batch into
 with `jax.lax.scan`, then apply this transformation once. That keeps one
 optimizer update per train step and no `optax.MultiSteps` state to checkpoint.
 """
-import dataclasses
 from collections.abc import Callable
 
 import jax
 import optax
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  learning_rate: float
-  warmup_steps: int
-  total_steps: int
-  end_lr_ratio: float = 0.1
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  grad_clip_norm: float = 1.0  # <= 0 disables clipping
-  grad_accum_steps: int = 1  # read by the trainer (lax.scan), not by optax
-
-  def __post_init__(self):
-    if self.learning_rate <= 0:
-      raise ValueError(f"OptimizerConfig.learning_rate must be > 0, got {self.learning_rate}")
-    if self.total_steps < 1:
-      raise ValueError(f"OptimizerConfig.total_steps must be >= 1, got {self.total_steps}")
-    if not 0 <= self.warmup_steps <= self.total_steps:
-      raise ValueError(
-          f"OptimizerConfig.warmup_steps must be in [0, total_steps={self.total_steps}], "
-          f"got {self.warmup_steps}")
-    if not 0.0 <= self.end_lr_ratio <= 1.0:
-      raise ValueError(f"OptimizerConfig.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
-    if self.grad_accum_steps < 1:
-      raise ValueError(f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+from deepimagine_jax.config import OptimizerConfig
 
 
 def _key_name(k) -> str:

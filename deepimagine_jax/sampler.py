@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec
 
-from deepimagine_jax import model as model_lib
+from deepimagine_jax import prefix
 from deepimagine_jax import sharding
 
 
@@ -56,12 +56,12 @@ class SampleOutput(NamedTuple):
 
 # Sharding --------------------------------------------------------------------
 
-def cache_spec(n_kv_heads: int, batch: int, mesh) -> P:
+def cache_spec(n_kv_heads: int, batch: int, mesh) -> PartitionSpec:
   """Batch over (data, fsdp), kv heads over tensor, each only where it divides."""
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
   batch_axes = sharding.BATCH_AXES if batch % n_batch == 0 else None
   heads_axis = "tensor" if n_kv_heads % mesh.shape["tensor"] == 0 else None
-  return P(batch_axes, None, heads_axis, None)
+  return PartitionSpec(batch_axes, None, heads_axis, None)
 
 
 def _active_mesh():
@@ -122,13 +122,6 @@ def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float
 _SAMPLING = ("temperature", "top_k", "top_p")
 
 
-def repeat_rows(tree, group_size: int):
-  """Repeats every array's leading (batch) axis: row p becomes rows p*G .. p*G+G-1."""
-  if group_size == 1:
-    return tree
-  return jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0), tree)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_dtype",
                                              "group_size") + _SAMPLING)
 def _prefill(graphdef, params, prompt_BP, mask_BP, rng, eos_id, pad_id, *, max_new_tokens,
@@ -136,33 +129,30 @@ def _prefill(graphdef, params, prompt_BP, mask_BP, rng, eos_id, pad_id, *, max_n
   """Runs each distinct prompt once, then fans it out to its G samples; samples token 0."""
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
-  Bp, Pl = prompt_BP.shape
+  Bp, P = prompt_BP.shape
   B = Bp * group_size
   N = max_new_tokens
-  if Pl + N > cfg.max_seq_len:  # checked at trace time, where the config is known
-    raise ValueError(f"prompt length {Pl} + max_new_tokens {N} = {Pl + N} exceeds "
+  if P + N > cfg.max_seq_len:  # checked at trace time, where the config is known
+    raise ValueError(f"prompt length {P} + max_new_tokens {N} = {P + N} exceeds "
                      f"max_seq_len {cfg.max_seq_len}")
   mask_BP = mask_BP.astype(bool)
   prompt_BP = prompt_BP.astype(jnp.int32)
-  positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-  kv_valid_BL = jnp.concatenate([mask_BP, jnp.zeros((Bp, N), bool)], axis=1)
-  cache = model_lib.init_cache(cfg, Bp, Pl + N, jnp.dtype(cache_dtype))
-  hidden_BPD, cache = model(prompt_BP, positions_BP, cache=cache, cache_index=0,
-                            kv_valid_BS=kv_valid_BL, return_hidden=True)
-  logits_BV = model.logits(hidden_BPD[:, -1:])[:, 0]  # the head only where it is needed
-  cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP = repeat_rows(
+  last_Bp1D, cache, kv_valid_BL = prefix.prefill(model, prompt_BP, mask_BP, extra_slots=N,
+                                                 cache_dtype=jnp.dtype(cache_dtype))
+  logits_BV = model.logits(last_Bp1D)[:, 0]  # the head only where it is needed
+  cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP = prefix.fan_out(
       (cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP), group_size)
   cache = _constrain_cache(cache)
   rng, key = jax.random.split(rng)
   tok_B, logp_B = choose_token(logits_BV, key, temperature=temperature,
                                top_k=top_k, top_p=top_p)
   tokens_BL = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], axis=1)
-  tokens_BL = tokens_BL.at[:, Pl].set(tok_B)
+  tokens_BL = tokens_BL.at[:, P].set(tok_B)
   return SamplerState(
       tokens_BL=sharding.constrain_activation(tokens_BL),
       cache=cache,
       kv_valid_BL=kv_valid_BL,
-      cur_index=jnp.asarray(Pl, jnp.int32),
+      cur_index=jnp.asarray(P, jnp.int32),
       positions_B=jnp.sum(mask_BP, axis=1).astype(jnp.int32),
       done_B=tok_B == eos_id,
       logprobs_BN=jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp_B),
@@ -179,7 +169,7 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
   """Feeds the last sampled token (T=1) until all rows are done or the buffer is full."""
   model = nnx.merge(graphdef, params)
   B, L = state.tokens_BL.shape
-  Pl = L - state.mask_BN.shape[1]
+  P = L - state.mask_BN.shape[1]
 
   def cond(s: SamplerState):
     return (s.cur_index + 1 < L) & ~jnp.all(s.done_B)
@@ -197,7 +187,7 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
     live_B = ~s.done_B
     tok_B = jnp.where(live_B, tok_B, pad_id)
     logp_B = jnp.where(live_B, logp_B, 0.0)
-    n = slot + 1 - Pl  # index of the new token in the completion arrays
+    n = slot + 1 - P  # index of the new token in the completion arrays
     put = lambda buf, col, i: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], i, axis=1)
     return SamplerState(
         tokens_BL=put(s.tokens_BL, tok_B, slot + 1),
@@ -217,10 +207,10 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
 
 @jax.jit
 def _finish(tokens_BL, mask_BN, logprobs_BN, lengths_B, prompt_mask_BP) -> SampleOutput:
-  Pl = prompt_mask_BP.shape[1]
+  P = prompt_mask_BP.shape[1]
   completion_mask_BN = mask_BN.astype(jnp.float32)
   return SampleOutput(
-      tokens=tokens_BL[:, Pl:],
+      tokens=tokens_BL[:, P:],
       lengths=lengths_B,
       logprobs=logprobs_BN,
       completion_mask=completion_mask_BN,
@@ -269,5 +259,5 @@ def sample(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, *,
                    **sampling)
   state = _decode(graphdef, params_state, state, eos, pad, **sampling)
   return _finish(state.tokens_BL, state.mask_BN, state.logprobs_BN, state.lengths_B,
-                 repeat_rows(prompt_mask_BP, int(group_size)))
+                 prefix.fan_out(prompt_mask_BP, int(group_size)))
 

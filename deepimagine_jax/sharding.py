@@ -49,9 +49,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 
 def mesh_from_config(mesh_cfg) -> jax.sharding.Mesh:
-  """Builds the mesh from `config.mesh`, initialising multi-host JAX if asked."""
-  if mesh_cfg.multihost and jax.process_count() == 1:
-    jax.distributed.initialize()
+  """Builds the mesh from `config.mesh` (multi-host JAX is initialised by launch/main.py)."""
   mesh = make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
