@@ -3,19 +3,21 @@
 Scoring is checked against a plain loop that runs the model once per
 (question, option) on the unpadded sequence; sampling against the parser.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from configs import common
 from data_pipeline import ct_open, templates
 from data_pipeline.build_report import BuildReport
 from deepimagine_jax import model as M
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
-from deepimagine_jax.config import ModelConfig
+from deepimagine_jax.config import EvalConfig, ModelConfig
 from deepimagine_jax.eval import metrics, predictions, scoring
 from deepimagine_jax.tokenizer import Tokenizer
 
@@ -161,10 +163,8 @@ def test_sampling_parse_accounting(monkeypatch, policy, tok, questions):
 
 
 def _cfg(mode, **kw):
-  c = ml_collections.ConfigDict(dict(mode=mode, runs=2, temperature=1.0, max_new_tokens=8,
-                                     batch_size=8))
-  c.update(kw)
-  return c
+  return dataclasses.replace(EvalConfig.from_config(common.eval_()), mode=mode, runs=2,
+                             temperature=1.0, max_new_tokens=8, batch_size=8, **kw)
 
 
 def test_evaluate_policy_score(policy, tok, questions):
@@ -202,4 +202,4 @@ def test_evaluate_policy_sample(policy, tok, questions):
   assert sum(v for k, v in rescored["overall"]["failures"].items() if k != "missing") == n_unparsed
   with pytest.raises(ValueError, match="mode"):
     scoring.evaluate_policy(graphdef, params, tok, questions, _cfg("beam"),
-                               prompt_len=PROMPT_LEN)
+                            prompt_len=PROMPT_LEN)

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from data_pipeline import templates
+from deepimagine_jax.config import EvalConfig
 from deepimagine_jax.eval import baselines, imagining, metrics, scoring
 from deepimagine_jax.eval import predictions, report
 from deepimagine_jax.eval.predictions import atomic_write
@@ -78,15 +79,6 @@ def model_subset(questions: Sequence[Mapping], max_questions: int) -> list:
 
 def chains_of(built_examples: Mapping[str, Sequence[Mapping]]) -> list[dict]:
   return [ex for exs in built_examples.values() for ex in exs if ex.get("kind") == "chain"]
-
-
-def parse_seeds(text) -> tuple[int, ...]:
-  if isinstance(text, (list, tuple)):
-    return tuple(int(s) for s in text)
-  seeds = tuple(int(s) for s in str(text).split(",") if s.strip())
-  if not seeds:
-    raise ValueError(f"eval.rf_seeds {text!r}: need at least one integer seed")
-  return seeds
 
 
 def write_predictions(out_dir: pathlib.Path, name: str, preds_runs: Sequence[Mapping]) -> list:
@@ -154,7 +146,7 @@ def pair_examples(built_examples: Mapping[str, Sequence[Mapping]], splits: Seque
   return out
 
 
-def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg, *, prompt_len: int,
+def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg: EvalConfig, *, prompt_len: int,
                    out_dir: pathlib.Path) -> tuple[dict, dict]:
   """({"pairs/<name>": metrics}, info) for the counterfactual pairs of the eval split."""
   skipped: Counter = Counter()
@@ -170,7 +162,7 @@ def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg, *, pro
     return results, info
   if eval_cfg.baselines:
     if train:
-      base = baselines.pair_baselines(train, evals, parse_seeds(eval_cfg.rf_seeds))
+      base = baselines.pair_baselines(train, evals, eval_cfg.rf_seeds)
       results.update({PAIR_PREFIX + k: v for k, v in base.items()})
     else:
       logging.warning("evaluate: no training pairs; pair baselines skipped")
@@ -207,8 +199,7 @@ def report_view(results: Mapping[str, Mapping]) -> dict:
 
 
 def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[Mapping]],
-             eval_cfg, *, prompt_len: int, workdir: str | os.PathLike,
-             train_questions: Sequence[Mapping] | None = None,
+             eval_cfg: EvalConfig, *, prompt_len: int, workdir: str | os.PathLike,
              metrics_logs: Sequence[str | os.PathLike] = (), seed: int = 0) -> dict:
   """Runs what eval_cfg asks for; returns {name: metrics}. graphdef None: baselines only."""
   workdir = pathlib.Path(workdir)
@@ -221,10 +212,9 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
   results: dict = {}
   extra: dict = {}
   if eval_cfg.baselines:
-    train = list(train_questions) if train_questions is not None else \
-        train_questions_of(built_examples)
+    train = train_questions_of(built_examples)
     if train:
-      results.update(baselines.run_baselines(train, questions, parse_seeds(eval_cfg.rf_seeds)))
+      results.update(baselines.run_baselines(train, questions, eval_cfg.rf_seeds))
     else:
       logging.warning("evaluate: no CT Open training questions; baselines skipped")
       extra["notes"] = ["baselines skipped: no CT Open training questions"]

@@ -28,6 +28,7 @@ from data_pipeline.grain_pipeline import rl_prompt
 from deepimagine_jax import prefix
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
+from deepimagine_jax.config import EvalConfig
 from deepimagine_jax.eval import metrics, predictions
 
 MAX_OPTIONS = 3
@@ -212,12 +213,12 @@ def has_key(ex: Mapping) -> bool:
   return bool(ex.get("nct_id")) and int(ex.get("question_index", -1)) >= 0
 
 
-def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping], eval_cfg, *,
-                    prompt_len: int, seed: int = 0):
+def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping],
+                    eval_cfg: EvalConfig, *, prompt_len: int, seed: int = 0):
   """(scores, trajectories, predictions_runs) for one policy on CT Open questions.
 
-  eval_cfg: the eval config section (mode, runs, temperature, max_new_tokens,
-  batch_size). predictions_runs is a list of benchmark prediction dicts, one per
+  Reads eval_cfg's mode, runs, temperature, max_new_tokens and batch_size.
+  predictions_runs is a list of benchmark prediction dicts, one per
   run (one in scoring mode, whose texts carry the exact probabilities so the
   files score identically); trajectories hold every run's answers.
   """
@@ -230,15 +231,13 @@ def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping
     texts_runs = [[templates.decision_line(len(p), metrics.choose(p)) for p in runs[0]]]
     pred_texts = [[predictions.format_decision(p) for p in runs[0]]]
     failures = {}
-  elif mode == "sample":
+  else:  # "sample" (EvalConfig admits no other mode)
     probs_runs, texts_runs, failures = option_probs_by_sampling(
         graphdef, params, tokenizer, examples, runs=eval_cfg.runs,
         temperature=eval_cfg.temperature, max_new_tokens=eval_cfg.max_new_tokens,
         batch_size=eval_cfg.batch_size, prompt_len=prompt_len, seed=seed)
     runs = [trimmed(p, examples) for p in probs_runs]
     pred_texts = texts_runs
-  else:
-    raise ValueError(f"eval mode must be 'score' or 'sample', got {mode!r}")
   scores = metrics.score_runs(examples, runs)
   scores["overall"]["failures"] = dict(failures)
   trajectories, preds_runs = [], []
