@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import logging
 import math
 import os
 import pathlib
@@ -20,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from deepimagine_jax import metrics_log
 from deepimagine_jax.eval import metrics
 from deepimagine_jax.eval.predictions import atomic_write
 
@@ -30,23 +30,11 @@ MAX_HTML_TRAJECTORIES = 2000
 
 
 def read_metrics_log(path: str | os.PathLike) -> tuple[list[dict], int]:
-  """Rows of a JSON-lines metrics log that hold a numeric "step"; and the count skipped."""
-  rows, skipped = [], 0
+  """(metrics_log.read_metrics rows, the number of non-blank lines it skipped)."""
+  rows = metrics_log.read_metrics(path)
   with open(path, encoding="utf-8") as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-        step = float(rec["step"])
-      except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        skipped += 1
-        continue
-      rec["step"] = step
-      rows.append(rec)
-  if skipped:
-    logging.warning("%s: skipped %d malformed metrics lines", path, skipped)
-  return rows, skipped
+    lines = sum(1 for line in f if line.strip())
+  return rows, lines - len(rows)
 
 
 def format_table(results: Mapping[str, Mapping], digits: int = 3) -> str:
