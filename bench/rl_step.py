@@ -19,9 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepimagine_jax import rewards, rl, sampler, sharding, sft  # noqa: E402
-from deepimagine_jax.config import ModelConfig  # noqa: E402
-from deepimagine_jax.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
+import dataclasses  # noqa: E402
+
+from configs import common  # noqa: E402
+from configs import rl as rl_config  # noqa: E402
+from deepimagine_jax import rewards, rl, sampler, sharding, train_state  # noqa: E402
+from deepimagine_jax.config import ModelConfig, OptimizerConfig, RLConfig  # noqa: E402
+from deepimagine_jax.optimizer import make_optimizer  # noqa: E402
 
 
 def main():
@@ -37,12 +41,16 @@ def main():
   cfg = ModelConfig.small()
   mesh = sharding.make_mesh(-1, 1, 1)
   P, N, B = args.prompt_len, args.new, args.prompts * args.group
-  rcfg = rl.RLConfig(steps=args.steps, prompts_per_step=args.prompts, group_size=args.group,
-                     max_new_tokens=N, beta=args.beta)
-  tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-5, warmup_steps=0, total_steps=100))
-  graphdef, state, state_sh = sft.init_state(cfg, tx, mesh, seed=0)
+  rcfg = dataclasses.replace(RLConfig.from_config(rl_config.rl_section(args.steps)),
+                             prompts_per_step=args.prompts, group_size=args.group,
+                             max_new_tokens=N, beta=args.beta)
+  opt = dataclasses.replace(OptimizerConfig.for_run(common.optimizer(lr=1e-5), 100),
+                            warmup_steps=0)
+  tx, _ = make_optimizer(opt)
+  graphdef, params = train_state.init_params(cfg, mesh, seed=0)
+  state, state_sh = train_state.state_from_params(params, tx, mesh, seed=0)
   ref_params = jax.tree.map(lambda x: x.copy(), state.params)
-  trainer = rl.GRPOTrainer(graphdef, tx, rcfg, mesh, state_sh)
+  trainer = rl.GRPOTrainer(graphdef, tx, rcfg, mesh, state_sh, None)
   rng = np.random.default_rng(0)
   prompts = jax.device_put(rng.integers(4, cfg.vocab_size, (args.prompts, P)).astype(np.int32))
   pmask = jax.device_put(np.ones((args.prompts, P), np.int32))
@@ -62,7 +70,7 @@ def main():
       total, _, _ = rewards.combined_reward(texts, labels, [2] * B, dict(rcfg.reward_weights))
       adv, _ = rl.grpo.group_advantages(jax.numpy.asarray(total), args.group)
       t2 = time.perf_counter()
-      ref = (trainer.ref_logprobs(ref_params, prompts, pmask, out.tokens)
+      ref = (trainer.logprobs(ref_params, prompts, pmask, out.tokens)
              if args.beta > 0 else jax.numpy.zeros_like(out.logprobs))
       jax.block_until_ready(ref)
       t3 = time.perf_counter()

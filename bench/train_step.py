@@ -29,10 +29,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import dataclasses  # noqa: E402
+
+from configs import common  # noqa: E402
 from deepimagine_jax import sft  # noqa: E402
 from deepimagine_jax import sharding  # noqa: E402
-from deepimagine_jax.config import ModelConfig  # noqa: E402
-from deepimagine_jax.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
+from deepimagine_jax import train_state  # noqa: E402
+from deepimagine_jax.config import ModelConfig, OptimizerConfig  # noqa: E402
+from deepimagine_jax.optimizer import make_optimizer  # noqa: E402
 
 
 def make_matmul(n: int):
@@ -88,9 +92,11 @@ def main():
   mesh = sharding.make_mesh()
   sft.check_batch(args.batch, args.accum, mesh)
   # A constant positive lr so the update is real work, as in a training run.
-  tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0, total_steps=1000,
-                                         grad_accum_steps=args.accum))
-  graphdef, state, state_sh = sft.init_state(cfg, tx, mesh, seed=0)
+  opt = dataclasses.replace(OptimizerConfig.for_run(common.optimizer(lr=1e-4), 1000),
+                            warmup_steps=0, grad_accum_steps=args.accum)
+  tx, _ = make_optimizer(opt)
+  graphdef, params = train_state.init_params(cfg, mesh, seed=0)
+  state, state_sh = train_state.state_from_params(params, tx, mesh, seed=0)
   batch_sh = {k: sharding.batch_sharding(mesh) for k in sft.BATCH_KEYS}
   step_fn = sft.make_jitted_step(graphdef, tx, args.accum, state_sh, batch_sh)
   host = random_batch(args.batch, args.seq_len, cfg.vocab_size, seed=0)

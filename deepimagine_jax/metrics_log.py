@@ -89,24 +89,6 @@ def read_metrics(path) -> list[dict]:
   return out
 
 
-class StepTimer:
-  """Seconds per step and items (tokens) per second between successive `tick`s."""
-
-  def __init__(self, step: int = 0, clock: Callable[[], float] = time.monotonic):
-    self._clock = clock
-    self._last_t = clock()
-    self._last_step = step
-
-  def tick(self, step: int, n_items: float = 0.0) -> dict[str, float]:
-    """`n_items`: items processed since the previous tick (e.g. tokens of those steps)."""
-    now = self._clock()
-    dt, dsteps = now - self._last_t, step - self._last_step
-    self._last_t, self._last_step = now, step
-    if dt <= 0 or dsteps <= 0:
-      return {}
-    return {"s_per_step": dt / dsteps, "items_per_s": n_items / dt}
-
-
 class MetricsWriter:
   """Appends metrics to workdir/metrics.jsonl and TensorBoard; logs a progress line every `log_every` steps."""
 

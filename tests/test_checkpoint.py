@@ -9,7 +9,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepimagine_jax.checkpoint import Checkpointer, abstract_state
-from deepimagine_jax.optimizer import OptimizerConfig, make_optimizer
+import typed_configs
+from deepimagine_jax.optimizer import make_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def _nnx_train_state(seed):
   """What the trainers hold: nnx params + the project's masked AdamW state after one update."""
   model = nnx.Linear(3, 5, rngs=nnx.Rngs(seed))
   params = nnx.state(model, nnx.Param)
-  tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10))
+  tx, _ = make_optimizer(typed_configs.optimizer(10, learning_rate=1e-2, warmup_steps=0))
   opt = tx.init(params)
   _, opt = tx.update(jax.tree.map(jnp.ones_like, params), opt, params)
   return model, {"params": params, "opt": opt, "step": jnp.asarray(1), "rng": jax.random.key(seed)}

@@ -9,7 +9,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from deepimagine_jax.metrics_log import (
-    MetricsWriter, NonFiniteLossError, StepTimer, check_finite, format_duration, read_metrics)
+    MetricsWriter, NonFiniteLossError, check_finite, format_duration, read_metrics)
 
 
 class FakeClock:
@@ -110,15 +110,6 @@ def test_progress_line_before_any_timing(tmp_path):
   w = MetricsWriter(tmp_path, total_steps=4, start_step=0, clock=FakeClock())
   assert w.progress_line(0, {"loss": 1.0}) == "step 0/4 (0.0%) loss 1"
   w.close()
-
-
-def test_step_timer():
-  clock = FakeClock()
-  t = StepTimer(step=0, clock=clock)
-  clock.t += 4.0
-  got = t.tick(2, n_items=8192)
-  assert got == {"s_per_step": 2.0, "items_per_s": 2048.0}
-  assert t.tick(2) == {}
 
 
 def test_check_finite():

@@ -8,7 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
-from deepimagine_jax.optimizer import OptimizerConfig, decay_mask, make_optimizer
+import typed_configs
+from deepimagine_jax.optimizer import decay_mask, make_optimizer
 
 
 def closed_form_lr(cfg, step):
@@ -22,7 +23,7 @@ def closed_form_lr(cfg, step):
 
 @pytest.mark.parametrize("warmup", [0, 10])
 def test_schedule_matches_closed_form(warmup):
-  cfg = OptimizerConfig(learning_rate=3e-4, warmup_steps=warmup, total_steps=100, end_lr_ratio=0.1)
+  cfg = typed_configs.optimizer(100, learning_rate=3e-4, warmup_steps=warmup, end_lr_ratio=0.1)
   _, sched = make_optimizer(cfg)
   for step in [0, 1, 5, warmup, warmup + 1, 37, 99, 100, 150]:
     np.testing.assert_allclose(float(sched(step)), closed_form_lr(cfg, step), rtol=1e-5, atol=1e-12)
@@ -34,9 +35,9 @@ def test_schedule_matches_closed_form(warmup):
 
 def test_config_rejects_bad_values():
   with pytest.raises(ValueError, match="warmup_steps"):
-    OptimizerConfig(learning_rate=1e-3, warmup_steps=20, total_steps=10)
+    typed_configs.optimizer(10, learning_rate=1e-3, warmup_steps=20)
   with pytest.raises(ValueError, match="learning_rate"):
-    OptimizerConfig(learning_rate=0.0, warmup_steps=0, total_steps=10)
+    typed_configs.optimizer(10, learning_rate=0.0, warmup_steps=0)
 
 
 def numpy_adamw(cfg, params, grads_seq, mask, clip):
@@ -62,8 +63,7 @@ def numpy_adamw(cfg, params, grads_seq, mask, clip):
 
 
 def test_clip_and_adamw_match_numpy():
-  cfg = OptimizerConfig(learning_rate=1e-1, warmup_steps=2, total_steps=6, grad_clip_norm=1.0,
-                        weight_decay=0.1)
+  cfg = typed_configs.optimizer(6, learning_rate=1e-1, warmup_steps=2, grad_clip_norm=1.0, weight_decay=0.1)
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(3, 4)).astype(np.float32),
             "b": rng.normal(size=(4,)).astype(np.float32)}
@@ -89,7 +89,7 @@ def test_clip_and_adamw_match_numpy():
 
 def test_clip_bounds_first_update_norm_without_adam():
   # Adam hides the gradient scale, so check the clip stage itself on the chain's first link.
-  cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=0, total_steps=10, grad_clip_norm=0.5)
+  cfg = typed_configs.optimizer(10, learning_rate=1.0, warmup_steps=0, grad_clip_norm=0.5)
   tx, _ = make_optimizer(cfg)
   clip_state = tx.init({"w": jnp.zeros((2, 2))})[0]
   g = {"w": jnp.full((2, 2), 3.0)}  # global norm 6
@@ -117,7 +117,7 @@ def test_decay_mask_on_nnx_state():
 
 def test_weight_decay_only_touches_masked_leaves():
   # Zero gradients: Adam's term is 0, so the whole update is -lr * wd * p on decayed leaves.
-  cfg = OptimizerConfig(learning_rate=0.5, warmup_steps=0, total_steps=10, weight_decay=0.2)
+  cfg = typed_configs.optimizer(10, learning_rate=0.5, warmup_steps=0, weight_decay=0.2)
   tx, sched = make_optimizer(cfg)
   params = {"w": jnp.ones((2, 3)), "b": jnp.ones((3,)), "proj_bias": jnp.ones((2, 3))}
   state = tx.init(params)

@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deepimagine_jax import grpo
 from deepimagine_jax import metrics_log
 from deepimagine_jax import model as model_lib
 from deepimagine_jax import rl
 from deepimagine_jax import sampler
 from deepimagine_jax import sharding
 from deepimagine_jax.config import ModelConfig
-from deepimagine_jax.optimizer import OptimizerConfig
+import typed_configs
+from deepimagine_jax import prefix
 
 CFG = ModelConfig.tiny().replace(vocab_size=48, n_layers=1, tie_embeddings=False)
 P = 8
@@ -71,11 +73,12 @@ def test_trainer_logprobs_equal_sampler_logprobs(temperature):
   out = sampler.sample(graphdef, params, prompts, mask, jax.random.key(1), max_new_tokens=6,
                        temperature=temperature, eos_id=5, group_size=3)
   assert out.tokens.shape == (12, 6)
-  logp, entropy = rl.completion_logprobs(params, graphdef, prompts, mask, out.tokens, 3,
-                                         temperature)
+  logits = prefix.continuation_logits(model, prompts, mask, out.tokens, group_size=3,
+                                      temperature=temperature)
+  logp = grpo.logprobs_from_logits(logits, out.tokens)
   m = np.asarray(out.completion_mask) > 0
   np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-4)
-  assert bool(jnp.all(entropy >= 0))
+  assert float(grpo.token_entropy(logits, out.completion_mask)) >= 0
   # The G samples of one prompt differ (they are not copies of one sample).
   assert len({tuple(r) for r in np.asarray(out.tokens[:3]).tolist()}) > 1
 
@@ -89,8 +92,8 @@ def test_shared_prefix_forward_and_grads_equal_full_sequences():
   mask = jnp.stack([r["prompt_mask"] for r in rows])
   comps = jax.random.randint(jax.random.key(3), (6, 5), 4, CFG.vocab_size)
   weights = jax.random.normal(jax.random.key(4), (6, 5))
-  shared = lambda p: jnp.sum(weights * rl.completion_logprobs(p, graphdef, prompts, mask, comps,
-                                                              2, 0.9)[0])
+  shared = lambda p: jnp.sum(weights * rl.completion_logprobs(
+      p, prompts, mask, comps, graphdef=graphdef, group_size=2, temperature=0.9))
   naive = lambda p: jnp.sum(weights * _naive_logprobs(p, graphdef, prompts, mask, comps, 2, 0.9))
   np.testing.assert_allclose(float(shared(params)), float(naive(params)), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(jax.grad(shared)(params)),
@@ -102,11 +105,11 @@ def _run(workdir, steps, stop_after=None):
   mesh = sharding.make_mesh(2, 2, 2)
   model = sharding.create_sharded(lambda: model_lib.Transformer(CFG, nnx.Rngs(0)), mesh)
   graphdef, params = nnx.split(model)
-  cfg = rl.RLConfig(steps=steps, prompts_per_step=4, group_size=2, max_new_tokens=4,
-                    beta=0.1, checkpoint_every=2, log_every=100)
-  opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=steps, weight_decay=0.0)
-  return rl.run_grpo(cfg, opt, mesh, graphdef, params, params, _iterator(_prompts(), 4), _Tok(),
-                     str(workdir), stop_after=stop_after, ref_handle={"dir": "x"})
+  opt = typed_configs.optimizer(steps, learning_rate=1e-2, warmup_steps=0, weight_decay=0.0)
+  cfg = typed_configs.rl(steps, opt, dict(checkpoint_every=2, log_every=100), prompts_per_step=4,
+                         group_size=2, max_new_tokens=4, beta=0.1)
+  return rl.run_grpo(cfg, mesh, graphdef, params, params, _iterator(_prompts(), 4), _Tok(),
+                     str(workdir), seed=0, stop_after=stop_after, ref_handle={"dir": "x"})
 
 
 def test_resume_matches_uninterrupted(tmp_path):
@@ -129,6 +132,6 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 def test_bad_config_fails_loudly():
   with pytest.raises(ValueError, match="aggregation"):
-    rl.RLConfig(steps=1, prompts_per_step=1, aggregation="mean")
+    typed_configs.rl(1, prompts_per_step=1, aggregation="mean")
   with pytest.raises(KeyError):
-    rl.RLConfig(steps=1, prompts_per_step=1, reward_weights=(("no_such_reward", 1.0),))
+    typed_configs.rl(1, prompts_per_step=1, reward_weights=(("no_such_reward", 1.0),))

@@ -1,4 +1,6 @@
 """SFT: the masked loss, the train step, overfitting, and exact resume."""
+import dataclasses
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,8 @@ from deepimagine_jax import model as model_lib
 from deepimagine_jax import sft
 from deepimagine_jax import sharding
 from deepimagine_jax.config import ModelConfig
-from deepimagine_jax.optimizer import OptimizerConfig
+import typed_configs
+from deepimagine_jax import train_state
 
 CFG = ModelConfig.tiny().replace(vocab_size=64, n_layers=1, mlp_dim=64)
 T = 16
@@ -55,8 +58,14 @@ def test_masked_loss_matches_numpy():
 
 
 def _opt(steps, lr=3e-3, accum=1):
-  return OptimizerConfig(learning_rate=lr, warmup_steps=0, total_steps=steps,
-                         weight_decay=0.0, grad_accum_steps=accum)
+  return typed_configs.optimizer(steps, learning_rate=lr, warmup_steps=0, weight_decay=0.0,
+                                 grad_accum_steps=accum)
+
+
+def _run(cfg, mesh, batches, workdir, stop_after=None):
+  graphdef, params = train_state.init_params(CFG, mesh, seed=0)
+  return sft.run_sft(cfg, mesh, graphdef, params, batches, str(workdir), seed=0,
+                     stop_after=stop_after)
 
 
 def test_accumulation_equals_one_big_batch():
@@ -69,7 +78,8 @@ def test_accumulation_equals_one_big_batch():
     # Plain SGD (lr 1) so the parameter change *is* the gradient: Adam's first step
     # divides by |g| and would turn float noise on near-zero gradients into +-lr.
     tx = optax.sgd(1.0)
-    graphdef, state, _ = sft.init_state(CFG, tx, mesh, seed=0)
+    graphdef, params = train_state.init_params(CFG, mesh, seed=0)
+    state, _ = train_state.state_from_params(params, tx, mesh, seed=0)
     new, metrics = jax.jit(lambda s, b: sft.train_step(s, b, graphdef=graphdef, tx=tx,
                                                        accum_steps=accum))(state, batch)
     outs.append((jax.tree.leaves(new.params), float(metrics["loss"])))
@@ -81,9 +91,8 @@ def test_accumulation_equals_one_big_batch():
 def test_one_step_lowers_loss_and_overfits(tmp_path):
   mesh = sharding.make_mesh(2, 2, 2)
   rows = _rows(4)
-  tcfg = sft.TrainConfig(steps=60, global_batch_size=4, seq_len=T, checkpoint_every=1000,
-                         log_every=1000)
-  _, state = sft.run_sft(CFG, _opt(60, lr=1e-2), tcfg, mesh, _batches(rows, 4), str(tmp_path))
+  cfg = typed_configs.sft(60, 4, _opt(60, lr=1e-2), checkpoint_every=1000, log_every=1000)
+  state = _run(cfg, mesh, _batches(rows, 4), tmp_path)
   logs = metrics_log.read_metrics(tmp_path / "metrics.jsonl")
   losses = [r["loss"] for r in logs]
   assert len(losses) == 60
@@ -95,12 +104,11 @@ def test_one_step_lowers_loss_and_overfits(tmp_path):
 def test_resume_matches_uninterrupted(tmp_path):
   mesh = sharding.make_mesh(2, 2, 2)
   rows = _rows(12)
-  tcfg = sft.TrainConfig(steps=12, global_batch_size=4, seq_len=T, checkpoint_every=3,
-                         log_every=1000)
-  _, full = sft.run_sft(CFG, _opt(12), tcfg, mesh, _batches(rows, 4), str(tmp_path / "a"))
-  sft.run_sft(CFG, _opt(12), tcfg, mesh, _batches(rows, 4), str(tmp_path / "b"), stop_after=7)
+  cfg = typed_configs.sft(12, 4, _opt(12), checkpoint_every=3, log_every=1000)
+  full = _run(cfg, mesh, _batches(rows, 4), tmp_path / "a")
+  _run(cfg, mesh, _batches(rows, 4), tmp_path / "b", stop_after=7)
   # Killed after step 7: the newest checkpoint is step 6; a fresh process resumes from it.
-  _, resumed = sft.run_sft(CFG, _opt(12), tcfg, mesh, _batches(rows, 4), str(tmp_path / "b"))
+  resumed = _run(cfg, mesh, _batches(rows, 4), tmp_path / "b")
   assert int(resumed.step) == 12
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -113,12 +121,11 @@ def test_resume_matches_uninterrupted(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   mesh = sharding.make_mesh(-1, 1, 1)
   rows = _rows(8)
-  tcfg = sft.TrainConfig(steps=8, global_batch_size=8, seq_len=T, checkpoint_every=2,
-                         log_every=1000)
-  sft.run_sft(CFG, _opt(8), tcfg, mesh, _batches(rows, 8), str(tmp_path), stop_after=4)
+  cfg = typed_configs.sft(8, 8, _opt(8), checkpoint_every=2, log_every=1000)
+  _run(cfg, mesh, _batches(rows, 8), tmp_path, stop_after=4)
   # An absurd learning rate blows the weights up; the run must stop with a clear error.
   with pytest.raises(metrics_log.NonFiniteLossError, match="step"):
-    sft.run_sft(CFG, _opt(8, lr=1e30), tcfg, mesh, _batches(rows, 8), str(tmp_path))
+    _run(dataclasses.replace(cfg, optimizer=_opt(8, lr=1e30)), mesh, _batches(rows, 8), tmp_path)
   from deepimagine_jax import checkpoint as ckpt_lib
   ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", max_to_keep=3, save_every=2)
   assert ck.latest_step() == 4
