@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.build_report import BuildReport
-from data_pipeline.ct_open import read_questions
+from data_pipeline.example import Anchor, Example
+from data_pipeline.readers.ct_open import read_questions
 from deepimagine_jax.eval import baselines as B
 from deepimagine_jax.eval import metrics as M
 from deepimagine_jax.eval import report
@@ -22,6 +23,11 @@ NEG = ("The study arm X has not achieved statistically significant improvements 
 OPTS3 = ["Study Arm X is statistically significantly worse than Study Arm Y.",
          "Study Arm Y is statistically significantly worse than Study Arm X.",
          "No statistically significant difference between Study Arm Y and Study Arm X."]
+
+
+def _q(options, label, category=""):
+  return Example(id="q", source="ct_open", kind="question", trial_id="NCT0",
+                 options=tuple(options), label=label, category=category)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +63,10 @@ def test_learned_beat_uniform_and_are_finite(results):
 
 def test_every_real_question_has_an_outcome_class(ct_open):
   for q in ct_open[0] + ct_open[1]:
-    p = B.probs_from_positive(q, 0.9)
+    p = B.probs_from_positive(q.options, 0.9)
     assert p.sum() == pytest.approx(1.0)
     # the positive class gets the top probability: its collapsed class is "positive"
-    assert B.outcome_class(dict(q, label=M.choose(p))) == 1
+    assert B.outcome_class(q.replace(label=M.choose(p))) == 1
 
 
 def test_positive_option_from_text():
@@ -70,18 +76,16 @@ def test_positive_option_from_text():
                            "No arm listed here met this endpoint."]) == 0
   with pytest.raises(ValueError):
     B.positive_index([POS, POS])
-  assert B.outcome_class({"options": OPTS3, "label": 2}) == 0
-  assert B.outcome_class({"options": OPTS3, "label": 1}) == 1
-  np.testing.assert_allclose(B.probs_from_positive({"options": OPTS3}, 0.6), [0.3, 0.3, 0.4])
-  np.testing.assert_allclose(B.probs_from_positive({"options": [NEG, POS]}, 0.8), [0.2, 0.8])
+  assert B.outcome_class(_q(OPTS3, 2)) == 0
+  assert B.outcome_class(_q(OPTS3, 1)) == 1
+  np.testing.assert_allclose(B.probs_from_positive(OPTS3, 0.6), [0.3, 0.3, 0.4])
+  np.testing.assert_allclose(B.probs_from_positive([NEG, POS], 0.8), [0.2, 0.8])
 
 
 def test_majority_hand_computed():
   cat = "2-way/explicit"
-  train = [{"options": [POS, NEG], "label": 1, "category": cat}] * 3 + [
-      {"options": [POS, NEG], "label": 0, "category": cat}]
-  got = B.majority_probs(train, [{"options": [POS, NEG], "label": 0, "category": cat},
-                                 {"options": OPTS3, "label": 0, "category": "3-way/explicit"}])
+  train = [_q([POS, NEG], 1, cat)] * 3 + [_q([POS, NEG], 0, cat)]
+  got = B.majority_probs(train, [_q([POS, NEG], 0, cat), _q(OPTS3, 0, "3-way/explicit")])
   np.testing.assert_allclose(got[0], [2 / 6, 4 / 6])  # (1+1)/(4+2) positive
   np.testing.assert_allclose(got[1], [1 / 6, 1 / 6, 4 / 6])  # unseen category: all training
 
@@ -98,12 +102,11 @@ def _pairs(n, seed):
     a = int(rng.integers(2))
     pert = "dose" if rng.random() < 0.5 else "population"
     y = a if pert == "dose" else 1 - a
-    out.append({
-        "id": f"p{seed}-{i}", "options": [POS, NEG], "label": 0 if y else 1,
-        "category": "2-way/explicit", "perturbation": pert,
-        "title": " ".join(rng.choice(vocab, 8)), "endpoint": {"measure": "m"}, "arms_text": "",
-        "anchor": {"options": [POS, NEG], "label": 0 if a else 1},
-    })
+    anchor = Anchor(id=f"a{seed}-{i}", trial_id="NCT1", title="", endpoint="", arms=(),
+                    options=(POS, NEG), label=0 if a else 1, question_type="")
+    out.append(_q([POS, NEG], 0 if y else 1, "2-way/explicit").replace(
+        id=f"p{seed}-{i}", kind="natural_pair", perturbation=pert,
+        title=" ".join(rng.choice(vocab, 8)), endpoint="m.", anchor=anchor))
   return out
 
 
@@ -119,9 +122,9 @@ def test_pair_baselines_use_the_anchor():
 
 
 def test_anchor_features_reject_unknown_factor():
-  bad = dict(_pairs(1, 0)[0], perturbation="weather")
+  bad = _pairs(1, 0)[0].replace(perturbation="weather")
   with pytest.raises(ValueError, match="weather"):
     B.anchor_features([bad])
-  f = B.anchor_features([dict(bad, perturbation="dose+phase")])
+  f = B.anchor_features([bad.replace(perturbation="dose+phase")])
   assert f.shape == (1, 2 + 3 * len(B.FACTORS))
   assert f[0, 2 + B.FACTORS.index("dose")] == 1 and f[0, 2 + B.FACTORS.index("phase")] == 1

@@ -4,12 +4,16 @@ Chains are made with pairs.make_pair (the real chain renderer) from Summer targe
 and Winter anchors with hand-written factor steps; the batched walk is checked
 against a one-chain-at-a-time walk, aggregation against NumPy.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipeline import ct_open, pairs, templates
+from data_pipeline import pairs, templates
 from data_pipeline.build_report import BuildReport
+from data_pipeline.example import Factor
+from data_pipeline.readers import ct_open
 from deepimagine_jax import model as M
 from deepimagine_jax.config import ModelConfig
 from deepimagine_jax.eval import imagining, scoring
@@ -17,9 +21,8 @@ from deepimagine_jax.tokenizer import Tokenizer
 
 PROMPT_LEN = 128
 BATCH = 8
-STEPS = [{"factor": "dose", "anchor_value": "10 mg", "target_value": "20 mg"},
-         {"factor": "population", "anchor_value": "adult", "target_value": "older adult"},
-         {"factor": "outcome", "anchor_value": "HbA1c", "target_value": "body weight"}]
+STEPS = [Factor("dose", "10 mg", "20 mg"), Factor("population", "adult", "older adult"),
+         Factor("outcome", "HbA1c", "body weight")]
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +31,19 @@ def data(data_root):
                                   split="eval")
   winter = ct_open.read_questions(data_root / "ct_open" / "Winter_2025.pickle", BuildReport(),
                                   split="train")
-  t2 = [q for q in summer if len(q["options"]) == 2][:2]
-  t3 = [q for q in summer if len(q["options"]) == 3][:1]
-  targets = [templates.render(dict(q)) for q in (t2[:1] + t3 + t2[1:])]  # 2-, 3-, 2-way
-  a2 = [q for q in winter if len(q["options"]) == 2][:2]
-  a3 = [q for q in winter if len(q["options"]) == 3][:2]
+  t2 = [q for q in summer if q.n_options == 2][:2]
+  t3 = [q for q in summer if q.n_options == 3][:1]
+  targets = [templates.render(q) for q in (t2[:1] + t3 + t2[1:])]  # 2-, 3-, 2-way
+  a2 = [q for q in winter if q.n_options == 2][:2]
+  a3 = [q for q in winter if q.n_options == 3][:2]
 
   def chain(anchor, target, steps):
-    ch = pairs.make_pair(anchor, target, "chain", steps)
-    ch["options"] = list(target["options"])
-    return ch
+    return pairs.make_pair(anchor, target, "chain", steps)
 
   chains = [chain(a2[0], targets[0], STEPS[:1]), chain(a2[1], targets[0], STEPS[:2]),
             chain(a3[0], targets[1], STEPS), chain(a3[1], targets[1], STEPS[2:])]
-  texts = [t["prompt"] for t in targets] + [c["prompt"] for c in chains]
-  texts += [templates.render(dict(q))["prompt"] for q in summer[::20]]
+  texts = [t.prompt for t in targets] + [c.prompt for c in chains]
+  texts += [templates.render(q).prompt for q in summer[::20]]
   return targets, chains, texts
 
 
@@ -62,12 +63,12 @@ def _score(policy, examples):
 
 def _walk_one(policy, ch):
   """The reference: one chain, one step at a time, nothing batched with other chains."""
-  current = ch["anchor"]["options"][ch["anchor"]["label"]]
-  n = len(ch["options"])
-  for d in range(len(ch["factors"])):
+  current = ch.anchor.answer
+  n = ch.n_options
+  for d in range(len(ch.factors)):
     prompt, _ = templates.render_chain_step(ch, d, current)
-    p = _score(policy, [{"id": "x", "options": ch["options"], "prompt": prompt}])[0, :n]
-    current = ch["options"][int(np.argmax(p))]
+    p = _score(policy, [ch.replace(id="x", prompt=prompt)])[0, :n]
+    current = ch.options[int(np.argmax(p))]
   return p
 
 
@@ -79,7 +80,7 @@ def test_imagine_matches_sequential_walk(policy, data, how):
                                          prompt_len=PROMPT_LEN, batch_size=BATCH)
   assert probs.shape == (3, 3)
   for t, p in zip(targets, probs):
-    n = len(t["options"])
+    n = t.n_options
     assert np.all(p >= 0) and p.sum() == pytest.approx(1.0) and np.all(p[n:] == 0)
   finals = [_walk_one(policy, ch) for ch in chains]
   ref0 = imagining.aggregate(np.stack(finals[:2]), how)
@@ -92,9 +93,9 @@ def test_imagine_matches_sequential_walk(policy, data, how):
   assert stats["scoring_calls"] == 3 and stats["steps"] == 1 + 2 + 3 + 1
   assert len(traj) == stats["steps"] and sum(t["final"] for t in traj) == 4
   # step 0 starts from the anchor's observed answer, later steps from the last choice
-  first = [t for t in traj if t["chain_id"] == chains[1]["id"]]
-  assert first[0]["current_result"] == chains[1]["anchor"]["options"][chains[1]["anchor"]["label"]]
-  assert first[1]["current_result"] == chains[1]["options"][int(np.argmax(first[0]["probs"]))]
+  first = [t for t in traj if t["chain_id"] == chains[1].id]
+  assert first[0]["current_result"] == chains[1].anchor.options[chains[1].anchor.label]
+  assert first[1]["current_result"] == chains[1].options[int(np.argmax(first[0]["probs"]))]
 
 
 def test_fallback_uses_given_direct_probs(policy, data):
@@ -112,16 +113,16 @@ def test_select_chains_leaks_and_k(data):
   targets, chains, _ = data
   chosen, skipped = imagining.select_chains(targets, chains, k=1)
   assert [len(chosen[i]) for i in sorted(chosen)] == [1, 1] and skipped["over_k"] == 2
-  banned = {chains[0]["anchor"]["id"]}
+  banned = {chains[0].anchor.id}
   chosen, skipped = imagining.select_chains(targets, chains, k=2, exclude_anchor_ids=banned)
   assert skipped["anchor_is_target"] == 1 and chosen[0] == [chains[1]]
-  own = dict(chains[2], anchor=dict(chains[2]["anchor"], id=targets[0]["id"]))
+  own = chains[2].replace(anchor=dataclasses.replace(chains[2].anchor, id=targets[0].id))
   _, skipped = imagining.select_chains(targets, [own], k=2)
   assert skipped["anchor_is_target"] == 1
-  trial = chains[3]["anchor"]["trial_id"]
+  trial = chains[3].anchor.trial_id
   _, skipped = imagining.select_chains(targets, chains, k=2, exclude_anchor_trials={trial})
-  assert skipped["anchor_is_target"] == sum(c["anchor"]["trial_id"] == trial for c in chains) > 0
-  assert imagining.chain_target_id(chains[2]) == targets[1]["id"]
+  assert skipped["anchor_is_target"] == sum(c.anchor.trial_id == trial for c in chains) > 0
+  assert imagining.chain_target_id(chains[2]) == targets[1].id
 
 
 def test_aggregate_vs_numpy():

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from data_pipeline.example import Example
 from deepimagine_jax.eval import metrics as M
 
 OPTS2 = ["The endpoint is met.", "This endpoint is not met."]
@@ -109,8 +110,9 @@ def test_against_plain_reference(seed):
   assert M.macro_f1(t, p) == pytest.approx(_ref_macro_f1(t, p))
 
 
-def _q(options, label, category):
-  return {"options": options, "label": label, "category": category}
+def _q(options, label, category="", meta_label=""):
+  return Example(id=f"q{label}", source="ct_open", kind="question", trial_id="NCT0",
+                 options=tuple(options), label=label, category=category, meta_label=meta_label)
 
 
 def test_score_questions_overall_is_mean_of_categories():
@@ -130,12 +132,12 @@ def test_score_questions_overall_is_mean_of_categories():
 
 
 def test_category_from_meta_label_and_runs_average():
-  q = {"options": OPTS2, "label": 0, "meta_label": "no_arm"}
+  q = _q(OPTS2, 0, meta_label="no_arm")
   assert M.question_arrays([q])[1] == ["2-way/implicit"]
   assert M.category_of(3, "single_arm") == "3-way/explicit"
   with pytest.raises(ValueError):
     M.category_of(2, "weird")
-  qs = [dict(q), dict(q, label=1)]
+  qs = [q, q.replace(label=1)]
   run_a = [[0.9, 0.1], [0.9, 0.1]]  # acc .5
   run_b = [[0.9, 0.1], [0.1, 0.9]]  # acc 1
   avg = M.score_runs(qs, [run_a, run_b])

@@ -7,6 +7,7 @@ import pytest
 
 from data_pipeline import safe_pickle
 from data_pipeline.build_report import BuildReport
+from data_pipeline.example import Example
 from deepimagine_jax.eval import metrics as M
 from deepimagine_jax.eval import predictions as P
 
@@ -17,15 +18,16 @@ OPTS3 = ["Study Arm A is statistically significantly worse than Study Arm B.",
          "No statistically significant difference between Study Arm B and Study Arm A."]
 
 
+def _q(nct_id, endpoint_str, question_index, options, label, category):
+  return Example(id=f"{nct_id}:{question_index}", source="ct_open", kind="question",
+                 trial_id=nct_id, options=tuple(options), label=label, category=category,
+                 nct_id=nct_id, endpoint_str=endpoint_str, question_index=question_index)
+
+
 def _questions():
-  return [
-      {"nct_id": "NCT01", "endpoint_str": EP, "question_index": 0, "options": OPTS2,
-       "label": 0, "category": "2-way/implicit"},
-      {"nct_id": "NCT01", "endpoint_str": EP, "question_index": 1, "options": OPTS2,
-       "label": 1, "category": "2-way/implicit"},
-      {"nct_id": "NCT02", "endpoint_str": "e\u00e9\"\n2", "question_index": 0, "options": OPTS3,
-       "label": 2, "category": "3-way/explicit"},
-  ]
+  return [_q("NCT01", EP, 0, OPTS2, 0, "2-way/implicit"),
+          _q("NCT01", EP, 1, OPTS2, 1, "2-way/implicit"),
+          _q("NCT02", "e\u00e9\"\n2", 0, OPTS3, 2, "3-way/explicit")]
 
 
 def _preds():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline.example import Example
 from deepimagine_jax.eval import metrics as M
 from deepimagine_jax.eval import report as R
 
@@ -13,9 +14,10 @@ OPTS2 = ["This endpoint is met.", "This endpoint is not met."]
 
 
 def _results():
-  qs = [{"options": OPTS2, "label": l, "category": c}
-        for l, c in [(0, "2-way/implicit"), (1, "2-way/implicit"), (0, "2-way/explicit"),
-                     (1, "2-way/explicit")]]
+  qs = [Example(id=f"q{i}", source="ct_open", kind="question", trial_id="NCT0",
+                options=tuple(OPTS2), label=l, category=c)
+        for i, (l, c) in enumerate([(0, "2-way/implicit"), (1, "2-way/implicit"),
+                                    (0, "2-way/explicit"), (1, "2-way/explicit")])]
   return {"model": M.score_questions(qs, [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]]),
           "uniform": M.score_questions(qs, [[0.5, 0.5]] * 4)}
 

@@ -7,8 +7,10 @@ import pytest
 from flax import nnx
 
 from configs import common
-from data_pipeline import ct_open, pairs, templates
+from data_pipeline import pairs, templates
 from data_pipeline.build_report import BuildReport
+from data_pipeline.example import Example, Factor
+from data_pipeline.readers import ct_open
 from deepimagine_jax import model as M
 from deepimagine_jax.config import EvalConfig, ModelConfig
 from deepimagine_jax.eval import baselines as baselines_mod
@@ -26,9 +28,9 @@ def built(data_root):
                                   split="eval")[:N_EVAL]
   winter = ct_open.read_questions(data_root / "ct_open" / "Winter_2025.pickle", BuildReport(),
                                   split="train")
-  target = templates.render(dict(summer[0]))  # model_subset always keeps the first
-  anchors = [q for q in winter if len(q["options"]) == len(target["options"])][:2]
-  steps = [{"factor": "dose", "anchor_value": "10 mg", "target_value": "20 mg"}]
+  target = templates.render(summer[0])  # model_subset always keeps the first
+  anchors = [q for q in winter if q.n_options == target.n_options][:2]
+  steps = [Factor("dose", "10 mg", "20 mg")]
   chains = [pairs.make_pair(a, target, "chain", steps) for a in anchors]
   # an anchor from the eval release must never be used, even outside max_questions
   chains.append(pairs.make_pair(summer[-1], target, "chain", steps))
@@ -37,7 +39,7 @@ def built(data_root):
 
 @pytest.fixture(scope="module")
 def policy(built, tmp_path_factory):
-  texts = [templates.render(dict(q))["prompt"] for q in built["eval"]]
+  texts = [templates.render(q).prompt for q in built["eval"]]
   texts += [templates.decision_line(n, i) for n in (2, 3) for i in range(n)]
   tok = Tokenizer.train(texts, tmp_path_factory.mktemp("tok"), vocab_size=400)
   cfg = ModelConfig.tiny().replace(vocab_size=tok.vocab_size, tie_embeddings=False)
@@ -102,8 +104,9 @@ def test_evaluate_sample_mode_runs(policy, built, tmp_path):
 
 
 def test_model_subset_spreads():
-  qs = [{"id": str(i)} for i in range(10)]
-  assert [q["id"] for q in run.model_subset(qs, 4)] == ["0", "3", "6", "9"]
+  qs = [Example(id=str(i), source="ct_open", kind="question", trial_id="NCT0",
+                options=("a", "b"), label=0) for i in range(10)]
+  assert [q.id for q in run.model_subset(qs, 4)] == ["0", "3", "6", "9"]
   assert run.model_subset(qs, 0) == qs and run.model_subset(qs, 50) == qs
 
 
@@ -124,31 +127,30 @@ def _pairs(questions, kind_cycle, split_tag):
   out = []
   for i, target in enumerate(questions):
     anchor = next((q for q in questions[i + 1:] + questions[:i]
-                   if len(q["options"]) == len(target["options"])), None)
+                   if q.n_options == target.n_options), None)
     if anchor is None:
       continue
     factor = baselines_mod.FACTORS[i % len(baselines_mod.FACTORS)]
-    steps = [{"factor": factor, "anchor_value": "a", "target_value": "b"}]
-    ex = pairs.make_pair(anchor, templates.render(dict(target)), kind_cycle[i % len(kind_cycle)],
+    steps = [Factor(factor, "a", "b")]
+    ex = pairs.make_pair(anchor, templates.render(target), kind_cycle[i % len(kind_cycle)],
                          steps)
-    ex["split"] = split_tag
-    out.append(ex)
+    out.append(ex.replace(split=split_tag))
   return out
 
 
 @pytest.fixture(scope="module")
 def built_pairs(built):
-  winter = [q for q in built["train"] if q.get("kind", "question") == "question"]
+  winter = [q for q in built["train"] if q.kind == "question"]
   kinds = ("natural_pair", "approximate_pair")
   train_p = _pairs(winter[:60], kinds, "train")
   rl_p = _pairs(winter[60:80], kinds, "rl")
   dev_p = _pairs(winter[80:100], kinds, "dev")  # held out: never trains the pair baselines
   eval_p = _pairs(built["eval"][:N_PAIRS], kinds, "eval")
-  eval_p[1]["category"] = ""  # no category: falls back to "<n>-way/pair"
-  bad_factor = dict(eval_p[2], perturbation="weather")
-  neutral = dict(train_p[0], options=["A has a higher value than B.",
-                                      "B has a higher value than A."], label=0)
-  chain = dict(eval_p[3], kind="chain")
+  eval_p[1] = eval_p[1].replace(category="")  # no category: falls back to "<n>-way/pair"
+  bad_factor = eval_p[2].replace(perturbation="weather")
+  neutral = train_p[0].replace(options=("A has a higher value than B.",
+                                        "B has a higher value than A."), label=0)
+  chain = eval_p[3].replace(kind="chain")
   return {"train": built["train"] + train_p + [neutral], "rl": rl_p, "dev": dev_p,
           "eval": built["eval"] + eval_p + [bad_factor, chain]}, train_p + rl_p, eval_p
 
@@ -188,7 +190,7 @@ def test_evaluate_pairs(policy, built_pairs, tmp_path, capsys):
   traj = [json.loads(l) for l in
           (tmp_path / "eval" / "trajectories_pairs_model_score.jsonl").read_text().splitlines()]
   subset = run.model_subset(expect_eval, N_MODEL_PAIRS)
-  assert [t["id"] for t in traj] == [ex["id"] for ex in subset]
+  assert [t["id"] for t in traj] == [ex.id for ex in subset]
   _same(results["pairs/model_score"],
         metrics.score_questions(subset, [t["probs"] for t in traj]))
   for t in traj:

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from configs import common
-from data_pipeline import ct_open, templates
+from data_pipeline import templates
 from data_pipeline.build_report import BuildReport
+from data_pipeline.readers import ct_open
 from deepimagine_jax import model as M
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
@@ -32,16 +33,16 @@ def summer(data_root):
 
 @pytest.fixture(scope="module")
 def questions(summer):
-  two = [q for q in summer if len(q["options"]) == 2][:3]
-  three = [q for q in summer if len(q["options"]) == 3][:2]
-  qs = [templates.render(dict(q)) for q in (two[:2] + three[:1] + two[2:] + three[1:])]
-  qs[3]["prompt"] = qs[3]["prompt"][-120:]  # shorter than PROMPT_LEN tokens: left padding
+  two = [q for q in summer if q.n_options == 2][:3]
+  three = [q for q in summer if q.n_options == 3][:2]
+  qs = [templates.render(q) for q in (two[:2] + three[:1] + two[2:] + three[1:])]
+  qs[3] = qs[3].replace(prompt=qs[3].prompt[-120:])  # shorter than PROMPT_LEN tokens: left padding
   return qs
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory, summer):
-  texts = [templates.render(dict(q))["prompt"] for q in summer[::10]]
+  texts = [templates.render(q).prompt for q in summer[::10]]
   texts += [templates.decision_line(n, i) for n in (2, 3) for i in range(n)]
   return Tokenizer.train(texts, tmp_path_factory.mktemp("tok"), vocab_size=400)
 
@@ -85,8 +86,8 @@ def test_scoring_matches_per_candidate_loop(policy, tok, questions):
                                              prompt_len=PROMPT_LEN, batch_size=8)
   assert probs.shape == (len(questions), 3)
   for q, p in zip(questions, probs):
-    n = len(q["options"])
-    lp = np.array([_reference_logp(graphdef, params, tok, q["prompt"], templates.decision_line(n, i))
+    n = q.n_options
+    lp = np.array([_reference_logp(graphdef, params, tok, q.prompt, templates.decision_line(n, i))
                    for i in range(n)])
     ref = np.exp(lp - np.logaddexp.reduce(lp))
     np.testing.assert_allclose(p[:n], ref, rtol=2e-4, atol=1e-6)
@@ -109,7 +110,7 @@ def test_scoring_batch_size_does_not_matter(policy, tok, questions):
 def test_scoring_rejects_unrendered(policy, tok, questions):
   _, graphdef, params = policy
   with pytest.raises(ValueError, match="prompt"):
-    scoring.option_probs_by_scoring(graphdef, params, tok, [dict(questions[0], prompt="")],
+    scoring.option_probs_by_scoring(graphdef, params, tok, [questions[0].replace(prompt="")],
                                        prompt_len=PROMPT_LEN, batch_size=8)
 
 
@@ -123,7 +124,7 @@ def test_sampling_runs_and_failures(policy, tok, questions):
   for probs, texts in zip(probs_runs, texts_runs):
     assert probs.shape == (len(questions), 3) and len(texts) == len(questions)
     for q, p, t in zip(questions, probs, texts):
-      n = len(q["options"])
+      n = q.n_options
       d = rewards.parse_decision(t, n)
       expect = d.probs if d.ok else np.full(n, 1.0 / n)
       n_fail += not d.ok
@@ -151,7 +152,7 @@ def test_sampling_parse_accounting(monkeypatch, policy, tok, questions):
   probs_runs, texts_runs, failures = scoring.option_probs_by_sampling(
       graphdef, params, tok, questions, runs=1, temperature=1.0, max_new_tokens=20,
       batch_size=8, prompt_len=PROMPT_LEN, seed=0)
-  assert [q["options"].__len__() for q in questions] == [2, 2, 3, 2, 3]
+  assert [q.n_options for q in questions] == [2, 2, 3, 2, 3]
   assert texts_runs[0] == texts
   p = probs_runs[0]
   np.testing.assert_allclose(p[0, :2], [0.2, 0.8])
@@ -181,9 +182,9 @@ def test_evaluate_policy_score(policy, tok, questions):
   rescored = predictions.score_predictions(questions, preds_runs)
   assert rescored["overall"]["cross_entropy"] == pytest.approx(ref["overall"]["cross_entropy"])
   for t, q, p in zip(traj, questions, probs):
-    n = len(q["options"])
+    n = q.n_options
     assert t["completion"] == templates.decision_line(n, int(np.argmax(p[:n])))
-    assert t["correct"] == (int(np.argmax(p[:n])) == q["label"])
+    assert t["correct"] == (int(np.argmax(p[:n])) == q.label)
     assert set(t) >= {"id", "prompt", "completion", "probs", "label", "correct",
                       "perturbation", "category"}
 

@@ -2,13 +2,13 @@
 
 Formulation (chosen because it reproduces the published Winter -> Summer figures,
 LR .577 / .563 and RF .549 / .531 class-balanced accuracy / macro-F1, within
-0.02; measured .583 / .581 and .558 / .549, see tests/test_eval_baselines.py):
+0.02; measured .583 / .581 and .556 / .547, see tests/test_eval_baselines.py):
   * every question is reduced to one binary "outcome class": 1 = the positive
     option is true (the endpoint is met / the arm achieved a significant
     improvement / a significant difference in a 3-way question), 0 = not;
   * one model over all categories, features = TF-IDF (sublinear tf, otherwise
     scikit-learn defaults) of title + endpoint (measure, description, time
-    frame) + `arms_text` of data_pipeline.ct_open + a category token;
+    frame, Example.endpoint) + the arm lines + a category token;
     class_weight="balanced" (without it both learners collapse towards the
     majority class on this small, skewed training set);
   * P(positive) goes to the positive option of a 2-way question; in a 3-way
@@ -30,9 +30,8 @@ Run `python -m deepimagine_jax.eval.baselines` to print the Winter -> Summer tab
 """
 from __future__ import annotations
 
-import ast
 import re
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,6 +39,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from data_pipeline.example import Anchor, Example
 from deepimagine_jax.eval import metrics, report
 
 RF_TREES = 100
@@ -66,17 +66,15 @@ def positive_index(options: Sequence[str]) -> int:
   return 1 - neg[0]
 
 
-def outcome_class(q: Mapping) -> int:
+def outcome_class(q: Example | Anchor) -> int:
   """1 if the question's true option is the positive / significant one, else 0."""
-  options, label = q["options"], int(q["label"])
-  if len(options) == 3:
-    return int(label != metrics.no_difference_index(options))
-  return int(label == positive_index(options))
+  if len(q.options) == 3:
+    return int(q.label != metrics.no_difference_index(q.options))
+  return int(q.label == positive_index(q.options))
 
 
-def probs_from_positive(q: Mapping, p_pos: float) -> np.ndarray:
-  """Spreads P(positive) over the options of question `q`."""
-  options = q["options"]
+def probs_from_positive(options: Sequence[str], p_pos: float) -> np.ndarray:
+  """Spreads P(positive) over the options of a question."""
   if len(options) == 3:
     out = np.full(3, p_pos / 2.0)
     out[metrics.no_difference_index(options)] = 1.0 - p_pos
@@ -87,37 +85,24 @@ def probs_from_positive(q: Mapping, p_pos: float) -> np.ndarray:
   return out
 
 
-def _endpoint_text(endpoint) -> str:
-  if isinstance(endpoint, str):
-    try:
-      endpoint = ast.literal_eval(endpoint)
-    except (ValueError, SyntaxError):
-      return endpoint
-  if isinstance(endpoint, Mapping):
-    return " ".join(str(endpoint.get(k) or "") for k in ("measure", "description", "timeFrame"))
-  return str(endpoint or "")
-
-
-def question_text(q: Mapping) -> str:
-  """Title + endpoint + arms + category token; the prompt when those are absent."""
-  parts = [str(q.get("title") or ""), _endpoint_text(q.get("endpoint", q.get("endpoint_str"))),
-           str(q.get("arms_text") or "")]
+def question_text(q: Example) -> str:
+  """Title + endpoint + arms + category token; the prompt when those are empty."""
+  parts = [q.title, q.endpoint, "\n".join(q.arms)]
   if not any(p.strip() for p in parts):
-    parts = [str(q.get("prompt") or "")]
-  cat = str(q.get("category") or f"{len(q['options'])}-way")
-  parts.append("cat_" + re.sub(r"\W", "_", cat))
+    parts = [q.prompt]
+  parts.append("cat_" + re.sub(r"\W", "_", _category(q)))
   return " ".join(parts)
 
 
-def _category(q: Mapping) -> str:
-  return q.get("category") or f"{len(q['options'])}-way"
+def _category(q: Example) -> str:
+  return q.category or f"{q.n_options}-way"
 
 
-def uniform_probs(questions: Sequence[Mapping]) -> list:
-  return [np.full(len(q["options"]), 1.0 / len(q["options"])) for q in questions]
+def uniform_probs(questions: Sequence[Example]) -> list:
+  return [np.full(q.n_options, 1.0 / q.n_options) for q in questions]
 
 
-def majority_probs(train: Sequence[Mapping], questions: Sequence[Mapping]) -> list:
+def majority_probs(train: Sequence[Example], questions: Sequence[Example]) -> list:
   """The training outcome-class frequency per category, add-one smoothed.
 
   The argmax is the training majority of the category (ties: positive); the
@@ -132,7 +117,7 @@ def majority_probs(train: Sequence[Mapping], questions: Sequence[Mapping]) -> li
   out = []
   for q in questions:
     c = counts.get(_category(q), total) + 1.0
-    out.append(probs_from_positive(q, c[1] / c.sum()))
+    out.append(probs_from_positive(q.options, c[1] / c.sum()))
   return out
 
 
@@ -168,7 +153,7 @@ def _seeds(name: str, seeds: Sequence[int]) -> Sequence[int]:
   return seeds if name == "random_forest" else (0,)  # LR is deterministic
 
 
-def learned_probs(name: str, train: Sequence[Mapping], questions: Sequence[Mapping],
+def learned_probs(name: str, train: Sequence[Example], questions: Sequence[Example],
                   seed: int = 0) -> list:
   """Probabilities from one TF-IDF learner ("logreg" / "random_forest")."""
   vec = _vectorizer()
@@ -176,10 +161,10 @@ def learned_probs(name: str, train: Sequence[Mapping], questions: Sequence[Mappi
   X_eval = vec.transform([question_text(q) for q in questions])
   y = np.array([outcome_class(q) for q in train])
   p = _fit_predict(name, seed, X_train, y, X_eval)
-  return [probs_from_positive(q, pi) for q, pi in zip(questions, p)]
+  return [probs_from_positive(q.options, pi) for q, pi in zip(questions, p)]
 
 
-def baseline_probs(train_questions: Sequence[Mapping], eval_questions: Sequence[Mapping],
+def baseline_probs(train_questions: Sequence[Example], eval_questions: Sequence[Example],
                    rf_seeds: Sequence[int] = RF_SEEDS) -> dict:
   """name -> list of runs, each a list of probability vectors over eval_questions."""
   out = {"uniform": [uniform_probs(eval_questions)],
@@ -190,33 +175,50 @@ def baseline_probs(train_questions: Sequence[Mapping], eval_questions: Sequence[
   return out
 
 
-def run_baselines(train_questions: Sequence[Mapping], eval_questions: Sequence[Mapping],
+def run_baselines(train_questions: Sequence[Example], eval_questions: Sequence[Example],
                   rf_seeds: Sequence[int] = RF_SEEDS) -> dict:
   """name -> CT Open metrics dict (per category + "overall"), runs averaged."""
   runs = baseline_probs(train_questions, eval_questions, rf_seeds)
   return {name: metrics.score_runs(eval_questions, r) for name, r in runs.items()}
 
 
-def anchor_features(pairs: Sequence[Mapping]) -> np.ndarray:
+def anchor_features(pairs: Sequence[Example]) -> np.ndarray:
   """[anchor positive, anchor negative, factor one-hots, anchor-class x factor]."""
   rows = []
   for ex in pairs:
-    a = outcome_class(ex["anchor"])
-    factors = set(filter(None, str(ex.get("perturbation") or "").split("+")))
+    a = outcome_class(ex.anchor)
+    factors = set(filter(None, ex.perturbation.split("+")))
     unknown = factors - set(FACTORS)
     if unknown:
-      raise ValueError(f"pair {ex.get('id', '?')}: unknown perturbation factors {sorted(unknown)}")
+      raise ValueError(f"pair {ex.id}: unknown perturbation factors {sorted(unknown)}")
     f = np.array([float(x in factors) for x in FACTORS])
     rows.append(np.concatenate([[a, 1 - a], f, a * f, (1 - a) * f]))
   return np.asarray(rows, dtype=np.float64).reshape(len(pairs), 2 + 3 * len(FACTORS))
 
 
-def pair_baselines(train_pairs: Sequence[Mapping], eval_pairs: Sequence[Mapping],
+def pair_problem(ex: Example) -> str | None:
+  """Why the pair learners cannot use this pair (None: usable)."""
+  try:
+    outcome_class(ex)
+  except ValueError:
+    return "target_outcome_class"
+  try:
+    outcome_class(ex.anchor)
+  except ValueError:
+    return "anchor_outcome_class"
+  try:
+    anchor_features([ex])
+  except ValueError:
+    return "unknown_perturbation"
+  return None
+
+
+def pair_baselines(train_pairs: Sequence[Example], eval_pairs: Sequence[Example],
                    rf_seeds: Sequence[int] = RF_SEEDS) -> dict:
   """LR / RF on the target question's TF-IDF, without and with anchor features.
 
-  Each pair is a question dict (options, label, category, text fields) with
-  `anchor` (the anchor question dict, incl. its `label`) and `perturbation`.
+  Each pair is an Example with its `anchor` (incl. the anchor's `label`) and
+  `perturbation`; pair_problem tells which pairs these learners can use.
   """
   vec = _vectorizer()
   T_train = vec.fit_transform([question_text(q) for q in train_pairs])
@@ -232,7 +234,7 @@ def pair_baselines(train_pairs: Sequence[Mapping], eval_pairs: Sequence[Mapping]
       runs = []
       for s in _seeds(name, rf_seeds):
         p = _fit_predict(name, s, X_train, y, X_eval)
-        runs.append([probs_from_positive(q, pi) for q, pi in zip(eval_pairs, p)])
+        runs.append([probs_from_positive(q.options, pi) for q, pi in zip(eval_pairs, p)])
       out[key + suffix] = metrics.score_runs(eval_pairs, runs)
   return out
 
@@ -240,7 +242,7 @@ def pair_baselines(train_pairs: Sequence[Mapping], eval_pairs: Sequence[Mapping]
 def main():
   from data_pipeline import data_root
   from data_pipeline.build_report import BuildReport
-  from data_pipeline.ct_open import read_questions
+  from data_pipeline.readers.ct_open import read_questions
   root = data_root.resolve_data_root(None)
   counts = BuildReport()
   train = read_questions(root / "ct_open" / "Winter_2025.pickle", counts, split="train")

@@ -14,31 +14,28 @@ the direct answer and are counted.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from data_pipeline import templates
-from deepimagine_jax.eval import metrics
-from deepimagine_jax.eval import scoring
+from data_pipeline.example import Example
+from deepimagine_jax.eval import metrics, scoring
 
 AGGREGATES = ("mean", "geometric")
 EPS = metrics.EPS
 
 
-def chain_target_id(chain: Mapping) -> str:
+def chain_target_id(chain: Example) -> str:
   """The target question id of a chain example ('chain:<anchor id>-><target id>')."""
-  if chain.get("target_id"):
-    return str(chain["target_id"])
-  cid = str(chain.get("id", ""))
-  if not cid.startswith("chain:") or "->" not in cid:
-    raise ValueError(f"chain example {cid!r}: field 'id' is not 'chain:<anchor>-><target>'")
-  return cid.split("->", 1)[1]
+  if not chain.id.startswith("chain:") or "->" not in chain.id:
+    raise ValueError(f"chain example {chain.id!r}: field 'id' is not 'chain:<anchor>-><target>'")
+  return chain.id.split("->", 1)[1]
 
 
-def aggregate(probs_KO: np.ndarray, how: str) -> np.ndarray:
-  """Combines k distributions over the same options: mean, or normalised geometric mean."""
-  p = np.asarray(probs_KO, np.float64)
+def aggregate(anchor_probs: np.ndarray, how: str) -> np.ndarray:
+  """Combines the rows of [k, n_options]: their mean, or normalised geometric mean."""
+  p = np.asarray(anchor_probs, np.float64)
   if p.ndim != 2 or p.shape[0] == 0:
     raise ValueError(f"need a non-empty [k, n_options] array, got shape {p.shape}")
   if how == "mean":
@@ -50,7 +47,7 @@ def aggregate(probs_KO: np.ndarray, how: str) -> np.ndarray:
   return out / out.sum()
 
 
-def select_chains(targets: Sequence[Mapping], chains: Sequence[Mapping], k: int,
+def select_chains(targets: Sequence[Example], chains: Sequence[Example], k: int,
                   exclude_anchor_ids: frozenset | set = frozenset(),
                   exclude_anchor_trials: frozenset | set = frozenset()):
   """target index -> up to k chains (input order), plus counts of what was left out.
@@ -61,7 +58,7 @@ def select_chains(targets: Sequence[Mapping], chains: Sequence[Mapping], k: int,
   (pass the evaluation trials). Chains without steps or with option lists unlike the
   target's are dropped too.
   """
-  index = {str(t["id"]): i for i, t in enumerate(targets)}
+  index = {t.id: i for i, t in enumerate(targets)}
   banned = set(index) | set(exclude_anchor_ids)
   chosen: dict[int, list] = {}
   skipped = {"anchor_is_target": 0, "no_steps": 0, "options_differ": 0, "over_k": 0}
@@ -69,12 +66,11 @@ def select_chains(targets: Sequence[Mapping], chains: Sequence[Mapping], k: int,
     i = index.get(chain_target_id(ch))
     if i is None:
       continue
-    if (str(ch["anchor"].get("id", "")) in banned
-        or str(ch["anchor"].get("trial_id", "")) in exclude_anchor_trials):
+    if ch.anchor.id in banned or ch.anchor.trial_id in exclude_anchor_trials:
       skipped["anchor_is_target"] += 1
-    elif not ch.get("factors"):
+    elif not ch.factors:
       skipped["no_steps"] += 1
-    elif list(ch["options"]) != list(targets[i]["options"]):
+    elif tuple(ch.options) != tuple(targets[i].options):
       skipped["options_differ"] += 1
     elif len(chosen.get(i, ())) >= k:
       skipped["over_k"] += 1
@@ -83,7 +79,7 @@ def select_chains(targets: Sequence[Mapping], chains: Sequence[Mapping], k: int,
   return chosen, skipped
 
 
-def imagine(graphdef, params, tokenizer, targets: Sequence[Mapping], chains: Sequence[Mapping],
+def imagine(graphdef, params, tokenizer, targets: Sequence[Example], chains: Sequence[Example],
             *, k: int, how: str, prompt_len: int, batch_size: int,
             direct_probs: np.ndarray | None = None,
             exclude_anchor_ids: frozenset | set = frozenset(),
@@ -102,36 +98,33 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Mapping], chains: Seq
   chosen, skipped = select_chains(targets, chains, k, exclude_anchor_ids,
                                   exclude_anchor_trials)
   walks = [(i, ch) for i in sorted(chosen) for ch in chosen[i]]
-  current = [ch["anchor"]["options"][int(ch["anchor"]["label"])] for _, ch in walks]
+  current = [ch.anchor.answer for _, ch in walks]
   final = [None] * len(walks)
   trajectories = []
   depth, calls, steps = 0, 0, 0
   while True:
-    live = [w for w, (_, ch) in enumerate(walks) if depth < len(ch["factors"])]
+    live = [w for w, (_, ch) in enumerate(walks) if depth < len(ch.factors)]
     if not live:
       break
     step_examples = []
     for w in live:
       ch = walks[w][1]
       prompt, _ = templates.render_chain_step(ch, depth, current[w])
-      step_examples.append({"id": f"{ch['id']}#step{depth}", "options": ch["options"],
-                            "prompt": prompt})
-    probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, step_examples,
-                                               prompt_len=prompt_len, batch_size=batch_size)
+      step_examples.append(ch.replace(id=f"{ch.id}#step{depth}", prompt=prompt))
+    step_probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, step_examples,
+                                                 prompt_len=prompt_len, batch_size=batch_size)
     calls += 1
     steps += len(live)
-    for w, ex, p3 in zip(live, step_examples, probs):
+    for w, step, p3 in zip(live, step_examples, step_probs):
       i, ch = walks[w]
-      n = len(ch["options"])
-      p = p3[:n]
+      p = p3[:ch.n_options]
       choice = metrics.choose(p)
-      last = depth == len(ch["factors"]) - 1
-      trajectories.append(scoring.trajectory(
-          {**targets[i], "prompt": ex["prompt"]}, templates.decision_line(n, choice), p,
-          method="imagining", chain_id=ch["id"], step=depth, n_steps=len(ch["factors"]),
-          final=last, factor=ch["factors"][depth].get("factor", ""),
+      last = depth == len(ch.factors) - 1
+      trajectories.append(scoring.chosen_trajectory(
+          targets[i].replace(prompt=step.prompt), p, method="imagining", chain_id=ch.id,
+          step=depth, n_steps=len(ch.factors), final=last, factor=ch.factors[depth].factor,
           current_result=current[w]))
-      current[w] = ch["options"][choice]
+      current[w] = ch.options[choice]
       if last:
         final[w] = p
     depth += 1
@@ -147,7 +140,7 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Mapping], chains: Seq
       fb = np.asarray(direct_probs, np.float64)[fallback]
     out[fallback] = fb
   for i in chosen:
-    n = len(targets[i]["options"])
+    n = targets[i].n_options
     out[i, :n] = aggregate(np.stack([final[w] for w, (j, _) in enumerate(walks) if j == i]), how)
   stats = {"targets": len(targets), "imagined": len(chosen), "fallback": len(fallback),
            "chains": len(walks), "scoring_calls": calls, "steps": steps,

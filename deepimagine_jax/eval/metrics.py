@@ -25,6 +25,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from sklearn.metrics import f1_score
 
+from data_pipeline.example import Example
+
 # Probabilities are clipped to [EPS, 1] before the log so a zero probability on the
 # truth costs -log(1e-12) ~= 27.6 nats instead of infinity; the benchmark's own
 # script uses the same constant.
@@ -183,33 +185,29 @@ def average_runs(run_metrics: Sequence[Mapping[str, Mapping]]) -> dict:
   return out
 
 
-def question_arrays(questions: Iterable[Mapping]) -> tuple[list, list, list]:
-  """(labels, categories, no_diff) from CT Open question dicts (design.md records)."""
+def question_arrays(questions: Iterable[Example]) -> tuple[list, list, list]:
+  """(labels, categories, no_diff) of the questions (a missing category: from meta_label)."""
   labels, cats, nds = [], [], []
   for q in questions:
-    options = q["options"]
-    label = int(q["label"])
-    if not 0 <= label < len(options):
-      raise ValueError(f"question {q.get('id', '?')}: label {label} out of range "
-                       f"for {len(options)} options")
-    labels.append(label)
-    cat = q.get("category") or category_of(len(options), q["meta_label"])
-    cats.append(cat)
-    nds.append(no_difference_index(options) if len(options) == 3 else -1)
+    if not 0 <= q.label < q.n_options:
+      raise ValueError(f"question {q.id}: label {q.label} out of range "
+                       f"for {q.n_options} options")
+    labels.append(q.label)
+    cats.append(q.category or category_of(q.n_options, q.meta_label))
+    nds.append(no_difference_index(q.options) if q.n_options == 3 else -1)
   return labels, cats, nds
 
 
-def score_questions(questions: Sequence[Mapping], probs: Sequence[Sequence[float]]) -> dict:
+def score_questions(questions: Sequence[Example], probs: Sequence[Sequence[float]]) -> dict:
   """Scores one run: `probs[i]` are the probabilities for `questions[i]`."""
   labels, cats, nds = question_arrays(questions)
   for q, p in zip(questions, probs):
-    if len(p) != len(q["options"]):
-      raise ValueError(f"question {q.get('id', '?')}: {len(p)} probabilities for "
-                       f"{len(q['options'])} options")
+    if len(p) != q.n_options:
+      raise ValueError(f"question {q.id}: {len(p)} probabilities for {q.n_options} options")
   return score(probs, labels, cats, nds)
 
 
-def score_runs(questions: Sequence[Mapping], runs: Sequence[Sequence[Sequence[float]]]) -> dict:
+def score_runs(questions: Sequence[Example], runs: Sequence[Sequence[Sequence[float]]]) -> dict:
   """Scores several runs of probabilities over the same questions and averages them."""
   return average_runs([score_questions(questions, r) for r in runs])
 

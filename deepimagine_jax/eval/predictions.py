@@ -22,6 +22,7 @@ import numpy as np
 
 from data_pipeline import safe_pickle
 from data_pipeline.build_report import BuildReport
+from data_pipeline.example import Example
 from deepimagine_jax import rewards
 from deepimagine_jax.eval import metrics
 
@@ -31,9 +32,16 @@ PICKLE_SUFFIXES = (".pkl", ".pickle")
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 
-def question_key(q: Mapping) -> Key:
-  """The benchmark key of a question dict."""
-  return (str(q["nct_id"]), str(q["endpoint_str"]), int(q["question_index"]))
+def has_key(q: Example) -> bool:
+  """Whether the example is a benchmark question (it has CT Open's key)."""
+  return bool(q.nct_id) and q.question_index >= 0
+
+
+def question_key(q: Example) -> Key:
+  """The benchmark key of a question."""
+  if not has_key(q):
+    raise ValueError(f"example {q.id}: no benchmark key (nct_id, endpoint_str, question_index)")
+  return (q.nct_id, q.endpoint_str, q.question_index)
 
 
 def format_decision(probs: Sequence[float]) -> str:
@@ -41,7 +49,7 @@ def format_decision(probs: Sequence[float]) -> str:
   return "DECISION: (" + ", ".join(repr(float(p)) for p in probs) + ")"
 
 
-def predictions_from_probs(questions: Sequence[Mapping],
+def predictions_from_probs(questions: Sequence[Example],
                            probs: Sequence[Sequence[float]]) -> dict:
   """Predictions for a model that outputs probabilities directly (the baselines)."""
   if len(questions) != len(probs):
@@ -98,6 +106,16 @@ def write_jsonl(path: str | os.PathLike, preds: Mapping) -> pathlib.Path:
   return path
 
 
+def write_runs(out_dir: str | os.PathLike, name: str, preds_runs: Sequence[Mapping]) -> list:
+  """Run r as out_dir/predictions_<name>_run<r>.pkl and .jsonl; returns the pickle paths."""
+  paths = []
+  for r, preds in enumerate(preds_runs):
+    stem = pathlib.Path(out_dir) / f"predictions_{name}_run{r}"
+    paths.append(write_pickle(stem.with_suffix(".pkl"), preds))
+    write_jsonl(stem.with_suffix(".jsonl"), preds)
+  return paths
+
+
 def read_predictions(path: str | os.PathLike, report: BuildReport | None = None) -> dict:
   """Reads either form back, chosen by suffix.
 
@@ -141,7 +159,7 @@ def read_predictions(path: str | os.PathLike, report: BuildReport | None = None)
   return preds
 
 
-def probs_from_predictions(questions: Sequence[Mapping], preds: Mapping,
+def probs_from_predictions(questions: Sequence[Example], preds: Mapping,
                            on_error: str = "uniform") -> tuple[list, dict]:
   """Probabilities per question from prediction texts, and failure counts.
 
@@ -153,7 +171,7 @@ def probs_from_predictions(questions: Sequence[Mapping], preds: Mapping,
     raise ValueError(f"on_error must be 'uniform' or 'raise', got {on_error!r}")
   probs, counts = [], {"missing": 0}
   for q in questions:
-    key, n = question_key(q), len(q["options"])
+    key, n = question_key(q), q.n_options
     if key not in preds:
       if on_error == "raise":
         raise KeyError(f"no prediction for question {key!r}")
@@ -172,7 +190,7 @@ def probs_from_predictions(questions: Sequence[Mapping], preds: Mapping,
   return probs, counts
 
 
-def score_predictions(questions: Sequence[Mapping], runs: Sequence[Mapping],
+def score_predictions(questions: Sequence[Example], runs: Sequence[Mapping],
                       on_error: str = "uniform") -> dict:
   """Scores one or more prediction dicts (runs) against the questions, averaged.
 

@@ -7,6 +7,7 @@ files in a report directory does not depend on what the run logged.
 """
 from __future__ import annotations
 
+import copy
 import html
 import io
 import json
@@ -27,6 +28,7 @@ FILES = ("metrics.json", "report.md", "loss.png", "reward.png",
          "accuracy_per_category.png", "reliability.png", "trajectories.html")
 N_BINS = 10
 MAX_HTML_TRAJECTORIES = 2000
+PAIR_PREFIX = "pairs/"  # result names of the counterfactual-pair evaluation
 
 
 def read_metrics_log(path: str | os.PathLike) -> tuple[list[dict], int]:
@@ -64,6 +66,20 @@ def _n(results: Mapping, col: str):
     if col in m:
       return m[col].get("n", "?")
   return "?"
+
+
+def pairs_apart(results: Mapping[str, Mapping]) -> dict:
+  """Results for the report's single table: pair categories get their own columns.
+
+  Pairs and questions share category names but not counts, so a shared column
+  would show one n for both; "pairs/<category>" keeps them apart.
+  """
+  out = {}
+  for name, m in results.items():
+    if name.startswith(PAIR_PREFIX):
+      m = {PAIR_PREFIX + k: v for k, v in m.items()}
+    out[name] = copy.deepcopy(dict(m))
+  return out
 
 
 def series(rows: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,10 @@
 """The evaluation entry: baselines, the model's direct answers, successive imagining, one report.
 
-Everything is scored by the same code (metrics) on the same questions:
-CT Open Summer 2025 (source "ct_open", split "eval"). The baselines train on the
-CT Open Winter 2025 questions (source "ct_open", kind "question", any other
-split) and always use all eval questions; the model parts respect
-eval_cfg.max_questions. Files written under workdir:
+Everything is scored by the same code (metrics.py) on the same questions: CT
+Open Summer 2025 (the questions of split "eval" that carry the benchmark's key).
+The baselines train on the CT Open Winter 2025 questions (the benchmark
+questions of every other split) and always use all eval questions; the model
+parts respect eval_cfg.max_questions. Files written under workdir:
   eval/predictions_<name>_run<r>.pkl / .jsonl   benchmark predictions per run
   eval/trajectories_<name>.jsonl                 every answer (imagining: every step)
   eval/results.json                              name -> metrics, plus imagining stats
@@ -15,12 +15,11 @@ are evaluated too, under names "pairs/<name>": the TF-IDF learners without and
 with anchor features (baselines.pair_baselines; trained on the train and rl
 splits' pairs, the data the model learns from; dev stays held out) on every
 eval-split pair, and the model in scoring mode on at most eval_cfg.max_pairs of
-them, all scored by metrics. A pair's category is its target's CT Open
+them, all scored by metrics.py. A pair's category is its target's CT Open
 category, else "<n>-way/pair".
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -32,40 +31,39 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from data_pipeline import templates
+from data_pipeline.example import Example
 from deepimagine_jax.config import EvalConfig
-from deepimagine_jax.eval import baselines, imagining, metrics, scoring
-from deepimagine_jax.eval import predictions, report
+from deepimagine_jax.eval import baselines, imagining, metrics, predictions, report, scoring
 from deepimagine_jax.eval.predictions import atomic_write
 
 EVAL_SPLIT = "eval"
 PAIR_KINDS = ("natural_pair", "approximate_pair")
 PAIR_TRAIN_SPLITS = ("train", "rl")
-PAIR_PREFIX = "pairs/"
+
+Splits = Mapping[str, Sequence[Example]]  # split name -> examples (BuiltData.examples)
 
 
-def is_ct_open_question(ex: Mapping) -> bool:
-  return ex.get("source") == "ct_open" and ex.get("kind", "question") == "question"
+def is_benchmark_question(ex: Example) -> bool:
+  """A CT Open question: a plain question that carries the benchmark's key."""
+  return ex.kind == "question" and predictions.has_key(ex)
 
 
-def eval_questions(built_examples: Mapping[str, Sequence[Mapping]]) -> list[dict]:
+def rendered(ex: Example) -> Example:
+  return ex if ex.prompt else templates.render(ex)
+
+
+def eval_questions(built_examples: Splits) -> list[Example]:
   """CT Open questions of the eval split, prompts rendered where missing."""
-  out = []
-  for ex in built_examples.get(EVAL_SPLIT, ()):
-    if is_ct_open_question(ex):
-      ex = dict(ex)
-      if not ex.get("prompt"):
-        templates.render(ex)
-      out.append(ex)
-  return out
+  return [rendered(ex) for ex in built_examples.get(EVAL_SPLIT, ()) if is_benchmark_question(ex)]
 
 
-def train_questions_of(built_examples: Mapping[str, Sequence[Mapping]]) -> list[dict]:
+def train_questions_of(built_examples: Splits) -> list[Example]:
   """CT Open questions of every split but eval (the Winter release)."""
   return [ex for split, exs in built_examples.items() if split != EVAL_SPLIT
-          for ex in exs if is_ct_open_question(ex)]
+          for ex in exs if is_benchmark_question(ex)]
 
 
-def model_subset(questions: Sequence[Mapping], max_questions: int) -> list:
+def model_subset(questions: Sequence[Example], max_questions: int) -> list[Example]:
   """All questions (max_questions 0) or max_questions spread evenly over the file order.
 
   The file groups questions by trial and category, so a head slice would be one
@@ -77,17 +75,8 @@ def model_subset(questions: Sequence[Mapping], max_questions: int) -> list:
   return [questions[i] for i in idx]
 
 
-def chains_of(built_examples: Mapping[str, Sequence[Mapping]]) -> list[dict]:
-  return [ex for exs in built_examples.values() for ex in exs if ex.get("kind") == "chain"]
-
-
-def write_predictions(out_dir: pathlib.Path, name: str, preds_runs: Sequence[Mapping]) -> list:
-  paths = []
-  for r, preds in enumerate(preds_runs):
-    stem = out_dir / f"predictions_{name}_run{r}"
-    paths.append(predictions.write_pickle(stem.with_suffix(".pkl"), preds))
-    predictions.write_jsonl(stem.with_suffix(".jsonl"), preds)
-  return paths
+def chains_of(built_examples: Splits) -> list[Example]:
+  return [ex for exs in built_examples.values() for ex in exs if ex.kind == "chain"]
 
 
 def _json_default(x):
@@ -103,25 +92,8 @@ def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping]):
   atomic_write(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
 
 
-def _pair_problem(ex: Mapping) -> str | None:
-  """Why the pair baselines cannot use this pair (None: usable)."""
-  try:
-    baselines.outcome_class(ex)
-  except (ValueError, KeyError, TypeError):
-    return "target_outcome_class"
-  try:
-    baselines.outcome_class(ex["anchor"])
-  except (ValueError, KeyError, TypeError):
-    return "anchor_outcome_class"
-  try:
-    baselines.anchor_features([ex])
-  except ValueError:
-    return "unknown_perturbation"
-  return None
-
-
-def pair_examples(built_examples: Mapping[str, Sequence[Mapping]], splits: Sequence[str],
-                  skipped: Counter | None = None) -> list[dict]:
+def pair_examples(built_examples: Splits, splits: Sequence[str],
+                  skipped: Counter | None = None) -> list[Example]:
   """Counterfactual pairs of `splits`, category defaulted, prompts rendered where missing.
 
   Pairs whose target or anchor has no positive option (e.g. the ctgov
@@ -131,23 +103,19 @@ def pair_examples(built_examples: Mapping[str, Sequence[Mapping]], splits: Seque
   out = []
   for split in splits:
     for ex in built_examples.get(split, ()):
-      if ex.get("kind") not in PAIR_KINDS:
+      if ex.kind not in PAIR_KINDS:
         continue
-      why = _pair_problem(ex)
+      why = baselines.pair_problem(ex)
       if why:
         if skipped is not None:
           skipped[f"{split}:{why}"] += 1
         continue
-      ex = dict(ex)
-      ex["category"] = ex.get("category") or f"{len(ex['options'])}-way/pair"
-      if not ex.get("prompt"):
-        templates.render(ex)
-      out.append(ex)
+      out.append(rendered(ex.replace(category=ex.category or f"{ex.n_options}-way/pair")))
   return out
 
 
-def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg: EvalConfig, *, prompt_len: int,
-                   out_dir: pathlib.Path) -> tuple[dict, dict]:
+def evaluate_pairs(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: EvalConfig,
+                   *, prompt_len: int, out_dir: pathlib.Path) -> tuple[dict, dict]:
   """({"pairs/<name>": metrics}, info) for the counterfactual pairs of the eval split."""
   skipped: Counter = Counter()
   evals = pair_examples(built_examples, (EVAL_SPLIT,), skipped)
@@ -163,7 +131,7 @@ def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg: EvalCo
   if eval_cfg.baselines:
     if train:
       base = baselines.pair_baselines(train, evals, eval_cfg.rf_seeds)
-      results.update({PAIR_PREFIX + k: v for k, v in base.items()})
+      results.update({report.PAIR_PREFIX + k: v for k, v in base.items()})
     else:
       logging.warning("evaluate: no training pairs; pair baselines skipped")
       info["note"] = "pair baselines skipped: no training pairs"
@@ -171,35 +139,19 @@ def evaluate_pairs(graphdef, params, tokenizer, built_examples, eval_cfg: EvalCo
     subset = model_subset(evals, eval_cfg.max_pairs)
     t0 = time.perf_counter()
     probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, subset,
-                                               prompt_len=prompt_len,
-                                               batch_size=eval_cfg.batch_size)
+                                            prompt_len=prompt_len, batch_size=eval_cfg.batch_size)
     info["model_seconds"] = time.perf_counter() - t0
     info["model_pairs"] = len(subset)
     probs_list = scoring.trimmed(probs, subset)
-    results[PAIR_PREFIX + "model_score"] = metrics.score_questions(subset, probs_list)
-    traj = [scoring.trajectory(ex, templates.decision_line(len(p), metrics.choose(p)),
-                                  p, method="pair_score", anchor_id=ex["anchor"].get("id", ""))
+    results[report.PAIR_PREFIX + "model_score"] = metrics.score_questions(subset, probs_list)
+    traj = [scoring.chosen_trajectory(ex, p, method="pair_score", anchor_id=ex.anchor.id)
             for ex, p in zip(subset, probs_list)]
     write_jsonl(out_dir / "trajectories_pairs_model_score.jsonl", traj)
   return results, info
 
 
-def report_view(results: Mapping[str, Mapping]) -> dict:
-  """Results for the report's single table: pair categories get their own columns.
-
-  Pairs and questions share category names but not counts, so a shared column
-  would show one n for both; "pairs/<category>" keeps them apart.
-  """
-  out = {}
-  for name, m in results.items():
-    if name.startswith(PAIR_PREFIX):
-      m = {PAIR_PREFIX + k: v for k, v in m.items()}
-    out[name] = copy.deepcopy(dict(m))
-  return out
-
-
-def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[Mapping]],
-             eval_cfg: EvalConfig, *, prompt_len: int, workdir: str | os.PathLike,
+def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: EvalConfig, *,
+             prompt_len: int, workdir: str | os.PathLike,
              metrics_logs: Sequence[str | os.PathLike] = (), seed: int = 0) -> dict:
   """Runs what eval_cfg asks for; returns {name: metrics}. graphdef None: baselines only."""
   workdir = pathlib.Path(workdir)
@@ -228,7 +180,7 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
     extra["model_seconds"] = time.perf_counter() - t0
     name = f"model_{eval_cfg.mode}"
     results[name] = scores
-    write_predictions(out_dir, name, preds_runs)
+    predictions.write_runs(out_dir, name, preds_runs)
     write_jsonl(out_dir / f"trajectories_{name}.jsonl", traj)
     trajectories.extend(traj)
 
@@ -243,8 +195,8 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
           graphdef, params, tokenizer, subset, chains_of(built_examples),
           k=eval_cfg.imagining_k, how=eval_cfg.aggregate, prompt_len=prompt_len,
           batch_size=eval_cfg.batch_size, direct_probs=direct,
-          exclude_anchor_ids={str(q["id"]) for q in questions},
-          exclude_anchor_trials={str(q["trial_id"]) for q in questions})
+          exclude_anchor_ids={q.id for q in questions},
+          exclude_anchor_trials={q.trial_id for q in questions})
       stats["seconds"] = time.perf_counter() - t0
       name = "model_imagining"
       probs_list = scoring.trimmed(probs, subset)
@@ -252,14 +204,11 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
       scores["overall"]["imagining"] = stats
       results[name] = scores
       extra["imagining"] = stats
-      preds = {predictions.question_key(q): predictions.format_decision(p)
-               for q, p in zip(subset, probs_list) if scoring.has_key(q)}
-      write_predictions(out_dir, name, [preds])
+      predictions.write_runs(out_dir, name,
+                             [predictions.predictions_from_probs(subset, probs_list)])
       write_jsonl(out_dir / f"trajectories_{name}.jsonl", steps)
-      final = [scoring.trajectory(q, templates.decision_line(len(p), metrics.choose(p)),
-                                     p, method="imagining")
-               for q, p in zip(subset, probs_list)]
-      trajectories.extend(final)
+      trajectories.extend(scoring.chosen_trajectory(q, p, method="imagining")
+                          for q, p in zip(subset, probs_list))
 
   pair_results: dict = {}
   if eval_cfg.pair_eval:
@@ -271,7 +220,8 @@ def evaluate(graphdef, params, tokenizer, built_examples: Mapping[str, Sequence[
   atomic_write(out_dir / "results.json",
                json.dumps({"results": results, **extra}, indent=2, sort_keys=True,
                           default=_json_default).encode("utf-8"))
-  report.write_report(workdir / "report", report_view(results), metrics_logs, trajectories)
+  report.write_report(workdir / "report", report.pairs_apart(results), metrics_logs,
+                      trajectories)
   print(report.format_table({k: v for k, v in results.items() if k not in pair_results}))
   if pair_results:
     p = extra["pairs"]

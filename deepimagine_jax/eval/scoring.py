@@ -11,12 +11,14 @@ than one draw.
 
 Sampling: `runs` independent sampled completions per question (sampler.sample),
 each parsed by rewards.parse_decision; a failure scores as uniform and is counted.
+
+Shape letters as in model.py, plus P prompt slots and O option slots (3).
 """
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +26,53 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import templates
+from data_pipeline.example import Example
 from data_pipeline.grain_pipeline import rl_prompt
-from deepimagine_jax import prefix
-from deepimagine_jax import rewards
-from deepimagine_jax import sampler
+from deepimagine_jax import prefix, rewards, sampler
 from deepimagine_jax.config import EvalConfig
 from deepimagine_jax.eval import metrics, predictions
 
 MAX_OPTIONS = 3
 
 
-# Scoring ---------------------------------------------------------------------
+# Prompts -----------------------------------------------------------------------
+
+def _check_examples(examples: Sequence[Example]):
+  for ex in examples:
+    if ex.n_options not in (2, 3):
+      raise ValueError(f"example {ex.id}: field 'options' has {ex.n_options} entries, "
+                       "need 2 or 3")
+    if not ex.prompt:
+      raise ValueError(f"example {ex.id}: field 'prompt' is empty (render it first)")
+
+
+def prompt_arrays(tokenizer, examples: Sequence[Example], prompt_len: int):
+  """Left-padded prompts [N, P] and their masks [N, P] (1 = real token), as RL sees them."""
+  prompts = np.full((len(examples), prompt_len), tokenizer.pad_id, np.int32)
+  masks = np.zeros((len(examples), prompt_len), np.int32)
+  for i, ex in enumerate(examples):
+    # rl_prompt's row; the label is not needed at inference.
+    row = rl_prompt({"id": ex.id, "prompt": ex.prompt, "options": ex.options, "label": 0},
+                    tokenizer, prompt_len)
+    prompts[i], masks[i] = row["prompt_tokens"], row["prompt_mask"]
+  return prompts, masks
+
+
+def _fill_rows(arrays, rows: int, bos_id: int):
+  """Pads (prompt, prompt mask, ...) to `rows` rows: one batch shape, one compile.
+
+  A filler row is a lone BOS (the sampler needs one real last token); other
+  arrays are padded with zeros, which the masks make inert.
+  """
+  n = arrays[0].shape[0]
+  if n == rows:
+    return arrays
+  out = [np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]) for x in arrays]
+  out[0][n:, -1], out[1][n:, -1] = bos_id, 1
+  return out
+
+
+# Scoring -----------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _option_logprobs(graphdef, params, prompt_BP, prompt_mask_BP, candidates_BOT,
@@ -54,105 +92,56 @@ def _option_logprobs(graphdef, params, prompt_BP, prompt_mask_BP, candidates_BOT
   return jnp.sum(jnp.where(candidate_mask_BOT > 0, logp_BOT, 0.0), axis=-1)
 
 
-def candidate_tokens(tokenizer, n_options: int) -> list[list[int]]:
-  """Token ids of each option's one-hot DECISION line followed by EOS."""
-  return [tokenizer.encode(templates.decision_line(n_options, i)) + [tokenizer.eos_id]
-          for i in range(n_options)]
+def candidate_arrays(tokenizer, examples: Sequence[Example]):
+  """Candidates [N, O, T] and their masks [N, O, T]: option o's DECISION line + EOS.
 
-
-def _prompt_row(ex: Mapping, tokenizer, prompt_len: int) -> dict:
-  """rl_prompt's left-padded row; only prompt text is needed (no label at inference)."""
-  return rl_prompt({"id": ex.get("id", "?"), "prompt": ex["prompt"], "options": ex["options"],
-                    "label": 0}, tokenizer, prompt_len)
-
-
-def _check_examples(examples: Sequence[Mapping]):
-  for ex in examples:
-    n = len(ex.get("options") or ())
-    if n not in (2, 3):
-      raise ValueError(f"example {ex.get('id', '?')}: field 'options' has {n} entries, need 2 or 3")
-    if not ex.get("prompt"):
-      raise ValueError(f"example {ex.get('id', '?')}: field 'prompt' is empty (render it first)")
-
-
-def scoring_arrays(tokenizer, examples: Sequence[Mapping], prompt_len: int):
-  """prompt [N, P], prompt mask [N, P], candidates [N, 3, C], candidate mask [N, 3, C].
-
-  C is the longest candidate of any option count, so the shape (and the compiled
+  T is the longest candidate of any option count, so the shape (and the compiled
   forward) does not depend on which questions are in the set.
   """
-  cands = {n: candidate_tokens(tokenizer, n) for n in (2, 3)}
-  C = max(len(c) for cs in cands.values() for c in cs)
-  N = len(examples)
-  prompt = np.full((N, prompt_len), tokenizer.pad_id, np.int32)
-  pmask = np.zeros((N, prompt_len), np.int32)
-  cand = np.full((N, MAX_OPTIONS, C), tokenizer.pad_id, np.int32)
-  cmask = np.zeros((N, MAX_OPTIONS, C), np.int32)
-  for qi, ex in enumerate(examples):
-    row = _prompt_row(ex, tokenizer, prompt_len)
-    prompt[qi], pmask[qi] = row["prompt_tokens"], row["prompt_mask"]
-    for o, c in enumerate(cands[len(ex["options"])]):
-      cand[qi, o, :len(c)], cmask[qi, o, :len(c)] = c, 1
-  return prompt, pmask, cand, cmask
+  lines = {n: [tokenizer.encode(templates.decision_line(n, o)) + [tokenizer.eos_id]
+               for o in range(n)] for n in (2, 3)}
+  T = max(len(c) for cs in lines.values() for c in cs)
+  candidates = np.full((len(examples), MAX_OPTIONS, T), tokenizer.pad_id, np.int32)
+  masks = np.zeros((len(examples), MAX_OPTIONS, T), np.int32)
+  for i, ex in enumerate(examples):
+    for o, c in enumerate(lines[ex.n_options]):
+      candidates[i, o, :len(c)], masks[i, o, :len(c)] = c, 1
+  return candidates, masks
 
 
-def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
-  """Pads to n rows with zeros (pad id 0, mask 0): fixed batch shape, no recompiles."""
-  if x.shape[0] == n:
-    return x
-  return np.concatenate([x, np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)])
-
-
-def candidate_logprobs(graphdef, params, arrays, batch_size: int) -> np.ndarray:
-  """[N, 3] log p(candidate | prompt), in fixed batches of batch_size questions."""
-  n = arrays[0].shape[0]
-  out = []
-  for s in range(0, n, batch_size):
-    e = min(s + batch_size, n)
-    lp_BO = _option_logprobs(graphdef, params,
-                             *(jnp.asarray(_pad_rows(x[s:e], batch_size)) for x in arrays))
-    out.append((s, e, lp_BO))  # dispatch every batch before reading any back
-  res = np.zeros((n, MAX_OPTIONS), np.float64)
-  for s, e, lp_BO in out:
-    res[s:e] = np.asarray(lp_BO)[:e - s]
-  return res
-
-
-def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Mapping], *,
+def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Example], *,
                             prompt_len: int, batch_size: int) -> np.ndarray:
-  """[N, 3] option probabilities (softmax of candidate log-likelihoods), 0 past n_options."""
+  """[N, 3] option probabilities (softmax of candidate log-likelihoods), 0 past n_options.
+
+  batch_size counts questions; every batch is dispatched before any is read back.
+  """
   _check_examples(examples)
-  lp_N3 = candidate_logprobs(graphdef, params, scoring_arrays(tokenizer, examples, prompt_len),
-                             batch_size)
+  arrays = (*prompt_arrays(tokenizer, examples, prompt_len),
+            *candidate_arrays(tokenizer, examples))
+  pending = []
+  for s in range(0, len(examples), batch_size):
+    batch = _fill_rows([x[s:s + batch_size] for x in arrays], batch_size, tokenizer.bos_id)
+    pending.append((s, _option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
   probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
-  for qi, ex in enumerate(examples):
-    lp = lp_N3[qi, :len(ex["options"])]
-    probs[qi, :len(lp)] = np.exp(lp - np.logaddexp.reduce(lp))
+  for s, logp_BO in pending:
+    logp_BO = np.asarray(logp_BO, np.float64)
+    for b, ex in enumerate(examples[s:s + batch_size]):
+      logp = logp_BO[b, :ex.n_options]
+      probs[s + b, :ex.n_options] = np.exp(logp - np.logaddexp.reduce(logp))
   return probs
 
 
-# Sampling --------------------------------------------------------------------
+# Sampling ----------------------------------------------------------------------
 
-def _prompt_batch(tokenizer, examples: Sequence[Mapping], prompt_len: int, batch_size: int):
-  """Left-padded prompt rows, padded to batch_size with BOS-only rows."""
-  rows = [_prompt_row(ex, tokenizer, prompt_len) for ex in examples]
-  tok = np.full((batch_size, prompt_len), tokenizer.pad_id, np.int32)
-  mask = np.zeros((batch_size, prompt_len), np.int32)
-  tok[:, -1], mask[:, -1] = tokenizer.bos_id, 1  # a filler row needs one real last token
-  for b, r in enumerate(rows):
-    tok[b], mask[b] = r["prompt_tokens"], r["prompt_mask"]
-  return jnp.asarray(tok), jnp.asarray(mask)
-
-
-def decode_completion(tokenizer, tokens_N: np.ndarray, length: int) -> str:
+def decode_completion(tokenizer, tokens_T: np.ndarray, length: int) -> str:
   """The sampled text without its EOS."""
-  ids = [int(t) for t in tokens_N[:length]]
+  ids = [int(t) for t in tokens_T[:length]]
   if ids and ids[-1] == tokenizer.eos_id:
     ids = ids[:-1]
   return tokenizer.decode(ids)
 
 
-def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Mapping], *,
+def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Example], *,
                              runs: int, temperature: float, max_new_tokens: int,
                              batch_size: int, prompt_len: int, seed: int):
   """(probs_runs: list of [N, 3], texts_runs: list of list[str], failures: {code: count}).
@@ -163,21 +152,22 @@ def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Map
   _check_examples(examples)
   if runs < 1:
     raise ValueError(f"runs must be >= 1, got {runs}")
+  prompts = prompt_arrays(tokenizer, examples, prompt_len)
   probs_runs, texts_runs, failures = [], [], {}
   for r in range(runs):
     probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
     texts = []
     for s in range(0, len(examples), batch_size):
-      chunk = examples[s:s + batch_size]
-      tok_BP, mask_BP = _prompt_batch(tokenizer, chunk, prompt_len, batch_size)
+      prompt_BP, mask_BP = _fill_rows([x[s:s + batch_size] for x in prompts], batch_size,
+                                      tokenizer.bos_id)
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), r), s)
-      out = sampler.sample(graphdef, params, tok_BP, mask_BP, key,
+      out = sampler.sample(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(mask_BP), key,
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-      tokens_BN, lengths_B = np.asarray(out.tokens), np.asarray(out.lengths)
-      for b, ex in enumerate(chunk):
-        text = decode_completion(tokenizer, tokens_BN[b], int(lengths_B[b]))
-        n = len(ex["options"])
+      tokens_BT, lengths_B = np.asarray(out.tokens), np.asarray(out.lengths)
+      for b, ex in enumerate(examples[s:s + batch_size]):
+        text = decode_completion(tokenizer, tokens_BT[b], int(lengths_B[b]))
+        n = ex.n_options
         d = rewards.parse_decision(text, n)
         if d.ok:
           probs[s + b, :n] = d.probs
@@ -191,45 +181,44 @@ def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Map
   return probs_runs, texts_runs, failures
 
 
-# The whole evaluation -----------------------------------------------------------
+# The whole evaluation ----------------------------------------------------------
 
-def trimmed(probs_N3: np.ndarray, examples: Sequence[Mapping]) -> list[np.ndarray]:
-  """Per-question probability vectors of each question's own length."""
-  return [np.asarray(p[:len(ex["options"])], np.float64) for p, ex in zip(probs_N3, examples)]
+def trimmed(probs: np.ndarray, examples: Sequence[Example]) -> list[np.ndarray]:
+  """[N, 3] probabilities -> per-question vectors of each question's own length."""
+  return [np.asarray(p[:ex.n_options], np.float64) for p, ex in zip(probs, examples)]
 
 
-def trajectory(ex: Mapping, completion: str, probs, **extra) -> dict:
+def trajectory(ex: Example, completion: str, probs, **extra) -> dict:
   """One report trajectory (report.write_report's fields plus id)."""
-  label = int(ex["label"])
   p = None if probs is None else [float(x) for x in probs]
-  return {"id": ex.get("id", ""), "prompt": ex.get("prompt", ""), "completion": completion,
-          "probs": p, "label": label,
-          "correct": p is not None and metrics.choose(p) == label,
-          "perturbation": ex.get("perturbation", ""), "category": ex.get("category", ""),
-          **extra}
+  return {"id": ex.id, "prompt": ex.prompt, "completion": completion, "probs": p,
+          "label": ex.label, "correct": p is not None and metrics.choose(p) == ex.label,
+          "perturbation": ex.perturbation, "category": ex.category, **extra}
 
 
-def has_key(ex: Mapping) -> bool:
-  return bool(ex.get("nct_id")) and int(ex.get("question_index", -1)) >= 0
+def chosen_trajectory(ex: Example, probs, **extra) -> dict:
+  """The trajectory of an answer given as probabilities: the completion is its choice."""
+  return trajectory(ex, templates.decision_line(len(probs), metrics.choose(probs)), probs,
+                    **extra)
 
 
-def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping],
+def evaluate_policy(graphdef, params, tokenizer, examples: Sequence[Example],
                     eval_cfg: EvalConfig, *, prompt_len: int, seed: int = 0):
   """(scores, trajectories, predictions_runs) for one policy on CT Open questions.
 
   Reads eval_cfg's mode, runs, temperature, max_new_tokens and batch_size.
-  predictions_runs is a list of benchmark prediction dicts, one per
-  run (one in scoring mode, whose texts carry the exact probabilities so the
-  files score identically); trajectories hold every run's answers.
+  predictions_runs is a list of benchmark prediction dicts, one per run (one in
+  scoring mode, whose texts carry the exact probabilities so the files score
+  identically); trajectories hold every run's answers.
   """
-  mode = eval_cfg.mode
-  examples = list(eval_examples)
-  if mode == "score":
+  examples = list(examples)
+  if eval_cfg.mode == "score":
     probs = option_probs_by_scoring(graphdef, params, tokenizer, examples,
                                     prompt_len=prompt_len, batch_size=eval_cfg.batch_size)
     runs = [trimmed(probs, examples)]
-    texts_runs = [[templates.decision_line(len(p), metrics.choose(p)) for p in runs[0]]]
-    pred_texts = [[predictions.format_decision(p) for p in runs[0]]]
+    trajectories = [chosen_trajectory(ex, p, run=0, method="direct")
+                    for ex, p in zip(examples, runs[0])]
+    preds_runs = [predictions.predictions_from_probs(examples, runs[0])]
     failures = {}
   else:  # "sample" (EvalConfig admits no other mode)
     probs_runs, texts_runs, failures = option_probs_by_sampling(
@@ -237,18 +226,15 @@ def evaluate_policy(graphdef, params, tokenizer, eval_examples: Sequence[Mapping
         temperature=eval_cfg.temperature, max_new_tokens=eval_cfg.max_new_tokens,
         batch_size=eval_cfg.batch_size, prompt_len=prompt_len, seed=seed)
     runs = [trimmed(p, examples) for p in probs_runs]
-    pred_texts = texts_runs
+    trajectories, preds_runs = [], []
+    for r, (probs_r, texts_r) in enumerate(zip(runs, texts_runs)):
+      for ex, p, text in zip(examples, probs_r, texts_r):
+        parsed = rewards.parse_decision(text, ex.n_options).ok
+        trajectories.append(trajectory(ex, text, p if parsed else None, run=r, method="direct"))
+      preds_runs.append({predictions.question_key(ex): text
+                         for ex, text in zip(examples, texts_r)})
+    if failures:
+      logging.info("evaluate_policy: %s parse failures over %d runs", failures, len(runs))
   scores = metrics.score_runs(examples, runs)
   scores["overall"]["failures"] = dict(failures)
-  trajectories, preds_runs = [], []
-  for r, (probs_r, texts_r, ptexts_r) in enumerate(zip(runs, texts_runs, pred_texts)):
-    preds = {}
-    for ex, p, text, ptext in zip(examples, probs_r, texts_r, ptexts_r):
-      parsed = mode == "score" or rewards.parse_decision(text, len(ex["options"])).ok
-      trajectories.append(trajectory(ex, text, p if parsed else None, run=r, method="direct"))
-      if has_key(ex):
-        preds[predictions.question_key(ex)] = ptext
-    preds_runs.append(preds)
-  if failures:
-    logging.info("evaluate_policy: %s parse failures over %d runs", failures, len(runs))
   return scores, trajectories, preds_runs
