@@ -1,7 +1,6 @@
 """The dataset build: raw records -> questions and counterfactual pairs -> splits ->
 rendered JSONL + tokenizer + report.
 
-    python -m data_pipeline.build --root=../shared/data --out=/tmp/di_data
     python launch/main.py --config=configs/data.py   (calls build_dataset)
 
 The build directory holds `examples/<split>.jsonl`, `tokenizer/tokenizer.model`,
@@ -18,7 +17,6 @@ they are not benchmark questions and would leak the trial into training.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
@@ -27,19 +25,19 @@ import logging
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
-from data_pipeline import (ct_open, ctgov_json, ctgov_xml, evidence_inference, pairs,
-                           questions, splits, synthetic, templates)
+from data_pipeline import facts, io, pairs, questions, splits, synthetic, templates
 from data_pipeline.build_report import BuildReport
+from data_pipeline.config import DataConfig
 from data_pipeline.data_root import resolve_data_root
+from data_pipeline.example import Example
+from data_pipeline.readers import ct_open, ctgov_json, ctgov_xml, evidence_inference
 from data_pipeline.retrieval import TrialIndex
 
-BUILD_VERSION = 2  # bump when the build's code changes what it writes
-SOURCES = ("ct_open", "ctgov_xml", "ctgov_json", "evidence_inference", "synthetic")
+BUILD_VERSION = 3  # bump when the build's code changes what it writes
 SPLITS = ("train", "dev", "rl", "eval")
 CT_OPEN_RELEASES = ("Winter_2025", "Summer_2025")
 EVAL_RELEASE = "Summer_2025"
@@ -48,7 +46,15 @@ FINGERPRINT_KEYS = ("sources", "seed", "vocab_size", "dev_fraction", "rl_fractio
                     "max_anchors", "chain_k", "tfds")
 SYNTHETIC_EXAMPLES = 2000
 APPROX_NEIGHBOURS = 10  # retrieval candidates per target trial
-EI_SOURCE = evidence_inference.SOURCE
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+
+
+# train_tokenizer(texts, model_dir, vocab_size) writes model_dir/tokenizer.model and
+# returns the trained tokenizer (deepimagine_jax.tokenizer.Tokenizer.train is one).
+TrainTokenizer = Callable[[Iterable[str], pathlib.Path, int], Tokenizer]
 
 
 @dataclasses.dataclass
@@ -59,28 +65,13 @@ class BuiltData:
   report: dict
   splits: tuple[str, ...]
 
-  def examples(self, split: str, kinds: Sequence[str] | None = None) -> list[dict]:
+  def examples(self, split: str, kinds: Sequence[str] | None = None) -> list[Example]:
     """The examples of `split` (e.g. 'train'), optionally only those of the given kinds."""
     if split not in self.splits:
       raise KeyError(f"{self.dir}: no split {split!r}; splits are {list(self.splits)}")
     keep = set(kinds) if kinds is not None else None
-    out = []
-    with open(self.dir / "examples" / f"{split}.jsonl", encoding="utf-8") as f:
-      for line in f:
-        ex = json.loads(line)
-        if keep is None or ex["kind"] in keep:
-          out.append(ex)
-    return out
-
-
-def parse_sources(sources) -> tuple[str, ...]:
-  """'ct_open,ctgov_xml' (or a list) -> validated tuple."""
-  items = sources.split(",") if isinstance(sources, str) else list(sources)
-  out = tuple(s.strip() for s in items if s.strip())
-  bad = [s for s in out if s not in SOURCES]
-  if bad:
-    raise ValueError(f"data.sources: unknown source(s) {bad}; known: {list(SOURCES)}")
-  return out
+    exs = (Example.from_json(r) for r in io.read_jsonl(self.dir / "examples" / f"{split}.jsonl"))
+    return [ex for ex in exs if keep is None or ex.kind in keep]
 
 
 # --- fingerprint --------------------------------------------------------------
@@ -100,15 +91,15 @@ def source_files(root: pathlib.Path, sources: Sequence[str]) -> list[pathlib.Pat
   return files
 
 
-def fingerprint(cfg, root: pathlib.Path) -> dict:
+def fingerprint(cfg: DataConfig, root: pathlib.Path) -> dict:
   """What decides a build's content; equal fingerprints mean an equal build."""
-  sources = parse_sources(cfg.sources)
+  sources = cfg.sources
   files = []
   for p in source_files(root, sources):
     st = p.stat() if p.exists() else None
     files.append([os.fspath(p.relative_to(root)), st.st_size if st else -1,
                   st.st_mtime_ns if st else -1])
-  keys = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}  # every key is required
+  keys = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
   keys["sources"] = list(sources)
   body = {"build_version": BUILD_VERSION, "config": keys, "root": os.fspath(root),
           "synthetic_examples": SYNTHETIC_EXAMPLES if "synthetic" in sources else 0,
@@ -133,25 +124,8 @@ def _load_if_current(build_dir: pathlib.Path, fp: dict) -> BuiltData | None:
 
 # --- reading ------------------------------------------------------------------
 
-def ei_question(row: dict) -> dict:
-  """An Evidence Inference prompt as a plain 3-option question (label = reported direction)."""
-  i, c, o = row["intervention"], row["comparator"], row["outcome"]
-  options = [f"{i} significantly increased {o} compared with {c}.",
-             f"{i} significantly decreased {o} compared with {c}.",
-             f"No significant difference between {i} and {c} in {o}."]
-  return {
-      "id": f"{EI_SOURCE}:{row['prompt_id']}", "source": EI_SOURCE, "kind": "question",
-      "perturbation": "", "trial_id": f"PMC{row['pmcid']}", "anchor_trial_id": "",
-      "options": options, "label": evidence_inference.LABELS.index(row["label"]),
-      "prompt": "", "completion": "", "split": "", "category": "", "nct_id": "",
-      "endpoint_str": "", "question_index": -1,
-      "title": f"Randomised trial report PMC{row['pmcid']}", "endpoint": o, "arms": [i, c],
-      "question_type": "ico_direction",
-  }
-
-
 def read_sources(root: pathlib.Path, sources: Sequence[str], seed: int, report: BuildReport):
-  """(question examples, {trial id: Trial}, ready examples such as synthetic)."""
+  """(question Examples, {trial id: Trial}, ready Examples such as synthetic)."""
   qs, trials, ready = [], {}, []
   if "ct_open" in sources:
     for rel in CT_OPEN_RELEASES:
@@ -172,7 +146,7 @@ def read_sources(root: pathlib.Path, sources: Sequence[str], seed: int, report: 
   qs += questions.derive_all(registry, report)
   if "evidence_inference" in sources:
     rows = evidence_inference.read_evidence_inference(root / "evidence_inference", report)
-    qs += [ei_question(r) for r in rows]
+    qs += [evidence_inference.question(r) for r in rows]
   if "synthetic" in sources:
     ready += synthetic.make_synthetic(SYNTHETIC_EXAMPLES, seed)
     report.add_read("synthetic", SYNTHETIC_EXAMPLES)
@@ -181,23 +155,22 @@ def read_sources(root: pathlib.Path, sources: Sequence[str], seed: int, report: 
 
 # --- statistics ---------------------------------------------------------------
 
-def label_balance(examples: Sequence[dict]) -> dict:
+def label_balance(examples: Sequence[Example]) -> dict:
   """{n_options: {n, fractions: [share of label 0, 1(, 2)]}}."""
   counts: dict[int, list[int]] = {}
   for ex in examples:
-    n = len(ex["options"])
-    counts.setdefault(n, [0] * n)[int(ex["label"])] += 1
+    counts.setdefault(ex.n_options, [0] * ex.n_options)[ex.label] += 1
   return {str(n): {"n": sum(c), "fractions": [round(x / sum(c), 4) for x in c]}
           for n, c in sorted(counts.items())}
 
 
-def _nested_counts(examples, *keys) -> dict:
+def _nested_counts(examples: Sequence[Example], *fields: str) -> dict:
   out: dict = {}
   for ex in examples:
     d = out
-    for k in keys[:-1]:
-      d = d.setdefault(str(ex.get(k, "")), {})
-    last = str(ex.get(keys[-1], ""))
+    for f in fields[:-1]:
+      d = d.setdefault(str(getattr(ex, f)), {})
+    last = str(getattr(ex, fields[-1]))
     d[last] = d.get(last, 0) + 1
   return out
 
@@ -206,8 +179,8 @@ def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: 
                 tok_vocab: int, fp: dict) -> dict:
   everything = [ex for exs in by_split.values() for ex in exs]
   rd = reader.to_dict()
-  qs = [ex for ex in everything if ex["kind"] == "question"]
-  pairs_ = [ex for ex in everything if ex["kind"] != "question"]
+  qs = [ex for ex in everything if ex.kind == "question"]
+  pairs_ = [ex for ex in everything if ex.kind != "question"]
   return {
       "build_version": BUILD_VERSION,
       "fingerprint": fp["sha256"],
@@ -220,7 +193,7 @@ def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: 
       "pairs_by_kind_and_perturbation": _nested_counts(pairs_, "kind", "perturbation"),
       "pairs_by_kind_and_source": _nested_counts(pairs_, "kind", "source"),
       "split_sizes": {s: len(by_split.get(s, [])) for s in by_split},
-      "split_sizes_by_kind": {s: dict(collections.Counter(ex["kind"] for ex in exs))
+      "split_sizes_by_kind": {s: dict(collections.Counter(ex.kind for ex in exs))
                               for s, exs in by_split.items()},
       "label_balance": {s: label_balance(exs) for s, exs in by_split.items()},
       "eval_trials": eval_trials,
@@ -257,40 +230,26 @@ def format_report(r: dict) -> str:
 
 # --- writing ------------------------------------------------------------------
 
-def _write_jsonl(path: pathlib.Path, examples: Sequence[dict]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    for ex in examples:
-      f.write(json.dumps(ex, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def _train_tokenizer(model_dir: pathlib.Path, by_split: dict, vocab_size: int):
-  from deepimagine_jax.tokenizer import Tokenizer  # the pipeline needs it only here
-  texts = [t for s, exs in by_split.items() if s != "eval"
-           for ex in exs for t in (ex["prompt"], ex["completion"])]
-  return Tokenizer.train(texts, model_dir, vocab_size, model_type="bpe")
-
-
-def _swap_in(staging: pathlib.Path, build_dir: pathlib.Path) -> None:
-  """Replaces build_dir by staging with renames; the old build is removed last."""
-  old = None
-  if build_dir.exists():
-    old = build_dir.with_name(f".{build_dir.name}.old-{staging.name}")
-    os.rename(build_dir, old)
-  os.rename(staging, build_dir)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+def _write_examples(path: pathlib.Path, examples: Sequence[Example]) -> None:
+  io.write_jsonl(path, (ex.to_json() for ex in examples), sort_keys=True)
 
 
 # --- the build ----------------------------------------------------------------
 
-def build_dataset(data_cfg, workdir: str | os.PathLike, force: bool = False,
+def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
+                  train_tokenizer: TrainTokenizer, force: bool = False,
                   verbose: bool = True) -> BuiltData:
-  """Builds (or reuses) the dataset described by `data_cfg` (configs/common.py data())."""
+  """Builds (or reuses) the dataset described by `cfg`.
+
+  `train_tokenizer(texts, model_dir, vocab_size)` trains the build's tokenizer on
+  the prompts and completions of every split but eval, writing
+  `model_dir/tokenizer.model`, and returns it (its `vocab_size` goes in the report):
+  pass `deepimagine_jax.tokenizer.Tokenizer.train`.
+  """
   t0 = time.time()
-  root = resolve_data_root(data_cfg.root)
-  build_dir = pathlib.Path(data_cfg.build_dir or pathlib.Path(workdir) / "data").resolve()
-  sources = parse_sources(data_cfg.sources)
-  fp = fingerprint(data_cfg, root)
+  root = resolve_data_root(cfg.root)
+  build_dir = pathlib.Path(cfg.build_dir or pathlib.Path(workdir) / "data").resolve()
+  fp = fingerprint(cfg, root)
   if not force:
     built = _load_if_current(build_dir, fp)
     if built is not None:
@@ -299,40 +258,40 @@ def build_dataset(data_cfg, workdir: str | os.PathLike, force: bool = False,
       if verbose:
         print(f"data build: reusing {build_dir} (fingerprint matches)")
       return built
-  logging.info("data build: building %s from %s (sources %s)", build_dir, root, sources)
+  logging.info("data build: building %s from %s (sources %s)", build_dir, root, cfg.sources)
 
   report = BuildReport()
-  qs, trials, ready = read_sources(root, sources, data_cfg.seed, report)
+  qs, trials, ready = read_sources(root, cfg.sources, cfg.seed, report)
   eval_ids = splits.ct_open_eval_ids(qs, EVAL_RELEASE)
   kept = []
   for q in qs:  # a Winter question about a Summer trial is neither benchmark nor trainable
-    if q["source"] == "ct_open" and q["trial_id"] in eval_ids and q["split"] != EVAL_RELEASE:
-      report.add_skip("splits", "ct_open_earlier_release_on_eval_trial", q["id"])
+    if q.source == "ct_open" and q.trial_id in eval_ids and q.split != EVAL_RELEASE:
+      report.add_skip("splits", "ct_open_earlier_release_on_eval_trial", q.id)
     else:
       kept.append(q)
-  qs = pairs.attach_facts(kept, trials)
+  qs = facts.attach_facts(kept, trials)
   index = TrialIndex(list(trials.values())) if trials else None
   examples = list(qs)
-  examples += pairs.natural_pairs(qs, report, max_anchors=data_cfg.max_anchors)
+  examples += pairs.natural_pairs(qs, report, max_anchors=cfg.max_anchors)
   if index is not None:
     examples += pairs.approximate_pairs(qs, index, k=APPROX_NEIGHBOURS, report=report,
-                                        max_anchors=data_cfg.max_anchors)
-    if data_cfg.chain_k > 0:
-      examples += pairs.all_chains(qs, index, k=data_cfg.chain_k,
+                                        max_anchors=cfg.max_anchors)
+    if cfg.chain_k > 0:
+      examples += pairs.all_chains(qs, index, k=cfg.chain_k,
                                    n_neighbours=APPROX_NEIGHBOURS, report=report)
   examples += ready
   rendered = []
   for ex in examples:
-    if not ex.get("prompt"):
+    if not ex.prompt:
       try:
-        templates.render(ex)
+        ex = templates.render(ex)
       except ValueError as e:
-        report.add_skip("render", type(e).__name__, f"{ex['id']}: {str(e)[:80]}")
+        report.add_skip("render", type(e).__name__, f"{ex.id}: {str(e)[:80]}")
         continue
     rendered.append(ex)
   by_split = splits.assign_splits(
-      rendered, data_cfg.seed, dev_fraction=data_cfg.dev_fraction,
-      rl_fraction=data_cfg.rl_fraction, eval_trial_ids=eval_ids, report=report)
+      rendered, cfg.seed, dev_fraction=cfg.dev_fraction, rl_fraction=cfg.rl_fraction,
+      eval_trial_ids=eval_ids, report=report)
   by_split = {s: by_split.get(s, []) for s in SPLITS} | {
       s: v for s, v in sorted(by_split.items()) if s not in SPLITS}
   splits.assert_no_leakage(by_split)
@@ -344,19 +303,21 @@ def build_dataset(data_cfg, workdir: str | os.PathLike, force: bool = False,
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would become the build's mode
     (staging / "examples").mkdir()
     for s, exs in by_split.items():
-      _write_jsonl(staging / "examples" / f"{s}.jsonl", exs)
-    tok = _train_tokenizer(staging / "tokenizer", by_split, data_cfg.vocab_size)
-    if data_cfg.tfds:
+      _write_examples(staging / "examples" / f"{s}.jsonl", exs)
+    texts = [t for s, exs in by_split.items() if s != "eval"
+             for ex in exs for t in (ex.prompt, ex.completion)]
+    tok = train_tokenizer(texts, staging / "tokenizer", cfg.vocab_size)
+    if cfg.tfds:
       from data_pipeline.tfds_pairs import build_tfds  # heavy import, only when asked
       both = staging / "all.jsonl"
-      _write_jsonl(both, [ex for exs in by_split.values() for ex in exs])
+      _write_examples(both, [ex for exs in by_split.values() for ex in exs])
       build_tfds(both, staging / "tfds")
       both.unlink()
     rep = make_report(report, by_split, len(eval_ids), time.time() - t0, tok.vocab_size, fp)
-    (staging / "report.json").write_text(json.dumps(rep, indent=1, sort_keys=True))
+    io.write_json(staging / "report.json", rep, sort_keys=True)
     # written last: a staging folder without it is never mistaken for a build
-    (staging / "fingerprint.json").write_text(json.dumps(fp, indent=1))
-    _swap_in(staging, build_dir)
+    io.write_json(staging / "fingerprint.json", fp)
+    io.swap_in(staging, build_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   if verbose:
@@ -364,30 +325,3 @@ def build_dataset(data_cfg, workdir: str | os.PathLike, force: bool = False,
   logging.info("data build: wrote %s in %.1f s", build_dir, rep["elapsed_s"])
   return BuiltData(build_dir, build_dir / "tokenizer" / "tokenizer.model", rep,
                    tuple(by_split))
-
-
-def main(argv=None) -> int:
-  from configs import common  # the one declaration of the data keys
-  cfg = common.data()
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--root", default=cfg.root, help="data root ('' = the default search)")
-  p.add_argument("--out", required=True, help="build directory")
-  p.add_argument("--sources", default=cfg.sources)
-  p.add_argument("--seed", type=int, default=cfg.seed)
-  p.add_argument("--vocab_size", type=int, default=cfg.vocab_size)
-  p.add_argument("--chain_k", type=int, default=cfg.chain_k)
-  p.add_argument("--tfds", action="store_true", default=cfg.tfds)
-  p.add_argument("--force", action="store_true", help="rebuild even if the fingerprint matches")
-  a = p.parse_args(argv)
-  cfg.root, cfg.sources, cfg.seed = a.root, a.sources, a.seed
-  cfg.vocab_size, cfg.chain_k, cfg.tfds = a.vocab_size, a.chain_k, a.tfds
-  cfg.build_dir = os.fspath(pathlib.Path(a.out).resolve())
-  built = build_dataset(cfg, ".", force=a.force, verbose=False)
-  print(format_report(built.report))
-  print(f"build: {built.dir}")
-  return 0
-
-
-if __name__ == "__main__":
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  sys.exit(main())

@@ -13,7 +13,8 @@ import dataclasses
 import re
 
 from data_pipeline.build_report import BuildReport
-from data_pipeline.schema import Dose, clean_text
+from data_pipeline.schema import Dose
+from data_pipeline.text import clean_text
 
 _BASE_UNITS = {
     "mg": "mg", "mgs": None, "milligram": "mg", "milligrams": "mg",

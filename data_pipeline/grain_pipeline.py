@@ -1,6 +1,8 @@
-"""Grain: example records -> token batches -> global sharded arrays.
+"""Grain: Examples -> token batches -> global sharded arrays.
 
 The pipeline knows nothing of the model; only `to_global_arrays` knows the mesh.
+Records are Examples, or the rows of a TFDS source (tfds_pairs.load_tfds_source:
+mappings whose text comes back as bytes).
 Stages (all seeded, all checkpointable through `iterator.get_state()`):
 
   MapDataset.source(records) -> this host's shard -> shuffle(seed), reseeded
@@ -27,6 +29,8 @@ import grain.experimental as grain_exp
 import jax
 import numpy as np
 
+from data_pipeline.example import Example
+
 TOKEN_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 
 
@@ -39,13 +43,16 @@ def _text(x: Any) -> str:
   return str(x)
 
 
-def _field(rec: Mapping[str, Any], key: str) -> Any:
+def _field(rec: Example | Mapping[str, Any], key: str) -> Any:
+  if isinstance(rec, Example):
+    return getattr(rec, key)
   if key not in rec:
     raise KeyError(f"example record {_text(rec.get('id', '?'))!r} has no field {key!r}")
   return rec[key]
 
 
-def sft_tokens(rec: Mapping[str, Any], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+def sft_tokens(rec: Example | Mapping[str, Any], tokenizer, seq_len: int
+               ) -> dict[str, np.ndarray]:
   """One record -> unpadded inputs/targets/loss_mask of length <= seq_len."""
   prompt = tokenizer.encode(_text(_field(rec, "prompt")))
   completion = tokenizer.encode(_text(_field(rec, "completion")))
@@ -108,6 +115,15 @@ def _host_shard(records, shard_index: int | None, shard_count: int | None,
   return ds, global_batch_size // shard_count
 
 
+def _host_dataset(records, fn, *, shard_index, shard_count, global_batch_size, seed,
+                  num_epochs, read_threads):
+  """This host's shard, reshuffled each epoch, mapped by `fn`; and the local batch size."""
+  ds, local_bs = _host_shard(records, shard_index, shard_count, global_batch_size)
+  ds = ds.shuffle(seed=seed).repeat(num_epochs).map(fn)
+  opts = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)
+  return ds.to_iter_dataset(opts), local_bs
+
+
 def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: int,
                       seed: int, num_epochs: int | None = None, pack: bool = False,
                       shard_index: int | None = None, shard_count: int | None = None,
@@ -115,17 +131,17 @@ def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: in
                       read_threads: int = 4) -> grain.DatasetIterator:
   """Token batches ([B_local, seq_len], design.md "Token batches") for this host.
 
-  `records` is a sequence of example dicts or a TFDS data source of the same.
+  `records` is a sequence of Examples or a TFDS data source of the same.
   `num_epochs=None` repeats forever (trainers stop by step count). With
   `pack=True`, several examples share a row (first-fit packing over
   `num_packing_bins` rows, default the local batch size); hosts may then see
   different batch counts per epoch, so multi-host packed runs should repeat
   forever.
   """
-  ds, local_bs = _host_shard(records, shard_index, shard_count, global_batch_size)
-  ds = ds.shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.map(functools.partial(sft_tokens, tokenizer=tokenizer, seq_len=seq_len))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+  it_ds, local_bs = _host_dataset(
+      records, functools.partial(sft_tokens, tokenizer=tokenizer, seq_len=seq_len),
+      shard_index=shard_index, shard_count=shard_count, global_batch_size=global_batch_size,
+      seed=seed, num_epochs=num_epochs, read_threads=read_threads)
   if pack:
     lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     it_ds = grain_exp.FirstFitPackIterDataset(
@@ -136,7 +152,7 @@ def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: in
   return iter(it_ds.batch(local_bs, drop_remainder=True))
 
 
-def rl_prompt(rec: Mapping[str, Any], tokenizer, prompt_len: int) -> dict[str, Any]:
+def rl_prompt(rec: Example | Mapping[str, Any], tokenizer, prompt_len: int) -> dict[str, Any]:
   """One record -> a left-padded prompt row plus the host-side fields."""
   tokens = [tokenizer.bos_id] + tokenizer.encode(_text(_field(rec, "prompt")))
   if len(tokens) > prompt_len:
@@ -145,13 +161,8 @@ def rl_prompt(rec: Mapping[str, Any], tokenizer, prompt_len: int) -> dict[str, A
   mask_P = np.zeros(prompt_len, np.int32)
   row_P[prompt_len - len(tokens):] = tokens
   mask_P[prompt_len - len(tokens):] = 1
-  if "n_options" in rec and int(rec["n_options"]) > 0:
-    n_options = int(rec["n_options"])
-  else:
-    n_options = len(_field(rec, "options"))
   return {"prompt_tokens": row_P, "prompt_mask": mask_P,
-          "label": int(_field(rec, "label")), "n_options": n_options,
-          "example_id": _text(_field(rec, "id"))}
+          "label": int(_field(rec, "label")), "n_options": len(_field(rec, "options"))}
 
 
 def _stack_prompts(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -160,7 +171,6 @@ def _stack_prompts(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       "prompt_mask": np.stack([r["prompt_mask"] for r in rows]),
       "labels": [r["label"] for r in rows],
       "n_options": [r["n_options"] for r in rows],
-      "example_ids": [r["example_id"] for r in rows],
   }
 
 
@@ -171,29 +181,36 @@ def make_prompt_iterator(records, tokenizer, *, prompt_len: int, batch_size: int
   """RL prompt batches (design.md "RL prompt batches") for this host.
 
   `batch_size` is global; each host gets batch_size / hosts rows, and the
-  host-side lists (`labels`, `n_options`, `example_ids`) describe those rows.
+  host-side lists (`labels`, `n_options`) describe those rows.
   """
-  ds, local_bs = _host_shard(records, shard_index, shard_count, batch_size)
-  ds = ds.shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.map(functools.partial(rl_prompt, tokenizer=tokenizer, prompt_len=prompt_len))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+  it_ds, local_bs = _host_dataset(
+      records, functools.partial(rl_prompt, tokenizer=tokenizer, prompt_len=prompt_len),
+      shard_index=shard_index, shard_count=shard_count, global_batch_size=batch_size,
+      seed=seed, num_epochs=num_epochs, read_threads=read_threads)
   return iter(it_ds.batch(local_bs, drop_remainder=True, batch_fn=_stack_prompts))
 
 
-def to_global_arrays(batch_np: Mapping[str, Any], sharding) -> dict[str, Any]:
-  """Host-local numpy batch -> global jax.Arrays laid out by `sharding`.
+def to_global_arrays(host_batch: Mapping[str, Any],
+                     shardings: Mapping[str, jax.sharding.Sharding]) -> dict[str, Any]:
+  """This host's batch -> global jax.Arrays, one `shardings[key]` per array.
 
-  `sharding` is one `jax.sharding.Sharding` for every array, or a dict of them
-  by key. The leading (batch) axis of each host's data is its slice of the
-  global batch. Values that are not arrays (host-side lists) pass through.
+  Each host passes only its own rows (the iterators above yield B_local =
+  B_global / hosts rows); `jax.make_array_from_process_local_data` places them as
+  this host's slice of the global batch, whose shape follows from the sharding:
+  the batch axis must be sharded over mesh axes that span the hosts (the data /
+  fsdp axes), else every host would have to hold the whole batch. Values that are
+  not numpy arrays (host-side lists such as `labels`) pass through unchanged; an
+  array without a sharding is a KeyError naming it.
   """
   out = {}
-  for key, value in batch_np.items():
+  for key, value in host_batch.items():
     if not isinstance(value, np.ndarray):
       out[key] = value
       continue
-    s = sharding[key] if isinstance(sharding, Mapping) else sharding
-    out[key] = jax.make_array_from_process_local_data(s, value)
+    if key not in shardings:
+      raise KeyError(f"to_global_arrays: no sharding for batch key {key!r}; "
+                     f"shardings has {sorted(shardings)}")
+    out[key] = jax.make_array_from_process_local_data(shardings[key], value)
   return out
 
 

@@ -14,7 +14,7 @@ so the filter does not depend on the label (skipping only significant results
 without values would bias the kept labels toward "not met").
 When polarity is unknown only the neutral "which arm's value is higher" question
 is emitted, with `label_basis: "neutral_unknown_polarity"`. Polarity is the
-outcome's (schema.infer_polarity, which reads the title first).
+outcome's (polarity.infer_polarity, which reads the title first).
 Arms are named by their protocol label, or by the result group's own title where
 several groups share one label (dose groups of one arm: "GSK189075 250 mg QD").
 """
@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import re
 
+from typing import Sequence
+
 from data_pipeline.build_report import BuildReport
+from data_pipeline.example import Example
 from data_pipeline.schema import Analysis, Arm, ArmValue, Outcome, Trial
 
 ALPHA = 0.05
@@ -34,30 +37,30 @@ _SUPERIORITY_NI = ("", "superiority", "superiority or other", "superiority or ot
                    "other", "no")
 
 
-def superiority_options(a: str, b: str) -> list[str]:
+def superiority_options(a: str, b: str) -> tuple[str, ...]:
   """CT Open's 2-way question: did study arm a beat study arm b (0 = yes)."""
-  return [
+  return (
       f"The study arm {a} has achieved statistically significant improvements over the "
       f"study arm {b} with respect to this specific endpoint.",
       f"The study arm {a} has not achieved statistically significant improvements over the "
       f"study arm {b} with respect to this specific endpoint, either because of no "
-      f"statistical effect or worse effect."]
+      f"statistical effect or worse effect.")
 
 
-def comparative_options(a: str, b: str) -> list[str]:
+def comparative_options(a: str, b: str) -> tuple[str, ...]:
   """CT Open's 3-way question: 0 = a significantly better, 1 = a worse, 2 = no difference."""
-  return [f"Study Arm {b} is statistically significantly worse than Study Arm {a}.",
+  return (f"Study Arm {b} is statistically significantly worse than Study Arm {a}.",
           f"Study Arm {a} is statistically significantly worse than Study Arm {b}.",
-          f"No statistically significant difference between Study Arm {a} and Study Arm {b}."]
+          f"No statistically significant difference between Study Arm {a} and Study Arm {b}.")
 
 
-ENDPOINT_OPTIONS = ["This endpoint is met.", "This endpoint is not met."]
+ENDPOINT_OPTIONS = ("This endpoint is met.", "This endpoint is not met.")
 
 
-def neutral_options(a: str, b: str) -> list[str]:
+def neutral_options(a: str, b: str) -> tuple[str, ...]:
   """For outcomes of unknown polarity: whose reported value is higher (0 = a)."""
-  return [f"Study Arm {a} has a higher value than Study Arm {b} on this endpoint.",
-          f"Study Arm {b} has a higher value than Study Arm {a} on this endpoint."]
+  return (f"Study Arm {a} has a higher value than Study Arm {b} on this endpoint.",
+          f"Study Arm {b} has a higher value than Study Arm {a} on this endpoint.")
 
 
 _ARM_PATTERNS = (
@@ -70,7 +73,7 @@ _ARM_PATTERNS = (
 )
 
 
-def arms_from_options(options: list[str]) -> tuple[str, str] | None:
+def arms_from_options(options: Sequence[str]) -> tuple[str, str] | None:
   """(study arm, comparator) named in a question's options, or None (no-arm questions)."""
   for o in options:
     for pat in _ARM_PATTERNS:
@@ -116,39 +119,18 @@ def endpoint_text(outcome: Outcome) -> str:
   return f"{outcome.title.rstrip('. ')} ({outcome.type} outcome).{tf}"
 
 
-def _base(trial: Trial, outcome: Outcome, k: int, j: int, qtype: str, a: ArmValue,
-          b: ArmValue, arm_a: Arm | None, arm_b: Arm | None, options, label, basis,
-          names: tuple[str, str]) -> dict:
-  return {
-      "id": f"{trial.source}:{trial.id}:o{k}:a{j}:{qtype}",
-      "source": trial.source,
-      "kind": "question",
-      "perturbation": "",
-      "trial_id": trial.id,
-      "anchor_trial_id": "",
-      "options": options,
-      "label": label,
-      "prompt": "",
-      "completion": "",
-      "split": "",
-      "category": "",
-      "nct_id": "",
-      "endpoint_str": "",
-      "question_index": -1,
-      "title": trial.title,
-      "endpoint": endpoint_text(outcome),
-      "arms": [arm_text(x) for x in trial.arms],
-      "question_type": qtype,
-      "label_basis": basis,
-      "outcome_index": k,
-      "outcome_title": outcome.title,
-      "outcome_type": outcome.type,
-      "polarity": outcome.polarity,
-      "arm_a": names[0], "arm_b": names[1],
-      "group_a_title": a.group_title, "group_b_title": b.group_title,
-      "arm_a_id": arm_a.id if arm_a else "", "arm_b_id": arm_b.id if arm_b else "",
-      "group_a_id": a.arm_id, "group_b_id": b.arm_id,
-  }
+def _question(trial: Trial, outcome: Outcome, k: int, j: int, qtype: str, a: ArmValue,
+              b: ArmValue, arm_a: Arm | None, arm_b: Arm | None, options, label, basis,
+              names: tuple[str, str]) -> Example:
+  return Example(
+      id=f"{trial.source}:{trial.id}:o{k}:a{j}:{qtype}", source=trial.source, kind="question",
+      trial_id=trial.id, options=tuple(options), label=label, title=trial.title,
+      endpoint=endpoint_text(outcome), arms=tuple(arm_text(x) for x in trial.arms),
+      question_type=qtype, label_basis=basis, outcome_index=k, outcome_title=outcome.title,
+      outcome_type=outcome.type, polarity=outcome.polarity, arm_a=names[0], arm_b=names[1],
+      group_a_title=a.group_title, group_b_title=b.group_title,
+      arm_a_id=arm_a.id if arm_a else "", arm_b_id=arm_b.id if arm_b else "",
+      group_a_id=a.arm_id, group_b_id=b.arm_id)
 
 
 def _usable(trial: Trial, k: int, j: int, outcome: Outcome, an: Analysis, report, source):
@@ -208,7 +190,7 @@ def _is_comparator(arm: Arm | None, v: ArmValue) -> bool:
 
 
 def derive_questions(trial: Trial, report: BuildReport | None = None,
-                     question_types=QUESTION_TYPES) -> list[dict]:
+                     question_types=QUESTION_TYPES) -> list[Example]:
   """All questions the trial's analyses determine; skips counted under trial.source."""
   source = f"questions:{trial.source}"
   out = []
@@ -221,8 +203,8 @@ def derive_questions(trial: Trial, report: BuildReport | None = None,
       a, b, arm_a, arm_b, sig, a_higher, names = u
 
       def q(qtype, options, label, basis="p_value_and_arm_values"):
-        return _base(trial, outcome, k, j, qtype, a, b, arm_a, arm_b, options, label,
-                     basis, names)
+        return _question(trial, outcome, k, j, qtype, a, b, arm_a, arm_b, options, label,
+                         basis, names)
 
       if polarity == "unknown":
         if "neutral_higher" in question_types:
@@ -238,14 +220,14 @@ def derive_questions(trial: Trial, report: BuildReport | None = None,
       # "Endpoint met" is only well defined when one comparison decides the endpoint.
       if ("endpoint_met" in question_types and outcome.type == "primary"
           and len(outcome.analyses) == 1):
-        out.append(q("endpoint_met", list(ENDPOINT_OPTIONS), 0 if sig and a_better else 1))
+        out.append(q("endpoint_met", ENDPOINT_OPTIONS, 0 if sig and a_better else 1))
   if report is not None:
     report.add_read(source)
   return out
 
 
 def derive_all(trials, report: BuildReport | None = None,
-               question_types=QUESTION_TYPES) -> list[dict]:
+               question_types=QUESTION_TYPES) -> list[Example]:
   """derive_questions over many trials, in order."""
   out = []
   for t in trials:

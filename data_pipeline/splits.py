@@ -12,8 +12,11 @@ target's own trial, which stays within one split.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 from typing import Iterable, Mapping
+
+from data_pipeline.example import Example
 
 TRAINING = ("train", "rl")
 HELD_OUT = ("dev", "eval")
@@ -43,11 +46,11 @@ def trial_split(trial_id: str, seed: int, dev_fraction: float = 0.1,
   return "train"
 
 
-def assign_splits(examples: Iterable[dict], seed: int, *, dev_fraction: float = 0.1,
+def assign_splits(examples: Iterable[Example], seed: int, *, dev_fraction: float = 0.1,
                   rl_fraction: float = 0.1, eval_fraction: float = 0.0,
                   eval_trial_ids: Iterable[str] = (),
-                  report=None) -> dict[str, list[dict]]:
-  """Sets ex['split'] from the target trial and groups examples by split.
+                  report=None) -> dict[str, list[Example]]:
+  """Groups copies of the examples, `split` set from the target trial, by split.
 
   Returns {split: [examples]} with leaky pairs removed; each drop is counted in
   `report` (a BuildReport) under source 'splits', reason 'anchor_in_<split>'.
@@ -61,33 +64,31 @@ def assign_splits(examples: Iterable[dict], seed: int, *, dev_fraction: float = 
           tid, seed, dev_fraction, rl_fraction, eval_fraction)
     return memo[tid]
 
-  out: dict[str, list[dict]] = collections.defaultdict(list)
+  out: dict[str, list[Example]] = collections.defaultdict(list)
   for ex in examples:
-    split = split_of(ex["trial_id"])
-    anchor = ex.get("anchor_trial_id", "")
-    if anchor and anchor != ex["trial_id"]:
+    split = split_of(ex.trial_id)
+    anchor = ex.anchor_trial_id
+    if anchor and anchor != ex.trial_id:
       a_split = split_of(anchor)
       if a_split not in TRAINING:
         if report is not None:
-          report.add_skip("splits", f"anchor_in_{a_split}", ex["id"])
+          report.add_skip("splits", f"anchor_in_{a_split}", ex.id)
         continue
-    ex["split"] = split
-    out[split].append(ex)
+    out[split].append(dataclasses.replace(ex, split=split))
   return dict(out)
 
 
-def ct_open_eval_ids(examples: Iterable[dict], eval_release: str = "Summer_2025") -> set[str]:
+def ct_open_eval_ids(examples: Iterable[Example], eval_release: str = "Summer_2025") -> set[str]:
   """Trial ids of CT Open examples from the held-out release.
 
-  The release is the field 'release', else the reader's 'split' (the file stem).
-  Call this before assign_splits, which overwrites 'split'.
+  The release is the reader's `split` (the file stem); call this before
+  assign_splits, which sets `split`.
   """
-  return {ex["trial_id"] for ex in examples
-          if ex.get("source") == "ct_open"
-          and (ex.get("release") or ex.get("split")) == eval_release}
+  return {ex.trial_id for ex in examples
+          if ex.source == "ct_open" and ex.split == eval_release}
 
 
-def assert_no_leakage(examples_by_split: Mapping[str, Iterable[dict]]) -> None:
+def assert_no_leakage(examples_by_split: Mapping[str, Iterable[Example]]) -> None:
   """Raises LeakageError naming every held-out trial that training can see.
 
   Checks: (1) a trial is the target of one split only; (2) no dev/eval target is
@@ -99,11 +100,11 @@ def assert_no_leakage(examples_by_split: Mapping[str, Iterable[dict]]) -> None:
   cross_anchors: dict[str, set[str]] = collections.defaultdict(set)
   for split, exs in examples_by_split.items():
     for ex in exs:
-      targets[split].add(ex["trial_id"])
-      a = ex.get("anchor_trial_id", "")
+      targets[split].add(ex.trial_id)
+      a = ex.anchor_trial_id
       if a:
         anchors[split].add(a)
-        if a != ex["trial_id"]:
+        if a != ex.trial_id:
           cross_anchors[split].add(a)
   problems = []
   splits = sorted(targets)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 
 from data_pipeline import templates
+from data_pipeline.example import Example, SyntheticTask
 
 DOSES = (10, 20, 40, 80)
 RESPONSES = tuple(range(10, 100, 10))
@@ -32,8 +33,8 @@ def synthetic_label(anchor_dose: float, target_dose: float, rule: int) -> int:
   return 0 if up else 1
 
 
-def make_synthetic(n: int, seed: int) -> list[dict]:
-  """n Example dicts (source 'synthetic', kind 'synthetic'), identical for the same seed."""
+def make_synthetic(n: int, seed: int) -> list[Example]:
+  """n rendered Examples (source and kind 'synthetic'), identical for the same seed."""
   rng = random.Random(f"synthetic:{seed}")
   out = []
   for i in range(n):
@@ -41,29 +42,10 @@ def make_synthetic(n: int, seed: int) -> list[dict]:
     rule = rng.choice((1, -1))
     r1 = rng.choice(RESPONSES)
     tid = f"SYN{seed}-{i:06d}"
-    ex = {
-        "id": f"synthetic:{seed}:{i:06d}",
-        "source": "synthetic",
-        "kind": "synthetic",
-        "perturbation": "dose",
-        "trial_id": tid,
-        "anchor_trial_id": tid,
-        "options": list(OPTIONS),
-        "label": synthetic_label(d1, d2, rule),
-        "prompt": "",
-        "completion": "",
-        "split": "",
-        "category": "",
-        "nct_id": "",
-        "endpoint_str": "",
-        "question_index": -1,
-        "synthetic": {"anchor_dose": d1, "target_dose": d2, "rule": rule,
-                      "anchor_response": r1},
-    }
-    out.append(templates.render(ex))
+    out.append(templates.render(Example(
+        id=f"synthetic:{seed}:{i:06d}", source="synthetic", kind="synthetic",
+        perturbation="dose", trial_id=tid, anchor_trial_id=tid, options=OPTIONS,
+        label=synthetic_label(d1, d2, rule),
+        synthetic=SyntheticTask(anchor_dose=d1, target_dose=d2, rule=rule,
+                                anchor_response=r1))))
   return out
-
-
-def corpus_words() -> list[str]:
-  """The words used, for training a tokenizer on the synthetic task."""
-  return list(WORDS)

@@ -9,8 +9,11 @@ step by step. The completion is a single DECISION line.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Sequence
+
+from data_pipeline.example import Anchor, Example, Factor
 
 PROMPT_CHAR_BUDGET = 1500   # ~430 tokens at ~3.5 chars/token, leaves room for the answer
 ELLIPSIS = "..."
@@ -48,15 +51,6 @@ def decision_line(n_options: int, label: int) -> str:
                                    for i in range(n_options)) + ")"
 
 
-def decision_line_from_probs(probs: Sequence[float]) -> str:
-  """A DECISION line of normalised scores rounded to 3 decimals: (0.7, 0.3)."""
-  ps = [float(p) for p in probs]
-  if len(ps) not in (2, 3) or any(not p >= 0 for p in ps) or sum(ps) <= 0:
-    raise ValueError(f"need 2 or 3 non-negative scores with a positive sum, got {ps}")
-  total = sum(ps)
-  return "DECISION: (" + ", ".join(f"{round(p / total, 3):g}" for p in ps) + ")"
-
-
 def _slots(n: int) -> str:
   return ", ".join(f"s{i + 1}" for i in range(n))
 
@@ -66,53 +60,34 @@ def _options_block(options: Sequence[str], scale: float) -> list[str]:
   return [f"{i + 1}. {clip(o, lim)}" for i, o in enumerate(options)]
 
 
-def endpoint_text(ex: dict) -> str:
-  """The endpoint as one line; CT Open examples carry it as a dict."""
-  e = ex.get("endpoint", "")
-  if isinstance(e, dict):
-    tf = f" Time frame: {e['timeFrame']}." if e.get("timeFrame") else ""
-    desc = f" {e['description']}" if e.get("description") else ""
-    return f"{e.get('measure', '')}.{tf}{desc}"
-  return str(e or "")
-
-
-def arm_lines(ex: dict) -> list[str]:
-  """`arms` (list of str), else CT Open's newline-separated `arms_text`."""
-  if ex.get("arms"):
-    return [str(a) for a in ex["arms"]]
-  return [ln.strip().lstrip("- ") for ln in str(ex.get("arms_text") or "").splitlines()
-          if ln.strip()]
-
-
-def _question_lines(ex: dict, scale: float, header: str = "") -> list[str]:
+def _question_lines(ex: Example, scale: float, header: str = "") -> list[str]:
   """Title, endpoint, arms and numbered options of one question."""
   lines = [header] if header else []
-  lines.append("Trial: " + clip(ex.get("title", ""), int(LIMITS["title"] * scale)))
-  lines.append("Endpoint: " + clip(endpoint_text(ex), int(LIMITS["endpoint"] * scale)))
-  arms = arm_lines(ex)
+  lines.append("Trial: " + clip(ex.title, int(LIMITS["title"] * scale)))
+  lines.append("Endpoint: " + clip(ex.endpoint, int(LIMITS["endpoint"] * scale)))
+  arms = ex.arms
   if arms:
     shown = [clip(a, int(LIMITS["arm"] * scale)) for a in arms[:MAX_ARMS]]
     more = f" (+{len(arms) - MAX_ARMS} more)" if len(arms) > MAX_ARMS else ""
     lines.append("Arms: " + "; ".join(shown) + more)
   lines.append("Options:")
-  lines.extend(_options_block(ex["options"], scale))
+  lines.extend(_options_block(ex.options, scale))
   return lines
 
 
-def _anchor_lines(anchor: dict, scale: float) -> list[str]:
+def _anchor_lines(anchor: Anchor, scale: float) -> list[str]:
   """The anchor question, compact, with its observed (true) answer."""
-  answer = anchor["options"][anchor["label"]]
   lines = ["Known result:"]
-  lines.append("Trial: " + clip(anchor.get("title", ""), int(LIMITS["anchor_title"] * scale)))
-  lines.append("Endpoint: " + clip(endpoint_text(anchor), int(LIMITS["anchor_endpoint"] * scale)))
-  lines.append("Observed: " + clip(answer, int(LIMITS["anchor_answer"] * scale)))
+  lines.append("Trial: " + clip(anchor.title, int(LIMITS["anchor_title"] * scale)))
+  lines.append("Endpoint: " + clip(anchor.endpoint, int(LIMITS["anchor_endpoint"] * scale)))
+  lines.append("Observed: " + clip(anchor.answer, int(LIMITS["anchor_answer"] * scale)))
   return lines
 
 
-def _factor_line(f: dict, scale: float) -> str:
+def _factor_line(f: Factor, scale: float, bullet: str = "-") -> str:
   lim = int(LIMITS["factor_value"] * scale)
-  return (f"- {f['factor']}: {clip(f.get('anchor_value', ''), lim) or '?'} -> "
-          f"{clip(f.get('target_value', ''), lim) or '?'}")
+  return (f"{bullet} {f.factor}: {clip(f.anchor_value, lim) or '?'} -> "
+          f"{clip(f.target_value, lim) or '?'}")
 
 
 def _fit(build, what: str) -> str:
@@ -125,49 +100,36 @@ def _fit(build, what: str) -> str:
                    f"{PROMPT_CHAR_BUDGET} even at the smallest field limits")
 
 
-def _completion(ex: dict) -> str:
-  return decision_line(len(ex["options"]), int(ex["label"]))
+def _completion(ex: Example) -> str:
+  return decision_line(ex.n_options, ex.label)
 
 
-def render_question(ex: dict) -> tuple[str, str]:
+def render_question(ex: Example) -> tuple[str, str]:
   """A plain CT Open-style question -> (prompt, completion)."""
-  n = len(ex["options"])
-  prompt = _fit(lambda s: _question_lines(ex, s) + [_INSTRUCTION.format(slots=_slots(n))],
-                f"example {ex.get('id', '?')}")
-  return prompt, _completion(ex)
+  instruction = _INSTRUCTION.format(slots=_slots(ex.n_options))
+  return _fit(lambda s: _question_lines(ex, s) + [instruction], f"example {ex.id}"), _completion(ex)
 
 
-def render_pair(ex: dict) -> tuple[str, str]:
-  """Anchor question with its observed answer, the changed factor(s), the target question."""
-  n = len(ex["options"])
+def render_pair(ex: Example) -> tuple[str, str]:
+  """Anchor question with its observed answer, the changed factor(s), the target question.
 
-  def build(s):
-    lines = _anchor_lines(ex["anchor"], s)
-    lines.append("Changed:")
-    lines.extend(_factor_line(f, s) for f in ex.get("factors", []))
-    lines.extend(_question_lines(ex, s, header="Predict for:"))
-    lines.append(_INSTRUCTION.format(slots=_slots(n)))
-    return lines
-
-  return _fit(build, f"example {ex.get('id', '?')}"), _completion(ex)
-
-
-def render_chain(ex: dict) -> tuple[str, str]:
-  """A chain example: anchor, every one-factor step in order, then the target question."""
-  n = len(ex["options"])
+  A chain lists its one-factor steps numbered, in order; a pair lists its factor(s).
+  """
+  chain = ex.kind == "chain"
 
   def build(s):
-    lines = _anchor_lines(ex["anchor"], s)
-    lines.append("Change one factor at a time:")
-    lines.extend(f"{i + 1}{_factor_line(f, s)[1:]}" for i, f in enumerate(ex.get("factors", [])))
+    lines = _anchor_lines(ex.anchor, s)
+    lines.append("Change one factor at a time:" if chain else "Changed:")
+    lines.extend(_factor_line(f, s, f"{i + 1}" if chain else "-")
+                 for i, f in enumerate(ex.factors))
     lines.extend(_question_lines(ex, s, header="Predict for:"))
-    lines.append(_INSTRUCTION.format(slots=_slots(n)))
+    lines.append(_INSTRUCTION.format(slots=_slots(ex.n_options)))
     return lines
 
-  return _fit(build, f"example {ex.get('id', '?')}"), _completion(ex)
+  return _fit(build, f"example {ex.id}"), _completion(ex)
 
 
-def render_chain_step(ex: dict, step_index: int, current_result: str) -> tuple[str, str]:
+def render_chain_step(ex: Example, step_index: int, current_result: str) -> tuple[str, str]:
   """One step of successive imagining: current (imagined) result + next change -> new result.
 
   `current_result` is the anchor's observed answer at step 0, else the option
@@ -175,31 +137,30 @@ def render_chain_step(ex: dict, step_index: int, current_result: str) -> tuple[s
   the completion is the target's DECISION line on the last step and '' before it
   (intermediate results are imagined, not observed).
   """
-  factors = ex.get("factors", [])
+  factors = ex.factors
   if not 0 <= step_index < len(factors):
-    raise ValueError(f"example {ex.get('id', '?')}: step {step_index} of {len(factors)}")
-  n = len(ex["options"])
+    raise ValueError(f"example {ex.id}: step {step_index} of {len(factors)}")
 
   def build(s):
     lines = ["Current result: " + clip(current_result, int(LIMITS["anchor_answer"] * s))]
     lines.append(f"Next change (step {step_index + 1} of {len(factors)}):")
     lines.append(_factor_line(factors[step_index], s))
     lines.extend(_question_lines(ex, s, header="New result for:"))
-    lines.append(_INSTRUCTION.format(slots=_slots(n)))
+    lines.append(_INSTRUCTION.format(slots=_slots(ex.n_options)))
     return lines
 
-  prompt = _fit(build, f"example {ex.get('id', '?')} step {step_index}")
+  prompt = _fit(build, f"example {ex.id} step {step_index}")
   last = step_index == len(factors) - 1
   return prompt, (_completion(ex) if last else "")
 
 
-def render_synthetic(ex: dict) -> tuple[str, str]:
+def render_synthetic(ex: Example) -> tuple[str, str]:
   """The controlled dose task: few, repeated words so a tiny model can learn it."""
-  f = ex["synthetic"]
-  rule = "more dose more response" if f["rule"] > 0 else "more dose less response"
-  prompt = (f"anchor dose {f['anchor_dose']} response {f['anchor_response']} . "
-            f"rule {rule} . target dose {f['target_dose']} . "
-            f"1 {ex['options'][0]} . 2 {ex['options'][1]} . answer")
+  f = ex.synthetic
+  rule = "more dose more response" if f.rule > 0 else "more dose less response"
+  prompt = (f"anchor dose {f.anchor_dose} response {f.anchor_response} . "
+            f"rule {rule} . target dose {f.target_dose} . "
+            f"1 {ex.options[0]} . 2 {ex.options[1]} . answer")
   return prompt, _completion(ex)
 
 
@@ -207,19 +168,17 @@ _RENDERERS = {
     "question": render_question,
     "natural_pair": render_pair,
     "approximate_pair": render_pair,
-    "chain": render_chain,
+    "chain": render_pair,
     "synthetic": render_synthetic,
 }
 
 
-def render(ex: dict) -> dict:
-  """Fills ex['prompt'] and ex['completion'] (in place) by `kind`; returns ex."""
-  kind = ex.get("kind", "")
-  if kind not in _RENDERERS:
-    raise ValueError(f"example {ex.get('id', '?')}: unknown kind {kind!r}; "
+def render(ex: Example) -> Example:
+  """A copy of `ex` with `prompt` and `completion` rendered by its `kind`."""
+  if ex.kind not in _RENDERERS:
+    raise ValueError(f"example {ex.id}: unknown kind {ex.kind!r}; "
                      f"expected one of {sorted(_RENDERERS)}")
-  n = len(ex.get("options") or [])
-  if n not in (2, 3):
-    raise ValueError(f"example {ex.get('id', '?')}: field 'options' has {n} entries, need 2 or 3")
-  ex["prompt"], ex["completion"] = _RENDERERS[kind](ex)
-  return ex
+  if ex.n_options not in (2, 3):
+    raise ValueError(f"example {ex.id}: field 'options' has {ex.n_options} entries, need 2 or 3")
+  prompt, completion = _RENDERERS[ex.kind](ex)
+  return dataclasses.replace(ex, prompt=prompt, completion=completion)

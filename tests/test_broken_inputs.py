@@ -8,10 +8,10 @@ import pickle
 import hypothesis
 import hypothesis.strategies as st
 
-from data_pipeline import ct_open, ctgov_json, ctgov_xml
 from data_pipeline import schema as S
 from data_pipeline.build_report import BuildReport
-from data_pipeline.evidence_inference import read_evidence_inference
+from data_pipeline.readers import ct_open, ctgov_json, ctgov_xml
+from data_pipeline.readers.evidence_inference import read_evidence_inference
 
 
 def _study(nct="NCT00000001", values=("1.5", "2.5"), p="0.03", results=True):
@@ -171,7 +171,7 @@ def test_ct_open_bad_entries(tmp_path):
   path.write_bytes(pickle.dumps(entries))
   r = BuildReport()
   qs = ct_open.read_questions(path, r)
-  assert [q["nct_id"] for q in qs] == ["NCT1"]
+  assert [q.nct_id for q in qs] == ["NCT1"]
   sk = r.skipped["ct_open"]
   assert (sk["bad_endpoint"], sk["answer_not_in_options"], sk["bad_options"],
           sk["bad_meta_label"], sk["wrong_type"]) == (1, 1, 1, 1, 1)

@@ -4,9 +4,9 @@ import collections
 
 import pytest
 
-from data_pipeline import ct_open
 from data_pipeline import safe_pickle
 from data_pipeline.build_report import BuildReport
+from data_pipeline.readers import ct_open
 
 
 @pytest.mark.parametrize("name,n_trials,n_questions", [
@@ -20,16 +20,18 @@ def test_counts_match_raw(data_root, name, n_trials, n_questions):
   assert len(qs) == n_questions == sum(len(v["question_list_of_lists"]) for v in raw.values())
   assert len(trials) == n_trials == len({k[0] for k in raw})
   assert r.n_skipped("ct_open") == r.n_skipped("ct_open", "dose_unknown_unit")
-  assert len({q["id"] for q in qs}) == len(qs)
+  assert len({q.id for q in qs}) == len(qs)
   for q in qs:  # independent check of label and category against the raw entry
-    v = raw[(q["nct_id"], q["endpoint_str"])]
-    opts = v["question_list_of_lists"][q["question_index"]]
-    assert q["options"][q["label"]] == v["answer_list_of_lists"][q["question_index"]]
+    v = raw[(q.nct_id, q.endpoint_str)]
+    opts = v["question_list_of_lists"][q.question_index]
+    assert q.options[q.label] == v["answer_list_of_lists"][q.question_index]
     implicit = v["meta_label"] in ("no_arm", "no_distinguishable_arm")
-    assert q["category"] == f"{len(opts)}-way/{'implicit' if implicit else 'explicit'}"
-    assert q["endpoint"] == ast.literal_eval(q["endpoint_str"])
-    assert q["prompt"] == "" and q["completion"] == "" and q["split"] == name
-  cats = collections.Counter(q["category"] for q in qs)
+    assert q.category == f"{len(opts)}-way/{'implicit' if implicit else 'explicit'}"
+    endpoint = ast.literal_eval(q.endpoint_str)  # the key's endpoint is the one shown
+    assert q.endpoint == ct_open.endpoint_line(endpoint)
+    assert q.outcome_title == endpoint["measure"]
+    assert q.prompt == "" and q.completion == "" and q.split == name
+  cats = collections.Counter(q.category for q in qs)
   assert set(cats) <= {"2-way/explicit", "2-way/implicit", "3-way/explicit", "3-way/implicit"}
 
 
@@ -37,10 +39,11 @@ def test_telitacicept(data_root):
   path = data_root / "ct_open" / "Winter_2025.pickle"
   r = BuildReport()
   q = next(q for q in ct_open.read_questions(path, r, split="eval")
-           if q["nct_id"] == "NCT05799287" and "UPCR" in q["endpoint_str"])
-  assert q["label"] == 0 and q["category"] == "2-way/explicit" and q["split"] == "eval"
-  assert q["endpoint"]["timeFrame"] == "39 weeks"
-  assert "Telitacicept" in q["arms_text"]
+           if q.nct_id == "NCT05799287" and "UPCR" in q.endpoint_str)
+  assert q.label == 0 and q.category == "2-way/explicit" and q.split == "eval"
+  assert ast.literal_eval(q.endpoint_str)["timeFrame"] == "39 weeks"
+  assert "Time frame: 39 weeks." in q.endpoint
+  assert any("Telitacicept" in arm for arm in q.arms)
   t = next(t for t in ct_open.read_trials(path, r) if t.id == "NCT05799287")
   arm = next(a for a in t.arms if a.label == "Telitacicept")
   d = arm.interventions[0].doses[0]

@@ -2,7 +2,7 @@
 import pytest
 
 from data_pipeline.build_report import BuildReport
-from data_pipeline.ctgov_json import read_ctgov_json
+from data_pipeline.readers.ctgov_json import read_ctgov_json
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 
 from data_pipeline.build_report import BuildReport
-from data_pipeline.ctgov_xml import read_ctgov_xml
+from data_pipeline.readers.ctgov_xml import read_ctgov_xml
 
 
 @pytest.fixture(scope="module")

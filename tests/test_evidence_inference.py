@@ -3,7 +3,7 @@ import collections
 import csv
 
 from data_pipeline.build_report import BuildReport
-from data_pipeline.evidence_inference import LABELS, majority, read_evidence_inference
+from data_pipeline.readers.evidence_inference import LABELS, majority, read_evidence_inference
 
 
 def test_majority():

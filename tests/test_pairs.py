@@ -1,9 +1,9 @@
 """pairs: natural pairs inside a trial, approximate pairs differing in exactly one factor."""
 import collections
-import copy
 
-from data_pipeline import ct_open, pairs, questions, retrieval
+from data_pipeline import facts, pairs, questions, retrieval
 from data_pipeline.build_report import BuildReport
+from data_pipeline.readers import ct_open
 from data_pipeline.schema import (Analysis, Arm, ArmValue, Dose, Eligibility, Intervention,
                                   Outcome, Trial)
 
@@ -51,7 +51,7 @@ def _dose_trial():
 
 def _questions(trials):
   qs = questions.derive_all(trials, question_types=("superiority", "comparative"))
-  return pairs.attach_facts(qs, {t.id: t for t in trials})
+  return facts.attach_facts(qs, {t.id: t for t in trials})
 
 
 def test_natural_pairs_inside_one_trial():
@@ -60,24 +60,24 @@ def test_natural_pairs_inside_one_trial():
   ps = pairs.natural_pairs(_questions([t]), report)
   by_type = collections.defaultdict(list)
   for p in ps:
-    by_type[p["perturbation"]].append(p)
-    assert p["kind"] == "natural_pair" and p["trial_id"] == p["anchor_trial_id"] == "NCTDOSE"
-    assert p["anchor"]["question_type"] == p["question_type"]
-    assert p["prompt"] and p["completion"].startswith("DECISION: (")
-    assert report.n_read(f"pairs:natural_pair:{p['perturbation']}") == len(
-        [x for x in ps if x["perturbation"] == p["perturbation"]])
+    by_type[p.perturbation].append(p)
+    assert p.kind == "natural_pair" and p.trial_id == p.anchor_trial_id == "NCTDOSE"
+    assert p.anchor.question_type == p.question_type
+    assert p.prompt and p.completion.startswith("DECISION: (")
+    assert report.n_read(f"pairs:natural_pair:{p.perturbation}") == len(
+        [x for x in ps if x.perturbation == p.perturbation])
   dose = by_type["dose"]
-  assert dose and all(p["arm_b"] == "Placebo" for p in dose)
-  assert {(p["factors"][0]["anchor_value"], p["factors"][0]["target_value"]) for p in dose} == {
+  assert dose and all(p.arm_b == "Placebo" for p in dose)
+  assert {(p.factors[0].anchor_value, p.factors[0].target_value) for p in dose} == {
       ("10 mg", "20 mg"), ("20 mg", "10 mg")}
   # high dose vs placebo is significant (p=0.001, lower pain) -> target label 0
-  hi = [p for p in dose if p["arm_a"] == "X high" and p["question_type"] == "superiority"]
-  assert hi[0]["label"] == 0 and hi[0]["anchor"]["label"] == 1
+  hi = [p for p in dose if p.arm_a == "X high" and p.question_type == "superiority"]
+  assert hi[0].label == 0 and hi[0].anchor.label == 1
   comp = by_type["comparator"]
-  assert comp and all(p["arm_a"] == "X high" for p in comp)
-  assert {p["factors"][0]["target_value"] for p in comp} == {"Placebo", "Standard care"}
+  assert comp and all(p.arm_a == "X high" for p in comp)
+  assert {p.factors[0].target_value for p in comp} == {"Placebo", "Standard care"}
   outc = by_type["outcome"]
-  assert outc and all(p["anchor"]["options"] == p["options"] for p in outc)
+  assert outc and all(p.anchor.options == p.options for p in outc)
   assert set(by_type) == {"dose", "comparator", "outcome"}
   assert pairs.natural_pairs(_questions([_dose_trial()])) == ps  # deterministic
 
@@ -127,41 +127,32 @@ def test_approximate_pairs_differ_in_exactly_the_recorded_factor():
   assert ps
   seen = collections.Counter()
   for p in ps:
-    diff = _independent_factors(by_id[p["anchor_trial_id"]], by_id[p["trial_id"]])
-    assert list(diff) == [p["perturbation"]], (p["id"], diff)
-    assert [f["factor"] for f in p["factors"]] == [p["perturbation"]]
-    assert "NCT9" not in (p["trial_id"], p["anchor_trial_id"])
-    seen[p["perturbation"]] += 1
+    diff = _independent_factors(by_id[p.anchor_trial_id], by_id[p.trial_id])
+    assert list(diff) == [p.perturbation], (p.id, diff)
+    assert [f.factor for f in p.factors] == [p.perturbation]
+    assert "NCT9" not in (p.trial_id, p.anchor_trial_id)
+    seen[p.perturbation] += 1
   assert set(seen) == {"country", "phase", "dose", "comparator", "population"}
-  pair_ids = {(p["anchor_trial_id"], p["trial_id"]) for p in ps}
+  pair_ids = {(p.anchor_trial_id, p.trial_id) for p in ps}
   assert ("NCT1", "NCT7") not in pair_ids and ("NCT1", "NCT8") not in pair_ids
   assert sum(report.n_read(f"pairs:approximate_pair:{f}") for f in seen) == len(ps)
 
 
 def test_chains_order_steps_and_prefer_short_chains():
   trials = _family()
-  qs = [q for q in _questions(trials) if q["question_type"] == "superiority"]
-  target = next(q for q in qs if q["trial_id"] == "NCT8")
-  anchors = [q for q in qs if q["trial_id"] != "NCT8"]
+  qs = [q for q in _questions(trials) if q.question_type == "superiority"]
+  target = next(q for q in qs if q.trial_id == "NCT8")
+  anchors = [q for q in qs if q.trial_id != "NCT8"]
   chains = pairs.build_chains(target, anchors, k=3)
   assert len(chains) == 3
-  assert [c["anchor_trial_id"] for c in chains[:2]] == ["NCT2", "NCT3"]  # one step each
-  steps = [len(c["factors"]) for c in chains]
+  assert [c.anchor_trial_id for c in chains[:2]] == ["NCT2", "NCT3"]  # one step each
+  steps = [len(c.factors) for c in chains]
   assert steps == sorted(steps)
-  two = [c for c in pairs.build_chains(target, anchors, k=10) if c["anchor_trial_id"] == "NCT1"]
-  assert [(f["factor"], f["anchor_value"], f["target_value"]) for f in two[0]["factors"]] == [
+  two = [c for c in pairs.build_chains(target, anchors, k=10) if c.anchor_trial_id == "NCT1"]
+  assert [(f.factor, f.anchor_value, f.target_value) for f in two[0].factors] == [
       ("country", "Europe", "East Asia"), ("phase", "PHASE3", "PHASE2")]
-  assert two[0]["perturbation"] == "country+phase" and two[0]["kind"] == "chain"
-  assert all(c["anchor_trial_id"] != "NCT9" for c in pairs.build_chains(target, anchors, 10))
-
-
-def test_one_sided_unknown_factor_rejects_the_pair():
-  a = {"facts": {"country": "Europe", "phase": "", "outcome": "pain"}}
-  b = {"facts": {"country": "Europe", "phase": "PHASE2", "outcome": "pain"}}
-  assert pairs.compare_facts(a, b, ("country", "phase")) is None
-  c = copy.deepcopy(b)
-  c["facts"]["phase"] = ""
-  assert pairs.compare_facts(a, c, ("country", "phase")) == ([], ["phase"])
+  assert two[0].perturbation == "country+phase" and two[0].kind == "chain"
+  assert all(c.anchor_trial_id != "NCT9" for c in pairs.build_chains(target, anchors, 10))
 
 
 def test_real_ct_open_pairs(data_root):
@@ -172,48 +163,41 @@ def test_real_ct_open_pairs(data_root):
     qs += ct_open.read_questions(path, r)
     for t in ct_open.read_trials(path, r):
       trials.setdefault(t.id, t)
-  pairs.attach_facts(qs, trials)
+  qs = facts.attach_facts(qs, trials)
   nat = pairs.natural_pairs(qs, r)
-  kinds = collections.Counter(p["perturbation"] for p in nat)
+  kinds = collections.Counter(p.perturbation for p in nat)
   assert kinds["outcome"] > 1000 and kinds["comparator"] > 0
   for p in nat:
-    assert p["trial_id"] == p["anchor_trial_id"]
-    if p["perturbation"] == "outcome":
-      assert p["anchor"]["options"] == p["options"]
-      assert p["anchor"]["endpoint"] != p["endpoint"]
+    assert p.trial_id == p.anchor_trial_id
+    if p.perturbation == "outcome":
+      assert p.anchor.options == p.options
+      assert p.anchor.endpoint != p.endpoint
   app = pairs.approximate_pairs(qs, retrieval.TrialIndex(list(trials.values())), k=10, report=r)
   for p in app:
-    assert p["trial_id"] != p["anchor_trial_id"] and len(p["factors"]) == 1
-    f = p["factors"][0]
-    assert f["anchor_value"] and f["target_value"] and f["anchor_value"] != f["target_value"]
+    assert p.trial_id != p.anchor_trial_id and len(p.factors) == 1
+    f = p.factors[0]
+    assert f.anchor_value and f.target_value and f.anchor_value != f.target_value
     # independent check on the Trials: the comparator arm types named in the options
-    ta, tt = trials[p["anchor_trial_id"]], trials[p["trial_id"]]
-    arms_a = questions.arms_from_options(p["anchor"]["options"])
-    arms_t = questions.arms_from_options(p["options"])
-    if f["factor"] == "comparator":
+    ta, tt = trials[p.anchor_trial_id], trials[p.trial_id]
+    arms_a = questions.arms_from_options(p.anchor.options)
+    arms_t = questions.arms_from_options(p.options)
+    if f.factor == "comparator":
       types = [next(a.type for a in t.arms if a.label == arms[1])
                for t, arms in ((ta, arms_a), (tt, arms_t))]
       assert types[0] != types[1]
 
 
-def test_group_dose_from_title():
-  assert pairs.group_dose("GSK189075 250 mg BID") == ("250 mg", "twice daily")
-  assert pairs.group_dose("GSK189075 100 mg QD") == ("100 mg", "once daily")
-  assert pairs.group_dose("Cohort A") == ("", "")
-  assert pairs.group_dose("X 10 mg then 20 mg") == ("", "")  # two amounts: no single dose
-
-
 def test_dose_pairs_from_result_groups_of_one_arm(data_root):
   """NCT00495469: the dose groups of arm 'GSK189075' pair up against placebo; the 250 mg
   BID group differs in frequency from the QD groups and pairs with none of them."""
-  from data_pipeline import ctgov_xml
+  from data_pipeline.readers import ctgov_xml
   t = ctgov_xml.read_ctgov_xml([data_root / "ctgov_xml" / "NCT00495469.xml"], BuildReport())[0]
   ps = [p for p in pairs.natural_pairs(_questions([t]), max_anchors=10)
-        if p["perturbation"] == "dose"]
-  steps = {(p["factors"][0]["anchor_value"], p["factors"][0]["target_value"]) for p in ps}
+        if p.perturbation == "dose"]
+  steps = {(p.factors[0].anchor_value, p.factors[0].target_value) for p in ps}
   qd = ("100 mg", "250 mg", "500 mg", "1000 mg")
   assert steps == {(a, b) for a in qd for b in qd if a != b}
   for p in ps:
-    assert p["arm_b"] == "Placebo"
-    assert "BID" not in p["arm_a"] and p["arm_a"].endswith("mg QD")
-    assert p["factors"][0]["target_value"] in p["arm_a"]
+    assert p.arm_b == "Placebo"
+    assert "BID" not in p.arm_a and p.arm_a.endswith("mg QD")
+    assert p.factors[0].target_value in p.arm_a

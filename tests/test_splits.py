@@ -7,12 +7,15 @@ import sys
 
 import pytest
 
-from data_pipeline import ct_open, splits
+from data_pipeline import splits
 from data_pipeline.build_report import BuildReport
+from data_pipeline.example import Example
+from data_pipeline.readers import ct_open
 
 
 def _ex(eid, trial, anchor=""):
-  return {"id": eid, "trial_id": trial, "anchor_trial_id": anchor, "split": ""}
+  return Example(id=eid, source="test", kind="question", trial_id=trial, options=("a", "b"),
+                 label=0, anchor_trial_id=anchor)
 
 
 def test_unit_hash_matches_sha256_reference():
@@ -43,14 +46,14 @@ def test_fractions_are_respected():
 
 def test_assign_is_deterministic_and_by_trial():
   exs = [_ex(f"e{i}", f"T{i % 40}") for i in range(200)]
-  a = splits.assign_splits([dict(e) for e in exs], seed=5)
-  b = splits.assign_splits([dict(e) for e in exs], seed=5)
+  a = splits.assign_splits(exs, seed=5)
+  b = splits.assign_splits(exs, seed=5)
   assert a == b
   per_trial = collections.defaultdict(set)
   for s, xs in a.items():
     for x in xs:
-      per_trial[x["trial_id"]].add(s)
-      assert x["split"] == s
+      per_trial[x.trial_id].add(s)
+      assert x.split == s
   assert all(len(v) == 1 for v in per_trial.values())
   splits.assert_no_leakage(a)
 
@@ -68,7 +71,7 @@ def test_eval_trial_as_anchor_is_excluded_from_training():
       _ex("eval_from_train", "EVAL1", anchor=t_train),
   ]
   out = splits.assign_splits(exs, seed=0, eval_trial_ids={"EVAL1"}, report=report)
-  ids = {s: sorted(x["id"] for x in xs) for s, xs in out.items()}
+  ids = {s: sorted(x.id for x in xs) for s, xs in out.items()}
   assert ids["eval"] == ["eval_from_train", "eval_q", "natural"]
   assert "leaky" not in sum(ids.values(), [])
   assert "ok_pair" in ids["train"]
@@ -93,9 +96,9 @@ def test_ct_open_time_order(data_root):
   win = ct_open.read_questions(data_root / "ct_open" / "Winter_2025.pickle", r)
   summ = ct_open.read_questions(data_root / "ct_open" / "Summer_2025.pickle", r)
   eval_ids = splits.ct_open_eval_ids(win + summ)
-  assert eval_ids == {q["trial_id"] for q in summ}
+  assert eval_ids == {q.trial_id for q in summ}
   out = splits.assign_splits(win + summ, seed=0, eval_trial_ids=eval_ids)
-  summer_ids = {q["id"] for q in summ}
-  assert {x["id"] for x in out["eval"]} == summer_ids
+  summer_ids = {q.id for q in summ}
+  assert {x.id for x in out["eval"]} == summer_ids
   assert set(out) <= {"train", "dev", "rl", "eval"} and len(out["train"]) > len(out["dev"])
   splits.assert_no_leakage(out)

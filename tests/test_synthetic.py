@@ -24,19 +24,19 @@ def test_same_seed_same_output():
 def test_labels_follow_the_rule():
   exs = synthetic.make_synthetic(400, 0)
   for ex in exs:
-    assert ex["label"] == _label_from_prompt(ex["prompt"])
-    d = rewards.parse_decision(ex["completion"], 2)
-    assert d.ok and d.choice == ex["label"]
-    assert ex["source"] == "synthetic" and ex["options"] == list(synthetic.OPTIONS)
-  counts = collections.Counter(ex["label"] for ex in exs)
+    assert ex.label == _label_from_prompt(ex.prompt)
+    d = rewards.parse_decision(ex.completion, 2)
+    assert d.ok and d.choice == ex.label
+    assert ex.source == "synthetic" and ex.options == synthetic.OPTIONS
+  counts = collections.Counter(ex.label for ex in exs)
   assert 150 < counts[0] < 250  # roughly balanced: chance is 50%
-  assert len({ex["id"] for ex in exs}) == len(exs)
+  assert len({ex.id for ex in exs}) == len(exs)
 
 
 def test_prompts_are_short_and_use_listed_words():
-  words = set(synthetic.corpus_words())
+  words = set(synthetic.WORDS)
   for ex in synthetic.make_synthetic(200, 1):
-    toks = ex["prompt"].split()
+    toks = ex.prompt.split()
     assert len(toks) < 40
     assert set(toks) <= words
-    assert set(re.findall(r"DECISION:|\d+|[(),]", ex["completion"])) <= words
+    assert set(re.findall(r"DECISION:|\d+|[(),]", ex.completion)) <= words

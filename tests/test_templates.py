@@ -1,18 +1,19 @@
 """templates: DECISION lines, field clipping, the character budget, dispatch."""
-import numpy as np
 import pytest
 
-from data_pipeline import ct_open, templates
+from data_pipeline import templates
 from data_pipeline.build_report import BuildReport
+from data_pipeline.example import Anchor, Example, Factor
+from data_pipeline.readers import ct_open
 from deepimagine_jax import rewards
 
 
 def _question(**kw):
-  ex = {"id": "q1", "kind": "question", "title": "A trial of X", "endpoint": "Pain at 4 weeks",
-        "arms": ["X (experimental): X 10 mg", "Placebo (placebo comparator): matching"],
-        "options": ["A beat B.", "A did not beat B."], "label": 1}
-  ex.update(kw)
-  return ex
+  ex = Example(id="q1", source="ctgov_xml", kind="question", trial_id="NCT1",
+               title="A trial of X", endpoint="Pain at 4 weeks",
+               arms=("X (experimental): X 10 mg", "Placebo (placebo comparator): matching"),
+               options=("A beat B.", "A did not beat B."), label=1)
+  return ex.replace(**kw)
 
 
 def test_decision_line_is_one_hot_and_parses():
@@ -28,17 +29,6 @@ def test_decision_line_is_one_hot_and_parses():
     templates.decision_line(4, 0)
 
 
-def test_decision_line_from_probs_normalises():
-  assert templates.decision_line_from_probs([3, 1]) == "DECISION: (0.75, 0.25)"
-  line = templates.decision_line_from_probs([0.2, 0.5, 0.3])
-  d = rewards.parse_decision(line, 3)
-  np.testing.assert_allclose(d.probs, [0.2, 0.5, 0.3], atol=1e-9)
-  with pytest.raises(ValueError):
-    templates.decision_line_from_probs([0, 0])
-  with pytest.raises(ValueError):
-    templates.decision_line_from_probs([-1, 2])
-
-
 def test_clip_rule():
   assert templates.clip("  a   b  ", 10) == "a b"
   # cut at the last space inside the limit, mark with '...'
@@ -48,9 +38,11 @@ def test_clip_rule():
 
 
 def test_render_question_lists_options_and_instruction():
-  ex = templates.render(_question())
-  assert ex["completion"] == "DECISION: (0, 1)"
-  p = ex["prompt"]
+  q = _question()
+  ex = templates.render(q)
+  assert ex.completion == "DECISION: (0, 1)"
+  assert q.prompt == "" and q.completion == ""  # the input is not changed
+  p = ex.prompt
   assert "1. A beat B." in p and "2. A did not beat B." in p
   assert "DECISION: (s1, s2)" in p
   assert p.index("Trial:") < p.index("Endpoint:") < p.index("Arms:") < p.index("1. A beat")
@@ -58,41 +50,38 @@ def test_render_question_lists_options_and_instruction():
 
 def test_budget_holds_for_huge_fields():
   long = "word " * 3000
-  q = _question(title=long, endpoint=long, arms=[long] * 7, options=[long, long, long], label=2)
-  ex = templates.render(dict(q))
-  assert len(ex["prompt"]) <= templates.PROMPT_CHAR_BUDGET
-  assert "..." in ex["prompt"] and "(+3 more)" in ex["prompt"]
-  assert ex["completion"] == "DECISION: (0, 0, 1)"
-  anchor = dict(q, label=0)
-  factors = [{"factor": f, "anchor_value": long, "target_value": long}
-             for f in ("dose", "country", "phase")]
+  q = _question(title=long, endpoint=long, arms=(long,) * 7, options=(long, long, long), label=2)
+  ex = templates.render(q)
+  assert len(ex.prompt) <= templates.PROMPT_CHAR_BUDGET
+  assert "..." in ex.prompt and "(+3 more)" in ex.prompt
+  assert ex.completion == "DECISION: (0, 0, 1)"
+  anchor = Anchor.of(q.replace(label=0))
+  factors = tuple(Factor(f, long, long) for f in ("dose", "country", "phase"))
   for kind in ("natural_pair", "approximate_pair", "chain"):
-    pex = templates.render(dict(q, kind=kind, anchor=anchor, factors=factors))
-    assert len(pex["prompt"]) <= templates.PROMPT_CHAR_BUDGET
-    assert "Known result:" in pex["prompt"] and "Predict for:" in pex["prompt"]
+    pex = templates.render(q.replace(kind=kind, anchor=anchor, factors=factors))
+    assert len(pex.prompt) <= templates.PROMPT_CHAR_BUDGET
+    assert "Known result:" in pex.prompt and "Predict for:" in pex.prompt
   for i in range(3):
-    prompt, _ = templates.render_chain_step(dict(q, anchor=anchor, factors=factors), i, long)
+    prompt, _ = templates.render_chain_step(q.replace(anchor=anchor, factors=factors), i, long)
     assert len(prompt) <= templates.PROMPT_CHAR_BUDGET
 
 
 def test_pair_shows_anchor_answer_and_factor():
   anchor = _question(id="a", label=0, endpoint="Pain at 2 weeks")
   target = _question(id="t", label=1)
-  ex = templates.render(dict(target, kind="natural_pair", anchor=anchor,
-                             factors=[{"factor": "outcome", "anchor_value": "Pain at 2 weeks",
-                                       "target_value": "Pain at 4 weeks"}]))
-  p = ex["prompt"]
+  ex = templates.render(Example.pair(anchor, target, "natural_pair",
+                                     [Factor("outcome", "Pain at 2 weeks", "Pain at 4 weeks")]))
+  p = ex.prompt
   assert "Observed: A beat B." in p
   assert "- outcome: Pain at 2 weeks -> Pain at 4 weeks" in p
   assert p.index("Known result:") < p.index("Changed:") < p.index("Predict for:")
-  assert ex["completion"] == "DECISION: (0, 1)"
+  assert ex.completion == "DECISION: (0, 1)"
 
 
 def test_chain_step_completion_only_on_last_step():
-  ex = _question(kind="chain", anchor=_question(label=0),
-                 factors=[{"factor": "country", "anchor_value": "Europe",
-                           "target_value": "East Asia"},
-                          {"factor": "dose", "anchor_value": "10 mg", "target_value": "20 mg"}])
+  ex = _question(kind="chain", anchor=Anchor.of(_question(label=0)),
+                 factors=(Factor("country", "Europe", "East Asia"),
+                          Factor("dose", "10 mg", "20 mg")))
   p0, c0 = templates.render_chain_step(ex, 0, "A beat B.")
   p1, c1 = templates.render_chain_step(ex, 1, "A did not beat B.")
   assert c0 == "" and c1 == "DECISION: (0, 1)"
@@ -106,7 +95,7 @@ def test_bad_examples_name_the_field():
   with pytest.raises(ValueError, match="unknown kind"):
     templates.render(_question(kind="essay"))
   with pytest.raises(ValueError, match="options"):
-    templates.render(_question(options=["only one"], label=0))
+    templates.render(_question(options=("only one",), label=0))
 
 
 def test_real_ct_open_questions_fit(data_root):
@@ -114,8 +103,8 @@ def test_real_ct_open_questions_fit(data_root):
   assert len(qs) > 500
   for q in qs:
     ex = templates.render(q)
-    assert len(ex["prompt"]) <= templates.PROMPT_CHAR_BUDGET
-    d = rewards.parse_decision(ex["completion"], len(q["options"]))
-    assert d.ok and d.choice == q["label"]
+    assert len(ex.prompt) <= templates.PROMPT_CHAR_BUDGET
+    d = rewards.parse_decision(ex.completion, len(q.options))
+    assert d.ok and d.choice == q.label
     # the measure of the endpoint dict is shown, not its repr
-    assert "{'measure'" not in ex["prompt"]
+    assert "{'measure'" not in ex.prompt

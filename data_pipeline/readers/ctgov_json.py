@@ -15,35 +15,27 @@ analyses are attached only when the measure has a single row.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 from data_pipeline import schema as S
+from data_pipeline import text
 from data_pipeline.build_report import BuildReport
-from data_pipeline.doses import intervention_doses
+from data_pipeline.readers import parts
+from data_pipeline.readers.loop import SkipRecord, parse_records, read_files
 
 SOURCE = "ctgov_json"
 _OUTCOME_TYPES = {"PRIMARY": "primary", "SECONDARY": "secondary"}
 
 
-def expand_paths(path_or_paths, suffix: str) -> list[pathlib.Path]:
-  """Files named directly, and the `suffix` files of folders named, in sorted order."""
-  items = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else path_or_paths
-  out = []
-  for p in map(pathlib.Path, items):
-    out.extend(sorted(p.glob(f"*{suffix}")) if p.is_dir() else [p])
-  return out
-
-
 def _str(x) -> str:
-  return S.clean_text(x) if isinstance(x, (str, int, float)) else ""
+  return text.clean_text(x) if isinstance(x, (str, int, float)) else ""
 
 
 def _dict(x, where: str) -> dict:
   if x is None:
     return {}
   if not isinstance(x, dict):
-    raise S.SkipRecord("wrong_type", f"{where} is {type(x).__name__}, not an object")
+    raise SkipRecord("wrong_type", f"{where} is {type(x).__name__}, not an object")
   return x
 
 
@@ -51,7 +43,7 @@ def _list(x, where: str) -> list:
   if x is None:
     return []
   if not isinstance(x, list):
-    raise S.SkipRecord("wrong_type", f"{where} is {type(x).__name__}, not a list")
+    raise SkipRecord("wrong_type", f"{where} is {type(x).__name__}, not a list")
   return x
 
 
@@ -59,52 +51,18 @@ def _arms(ps: dict, flow_groups: list, report, rid) -> tuple[S.Arm, ...]:
   aim = _dict(ps.get("armsInterventionsModule"), "armsInterventionsModule")
   ivs = [_dict(iv, "interventions[]") for iv in _list(aim.get("interventions"), "interventions")]
   flow = [(_str(g.get("id")), _str(g.get("title"))) for g in flow_groups if isinstance(g, dict)]
+  groups = [_dict(ag, "armGroups[]") for ag in _list(aim.get("armGroups"), "armGroups")]
+  labels = [_str(ag.get("label")) for ag in groups]
   arms = []
-  for ag in _list(aim.get("armGroups"), "armGroups"):
-    ag = _dict(ag, "armGroups[]")
-    label, desc = _str(ag.get("label")), _str(ag.get("description"))
+  for ag, label in zip(groups, labels):
     if not label:
-      raise S.SkipRecord("missing_field", "arm group without label")
-    linked = [iv for iv in ivs if label in [_str(x) for x in _list(iv.get("armGroupLabels"), "armGroupLabels")]]
-    names = tuple(_str(iv.get("name")) for iv in linked)
-    interventions = tuple(
-        S.Intervention(_str(iv.get("name")), _str(iv.get("type")), _str(iv.get("description")),
-                       intervention_doses(_str(iv.get("name")), _str(iv.get("description")),
-                                          desc, names, report, SOURCE, rid))
-        for iv in linked)
-    fid = [i for i, t in flow if S.match_arm_label(t, [label]) and
-           S.match_arm_label(t, [a.get("label", "") for a in aim.get("armGroups") if isinstance(a, dict)]) == label]
-    arms.append(S.Arm(fid[0] if fid else label, label, S.normalise_arm_type(ag.get("type")),
-                      desc, interventions))
+      raise SkipRecord("missing_field", "arm group without label")
+    linked = [(_str(iv.get("name")), _str(iv.get("type")), _str(iv.get("description")))
+              for iv in ivs
+              if label in [_str(x) for x in _list(iv.get("armGroupLabels"), "armGroupLabels")]]
+    arms.append(parts.arm(label, ag.get("type"), _str(ag.get("description")), linked, report,
+                          SOURCE, rid, flow, labels))
   return tuple(arms)
-
-
-def _measurement(m: dict, gid2label, gid2n, disp_type: str, report, where,
-                 gid2title=None) -> S.ArmValue | None:
-  gid = _str(m.get("groupId"))
-  value, qual = S.parse_qualified(m.get("value"))
-  if value is None:
-    report.add_skip(SOURCE, "value_non_numeric", f"{where}:{gid}={m.get('value')!r}")
-    return None
-  lo, hi = S.parse_number(m.get("lowerLimit")), S.parse_number(m.get("upperLimit"))
-  return S.ArmValue(gid, gid2label.get(gid, gid), value, qual, disp_type,
-                    S.parse_number(m.get("spread")), lo, hi, gid2n.get(gid),
-                    (gid2title or {}).get(gid, ""))
-
-
-def _analysis(a: dict, report, where) -> S.Analysis:
-  p, pq = None, ""
-  if a.get("pValue") not in (None, ""):
-    p, pq = S.parse_qualified(a.get("pValue"))
-    if p is None or not 0.0 <= p <= 1.0:
-      report.add_skip(SOURCE, "p_value_non_numeric", f"{where}:{a.get('pValue')!r}")
-      p, pq = None, ""
-  return S.Analysis(
-      tuple(_str(g) for g in _list(a.get("groupIds"), "groupIds")), p, pq,
-      _str(a.get("statisticalMethod")), _str(a.get("paramType")),
-      S.parse_number(a.get("paramValue")), S.parse_number(a.get("ciLowerLimit")),
-      S.parse_number(a.get("ciUpperLimit")), S.parse_number(a.get("ciPctValue")),
-      _str(a.get("nonInferiorityType")))
 
 
 def _outcomes(om_list: list, arms, report, rid) -> tuple[S.Outcome, ...]:
@@ -116,104 +74,101 @@ def _outcomes(om_list: list, arms, report, rid) -> tuple[S.Outcome, ...]:
     if not title:
       report.add_skip(SOURCE, "outcome_missing_title", where)
       continue
-    desc = _str(om.get("description"))
-    gid2label, gid2title = {}, {}
-    for g in _list(om.get("groups"), "groups"):
-      g = _dict(g, "groups[]")
-      gid2title[_str(g.get("id"))] = _str(g.get("title"))
-      gid2label[_str(g.get("id"))] = (
-          S.match_arm(_str(g.get("title")), _str(g.get("description")), arms)
-          or _str(g.get("title")))
-    gid2n = {}
+    groups = [_dict(g, "groups[]") for g in _list(om.get("groups"), "groups")]
+    labels, titles = parts.group_names(
+        [(_str(g.get("id")), _str(g.get("title")), _str(g.get("description"))) for g in groups],
+        arms)
+    counts = {}
     for d in _list(om.get("denoms"), "denoms")[:1]:
       for c in _list(_dict(d, "denoms[]").get("counts"), "counts"):
-        n = S.parse_number(_dict(c, "counts[]").get("value"))
+        n = text.parse_number(_dict(c, "counts[]").get("value"))
         if n is not None:
-          gid2n[_str(c.get("groupId"))] = int(n)
+          counts[_str(c.get("groupId"))] = int(n)
+    analyses = tuple(
+        parts.analysis(tuple(_str(g) for g in _list(a.get("groupIds"), "groupIds")),
+                       a.get("pValue"), _str(a.get("statisticalMethod")),
+                       _str(a.get("paramType")), a.get("paramValue"), a.get("ciLowerLimit"),
+                       a.get("ciUpperLimit"), a.get("ciPctValue"),
+                       _str(a.get("nonInferiorityType")), report, SOURCE, where)
+        for a in [_dict(x, "analyses[]") for x in _list(om.get("analyses"), "analyses")])
     rows = []
     for cl in _list(om.get("classes"), "classes"):
       cl = _dict(cl, "classes[]")
       for cat in _list(cl.get("categories"), "categories"):
         cat = _dict(cat, "categories[]")
         name = " / ".join(x for x in (_str(cl.get("title")), _str(cat.get("title"))) if x)
-        rows.append((name, _list(cat.get("measurements"), "measurements")))
-    analyses = tuple(_analysis(_dict(a, "analyses[]"), report, where)
-                     for a in _list(om.get("analyses"), "analyses"))
-    if analyses and len(rows) > 1:
-      report.add_skip(SOURCE, "analysis_on_multirow_outcome", where)
-    for name, ms in rows:
-      values = tuple(v for v in (_measurement(_dict(m, "measurements[]"), gid2label, gid2n,
-                                              _str(om.get("dispersionType")), report, where,
-                                              gid2title)
-                                 for m in ms) if v is not None)
-      if not values:
-        report.add_skip(SOURCE, "outcome_no_values", where)
-        continue
-      out.append(S.Outcome(
-          f"{title} [{name}]" if len(rows) > 1 and name else title, desc,
-          _OUTCOME_TYPES.get(_str(om.get("type")).upper(), "other"), _str(om.get("timeFrame")),
-          _str(om.get("unitOfMeasure")), _str(om.get("paramType")), values,
-          analyses if len(rows) == 1 else (), S.infer_polarity(title, desc)))
+        ms = [_dict(m, "measurements[]") for m in _list(cat.get("measurements"), "measurements")]
+        values = (parts.arm_value(_str(m.get("groupId")), m.get("value"), labels, titles, counts,
+                                  _str(om.get("dispersionType")), m.get("spread"),
+                                  m.get("lowerLimit"), m.get("upperLimit"), report, SOURCE,
+                                  where) for m in ms)
+        rows.append((name, tuple(v for v in values if v is not None)))
+    out.extend(parts.row_outcomes(
+        title, _str(om.get("description")),
+        _OUTCOME_TYPES.get(_str(om.get("type")).upper(), "other"), _str(om.get("timeFrame")),
+        _str(om.get("unitOfMeasure")), _str(om.get("paramType")), rows, analyses, report,
+        SOURCE, where))
   return tuple(out)
 
 
 def parse_study(study, report: BuildReport) -> S.Trial:
   """One API v2 study object -> Trial; raises SkipRecord(reason) for a bad record."""
   if not isinstance(study, dict):
-    raise S.SkipRecord("wrong_type", f"study is {type(study).__name__}, not an object")
+    raise SkipRecord("wrong_type", f"study is {type(study).__name__}, not an object")
   ps = _dict(study.get("protocolSection"), "protocolSection")
   ident = _dict(ps.get("identificationModule"), "identificationModule")
   rid = _str(ident.get("nctId"))
   if not rid:
-    raise S.SkipRecord("missing_field", "identificationModule.nctId")
+    raise SkipRecord("missing_field", "identificationModule.nctId")
   rs = study.get("resultsSection")
   if not rs:
-    raise S.SkipRecord("no_results", rid)
+    raise SkipRecord("no_results", rid)
   rs = _dict(rs, "resultsSection")
   flow = _dict(rs.get("participantFlowModule"), "participantFlowModule").get("groups")
   arms = _arms(ps, _list(flow, "participantFlowModule.groups"), report, rid)
   oms = _dict(rs.get("outcomeMeasuresModule"), "outcomeMeasuresModule").get("outcomeMeasures")
   outcomes = _outcomes(_list(oms, "outcomeMeasures"), arms, report, rid)
   if not outcomes:
-    raise S.SkipRecord("no_results", f"{rid}: no outcome with numeric values")
+    raise SkipRecord("no_results", f"{rid}: no outcome with numeric values")
   status = _dict(ps.get("statusModule"), "statusModule")
   design = _dict(ps.get("designModule"), "designModule")
   elig = _dict(ps.get("eligibilityModule"), "eligibilityModule")
-  enroll = S.parse_number(_dict(design.get("enrollmentInfo"), "enrollmentInfo").get("count"))
+  enroll = text.parse_number(_dict(design.get("enrollmentInfo"), "enrollmentInfo").get("count"))
   locs = _list(_dict(ps.get("contactsLocationsModule"), "contactsLocationsModule")
                .get("locations"), "locations")
   trial = S.Trial(
       id=rid, source=SOURCE,
       title=_str(ident.get("briefTitle")) or _str(ident.get("officialTitle")),
       phase="/".join(_str(p) for p in _list(design.get("phases"), "phases")),
-      conditions=S.unique(_list(_dict(ps.get("conditionsModule"), "conditionsModule")
-                                .get("conditions"), "conditions")),
-      countries=S.unique(_dict(loc, "locations[]").get("country") for loc in locs),
+      conditions=text.unique(_list(_dict(ps.get("conditionsModule"), "conditionsModule")
+                                   .get("conditions"), "conditions")),
+      countries=text.unique(_dict(loc, "locations[]").get("country") for loc in locs),
       enrollment=int(enroll) if enroll is not None else None,
       start_date=_str(_dict(status.get("startDateStruct"), "startDateStruct").get("date")),
       completion_date=_str(_dict(status.get("completionDateStruct"),
                                  "completionDateStruct").get("date")),
       arms=arms, outcomes=outcomes,
-      eligibility=S.Eligibility(S.normalise_sex(elig.get("sex")),
-                                S.parse_age_years(elig.get("minimumAge")),
-                                S.parse_age_years(elig.get("maximumAge")),
+      eligibility=S.Eligibility(text.normalise_sex(elig.get("sex")),
+                                text.parse_age_years(elig.get("minimumAge")),
+                                text.parse_age_years(elig.get("maximumAge")),
                                 _str(elig.get("eligibilityCriteria"))) if elig else None)
   return S.validate_trial(trial)
 
 
-def parse_document(doc, report: BuildReport, where: str = "<doc>") -> list[S.Trial]:
-  """A decoded JSON document (study or page) -> trials; bad studies counted and skipped."""
+def _parse(study, report: BuildReport) -> list[S.Trial]:
+  return [parse_study(study, report)]
+
+
+def _studies(doc, where: str):
+  """(record id, study) of a decoded document: a page's studies, or the one study.
+  A malformed document is passed on as one record, which parse_study rejects."""
   if isinstance(doc, dict) and "studies" in doc:
     studies = doc["studies"]
     if not isinstance(studies, list):
-      report.add_skip(SOURCE, "wrong_type", f"{where}:studies")
-      return []
-  elif isinstance(doc, dict):
-    studies = [doc]
+      yield f"{where}:studies", None  # not a study: counted as wrong_type
+      return
   else:
-    report.add_skip(SOURCE, "wrong_type", where)
-    return []
-  trials = []
+    studies = [doc]
   for i, st in enumerate(studies):
     rid = where if len(studies) == 1 else f"{where}[{i}]"
     try:
@@ -221,34 +176,23 @@ def parse_document(doc, report: BuildReport, where: str = "<doc>") -> list[S.Tri
       rid = nct if isinstance(nct, str) and nct else rid
     except AttributeError:
       pass
-    # A partial work object is never returned: parse fully, then append.
-    report_i = BuildReport()
-    try:
-      trial = parse_study(st, report_i)
-    except S.SkipRecord as e:
-      report.add_skip(SOURCE, e.reason, rid)
-      continue
-    except S.SchemaError:
-      report.add_skip(SOURCE, "invalid_record", rid)
-      continue
-    report.merge(report_i)
-    report.add_read(SOURCE)
-    trials.append(trial)
-  return trials
+    yield rid, st
+
+
+def parse_document(doc, report: BuildReport, where: str = "<doc>") -> list[S.Trial]:
+  """A decoded JSON document (study or page) -> trials; bad studies counted and skipped."""
+  return parse_records(_studies(doc, where), _parse, SOURCE, report)
+
+
+def _load(path: pathlib.Path):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise SkipRecord("bad_json") from e
 
 
 def read_ctgov_json(path_or_paths, report: BuildReport) -> list[S.Trial]:
   """Reads .json files (or folders of them); unreadable files are counted, not fatal."""
-  trials = []
-  for path in expand_paths(path_or_paths, ".json"):
-    try:
-      with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-      report.add_skip(SOURCE, "bad_json", str(path))
-      continue
-    except OSError:
-      report.add_skip(SOURCE, "unreadable_file", str(path))
-      continue
-    trials.extend(parse_document(doc, report, path.stem))
-  return trials
+  return read_files(path_or_paths, ".json", SOURCE, report, load=_load,
+                    records=lambda doc, path: _studies(doc, path.stem), parse=_parse)

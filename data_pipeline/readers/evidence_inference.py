@@ -5,6 +5,7 @@ False; a tie is skipped (`label_tie`). Prompts with no v2 annotation (the 1.0-on
 prompts in prompts_merged.csv) are skipped as `no_annotation`. The label spelling
 "significantly increase" (sic, in the file) is normalised. Split comes from the
 ev2_{train,validation,test}_article_ids.txt lists by PMCID ("" when absent).
+`question(row)` turns a row into a plain 3-option question Example.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import collections
 import csv
 import pathlib
 
-from data_pipeline import schema as S
 from data_pipeline.build_report import BuildReport
+from data_pipeline.example import Example
+from data_pipeline.readers.loop import SkipRecord, read_files
+from data_pipeline.text import clean_text
 
 SOURCE = "evidence_inference"
 LABELS = ("significantly increased", "significantly decreased", "no significant difference")
@@ -21,27 +24,44 @@ _LABEL_FIX = {"significantly increase": "significantly increased",
               "significantly decrease": "significantly decreased"}
 PROMPT_FIELDS = ("PromptID", "PMCID", "Outcome", "Intervention", "Comparator")
 ANNOT_FIELDS = ("PromptID", "PMCID", "Valid Label", "Label", "Annotations")
+_OPTIONAL = ("Annotations", "Valid Label")
 
 
-def _rows(path: pathlib.Path, fields, report: BuildReport, what: str) -> list[dict]:
-  """CSV rows with all `fields` non-empty; short or empty rows are counted and skipped."""
-  out = []
-  try:
-    with open(path, newline="", encoding="utf-8") as f:
-      reader = csv.DictReader(f)
-      missing = [c for c in fields if c not in (reader.fieldnames or [])]
-      if missing:
-        report.add_skip(SOURCE, f"{what}_missing_column", f"{path.name}:{missing[0]}")
-        return []
-      for i, row in enumerate(reader):
-        if any(row.get(c) is None or not S.clean_text(row.get(c)) for c in fields
-               if c not in ("Annotations", "Valid Label")):
-          report.add_skip(SOURCE, f"{what}_missing_field", f"{path.name}:row{i + 2}")
-          continue
-        out.append(row)
-  except (OSError, UnicodeDecodeError, csv.Error) as e:
-    report.add_skip(SOURCE, "unreadable_file", f"{path}: {type(e).__name__}")
-  return out
+def _csv_loader(fields, what: str):
+  """load(path) -> [(row id, row)]; a missing column or an unreadable file skips the file."""
+  def load(path: pathlib.Path):
+    try:
+      with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in fields if c not in (reader.fieldnames or [])]
+        if missing:
+          raise SkipRecord(f"{what}_missing_column", f"{path.name}:{missing[0]}")
+        return [(f"{path.name}:row{i + 2}", row) for i, row in enumerate(reader)]
+    except (UnicodeDecodeError, csv.Error) as e:
+      raise SkipRecord("unreadable_file", type(e).__name__) from e
+  return load
+
+
+def _rows(rows: list, _) -> list:
+  return rows  # the loader already gives (row id, row) pairs
+
+
+def _require(row: dict, fields, what: str) -> dict:
+  """The row, or SkipRecord when a required field is absent or blank (a short row)."""
+  if any(row.get(c) is None or not clean_text(row.get(c)) for c in fields if c not in _OPTIONAL):
+    raise SkipRecord(f"{what}_missing_field")
+  return row
+
+
+def _annotation(row: dict, _) -> list[tuple[str, str, str]]:
+  """(prompt id, label, evidence) of one valid annotation row."""
+  _require(row, ANNOT_FIELDS, "annotation")
+  label = _LABEL_FIX.get(clean_text(row["Label"]).lower(), clean_text(row["Label"]).lower())
+  if label not in LABELS:
+    raise SkipRecord("annotation_unknown_label")
+  if clean_text(row.get("Valid Label")).lower() == "false":
+    raise SkipRecord("annotation_invalid")
+  return [(clean_text(row["PromptID"]), label, (row.get("Annotations") or "").strip())]
 
 
 def _splits(root: pathlib.Path) -> dict[str, str]:
@@ -65,40 +85,45 @@ def majority(labels: list[str]) -> str | None:
 def read_evidence_inference(root, report: BuildReport) -> list[dict]:
   """Plain dicts {prompt_id, pmcid, intervention, comparator, outcome, label, evidence, split}."""
   root = pathlib.Path(root)
-  prompts = _rows(root / "prompts_merged.csv", PROMPT_FIELDS, report, "prompt")
-  annots = _rows(root / "v2_annotations.csv", ANNOT_FIELDS, report, "annotation")
   by_prompt: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
-  for i, a in enumerate(annots):
-    label = _LABEL_FIX.get(S.clean_text(a["Label"]).lower(), S.clean_text(a["Label"]).lower())
-    if label not in LABELS:
-      report.add_skip(SOURCE, "annotation_unknown_label", f"row{i + 2}:{a['Label'][:30]}")
-      continue
-    if S.clean_text(a.get("Valid Label")).lower() == "false":
-      report.add_skip(SOURCE, "annotation_invalid", f"prompt{a['PromptID']}")
-      continue
-    by_prompt[S.clean_text(a["PromptID"])].append((label, (a.get("Annotations") or "").strip()))
+  for pid, label, evidence in read_files(
+      root / "v2_annotations.csv", ".csv", SOURCE, report, count_read=False,
+      load=_csv_loader(ANNOT_FIELDS, "annotation"), records=_rows, parse=_annotation):
+    by_prompt[pid].append((label, evidence))
   splits = _splits(root)
-  out, seen = [], set()
-  for p in prompts:
-    pid = S.clean_text(p["PromptID"])
+  seen: set[str] = set()
+
+  def prompt(row: dict, _) -> list[dict]:
+    pid = clean_text(_require(row, PROMPT_FIELDS, "prompt")["PromptID"])
     if pid in seen:
-      report.add_skip(SOURCE, "duplicate_prompt", pid)
-      continue
+      raise SkipRecord("duplicate_prompt")
     seen.add(pid)
     anns = by_prompt.get(pid)
     if not anns:
-      report.add_skip(SOURCE, "no_annotation", pid)
-      continue
+      raise SkipRecord("no_annotation")
     label = majority([lab for lab, _ in anns])
     if label is None:
-      report.add_skip(SOURCE, "label_tie", pid)
-      continue
-    pmcid = S.clean_text(p["PMCID"])
-    out.append({
-        "prompt_id": pid, "pmcid": pmcid, "intervention": S.clean_text(p["Intervention"]),
-        "comparator": S.clean_text(p["Comparator"]), "outcome": S.clean_text(p["Outcome"]),
+      raise SkipRecord("label_tie")
+    pmcid = clean_text(row["PMCID"])
+    return [{
+        "prompt_id": pid, "pmcid": pmcid, "intervention": clean_text(row["Intervention"]),
+        "comparator": clean_text(row["Comparator"]), "outcome": clean_text(row["Outcome"]),
         "label": label, "evidence": next((ev for lab, ev in anns if lab == label and ev), ""),
         "split": splits.get(pmcid, ""),
-    })
-    report.add_read(SOURCE)
-  return out
+    }]
+
+  return read_files(root / "prompts_merged.csv", ".csv", SOURCE, report,
+                    load=_csv_loader(PROMPT_FIELDS, "prompt"), records=_rows, parse=prompt)
+
+
+def question(row: dict) -> Example:
+  """An Evidence Inference prompt as a plain 3-option question (label = reported direction)."""
+  i, c, o = row["intervention"], row["comparator"], row["outcome"]
+  options = (f"{i} significantly increased {o} compared with {c}.",
+             f"{i} significantly decreased {o} compared with {c}.",
+             f"No significant difference between {i} and {c} in {o}.")
+  return Example(
+      id=f"{SOURCE}:{row['prompt_id']}", source=SOURCE, kind="question",
+      trial_id=f"PMC{row['pmcid']}", options=options, label=LABELS.index(row["label"]),
+      title=f"Randomised trial report PMC{row['pmcid']}", endpoint=o, arms=(i, c),
+      question_type="ico_direction", outcome_title=o)

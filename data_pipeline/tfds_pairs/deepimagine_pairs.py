@@ -12,7 +12,6 @@ Malformed records are counted per reason, logged and skipped; they never stop a 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import pathlib
@@ -22,6 +21,9 @@ import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from data_pipeline import io
+from data_pipeline.build_report import BuildReport
 
 TEXT_FIELDS = ("id", "source", "kind", "perturbation", "trial_id", "anchor_trial_id",
                "prompt", "completion", "split", "category", "nct_id", "endpoint_str")
@@ -90,25 +92,18 @@ class DeepimaginePairs(tfds.core.GeneratorBasedBuilder):
     path = pathlib.Path(self._jsonl_path)
     by_split: dict[str, list[dict]] = collections.defaultdict(list)
     seen_ids: set[str] = set()
+    bad_lines = BuildReport()
     self.skipped.clear()
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError:
-          rec, reason = None, "bad_json"
-        else:
-          rec, reason = validate_record(rec)
-          if rec is not None and rec["id"] in seen_ids:
-            rec, reason = None, "duplicate_id"
-        if rec is None:
-          self.skipped[reason] += 1
-          logging.debug("%s:%d skipped (%s)", path, line_no, reason)
-          continue
-        seen_ids.add(rec["id"])
-        by_split[rec["split"]].append(rec)
+    for rec in io.read_jsonl(path, bad_lines, "tfds"):
+      rec, reason = validate_record(rec)
+      if rec is not None and rec["id"] in seen_ids:
+        rec, reason = None, "duplicate_id"
+      if rec is None:
+        self.skipped[reason] += 1
+        continue
+      seen_ids.add(rec["id"])
+      by_split[rec["split"]].append(rec)
+    self.skipped.update(bad_lines.skipped.get("tfds", {}))
     if self.skipped:
       logging.warning("%s: skipped %d records: %s", path, sum(self.skipped.values()),
                       dict(sorted(self.skipped.items())))
@@ -141,13 +136,7 @@ def build_tfds(jsonl_path: str | os.PathLike, data_dir: str | os.PathLike) -> De
     staged.download_and_prepare()
     final = pathlib.Path(staged.data_dir.replace(os.fspath(staging), os.fspath(data_dir), 1))
     final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-      old = final.with_name(f".{final.name}.old-{staging.name}")
-      os.rename(final, old)
-    os.rename(staged.data_dir, final)
-    if old is not None:
-      shutil.rmtree(old)
+    io.swap_in(staged.data_dir, final)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   builder = DeepimaginePairs(data_dir=os.fspath(data_dir))

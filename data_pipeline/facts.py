@@ -1,0 +1,194 @@
+"""Facts: the factor values of a question, read once from its Trial, so pairing never
+looks a trial up again; and the comparison of two questions' facts.
+
+The factors (FACTORS) are where a trial ran (countries as regions, COUNTRY_REGION),
+who took part (age group and sex), the phase, the comparator type, the study arm's
+dose, and the outcome. A value is "" when unknown.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping, Sequence
+
+from data_pipeline.arms import find_arm
+from data_pipeline.doses import parse_doses
+from data_pipeline.example import Example, Factor, Facts
+from data_pipeline.questions import arms_from_options
+from data_pipeline.schema import Arm, Trial
+
+# Step order of a chain: setting first, then who, then what is compared.
+FACTORS = ("country", "population", "phase", "comparator", "dose", "outcome")
+
+_REGIONS = {
+    "North America": ("United States", "Canada", "Puerto Rico"),
+    "Latin America": ("Mexico", "Argentina", "Brazil", "Chile", "Colombia", "Peru",
+                      "Venezuela", "Guatemala", "Costa Rica", "Panama", "Ecuador",
+                      "Uruguay", "Dominican Republic", "Cuba", "Bolivia", "Paraguay"),
+    "Europe": ("Germany", "Spain", "United Kingdom", "Italy", "France", "Poland", "Sweden",
+               "Austria", "Belgium", "Hungary", "Netherlands", "Norway", "Greece",
+               "Russian Federation", "Switzerland", "Estonia", "Czechia", "Czech Republic",
+               "Romania", "Denmark", "Portugal", "Finland", "Ukraine", "Ireland", "Latvia",
+               "Bulgaria", "Slovakia", "Lithuania", "Croatia", "Slovenia", "Serbia",
+               "Belarus", "Iceland", "Luxembourg", "Georgia", "Moldova", "Bosnia and Herzegovina"),
+    "Middle East": ("Israel", "Turkey", "Saudi Arabia", "Iran, Islamic Republic of", "Iran",
+                    "Egypt", "Jordan", "Lebanon", "United Arab Emirates", "Kuwait", "Qatar"),
+    "East Asia": ("Japan", "China", "Taiwan", "Korea, Republic of", "South Korea",
+                  "Hong Kong"),
+    "South and Southeast Asia": ("India", "Singapore", "Thailand", "Sri Lanka", "Malaysia",
+                                 "Philippines", "Pakistan", "Indonesia", "Vietnam",
+                                 "Viet Nam", "Bangladesh", "Nepal"),
+    "Africa": ("South Africa", "Morocco", "Mali", "Kenya", "Uganda", "Nigeria", "Tanzania",
+               "Malawi", "Zambia", "Zimbabwe", "Ghana", "Ethiopia", "Tunisia", "Botswana"),
+    "Oceania": ("Australia", "New Zealand"),
+}
+COUNTRY_REGION = {c: r for r, cs in _REGIONS.items() for c in cs}
+_PLACEBO = re.compile(r"placebo|sham|vehicle|dummy", re.IGNORECASE)
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = {"the", "of", "in", "at", "and", "or", "to", "with", "a", "an", "for", "from",
+         "on", "by", "baseline", "change", "number", "participants", "percentage",
+         "week", "weeks", "month", "months", "day", "days"}
+OUTCOME_SAME_JACCARD = 0.5
+
+
+def region_of(countries: Sequence[str]) -> str:
+  """'+'-joined sorted regions; an unmapped country stands for itself."""
+  return "+".join(sorted({COUNTRY_REGION.get(c, c) for c in countries if c}))
+
+
+def population_of(trial: Trial) -> str:
+  """Age group (pediatric / adult / older adult / all ages) and sex when restricted."""
+  e = trial.eligibility
+  if e is None:
+    return ""
+  lo, hi = e.min_age_years, e.max_age_years
+  if hi is not None and hi < 18:
+    age = "pediatric"
+  elif lo is not None and lo >= 65:
+    age = "older adult"
+  elif lo is not None and lo >= 18:
+    age = "adult"
+  elif lo is None and hi is None:
+    age = ""
+  else:
+    age = "all ages"
+  sex = {"FEMALE": "female", "MALE": "male"}.get(e.sex, "")
+  return ", ".join(x for x in (age, sex) if x)
+
+
+def phase_of(trial: Trial) -> str:
+  return "" if trial.phase in ("", "NA") else trial.phase
+
+
+def drugs_of(arm: Arm | None) -> frozenset[str]:
+  """Normalised names of the arm's active interventions (placebo/sham dropped)."""
+  if arm is None:
+    return frozenset()
+  return frozenset(" ".join(_WORD.findall(iv.name.lower())) for iv in arm.interventions
+                   if iv.name and not _PLACEBO.search(iv.name))
+
+
+def dose_of(arm: Arm | None) -> str:
+  """'20 mg' when the arm's active interventions state exactly one amount, else ''."""
+  if arm is None:
+    return ""
+  amounts = {(d.amount, d.unit) for iv in arm.interventions if not _PLACEBO.search(iv.name)
+             for d in iv.doses if d.amount is not None and d.amount_high is None}
+  if len(amounts) != 1:
+    return ""
+  amount, unit = next(iter(amounts))
+  return f"{amount:g} {unit}".strip()
+
+
+def group_dose(title: str) -> tuple[str, str]:
+  """('250 mg', 'twice daily') from a result group's title naming one amount, else ('', '').
+
+  Only the title: group descriptions often give the strength per tablet
+  ("2 tablets of 125 mg each"), not the dose.
+  """
+  amounts = {(d.amount, d.unit, d.frequency) for d in parse_doses(title)
+             if d.amount is not None and d.amount_high is None and d.unit != "placebo"}
+  if len({(a, u) for a, u, _ in amounts}) != 1:
+    return "", ""
+  amount, unit, freq = next(iter(amounts))
+  return f"{amount:g} {unit}".strip(), (freq if len(amounts) == 1 else "")
+
+
+def _study_dose(q: Example, arm: Arm | None, label: str) -> tuple[str, str]:
+  """(dose, frequency): from the group title when the question names a dose group
+  of the arm (its label is the group's title, not the arm's), else the arm's."""
+  if arm is not None and label != arm.label and label == q.group_a_title:
+    return group_dose(label)
+  return dose_of(arm), ""
+
+
+def comparator_of(arm: Arm | None, label: str) -> str:
+  """placebo / active / no intervention, from the comparator arm's type or name."""
+  typ = arm.type if arm else ""
+  if typ in ("PLACEBO_COMPARATOR", "SHAM_COMPARATOR") or _PLACEBO.search(label):
+    return "placebo"
+  if typ == "NO_INTERVENTION":
+    return "no intervention"
+  if typ == "ACTIVE_COMPARATOR":
+    return "active"
+  if arm is not None and arm.interventions and not any(
+      _PLACEBO.search(iv.name) for iv in arm.interventions):
+    return "active"
+  return ""
+
+
+def question_arms(q: Example) -> tuple[str, str]:
+  """(study arm, comparator): the question's own fields, else read from its options."""
+  if q.arm_a or q.arm_b:
+    return q.arm_a, q.arm_b
+  return arms_from_options(q.options) or ("", "")
+
+
+def facts_of(q: Example, trial: Trial | None) -> Facts:
+  """The factor values of one question, '' where unknown."""
+  a_label, b_label = question_arms(q)
+  arm_a = find_arm(trial, a_label, q.arm_a_id) if trial and a_label else None
+  arm_b = find_arm(trial, b_label, q.arm_b_id) if trial and b_label else None
+  dose, freq = _study_dose(q, arm_a, a_label)
+  return Facts(
+      country=region_of(trial.countries) if trial else "",
+      population=population_of(trial) if trial else "",
+      phase=phase_of(trial) if trial else "",
+      comparator=comparator_of(arm_b, b_label) if b_label else "",
+      dose=dose, dose_frequency=freq,
+      outcome=q.outcome_title or q.endpoint,
+      arm_a=a_label, arm_b=b_label,
+      drugs=tuple(sorted(drugs_of(arm_a))))
+
+
+def attach_facts(questions: Iterable[Example], trials: Mapping[str, Trial]) -> list[Example]:
+  """Copies of the questions with `facts` from trials[q.trial_id] (missing trial: all unknown)."""
+  return [q.replace(facts=facts_of(q, trials.get(q.trial_id))) for q in questions]
+
+
+def _outcome_words(text: str) -> set[str]:
+  return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
+
+
+def same_outcome(a: str, b: str) -> bool:
+  wa, wb = _outcome_words(a), _outcome_words(b)
+  return bool(wa and wb) and len(wa & wb) / len(wa | wb) >= OUTCOME_SAME_JACCARD
+
+
+def compare_facts(anchor: Facts, target: Facts, factors=FACTORS
+                  ) -> tuple[list[Factor], list[str]] | None:
+  """([Factor that differs, ...], [factors unknown on both]) or None.
+
+  None when a factor is known on one side only: the pair cannot be checked.
+  """
+  diffs, unknown = [], []
+  for f in factors:
+    va, vt = getattr(anchor, f), getattr(target, f)
+    if not va and not vt:
+      unknown.append(f)
+      continue
+    if not va or not vt:
+      return None
+    differ = not same_outcome(va, vt) if f == "outcome" else va != vt
+    if differ:
+      diffs.append(Factor(f, va, vt))
+  return diffs, unknown

@@ -1,0 +1,112 @@
+"""Files written whole or not at all, JSON lines, and JSON-ready values: the one copy
+for the project (deepimagine_jax imports it; it lives here because the data
+pipeline must not import deepimagine_jax).
+
+`atomic_write` writes beside the target and renames, so a crash leaves the old
+file or the new one, never half of either; `swap_in` does the same for a folder.
+`to_jsonable` turns numpy scalars and arrays, tuples, dataclasses and paths into plain
+JSON values and non-finite floats (NaN, inf) into None, so what is written is
+standard JSON that any reader parses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import secrets
+import shutil
+import tempfile
+from typing import Any, Iterable
+
+import numpy as np
+
+from data_pipeline.build_report import BuildReport
+
+
+def to_jsonable(x: Any) -> Any:
+  """A JSON-ready copy of `x` (dicts, lists, str, int, float, bool, None)."""
+  if isinstance(x, dict):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, set, frozenset)):
+    return [to_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return to_jsonable(x.tolist())
+  if isinstance(x, np.generic):
+    return to_jsonable(x.item())
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    return to_jsonable(dataclasses.asdict(x))
+  if isinstance(x, os.PathLike):
+    return os.fspath(x)
+  if x is None or isinstance(x, (str, int, bool)):
+    return x
+  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> pathlib.Path:
+  """Writes `data` to a temporary file beside `path`, fsyncs it, then renames it into place."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1,
+               sort_keys: bool = False) -> pathlib.Path:
+  """One JSON document, written atomically."""
+  return atomic_write(path, json.dumps(to_jsonable(obj), indent=indent, sort_keys=sort_keys,
+                                       ensure_ascii=False))
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any], *,
+                sort_keys: bool = False) -> pathlib.Path:
+  """One JSON object per line (UTF-8, not ASCII-escaped), written atomically."""
+  lines = [json.dumps(to_jsonable(r), ensure_ascii=False, sort_keys=sort_keys) for r in rows]
+  return atomic_write(path, "".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: str | os.PathLike, report: BuildReport | None = None,
+               source: str = "jsonl") -> list:
+  """The values of a JSON-lines file; blank lines are ignored.
+
+  A malformed line raises ValueError naming the file and line, unless a `report`
+  is given: then it is counted under (`source`, "bad_json") and skipped.
+  """
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        if report is None:
+          raise ValueError(f"{path}:{line_no}: not JSON ({e})") from e
+        report.add_skip(source, "bad_json", f"{path}:{line_no}")
+  return out
+
+
+def swap_in(staging: str | os.PathLike, dest: str | os.PathLike) -> None:
+  """Replaces the folder `dest` by `staging` with renames; the old one is removed last,
+  so a crash at any point leaves a complete folder at `dest` (or the old one beside it)."""
+  staging, dest = pathlib.Path(staging), pathlib.Path(dest)
+  old = None
+  if dest.exists():
+    old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+    os.rename(dest, old)
+  os.rename(staging, dest)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
