@@ -1,21 +1,20 @@
 """The evaluation entry: baselines + model + imagining on real CT Open, files that score back."""
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
 from data_pipeline import pairs, templates
 from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Example, Factor
 from data_pipeline.readers import ct_open
 from deepimagine_jax import model as M
-from deepimagine_jax.config import EvalConfig, ModelConfig
+from deepimagine_jax.config import ModelConfig
 from deepimagine_jax.eval import baselines as baselines_mod
 from deepimagine_jax.eval import metrics, predictions, report, run
 from deepimagine_jax.tokenizer import Tokenizer
+import typed_configs
 
 PROMPT_LEN = 128
 N_EVAL = 30
@@ -48,12 +47,10 @@ def policy(built, tmp_path_factory):
 
 
 def _cfg(**kw):
-  c = EvalConfig.from_config(common.eval_())  # the real section: every key declared
-  c = dataclasses.replace(c, mode="score", runs=2, temperature=1.0, max_new_tokens=8,
-                          batch_size=8, max_questions=N_MODEL, imagining=True, imagining_k=2,
-                          aggregate="mean", baselines=True, rf_seeds=(0,), checkpoint="",
-                          pair_eval=False)
-  return dataclasses.replace(c, **kw)
+  return typed_configs.eval_(**{**dict(
+      mode="score", runs=2, temperature=1.0, max_new_tokens=8, batch_size=8,
+      max_questions=N_MODEL, imagining=True, imagining_k=2, aggregate="mean", baselines=True,
+      rf_seeds=(0,), checkpoint="", pair_eval=False), **kw})
 
 
 def _same(a, b):

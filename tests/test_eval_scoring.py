@@ -3,24 +3,22 @@
 Scoring is checked against a plain loop that runs the model once per
 (question, option) on the unpadded sequence; sampling against the parser.
 """
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
 from data_pipeline import templates
 from data_pipeline.build_report import BuildReport
 from data_pipeline.readers import ct_open
 from deepimagine_jax import model as M
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
-from deepimagine_jax.config import EvalConfig, ModelConfig
+from deepimagine_jax.config import ModelConfig
 from deepimagine_jax.eval import metrics, predictions, scoring
 from deepimagine_jax.tokenizer import Tokenizer
+import typed_configs
 
 PROMPT_LEN = 128
 
@@ -163,9 +161,8 @@ def test_sampling_parse_accounting(monkeypatch, policy, tok, questions):
   assert sum(failures.values()) == 2 and "unparsed:wrong_count" in failures
 
 
-def _cfg(mode, **kw):
-  return dataclasses.replace(EvalConfig.from_config(common.eval_()), mode=mode, runs=2,
-                             temperature=1.0, max_new_tokens=8, batch_size=8, **kw)
+def _cfg(mode):
+  return typed_configs.eval_(mode=mode, runs=2, temperature=1.0, max_new_tokens=8, batch_size=8)
 
 
 def test_evaluate_policy_score(policy, tok, questions):
