@@ -37,15 +37,6 @@ def test_choose_ties_go_to_lowest_index():
   assert M.choose([0.1, 0.2, 0.7]) == 2
 
 
-def test_normalise():
-  np.testing.assert_allclose(M.normalise([3, 7]), [0.3, 0.7])
-  np.testing.assert_allclose(M.normalise([0, 0, 0]), [1 / 3] * 3)
-  with pytest.raises(ValueError):
-    M.normalise([1, -1])
-  with pytest.raises(ValueError):
-    M.normalise([1, float("nan")])
-
-
 def test_two_way_hand_computed():
   probs = [[0.9, 0.1], [0.4, 0.6], [0.5, 0.5], [0.2, 0.8]]
   labels = [0, 0, 0, 1]  # predictions 0, 1, 0 (tie), 1

@@ -112,3 +112,17 @@ def test_missing_and_unparsed_get_uniform_and_are_counted():
     P.probs_from_predictions(qs, preds, on_error="raise")
   with pytest.raises(KeyError):
     P.probs_from_predictions(qs[1:], preds, on_error="raise")
+
+
+def test_main_scores_files_on_summer(tmp_path, data_root, monkeypatch, capsys):
+  """The command line scores a prediction file on the real Summer release."""
+  from data_pipeline.readers.ct_open import read_questions
+  summer = read_questions(data_root / "ct_open" / "Summer_2025.pickle", BuildReport(),
+                          split="eval")
+  preds = P.predictions_from_probs(summer[:2], [np.full(q.n_options, 1 / q.n_options)
+                                                for q in summer[:2]])
+  path = P.write_pickle(tmp_path / "run0.pkl", preds)
+  monkeypatch.setenv("DEEPIMAGINE_DATA", str(data_root))
+  P.main([str(path)])
+  out = capsys.readouterr().out
+  assert f"'missing': {len(summer) - 2}" in out and "| predictions |" in out

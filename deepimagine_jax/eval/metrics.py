@@ -67,17 +67,6 @@ def no_difference_index(options: Sequence[str]) -> int:
   return hits[0]
 
 
-def normalise(scores: Sequence[float]) -> np.ndarray:
-  """Non-negative scores -> probabilities; all-zero scores become uniform."""
-  s = np.asarray(scores, dtype=np.float64)
-  if s.ndim != 1 or s.size == 0:
-    raise ValueError(f"scores must be a non-empty vector, got shape {s.shape}")
-  if not np.all(np.isfinite(s)) or np.any(s < 0):
-    raise ValueError(f"scores must be finite and non-negative, got {s.tolist()}")
-  total = s.sum()
-  return s / total if total > 0 else np.full_like(s, 1.0 / s.size)
-
-
 def choose(probs: Sequence[float]) -> int:
   """The chosen option: argmax, ties broken towards the lowest index."""
   return int(np.argmax(np.asarray(probs, dtype=np.float64)))

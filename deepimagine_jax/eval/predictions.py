@@ -8,6 +8,10 @@ Two on-disk forms of the same mapping:
     question, for humans and tools.
 Files are written to a temporary name and moved into place with `os.replace`, so
 a crash never leaves a half-written file under the final name.
+
+`python -m deepimagine_jax.eval.predictions RUN0.pkl [RUN1.jsonl ...]` scores
+prediction files (ours, or any model's in the benchmark's format) on CT Open
+Summer 2025, the runs averaged, and prints the table.
 """
 from __future__ import annotations
 
@@ -207,3 +211,27 @@ def score_predictions(questions: Sequence[Example], runs: Sequence[Mapping],
   out = metrics.average_runs(per_run)
   out["overall"]["failures"] = failures
   return out
+
+
+def main(argv: Sequence[str] | None = None):
+  import argparse
+  import sys
+
+  from data_pipeline import data_root
+  from data_pipeline.readers.ct_open import read_questions
+  from deepimagine_jax.eval import report
+
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("runs", nargs="+", help="prediction files (.pkl / .jsonl), one per run")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  counts = BuildReport()
+  summer = data_root.resolve_data_root(None) / "ct_open" / "Summer_2025.pickle"
+  questions = read_questions(summer, counts, split="eval")
+  scores = score_predictions(questions, [read_predictions(p, counts) for p in args.runs])
+  print(f"{len(args.runs)} run(s) on CT Open Summer 2025 ({len(questions)} questions); "
+        f"failures {scores['overall']['failures']}\n")
+  print(report.format_table({"predictions": scores}))
+
+
+if __name__ == "__main__":
+  main()
