@@ -1,4 +1,5 @@
 """The dataset build on a tiny root: files, tokenizer, report, reuse, leakage, bad input, crash."""
+import dataclasses
 import json
 import pickle
 import shutil
@@ -7,12 +8,14 @@ import pytest
 
 from configs import common
 from data_pipeline import build, safe_pickle
+from data_pipeline.config import DataConfig
+from data_pipeline.example import Example
 from deepimagine_jax.tokenizer import Tokenizer
 
 XML_IDS = ("NCT00495469", "NCT00000392", "NCT00460564", "NCT00005044", "NCT00000620")
 N_WINTER, N_SUMMER = 10, 6  # CT Open entries (trial, endpoint) copied per release
-CT_OPEN_KEYS = ("nct_id", "endpoint_str", "question_index", "category", "meta_label", "title",
-                "endpoint", "arms_text")
+CT_OPEN_KEYS = ("nct_id", "endpoint_str", "category", "meta_label", "title", "endpoint",
+                "outcome_title")
 
 
 def _make_root(dest, data_root):
@@ -30,13 +33,20 @@ def _make_root(dest, data_root):
 
 
 def _cfg(root, build_dir, **kw):
-  c = common.data()
-  c.root, c.build_dir = str(root), str(build_dir)
-  c.sources = "ct_open,ctgov_xml,synthetic"
-  c.vocab_size = 400
-  for k, v in kw.items():
-    setattr(c, k, v)
-  return c
+  c = common.data().to_dict()  # every data key, declared once in the config
+  c.update(root=str(root), build_dir=str(build_dir), sources=("ct_open", "ctgov_xml", "synthetic"),
+           vocab_size=400)
+  c.update(kw)
+  return DataConfig(**c)
+
+
+def _build(cfg, **kw):
+  return build.build_dataset(cfg, "unused", train_tokenizer=Tokenizer.train, verbose=False, **kw)
+
+
+def _ex(options, label):
+  return Example(id="e", source="test", kind="question", trial_id="T", options=options,
+                 label=label)
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +64,7 @@ def built(root, tmp_path_factory):
   mp = pytest.MonkeyPatch()
   mp.setattr(build, "SYNTHETIC_EXAMPLES", 200)
   out = tmp_path_factory.mktemp("work") / "build"
-  b = build.build_dataset(_cfg(root, out), "unused", verbose=False)
+  b = _build(_cfg(root, out))
   mp.undo()
   return b
 
@@ -73,10 +83,10 @@ def test_build_writes_splits_tokenizer_and_report(built):
     exs = built.examples(s)
     assert len(exs) == r["split_sizes"][s]
     for ex in exs:
-      assert ex["split"] == s and ex["prompt"] and ex["completion"].startswith("DECISION: (")
-      assert 0 <= ex["label"] < len(ex["options"])
+      assert ex.split == s and ex.prompt and ex.completion.startswith("DECISION: (")
+      assert 0 <= ex.label < len(ex.options)
   tok = Tokenizer.load(built.tokenizer_path)
-  text = built.examples("train")[0]["prompt"]
+  text = built.examples("train")[0].prompt
   assert tok.decode(tok.encode(text)) == text and tok.vocab_size <= 400
   # dose groups of NCT00495469 give dose natural pairs
   assert r["pairs_by_kind_and_perturbation"]["natural_pair"].get("dose", 0) > 0
@@ -87,12 +97,11 @@ def test_label_balance_matches_counts(built):
   for s in built.splits:
     exs = built.examples(s)
     for n, bal in r["label_balance"][s].items():
-      sub = [ex for ex in exs if len(ex["options"]) == int(n)]
+      sub = [ex for ex in exs if len(ex.options) == int(n)]
       assert bal["n"] == len(sub)
       for i, frac in enumerate(bal["fractions"]):
-        assert frac == pytest.approx(sum(ex["label"] == i for ex in sub) / len(sub), abs=1e-4)
-  assert build.label_balance([{"options": ["a", "b"], "label": 1}] * 3 +
-                             [{"options": ["a", "b"], "label": 0}]) == {
+        assert frac == pytest.approx(sum(ex.label == i for ex in sub) / len(sub), abs=1e-4)
+  assert build.label_balance([_ex(("a", "b"), 1)] * 3 + [_ex(("a", "b"), 0)]) == {
       "2": {"n": 4, "fractions": [0.25, 0.75]}}
 
 
@@ -100,30 +109,30 @@ def test_eval_is_ct_open_summer_with_its_keys_and_no_leakage(built, root):
   summer = safe_pickle.load(root / "ct_open" / "Summer_2025.pickle")
   eval_trials = {k[0] for k in summer}
   n_summer_q = sum(len(v["question_list_of_lists"]) for v in summer.values())
-  eval_q = [ex for ex in built.examples("eval", ["question"]) if ex["source"] == "ct_open"]
+  eval_q = [ex for ex in built.examples("eval", ["question"]) if ex.source == "ct_open"]
   assert len(eval_q) == n_summer_q
   for q in eval_q:
-    assert all(k in q for k in CT_OPEN_KEYS) and q["trial_id"] in eval_trials
-    assert q["nct_id"] == q["trial_id"] and q["question_index"] >= 0
+    assert all(getattr(q, k) for k in CT_OPEN_KEYS) and q.trial_id in eval_trials
+    assert q.nct_id == q.trial_id and q.question_index >= 0
   for s in ("train", "dev", "rl"):
     for ex in built.examples(s):
-      assert ex["trial_id"] not in eval_trials, (s, ex["id"])
-      assert ex.get("anchor_trial_id", "") not in eval_trials, (s, ex["id"])
+      assert ex.trial_id not in eval_trials, (s, ex.id)
+      assert ex.anchor_trial_id not in eval_trials, (s, ex.id)
   winter = safe_pickle.load(root / "ct_open" / "Winter_2025.pickle")
-  trained = {ex["trial_id"] for s in ("train", "dev", "rl") for ex in built.examples(s)}
+  trained = {ex.trial_id for s in ("train", "dev", "rl") for ex in built.examples(s)}
   assert {k[0] for k in winter} - eval_trials <= trained
 
 
 def test_second_call_reuses_and_a_changed_key_rebuilds(built, root):
   cfg = _cfg(root, built.dir)
   stamp = (built.dir / "fingerprint.json").stat().st_mtime_ns
-  again = build.build_dataset(cfg, "unused", verbose=False)
+  again = _build(cfg)
   assert again.report.get("reused") is True
   assert (built.dir / "fingerprint.json").stat().st_mtime_ns == stamp
   assert again.examples("eval") == built.examples("eval")
   other = built.dir.parent / "other"
-  first = build.build_dataset(_cfg(root, other), "unused", verbose=False)
-  changed = build.build_dataset(_cfg(root, other, seed=1), "unused", verbose=False)
+  first = _build(_cfg(root, other))
+  changed = _build(_cfg(root, other, seed=1))
   assert not changed.report.get("reused") and changed.report["fingerprint"] != first.report[
       "fingerprint"]
 
@@ -133,7 +142,7 @@ def test_truncated_xml_is_counted_and_skipped(root, tmp_path):
   shutil.copytree(root, bad_root)
   text = (bad_root / "ctgov_xml" / "NCT00000392.xml").read_text()
   (bad_root / "ctgov_xml" / "NCT99999999.xml").write_text(text[: len(text) // 2])
-  b = build.build_dataset(_cfg(bad_root, tmp_path / "build"), "unused", verbose=False)
+  b = _build(_cfg(bad_root, tmp_path / "build"))
   rec = b.report["records"]["ctgov_xml"]
   assert rec["skipped"]["bad_xml"]["count"] == 1 and rec["read"] == len(XML_IDS)
   assert rec["skipped"]["bad_xml"]["examples"] == ["NCT99999999"]
@@ -142,32 +151,44 @@ def test_truncated_xml_is_counted_and_skipped(root, tmp_path):
 def test_crash_while_writing_keeps_the_previous_build(root, tmp_path, monkeypatch):
   out = tmp_path / "build"
   cfg = _cfg(root, out)
-  first = build.build_dataset(cfg, "unused", verbose=False)
+  first = _build(cfg)
   before = first.examples("train")
-  real = build._write_jsonl
+  real = build._write_examples
 
   def crashing(path, examples):
     real(path, examples[: len(examples) // 2])
     raise OSError("disk full (simulated)")
 
-  monkeypatch.setattr(build, "_write_jsonl", crashing)
+  monkeypatch.setattr(build, "_write_examples", crashing)
   with pytest.raises(OSError, match="simulated"):
-    build.build_dataset(_cfg(root, out, seed=7), "unused", verbose=False)
-  monkeypatch.setattr(build, "_write_jsonl", real)
+    _build(_cfg(root, out, seed=7))
+  monkeypatch.setattr(build, "_write_examples", real)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no staging left behind
-  again = build.build_dataset(cfg, "unused", verbose=False)
+  again = _build(cfg)
   assert again.report.get("reused") is True and again.examples("train") == before
   Tokenizer.load(again.tokenizer_path)
 
 
-def test_evidence_inference_question():
-  q = build.ei_question({"prompt_id": "7", "pmcid": "123", "intervention": "drug A",
-                         "comparator": "placebo", "outcome": "pain", "label":
-                         "significantly decreased"})
-  assert q["options"][q["label"]] == "drug A significantly decreased pain compared with placebo."
-  assert q["trial_id"] == "PMC123" and len(q["options"]) == 3
+def test_examples_round_trip_through_json(built):
+  for s in built.splits:
+    for ex in built.examples(s):
+      assert Example.from_json(json.loads(json.dumps(ex.to_json()))) == ex
 
 
-def test_unknown_source_is_a_clear_error():
+def test_bad_record_names_id_and_field():
+  rec = _ex(("a", "b"), 1).to_json()
+  with pytest.raises(ValueError, match="'e'.*'label'"):
+    Example.from_json({**rec, "label": "1"})
+  with pytest.raises(ValueError, match="'e'.*unknown field.*arms_text"):
+    Example.from_json({**rec, "arms_text": ""})
+
+
+def test_data_config_has_exactly_the_config_keys():
+  assert {f.name for f in dataclasses.fields(DataConfig)} == set(common.data().keys())
+
+
+def test_unknown_source_is_a_clear_error(root, tmp_path):
   with pytest.raises(ValueError, match="unknown source.*bogus"):
-    build.parse_sources("ct_open,bogus")
+    _cfg(root, tmp_path, sources=("ct_open", "bogus"))
+  with pytest.raises(ValueError, match="data.sources"):
+    _cfg(root, tmp_path, sources="ct_open,ctgov_xml")

@@ -3,7 +3,8 @@ import collections
 import csv
 
 from data_pipeline.build_report import BuildReport
-from data_pipeline.readers.evidence_inference import LABELS, majority, read_evidence_inference
+from data_pipeline.readers.evidence_inference import (LABELS, majority, question,
+                                                      read_evidence_inference)
 
 
 def test_majority():
@@ -29,3 +30,10 @@ def test_real_files(data_root):
       "59610", "LMWH", "Unfractionated heparin")
   assert e["evidence"].startswith("Recurrent venous thromboembolism")
   assert r.n_skipped("evidence_inference", "label_tie") > 0
+
+
+def test_evidence_inference_question():
+  q = question({"prompt_id": "7", "pmcid": "123", "intervention": "drug A",
+                "comparator": "placebo", "outcome": "pain", "label": "significantly decreased"})
+  assert q.options[q.label] == "drug A significantly decreased pain compared with placebo."
+  assert q.trial_id == "PMC123" and len(q.options) == 3

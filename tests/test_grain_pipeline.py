@@ -8,11 +8,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipeline import grain_pipeline as gp
 from data_pipeline import safe_pickle
+from data_pipeline.example import Example
 from deepimagine_jax.tokenizer import Tokenizer
 
 
 def ct_open_records(data_root, limit=None):
-  """Small example dicts: CT Open title + options as prompt, a DECISION line."""
+  """Small Examples: CT Open title + options as prompt, a DECISION line."""
   d = safe_pickle.load(data_root / "ct_open" / "Winter_2025.pickle")
   recs = []
   for (nct, ep), v in sorted(d.items()):
@@ -20,10 +21,17 @@ def ct_open_records(data_root, limit=None):
       label = list(opts).index(v["answer_list_of_lists"][qi]) if v["answer_list_of_lists"][qi] in opts else 0
       scores = ", ".join("1" if i == label else "0" for i in range(len(opts)))
       prompt = v["brief_title"] + "\n" + "\n".join(f"{i + 1}. {o}" for i, o in enumerate(opts))
-      recs.append({"id": f"{nct}|{ep}|{qi}", "prompt": prompt,
-                   "completion": f"DECISION: ({scores})", "options": list(opts),
-                   "label": label, "split": "train"})
+      recs.append(Example(id=f"{nct}|{ep}|{qi}", source="ct_open", kind="question",
+                          trial_id=nct, prompt=prompt, completion=f"DECISION: ({scores})",
+                          options=tuple(opts), label=label, split="train"))
   return recs[:limit]
+
+
+def _prompt_rows(batches):
+  """(kept prompt tokens, label, n_options) of every row of RL prompt batches."""
+  return [(tuple(row[mask == 1]), label, n)
+          for b in batches for row, mask, label, n in zip(
+              b["prompt_tokens"], b["prompt_mask"], b["labels"], b["n_options"])]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +41,7 @@ def records(data_root):
 
 @pytest.fixture(scope="module")
 def tok(records, tmp_path_factory):
-  return Tokenizer.train([r["prompt"] + "\n" + r["completion"] for r in records],
+  return Tokenizer.train([r.prompt + "\n" + r.completion for r in records],
                          tmp_path_factory.mktemp("tok"), vocab_size=600)
 
 
@@ -43,7 +51,7 @@ def take(it, n):
 
 def test_loss_mask_covers_completion_and_eos(records, tok):
   rec = records[0]
-  p, c = tok.encode(rec["prompt"]), tok.encode(rec["completion"])
+  p, c = tok.encode(rec.prompt), tok.encode(rec.completion)
   ex = gp.pad_tokens(gp.sft_tokens(rec, tok, seq_len=256), 256)
   n = 1 + len(p) + len(c)  # inputs: BOS + prompt + completion (EOS is only a target)
   assert ex["inputs"][0] == tok.bos_id
@@ -62,7 +70,7 @@ def test_loss_mask_covers_completion_and_eos(records, tok):
 
 def test_truncation_drops_prompt_from_the_left(records, tok):
   rec = records[1]
-  p, c = tok.encode(rec["prompt"]), tok.encode(rec["completion"])
+  p, c = tok.encode(rec.prompt), tok.encode(rec.completion)
   seq_len = len(c) + 10
   ex = gp.sft_tokens(rec, tok, seq_len=seq_len)
   assert len(ex["inputs"]) == seq_len
@@ -75,14 +83,16 @@ def test_truncation_drops_prompt_from_the_left(records, tok):
 
 
 def test_completion_longer_than_seq_len_keeps_its_end(tok):
-  rec = {"id": "x", "prompt": "short", "completion": "word " * 50 + "DECISION: (1, 0)"}
-  c = tok.encode(rec["completion"])
+  rec = Example(id="x", source="ct_open", kind="question", trial_id="T", options=("a", "b"),
+                label=0, prompt="short", completion="word " * 50 + "DECISION: (1, 0)")
+  c = tok.encode(rec.completion)
   ex = gp.sft_tokens(rec, tok, seq_len=8)
   np.testing.assert_array_equal(ex["targets"], (c + [tok.eos_id])[-8:])
   assert ex["loss_mask"].sum() == 8
 
 
 def test_missing_field_names_record(tok):
+  # a TFDS-style row (a mapping) without a completion
   with pytest.raises(KeyError, match="'r7'.*'completion'"):
     gp.sft_tokens({"id": "r7", "prompt": "x"}, tok, seq_len=8)
 
@@ -170,20 +180,25 @@ def test_orbax_saves_and_restores_iterator(records, tok, tmp_path):
 
 
 def test_host_shards_are_disjoint_and_cover(tok):
-  recs = [{"id": f"r{i}", "prompt": f"trial {i}", "completion": "DECISION: (1, 0)",
-           "options": ["a", "b"], "label": i % 2} for i in range(40)]
+  recs = [Example(id=f"r{i}", source="synthetic", kind="question", trial_id=f"T{i}",
+                  prompt=f"trial {i}", completion="DECISION: (1, 0)", options=("a", "b"),
+                  label=i % 2) for i in range(40)]
+
+  def ids_of(batches):  # each prompt names its record: "trial {i}" -> "r{i}"
+    return [f"r{tok.decode(list(row[1:])).split()[1]}"
+            for row, _, _ in _prompt_rows(batches)]
   ids = []
   for shard in range(2):
     it = gp.make_prompt_iterator(recs, tok, prompt_len=16, batch_size=4, seed=1,
                                  num_epochs=1, shard_index=shard, shard_count=2)
-    ids.append([i for b in it for i in b["example_ids"]])
+    ids.append(ids_of(it))
   assert len(ids[0]) == len(ids[1]) == 20
   assert not set(ids[0]) & set(ids[1])
-  assert set(ids[0]) | set(ids[1]) == {r["id"] for r in recs}
+  assert set(ids[0]) | set(ids[1]) == {r.id for r in recs}
   # An odd count drops the remainder so hosts stay in step.
-  odd = [[i for b in gp.make_prompt_iterator(recs[:39], tok, prompt_len=16, batch_size=2,
-                                             seed=1, num_epochs=1, shard_index=shard,
-                                             shard_count=2) for i in b["example_ids"]]
+  odd = [ids_of(gp.make_prompt_iterator(recs[:39], tok, prompt_len=16, batch_size=2,
+                                        seed=1, num_epochs=1, shard_index=shard,
+                                        shard_count=2))
          for shard in range(2)]
   assert len(odd[0]) == len(odd[1]) == 19
   assert len(set(odd[0]) | set(odd[1])) == 38
@@ -194,23 +209,23 @@ def test_host_shards_are_disjoint_and_cover(tok):
 
 def test_prompt_batches_left_padded(records, tok):
   P_ = 128  # CT Open prompts here run 52..291 tokens: both padding and truncation occur
-  it = gp.make_prompt_iterator(records, tok, prompt_len=P_, batch_size=4, seed=2,
-                               num_epochs=1, shard_index=0, shard_count=1)
-  by_id = {r["id"]: r for r in records}
+  batches = list(gp.make_prompt_iterator(records, tok, prompt_len=P_, batch_size=4, seed=2,
+                                         num_epochs=1, shard_index=0, shard_count=1))
+  expected = []  # every record once: its kept tokens, label and option count
   padded = truncated = 0
-  for b in it:
+  for rec in records:
+    full = [tok.bos_id] + tok.encode(rec.prompt)
+    kept = full if len(full) <= P_ else full[:1] + full[-(P_ - 1):]
+    padded += len(full) < P_
+    truncated += len(full) > P_
+    expected.append((tuple(kept), rec.label, len(rec.options)))
+  for b in batches:
     assert b["prompt_tokens"].shape == (4, P_) and b["prompt_mask"].shape == (4, P_)
-    for row, mask, eid, label, n_opt in zip(b["prompt_tokens"], b["prompt_mask"],
-                                            b["example_ids"], b["labels"], b["n_options"]):
-      rec = by_id[eid]
-      full = [tok.bos_id] + tok.encode(rec["prompt"])
-      kept = full if len(full) <= P_ else full[:1] + full[-(P_ - 1):]
-      padded += len(full) < P_
-      truncated += len(full) > P_
-      np.testing.assert_array_equal(row[P_ - len(kept):], kept)
-      assert (row[:P_ - len(kept)] == tok.pad_id).all()
-      np.testing.assert_array_equal(mask, [0] * (P_ - len(kept)) + [1] * len(kept))
-      assert label == rec["label"] and n_opt == len(rec["options"])
+    for row, mask in zip(b["prompt_tokens"], b["prompt_mask"]):
+      n = int(mask.sum())  # left padding: pad ids then the kept tokens
+      assert (row[:P_ - n] == tok.pad_id).all()
+      np.testing.assert_array_equal(mask, [0] * (P_ - n) + [1] * n)
+  assert sorted(_prompt_rows(batches)) == sorted(expected)
   assert padded and truncated
 
 
@@ -221,8 +236,11 @@ def test_to_global_arrays_on_8_device_mesh(records, tok):
   it = gp.make_sft_iterator(records, tok, seq_len=32, global_batch_size=8, seed=0,
                             shard_index=0, shard_count=1)
   batch = next(it)
-  out = gp.to_global_arrays({**batch, "note": ["host-side"]}, sharding)
+  shardings = {key: sharding for key in gp.TOKEN_KEYS}
+  out = gp.to_global_arrays({**batch, "note": ["host-side"]}, shardings)
   assert out["note"] == ["host-side"]
+  with pytest.raises(KeyError, match="inputs"):
+    gp.to_global_arrays(batch, {})
   for key in gp.TOKEN_KEYS:
     arr = out[key]
     assert arr.shape == (8, 32) and arr.dtype == batch[key].dtype

@@ -77,12 +77,15 @@ def test_tfds_source_feeds_grain(data_root, tmp_path):
   train = [r for r in recs if r["split"] == "train"]
   from_dicts = [tuple(r) for b in gp.make_sft_iterator(train, tok, **kw) for r in b["inputs"]]
   assert len(from_tfds) == 8 and sorted(from_tfds) == sorted(from_dicts)
-  prompts = gp.make_prompt_iterator(src, tok, prompt_len=32, batch_size=4, seed=0,
-                                    num_epochs=1, shard_index=0, shard_count=1)
-  b = next(prompts)
-  by_id = {r["id"]: r for r in train}
-  assert all(isinstance(i, str) and i in by_id for i in b["example_ids"])
-  assert b["labels"] == [by_id[i]["label"] for i in b["example_ids"]]
+  prompt_kw = dict(prompt_len=32, batch_size=4, seed=0, num_epochs=1, shard_index=0,
+                   shard_count=1)
+
+  def rows(batches):  # (prompt tokens, label, n_options) of every row
+    return sorted((tuple(r), label, n) for b in batches for r, label, n in zip(
+        b["prompt_tokens"], b["labels"], b["n_options"]))
+  from_tfds = rows(gp.make_prompt_iterator(src, tok, **prompt_kw))
+  assert all(isinstance(label, int) for _, label, _ in from_tfds)
+  assert from_tfds == rows(gp.make_prompt_iterator(train, tok, **prompt_kw))
 
 
 def test_failed_rebuild_keeps_previous_build(data_root, tmp_path, monkeypatch):

@@ -27,8 +27,9 @@ ANNOT_FIELDS = ("PromptID", "PMCID", "Valid Label", "Label", "Annotations")
 _OPTIONAL = ("Annotations", "Valid Label")
 
 
-def _csv_loader(fields, what: str):
-  """load(path) -> [(row id, row)]; a missing column or an unreadable file skips the file."""
+def _csv_loader(fields, what: str, id_prefix: str):
+  """load(path) -> [(row id, row)]; a missing column or an unreadable file skips the file.
+  A row's id is id_prefix + its PromptID, else its file and line."""
   def load(path: pathlib.Path):
     try:
       with open(path, newline="", encoding="utf-8") as f:
@@ -36,9 +37,14 @@ def _csv_loader(fields, what: str):
         missing = [c for c in fields if c not in (reader.fieldnames or [])]
         if missing:
           raise SkipRecord(f"{what}_missing_column", f"{path.name}:{missing[0]}")
-        return [(f"{path.name}:row{i + 2}", row) for i, row in enumerate(reader)]
+        rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
       raise SkipRecord("unreadable_file", type(e).__name__) from e
+    out = []
+    for i, row in enumerate(rows):
+      pid = clean_text(row.get("PromptID"))
+      out.append((f"{id_prefix}{pid}" if pid else f"{path.name}:row{i + 2}", row))
+    return out
   return load
 
 
@@ -88,7 +94,7 @@ def read_evidence_inference(root, report: BuildReport) -> list[dict]:
   by_prompt: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
   for pid, label, evidence in read_files(
       root / "v2_annotations.csv", ".csv", SOURCE, report, count_read=False,
-      load=_csv_loader(ANNOT_FIELDS, "annotation"), records=_rows, parse=_annotation):
+      load=_csv_loader(ANNOT_FIELDS, "annotation", "prompt"), records=_rows, parse=_annotation):
     by_prompt[pid].append((label, evidence))
   splits = _splits(root)
   seen: set[str] = set()
@@ -113,7 +119,7 @@ def read_evidence_inference(root, report: BuildReport) -> list[dict]:
     }]
 
   return read_files(root / "prompts_merged.csv", ".csv", SOURCE, report,
-                    load=_csv_loader(PROMPT_FIELDS, "prompt"), records=_rows, parse=prompt)
+                    load=_csv_loader(PROMPT_FIELDS, "prompt", ""), records=_rows, parse=prompt)
 
 
 def question(row: dict) -> Example:
