@@ -19,12 +19,11 @@ import json
 import os
 import pathlib
 import pickle
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from data_pipeline import safe_pickle
+from data_pipeline import io, safe_pickle
 from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Example
 from deepimagine_jax import rewards
@@ -77,36 +76,18 @@ def _check(preds: Mapping, source: str) -> dict:
   return out
 
 
-def atomic_write(path: pathlib.Path, data: bytes):
-  """Writes bytes to a temporary file beside `path`, then renames it into place."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write_pickle(path: str | os.PathLike, preds: Mapping) -> pathlib.Path:
   """Writes a plain-dict pickle (protocol 4) the benchmark script can read."""
   path = pathlib.Path(path)
-  atomic_write(path, pickle.dumps(_check(preds, str(path)), protocol=4))
+  io.atomic_write(path, pickle.dumps(_check(preds, str(path)), protocol=4))
   return path
 
 
 def write_jsonl(path: str | os.PathLike, preds: Mapping) -> pathlib.Path:
   """Writes one JSON object per prediction, sorted by key for stable diffs."""
   path = pathlib.Path(path)
-  lines = [json.dumps({"nct_id": k[0], "endpoint_str": k[1], "question_index": k[2],
-                       "text": v}, ensure_ascii=False)
-           for k, v in sorted(_check(preds, str(path)).items())]
-  atomic_write(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+  io.write_jsonl(path, [{"nct_id": k[0], "endpoint_str": k[1], "question_index": k[2], "text": v}
+                        for k, v in sorted(_check(preds, str(path)).items())])
   return path
 
 

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import copy
 import html
-import io
-import json
 import math
 import os
 import pathlib
+from io import BytesIO
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from data_pipeline import io
 from deepimagine_jax import metrics_log
 from deepimagine_jax.eval import metrics
-from deepimagine_jax.eval.predictions import atomic_write
 
 FILES = ("metrics.json", "report.md", "loss.png", "reward.png",
          "accuracy_per_category.png", "reliability.png", "trajectories.html")
@@ -136,9 +135,9 @@ def _new_figure(w=6.4, h=4.0) -> Figure:
 
 
 def _save(fig: Figure, path: pathlib.Path):
-  buf = io.BytesIO()
+  buf = BytesIO()
   fig.savefig(buf, format="png", bbox_inches="tight")
-  atomic_write(path, buf.getvalue())
+  io.atomic_write(path, buf.getvalue())
 
 
 def _no_data(ax, what: str):
@@ -279,18 +278,6 @@ def trajectories_html(trajectories: Sequence[Mapping], limit: int = MAX_HTML_TRA
       + "\n".join(items) + "</body></html>\n")
 
 
-def _jsonable(x):
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple, np.ndarray)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.floating, float)):
-    return float(x) if math.isfinite(float(x)) else None
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
-
-
 def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
                  metrics_logs: Sequence[str | os.PathLike] = (),
                  trajectories: Sequence[Mapping] = ()) -> dict:
@@ -320,7 +307,7 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
   conf, corr = _confidences(trajectories)
   bins = reliability_bins(conf, corr)
   plot_reliability(bins, paths["reliability.png"])
-  atomic_write(paths["trajectories.html"], trajectories_html(trajectories).encode("utf-8"))
+  io.atomic_write(paths["trajectories.html"], trajectories_html(trajectories))
   n_traj = len(trajectories)
   summary = {
       "results": results,
@@ -331,8 +318,7 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
                              if n_traj else None,
       "notes": notes,
   }
-  atomic_write(paths["metrics.json"],
-               json.dumps(_jsonable(summary), indent=2, sort_keys=True).encode("utf-8"))
+  io.write_json(paths["metrics.json"], summary, indent=2, sort_keys=True)
   md = ["# Run report", "", "## CT Open results", "",
         format_table(results) if results else "(no results)", "",
         "![accuracy per category](accuracy_per_category.png)", "",
@@ -344,5 +330,5 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
         "Browse the examples in [trajectories.html](trajectories.html).", ""]
   if notes:
     md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-  atomic_write(paths["report.md"], "\n".join(md).encode("utf-8"))
+  io.atomic_write(paths["report.md"], "\n".join(md))
   return paths

@@ -20,7 +20,6 @@ category, else "<n>-way/pair".
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -30,11 +29,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from data_pipeline import templates
+from data_pipeline import io, templates
 from data_pipeline.example import Example
 from deepimagine_jax.config import EvalConfig
 from deepimagine_jax.eval import baselines, imagining, metrics, predictions, report, scoring
-from deepimagine_jax.eval.predictions import atomic_write
 
 EVAL_SPLIT = "eval"
 PAIR_KINDS = ("natural_pair", "approximate_pair")
@@ -77,19 +75,6 @@ def model_subset(questions: Sequence[Example], max_questions: int) -> list[Examp
 
 def chains_of(built_examples: Splits) -> list[Example]:
   return [ex for exs in built_examples.values() for ex in exs if ex.kind == "chain"]
-
-
-def _json_default(x):
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, (np.integer, np.floating, np.bool_)):
-    return x.item()
-  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
-
-
-def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping]):
-  lines = [json.dumps(r, ensure_ascii=False, default=_json_default) for r in rows]
-  atomic_write(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
 
 
 def pair_examples(built_examples: Splits, splits: Sequence[str],
@@ -146,7 +131,7 @@ def evaluate_pairs(graphdef, params, tokenizer, built_examples: Splits, eval_cfg
     results[report.PAIR_PREFIX + "model_score"] = metrics.score_questions(subset, probs_list)
     traj = [scoring.chosen_trajectory(ex, p, method="pair_score", anchor_id=ex.anchor.id)
             for ex, p in zip(subset, probs_list)]
-    write_jsonl(out_dir / "trajectories_pairs_model_score.jsonl", traj)
+    io.write_jsonl(out_dir / "trajectories_pairs_model_score.jsonl", traj)
   return results, info
 
 
@@ -181,7 +166,7 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
     name = f"model_{eval_cfg.mode}"
     results[name] = scores
     predictions.write_runs(out_dir, name, preds_runs)
-    write_jsonl(out_dir / f"trajectories_{name}.jsonl", traj)
+    io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", traj)
     trajectories.extend(traj)
 
     if eval_cfg.imagining:
@@ -206,7 +191,7 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
       extra["imagining"] = stats
       predictions.write_runs(out_dir, name,
                              [predictions.predictions_from_probs(subset, probs_list)])
-      write_jsonl(out_dir / f"trajectories_{name}.jsonl", steps)
+      io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", steps)
       trajectories.extend(scoring.chosen_trajectory(q, p, method="imagining")
                           for q, p in zip(subset, probs_list))
 
@@ -217,9 +202,8 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
         out_dir=out_dir)
     results.update(pair_results)
 
-  atomic_write(out_dir / "results.json",
-               json.dumps({"results": results, **extra}, indent=2, sort_keys=True,
-                          default=_json_default).encode("utf-8"))
+  io.write_json(out_dir / "results.json", {"results": results, **extra}, indent=2,
+                sort_keys=True)
   report.write_report(workdir / "report", report.pairs_apart(results), metrics_logs,
                       trajectories)
   print(report.format_table({k: v for k, v in results.items() if k not in pair_results}))
