@@ -198,12 +198,14 @@ def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: 
       "label_balance": {s: label_balance(exs) for s, exs in by_split.items()},
       "eval_trials": eval_trials,
       "tokenizer_vocab_size": tok_vocab,
+      "reused": False,  # True when build_dataset returns an existing build
   }
 
 
 def format_report(r: dict) -> str:
   """The report as plain text, for the terminal."""
-  lines = [f"data build v{r['build_version']} ({r['elapsed_s']} s){' [reused]' if r.get('reused') else ''}"]
+  reused = " [reused]" if r["reused"] else ""
+  lines = [f"data build v{r['build_version']} ({r['elapsed_s']} s){reused}"]
   lines.append("records read / skipped:")
   for src, d in r["records"].items():
     sk = ", ".join(f"{k}={v['count']}" for k, v in d["skipped"].items())

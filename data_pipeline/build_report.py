@@ -59,17 +59,3 @@ class BuildReport:
               for r, n in sorted(self.skipped.get(src, {}).items())},
       }
     return out
-
-  def format(self) -> str:
-    """A plain-text table: source, reason, count, examples."""
-    rows = [("source", "reason", "count", "examples")]
-    for src, d in self.to_dict().items():
-      rows.append((src, "read", str(d["read"]), ""))
-      for r, s in d["skipped"].items():
-        rows.append((src, f"skip:{r}", str(s["count"]), ", ".join(s["examples"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = []
-    for r in rows:
-      lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) +
-                   ("  " + r[3] if r[3] else ""))
-    return "\n".join(lines)

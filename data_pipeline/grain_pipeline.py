@@ -12,15 +12,13 @@ A training sequence is `[BOS] + prompt + completion + [EOS]`; the loss covers th
 completion and EOS only. Too-long sequences lose prompt tokens from the left
 (after BOS) so the completion - and its final DECISION line - survives.
 
-Iterator state is a small dict of ints (JSON-serialisable): save it with
-`json.dumps(it.get_state())`, or inside an Orbax checkpoint with
-`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` (see
-`checkpoint_save_args`).
+Iterator state is a small dict of ints (JSON-serialisable): `it.get_state()`,
+and `it.set_state(state)` on an iterator built with the same records and
+arguments resumes exactly (the trainers keep it in their checkpoints).
 """
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -115,8 +113,8 @@ def _host_shard(records, shard_index: int | None, shard_count: int | None,
   return ds, global_batch_size // shard_count
 
 
-def _host_dataset(records, fn, *, shard_index, shard_count, global_batch_size, seed,
-                  num_epochs, read_threads):
+def _host_dataset(records, fn, global_batch_size, seed, num_epochs, shard_index, shard_count,
+                  read_threads):
   """This host's shard, reshuffled each epoch, mapped by `fn`; and the local batch size."""
   ds, local_bs = _host_shard(records, shard_index, shard_count, global_batch_size)
   ds = ds.shuffle(seed=seed).repeat(num_epochs).map(fn)
@@ -138,10 +136,9 @@ def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: in
   different batch counts per epoch, so multi-host packed runs should repeat
   forever.
   """
-  it_ds, local_bs = _host_dataset(
-      records, functools.partial(sft_tokens, tokenizer=tokenizer, seq_len=seq_len),
-      shard_index=shard_index, shard_count=shard_count, global_batch_size=global_batch_size,
-      seed=seed, num_epochs=num_epochs, read_threads=read_threads)
+  tokens = functools.partial(sft_tokens, tokenizer=tokenizer, seq_len=seq_len)
+  it_ds, local_bs = _host_dataset(records, tokens, global_batch_size, seed, num_epochs,
+                                  shard_index, shard_count, read_threads)
   if pack:
     lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     it_ds = grain_exp.FirstFitPackIterDataset(
@@ -183,10 +180,9 @@ def make_prompt_iterator(records, tokenizer, *, prompt_len: int, batch_size: int
   `batch_size` is global; each host gets batch_size / hosts rows, and the
   host-side lists (`labels`, `n_options`) describe those rows.
   """
-  it_ds, local_bs = _host_dataset(
-      records, functools.partial(rl_prompt, tokenizer=tokenizer, prompt_len=prompt_len),
-      shard_index=shard_index, shard_count=shard_count, global_batch_size=batch_size,
-      seed=seed, num_epochs=num_epochs, read_threads=read_threads)
+  prompts = functools.partial(rl_prompt, tokenizer=tokenizer, prompt_len=prompt_len)
+  it_ds, local_bs = _host_dataset(records, prompts, batch_size, seed, num_epochs, shard_index,
+                                  shard_count, read_threads)
   return iter(it_ds.batch(local_bs, drop_remainder=True, batch_fn=_stack_prompts))
 
 
@@ -212,27 +208,3 @@ def to_global_arrays(host_batch: Mapping[str, Any],
                      f"shardings has {sorted(shardings)}")
     out[key] = jax.make_array_from_process_local_data(shardings[key], value)
   return out
-
-
-def state_to_json(iterator: grain.DatasetIterator) -> str:
-  """The iterator's position as JSON (a dict of ints), for any checkpointer."""
-  return json.dumps(iterator.get_state())
-
-
-def restore_from_json(iterator: grain.DatasetIterator, state_json: str) -> grain.DatasetIterator:
-  """Moves a freshly built iterator (same records and settings) to a saved position."""
-  iterator.set_state(json.loads(state_json))
-  return iterator
-
-
-def checkpoint_save_args(iterator: grain.DatasetIterator):
-  """Orbax args that save the iterator (one JSON file per process).
-
-  Use inside `ocp.args.Composite(..., data=checkpoint_save_args(it))`; restore
-  with `checkpoint_restore_args(it)` on an iterator built with the same settings.
-  """
-  return grain.checkpoint.CheckpointSave(iterator)
-
-
-def checkpoint_restore_args(iterator: grain.DatasetIterator):
-  return grain.checkpoint.CheckpointRestore(iterator)

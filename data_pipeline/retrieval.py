@@ -40,7 +40,7 @@ class TrialIndex:
     self.vectorizer = TfidfVectorizer(
         lowercase=True, stop_words="english", sublinear_tf=True, min_df=1,
         token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9\-]+\b")
-    self.matrix = self.vectorizer.fit_transform(texts) if texts else None
+    self.tfidf_NV = self.vectorizer.fit_transform(texts) if texts else None  # rows L2-normalised
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -49,29 +49,29 @@ class TrialIndex:
     return trial_id in self._row
 
   def scores(self, query: Trial | str) -> np.ndarray:
-    """Cosine similarity of `query` (a Trial, an indexed id, or free text) to every row."""
-    if self.matrix is None:
+    """Cosine similarity [N] of `query` (a Trial, an indexed id, or free text) to every row."""
+    if self.tfidf_NV is None:
       return np.zeros((0,), np.float64)
     if isinstance(query, Trial):
-      q = self.vectorizer.transform([trial_text(query)])
+      query_1V = self.vectorizer.transform([trial_text(query)])
     elif query in self._row:
-      q = self.matrix[self._row[query]]
+      query_1V = self.tfidf_NV[self._row[query]]
     else:
-      q = self.vectorizer.transform([query])
-    return np.asarray((self.matrix @ q.T).todense()).ravel()
+      query_1V = self.vectorizer.transform([query])
+    return np.asarray((self.tfidf_NV @ query_1V.T).todense()).ravel()
 
   def nearest(self, query: Trial | str, k: int, min_score: float = 0.0,
               exclude: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, float]]:
     """Up to k (id, cosine) best first, never the query's own id; ties by id."""
-    s = self.scores(query)
+    scores_N = self.scores(query)
     own = query.id if isinstance(query, Trial) else query
-    order = sorted(range(len(s)), key=lambda i: (-s[i], self.ids[i]))
+    order = sorted(range(len(scores_N)), key=lambda i: (-scores_N[i], self.ids[i]))
     out = []
     for i in order:
       tid = self.ids[i]
-      if tid == own or tid in exclude or s[i] <= min_score:
+      if tid == own or tid in exclude or scores_N[i] <= min_score:
         continue
-      out.append((tid, float(s[i])))
+      out.append((tid, float(scores_N[i])))
       if len(out) == k:
         break
     return out

@@ -3,7 +3,9 @@ import copy
 import csv
 import json
 import os
+import pathlib
 import pickle
+import tempfile
 
 import hypothesis
 import hypothesis.strategies as st
@@ -90,7 +92,10 @@ def test_json_mutations_never_crash(data):
     node = node[k]
   node[path[-1]] = junk
   r = BuildReport()
-  trials = ctgov_json.parse_document(mutated, r)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = pathlib.Path(tmp) / "study.json"
+    path.write_text(json.dumps(mutated))
+    trials = ctgov_json.read_ctgov_json(path, r)
   assert len(trials) + sum(r.skipped.get("ctgov_json", {}).get(k, 0) for k in (
       "wrong_type", "no_results", "missing_field", "invalid_record")) >= 1
   for t in trials:
@@ -146,7 +151,8 @@ def test_xml_bad_files(tmp_path):
   assert (d.amount, d.unit, d.route, d.frequency) == (5.0, "mg/kg", "IV", "every 3 weeks")
   t6 = trials["NCT6"]
   assert t6.enrollment is None and t6.outcomes[0].analyses[0].p_qualifier == "<="
-  assert ctgov_xml.parse_text(b"\xff\xfe<", BuildReport()) is None
+  (tmp_path / "h.xml").write_bytes(b"\xff\xfe<")
+  assert ctgov_xml.read_ctgov_xml([tmp_path / "h.xml"], BuildReport()) == []
 
 
 def _entry(opts=("A wins.", "A does not win."), answer="A wins.", endpoint=None, meta="single_arm"):

@@ -21,7 +21,7 @@ from data_pipeline import schema as S
 from data_pipeline import text
 from data_pipeline.build_report import BuildReport
 from data_pipeline.readers import parts
-from data_pipeline.readers.loop import SkipRecord, parse_records, read_files
+from data_pipeline.readers.loop import SkipRecord, read_files
 
 SOURCE = "ctgov_json"
 _OUTCOME_TYPES = {"PRIMARY": "primary", "SECONDARY": "secondary"}
@@ -177,11 +177,6 @@ def _studies(doc, where: str):
     except AttributeError:
       pass
     yield rid, st
-
-
-def parse_document(doc, report: BuildReport, where: str = "<doc>") -> list[S.Trial]:
-  """A decoded JSON document (study or page) -> trials; bad studies counted and skipped."""
-  return parse_records(_studies(doc, where), _parse, SOURCE, report)
 
 
 def _load(path: pathlib.Path):

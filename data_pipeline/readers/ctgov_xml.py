@@ -21,7 +21,7 @@ from data_pipeline import schema as S
 from data_pipeline import text
 from data_pipeline.build_report import BuildReport
 from data_pipeline.readers import parts
-from data_pipeline.readers.loop import SkipRecord, parse_records, read_files
+from data_pipeline.readers.loop import SkipRecord, read_files
 
 SOURCE = "ctgov_xml"
 
@@ -129,12 +129,6 @@ def parse_study(root, report: BuildReport) -> S.Trial:
 
 def _parse(data, report: BuildReport) -> list[S.Trial]:
   return [parse_study(data, report)]
-
-
-def parse_text(data: str | bytes, report: BuildReport, where: str = "<xml>") -> S.Trial | None:
-  """Parses one record's XML text; a bad record is counted under its reason -> None."""
-  trials = parse_records([(where, data)], _parse, SOURCE, report)
-  return trials[0] if trials else None
 
 
 def read_ctgov_xml(path_or_paths, report: BuildReport) -> list[S.Trial]:
