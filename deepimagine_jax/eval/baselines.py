@@ -221,16 +221,17 @@ def pair_baselines(train_pairs: Sequence[Example], eval_pairs: Sequence[Example]
   `perturbation`; pair_problem tells which pairs these learners can use.
   """
   vec = _vectorizer()
-  T_train = vec.fit_transform([question_text(q) for q in train_pairs])
-  T_eval = vec.transform([question_text(q) for q in eval_pairs])
-  A_train = sp.csr_matrix(anchor_features(train_pairs))
-  A_eval = sp.csr_matrix(anchor_features(eval_pairs))
+  text_train = vec.fit_transform([question_text(q) for q in train_pairs])
+  text_eval = vec.transform([question_text(q) for q in eval_pairs])
+  anchor_train = sp.csr_matrix(anchor_features(train_pairs))
+  anchor_eval = sp.csr_matrix(anchor_features(eval_pairs))
   y = np.array([outcome_class(q) for q in train_pairs])
   out = {}
   for name, key in (("logreg", "logreg_tfidf"), ("random_forest", "random_forest_tfidf")):
     for suffix, X_train, X_eval in (
-        ("", T_train, T_eval),
-        ("+anchor", sp.hstack([T_train, A_train]).tocsr(), sp.hstack([T_eval, A_eval]).tocsr())):
+        ("", text_train, text_eval),
+        ("+anchor", sp.hstack([text_train, anchor_train]).tocsr(),
+         sp.hstack([text_eval, anchor_eval]).tocsr())):
       runs = []
       for s in _seeds(name, rf_seeds):
         p = _fit_predict(name, s, X_train, y, X_eval)

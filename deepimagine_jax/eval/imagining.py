@@ -133,12 +133,12 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], chains: Seq
   fallback = [i for i in range(len(targets)) if i not in chosen]
   if fallback:
     if direct_probs is None:
-      fb = scoring.option_probs_by_scoring(
+      fallback_probs = scoring.option_probs_by_scoring(
           graphdef, params, tokenizer, [targets[i] for i in fallback],
           prompt_len=prompt_len, batch_size=batch_size)
     else:
-      fb = np.asarray(direct_probs, np.float64)[fallback]
-    out[fallback] = fb
+      fallback_probs = np.asarray(direct_probs, np.float64)[fallback]
+    out[fallback] = fallback_probs
   for i in chosen:
     n = targets[i].n_options
     out[i, :n] = aggregate(np.stack([final[w] for w, (j, _) in enumerate(walks) if j == i]), how)

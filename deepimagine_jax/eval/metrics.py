@@ -124,10 +124,10 @@ def category_metrics(probs: Sequence[Sequence[float]], labels: Sequence[int],
   y_pred = np.array([choose(p) for p in probs], dtype=np.int64)
   p_true = np.array([np.asarray(p, dtype=np.float64)[t] for p, t in zip(probs, y_true)])
   if no_diff is not None:
-    nd = np.asarray(no_diff, dtype=np.int64)
-    collapse = nd >= 0
-    y_true = np.where(collapse, (y_true != nd).astype(np.int64), y_true)
-    y_pred = np.where(collapse, (y_pred != nd).astype(np.int64), y_pred)
+    no_diff_idx = np.asarray(no_diff, dtype=np.int64)
+    collapse = no_diff_idx >= 0
+    y_true = np.where(collapse, (y_true != no_diff_idx).astype(np.int64), y_true)
+    y_pred = np.where(collapse, (y_pred != no_diff_idx).astype(np.int64), y_pred)
   return {
       "balanced_accuracy": class_balanced_accuracy(y_true, y_pred),
       "macro_f1": macro_f1(y_true, y_pred),
@@ -142,9 +142,9 @@ def score(probs: Sequence[Sequence[float]], labels: Sequence[int],
   if not (len(probs) == len(labels) == len(categories) == len(no_diff)):
     raise ValueError("probs, labels, categories and no_diff differ in length")
   out = {}
-  cats = np.asarray(categories)
+  category_array = np.asarray(categories)
   for cat in sorted(set(categories)):
-    idx = np.flatnonzero(cats == cat)
+    idx = np.flatnonzero(category_array == cat)
     out[cat] = category_metrics([probs[i] for i in idx], [labels[i] for i in idx],
                                 [no_diff[i] for i in idx])
   if not out:
@@ -176,24 +176,24 @@ def average_runs(run_metrics: Sequence[Mapping[str, Mapping]]) -> dict:
 
 def question_arrays(questions: Iterable[Example]) -> tuple[list, list, list]:
   """(labels, categories, no_diff) of the questions (a missing category: from meta_label)."""
-  labels, cats, nds = [], [], []
+  labels, categories, no_diffs = [], [], []
   for q in questions:
     if not 0 <= q.label < q.n_options:
       raise ValueError(f"question {q.id}: label {q.label} out of range "
                        f"for {q.n_options} options")
     labels.append(q.label)
-    cats.append(q.category or category_of(q.n_options, q.meta_label))
-    nds.append(no_difference_index(q.options) if q.n_options == 3 else -1)
-  return labels, cats, nds
+    categories.append(q.category or category_of(q.n_options, q.meta_label))
+    no_diffs.append(no_difference_index(q.options) if q.n_options == 3 else -1)
+  return labels, categories, no_diffs
 
 
 def score_questions(questions: Sequence[Example], probs: Sequence[Sequence[float]]) -> dict:
   """Scores one run: `probs[i]` are the probabilities for `questions[i]`."""
-  labels, cats, nds = question_arrays(questions)
+  labels, categories, no_diffs = question_arrays(questions)
   for q, p in zip(questions, probs):
     if len(p) != q.n_options:
       raise ValueError(f"question {q.id}: {len(p)} probabilities for {q.n_options} options")
-  return score(probs, labels, cats, nds)
+  return score(probs, labels, categories, no_diffs)
 
 
 def score_runs(questions: Sequence[Example], runs: Sequence[Sequence[Sequence[float]]]) -> dict:
