@@ -70,7 +70,7 @@ def time_cache(graphdef, params, vocab, batch, prompt_len, new, cache_dtype, rep
     t1 = time.perf_counter()
     st = sampler._decode(graphdef, params, st, eos, pad, **_GREEDY)
     out = jax.block_until_ready(
-        sampler._finish(st.tokens_BL, st.mask_BN, st.logprobs_BN, st.lengths_B, mask))
+        sampler._finish(st.tokens_BL, st.mask_BC, st.logprobs_BC, st.lengths_B, mask))
     t2 = time.perf_counter()
     assert int(out.lengths.min()) == new
     return t2 - t0, t2 - t1, out.tokens

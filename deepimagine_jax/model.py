@@ -1,9 +1,15 @@
 """A Llama / Qwen style decoder in Flax NNX.
 
-Shape letters: B batch, T query length, S key length (cache slots), D d_model,
-N query heads, K kv heads, G = N // K queries per kv head, H head_dim, F mlp_dim,
-V vocab. Every parameter carries `logical_axes` metadata; sharding.py maps those
-names to mesh axes.
+Shape letters, one meaning each across the project (tensor names end in them:
+`x_BTD`; einsum strings use them too):
+  B batch rows            T tokens of this call     S key slots (KV cache)    D d_model
+  N query heads           K kv heads                R = N // K queries per kv head
+  H head_dim              F mlp_dim                 V vocab
+  Q distinct prompts (before their rows fan out to samples or options; B = Q * group)
+  P prompt slots          C completion tokens       L = P + C buffer / cache slots
+  O answer options        n heads of either kind (N or K)     h = H / 2 (RoPE pairs)
+Every parameter carries `logical_axes` metadata; sharding.py maps those names to
+mesh axes.
 """
 from __future__ import annotations
 
@@ -99,31 +105,31 @@ class Attention(nnx.Module):
 
     B, T, N, H = q_BTNH.shape
     K = cfg.n_kv_heads
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    q_BTKRH = q_BTNH.reshape(B, T, K, N // K, H)
     if T == 1:
-      out_BTKGH = _decode_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, dt)
+      out_BTKRH = _decode_attention(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, dt)
     else:
-      logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+      logits_BKRTS = jnp.einsum("BTKRH,BSKH->BKRTS", q_BTKRH, k_BSKH,
                                 preferred_element_type=jnp.float32) * (H ** -0.5)
-      logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG_INF)
-      probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-      out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-    out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKGH.reshape(B, T, N, H),
+      logits_BKRTS = jnp.where(mask_BTS[:, None, None], logits_BKRTS, _NEG_INF)
+      probs_BKRTS = jax.nn.softmax(logits_BKRTS, axis=-1).astype(dt)
+      out_BTKRH = jnp.einsum("BKRTS,BSKH->BTKRH", probs_BKRTS, v_BSKH)
+    out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKRH.reshape(B, T, N, H),
                          self.wo_NHD[...].astype(dt))
     return out_BTD, new_cache
 
 
-def _decode_attention(q_B1KGH, k_BSKH, v_BSKH, mask_B1S, dt):
+def _decode_attention(q_B1KRH, k_BSKH, v_BSKH, mask_B1S, dt):
   """One query per row (decoding). The same maths as the einsum path, written as
   broadcast products in the cache's own [B, S, K, ...] layout: a batched matmul
   here would transpose the whole cache at every step (3-6x slower on CPU)."""
-  H = q_B1KGH.shape[-1]
-  logits_BSKG = jnp.sum(q_B1KGH[:, 0][:, None] * k_BSKH[:, :, :, None, :], axis=-1,
+  H = q_B1KRH.shape[-1]
+  logits_BSKR = jnp.sum(q_B1KRH[:, 0][:, None] * k_BSKH[:, :, :, None, :], axis=-1,
                         dtype=jnp.float32) * (H ** -0.5)
-  logits_BSKG = jnp.where(mask_B1S[:, 0, :, None, None], logits_BSKG, _NEG_INF)
-  probs_BSKG = jax.nn.softmax(logits_BSKG, axis=1).astype(dt)
-  out_BKGH = jnp.sum(probs_BSKG[..., None] * v_BSKH[:, :, :, None, :], axis=1)
-  return out_BKGH[:, None]
+  logits_BSKR = jnp.where(mask_B1S[:, 0, :, None, None], logits_BSKR, _NEG_INF)
+  probs_BSKR = jax.nn.softmax(logits_BSKR, axis=1).astype(dt)
+  out_BKRH = jnp.sum(probs_BSKR[..., None] * v_BSKH[:, :, :, None, :], axis=1)
+  return out_BKRH[:, None]
 
 
 class MLP(nnx.Module):

@@ -3,13 +3,13 @@
 Three callers need "a prompt, then several continuations of it": the sampler (G
 samples per prompt), the GRPO trainer (the log-probs of those G completions,
 gradients included) and evaluation (the log-likelihood of each answer option).
-All of them prefill the Bp distinct left-padded prompts once into a KV cache of
-P + extra slots and fan the cache out to B = Bp * G rows (row p*G + g continues
+All of them prefill the Q distinct left-padded prompts once into a KV cache of
+P + extra slots and fan the cache out to B = Q * G rows (row p*G + g continues
 prompt p). Exact: the same numbers as running the B full sequences, at the cost
-of Bp prompt forwards instead of B.
+of Q prompt forwards instead of B.
 
-Shape letters as in model.py, plus Bp distinct prompts, P prompt slots, T
-continuation tokens, L = P + extra cache slots.
+Shape letters as in model.py's legend (Q distinct prompts, P prompt slots, T
+continuation tokens, L = P + extra cache slots).
 """
 from __future__ import annotations
 
@@ -32,25 +32,25 @@ def fan_out(tree, group_size: int):
   return jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0), tree)
 
 
-def prefill(model, prompt_BpP, mask_BpP, *, extra_slots: int, cache_dtype):
+def prefill(model, prompt_QP, mask_QP, *, extra_slots: int, cache_dtype):
   """Runs the prompts into a fresh cache of P + extra_slots slots.
 
-  Returns (hidden state at the last prompt slot [Bp, 1, D], cache, kv_valid
-  [Bp, L] bool: the prompt's real tokens, the extra slots not yet valid).
+  Returns (hidden state at the last prompt slot [Q, 1, D], cache, kv_valid
+  [Q, L] bool: the prompt's real tokens, the extra slots not yet valid).
   The output head is left to the caller, which needs it at one position only.
   """
-  Bp, P = prompt_BpP.shape
-  mask_BpP = mask_BpP.astype(bool)
-  kv_valid_BpL = jnp.concatenate([mask_BpP, jnp.zeros((Bp, extra_slots), bool)], axis=1)
-  cache = model_lib.init_cache(model.cfg, Bp, P + extra_slots, cache_dtype)
-  hidden_BpPD, cache = model(prompt_BpP.astype(jnp.int32), prompt_positions(mask_BpP),
-                             cache=cache, cache_index=0, kv_valid_BS=kv_valid_BpL,
+  Q, P = prompt_QP.shape
+  mask_QP = mask_QP.astype(bool)
+  kv_valid_QL = jnp.concatenate([mask_QP, jnp.zeros((Q, extra_slots), bool)], axis=1)
+  cache = model_lib.init_cache(model.cfg, Q, P + extra_slots, cache_dtype)
+  hidden_QPD, cache = model(prompt_QP.astype(jnp.int32), prompt_positions(mask_QP),
+                             cache=cache, cache_index=0, kv_valid_BS=kv_valid_QL,
                              return_hidden=True)
-  return hidden_BpPD[:, -1:], cache, kv_valid_BpL
+  return hidden_QPD[:, -1:], cache, kv_valid_QL
 
 
-def continuation_hidden(model, prompt_BpP, mask_BpP, tokens_BT, *, group_size: int):
-  """Hidden states that predict each continuation token: [B, T, D], B = Bp * group_size.
+def continuation_hidden(model, prompt_QP, mask_QP, tokens_BT, *, group_size: int):
+  """Hidden states that predict each continuation token: [B, T, D], B = Q * group_size.
 
   Position t holds the state after the prompt and tokens_BT[:, :t], so
   `model.logits` of it is the distribution of tokens_BT[:, t]. Tokens after a
@@ -58,13 +58,13 @@ def continuation_hidden(model, prompt_BpP, mask_BpP, tokens_BT, *, group_size: i
   callers mask those out.
   """
   B, T = tokens_BT.shape
-  P = prompt_BpP.shape[1]
-  last_Bp1D, cache, _ = prefill(model, prompt_BpP, mask_BpP, extra_slots=T - 1,
+  P = prompt_QP.shape[1]
+  last_Q1D, cache, _ = prefill(model, prompt_QP, mask_QP, extra_slots=T - 1,
                                 cache_dtype=model.cfg.compute_dtype)
-  hidden_B1D = fan_out(last_Bp1D, group_size)
+  hidden_B1D = fan_out(last_Q1D, group_size)
   if T == 1:
     return hidden_B1D
-  mask_BP = fan_out(mask_BpP.astype(bool), group_size)
+  mask_BP = fan_out(mask_QP.astype(bool), group_size)
   cache = fan_out(cache, group_size)
   positions_BT = jnp.sum(mask_BP, axis=1, keepdims=True).astype(jnp.int32) + jnp.arange(
       T - 1, dtype=jnp.int32)[None]
@@ -74,20 +74,20 @@ def continuation_hidden(model, prompt_BpP, mask_BpP, tokens_BT, *, group_size: i
   return jnp.concatenate([hidden_B1D, hidden_BTD], axis=1)
 
 
-def continuation_logits(model, prompt_BpP, mask_BpP, tokens_BT, *, group_size: int,
+def continuation_logits(model, prompt_QP, mask_QP, tokens_BT, *, group_size: int,
                         temperature: float = 1.0):
   """float32 logits / temperature that predict each continuation token, [B, T, V].
 
   The head runs on the T continuation positions only.
   """
-  hidden_BTD = continuation_hidden(model, prompt_BpP, mask_BpP, tokens_BT,
+  hidden_BTD = continuation_hidden(model, prompt_QP, mask_QP, tokens_BT,
                                    group_size=group_size)
   return model.logits(hidden_BTD).astype(jnp.float32) / max(temperature, 1e-6)
 
 
-def continuation_logprobs(model, prompt_BpP, mask_BpP, tokens_BT, *, group_size: int,
+def continuation_logprobs(model, prompt_QP, mask_QP, tokens_BT, *, group_size: int,
                           temperature: float = 1.0):
   """log p(token) of each continuation token under softmax(logits / temperature), [B, T]."""
-  logits_BTV = continuation_logits(model, prompt_BpP, mask_BpP, tokens_BT,
+  logits_BTV = continuation_logits(model, prompt_QP, mask_QP, tokens_BT,
                                    group_size=group_size, temperature=temperature)
   return grpo.logprobs_from_logits(logits_BTV, tokens_BT)

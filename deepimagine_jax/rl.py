@@ -44,21 +44,21 @@ def rl_update(state: TrainState, batch, *, graphdef, tx, cfg: RLConfig):
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params)
-    logits_BNV = prefix.continuation_logits(
+    logits_BCV = prefix.continuation_logits(
         model, batch["prompt_tokens"], batch["prompt_mask"], batch["completions"],
         group_size=cfg.group_size, temperature=cfg.temperature)
-    logp_BN = grpo.logprobs_from_logits(logits_BNV, batch["completions"])
-    mask_BN = batch["completion_mask"]
+    logp_BC = grpo.logprobs_from_logits(logits_BCV, batch["completions"])
+    mask_BC = batch["completion_mask"]
     loss, aux = grpo.policy_loss(
-        logp_BN, batch["old_logprobs"], batch["advantages"], mask_BN,
+        logp_BC, batch["old_logprobs"], batch["advantages"], mask_BC,
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
         logp_ref_BT=batch["ref_logprobs"] if cfg.beta > 0 else None,
         aggregation=cfg.aggregation)
     aux = dict(aux)
-    aux["entropy"] = grpo.token_entropy(logits_BNV, mask_BN)
+    aux["entropy"] = grpo.token_entropy(logits_BCV, mask_BC)
     # At the first update the params are the sampling params: this is the
     # sampler-vs-trainer log-prob gap (numerics of the two code paths).
-    aux["logprob_gap"] = grpo.masked_mean(jnp.abs(logp_BN - batch["old_logprobs"]), mask_BN > 0)
+    aux["logprob_gap"] = grpo.masked_mean(jnp.abs(logp_BC - batch["old_logprobs"]), mask_BC > 0)
     return loss, aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -69,11 +69,11 @@ def rl_update(state: TrainState, batch, *, graphdef, tx, cfg: RLConfig):
   return state.replace(params=params, opt_state=opt_state), aux
 
 
-def completion_logprobs(params, prompt_BpP, prompt_mask_BpP, completions_BN, *, graphdef,
+def completion_logprobs(params, prompt_QP, prompt_mask_QP, completions_BC, *, graphdef,
                         group_size: int, temperature: float):
   """Log-probs of the completions under `params` (the reference, or the old policy)."""
-  return prefix.continuation_logprobs(nnx.merge(graphdef, params), prompt_BpP, prompt_mask_BpP,
-                                      completions_BN, group_size=group_size,
+  return prefix.continuation_logprobs(nnx.merge(graphdef, params), prompt_QP, prompt_mask_QP,
+                                      completions_BC, group_size=group_size,
                                       temperature=temperature)
 
 
@@ -109,28 +109,28 @@ class GRPOTrainer:
     cfg, G = self.cfg, self.cfg.group_size
     prompts = grain_pipeline.to_global_arrays(
         {k: prompt_batch[k] for k in PROMPT_KEYS}, self.prompt_sh)
-    prompt_BpP, pmask_BpP = prompts["prompt_tokens"], prompts["prompt_mask"]
-    out = sampler.sample(self.graphdef, params, prompt_BpP, pmask_BpP, rng,
+    prompt_QP, pmask_QP = prompts["prompt_tokens"], prompts["prompt_mask"]
+    out = sampler.sample(self.graphdef, params, prompt_QP, pmask_QP, rng,
                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eos_id,
                          pad_id=tokenizer.pad_id, cache_dtype=cfg.cache_dtype, group_size=G)
     if cfg.beta > 0:  # dispatched before the host round trip below, so they overlap
-      ref = self.logprobs(self.ref_params, prompt_BpP, pmask_BpP, out.tokens)
+      ref = self.logprobs(self.ref_params, prompt_QP, pmask_QP, out.tokens)
     else:
       ref = jnp.zeros_like(out.logprobs)
     old = out.logprobs
     if cfg.recompute_old_logprobs:
-      old = self.logprobs(params, prompt_BpP, pmask_BpP, out.tokens)
-    tokens_BN, lengths_B = _all_hosts(out.tokens), _all_hosts(out.lengths)  # the one round trip
+      old = self.logprobs(params, prompt_QP, pmask_QP, out.tokens)
+    tokens_BC, lengths_B = _all_hosts(out.tokens), _all_hosts(out.lengths)  # the one round trip
     texts = [tokenizer.decode([t for t in row[:n] if t != tokenizer.eos_id])
-             for row, n in zip(tokens_BN.tolist(), lengths_B.tolist())]
+             for row, n in zip(tokens_BC.tolist(), lengths_B.tolist())]
     labels = np.repeat(_all_hosts(np.asarray(prompt_batch["labels"])), G).tolist()
     n_options = np.repeat(_all_hosts(np.asarray(prompt_batch["n_options"])), G).tolist()
     total, _, format_ok = rewards_lib.combined_reward(texts, labels, n_options,
                                                       dict(cfg.reward_weights))
     advantages_B, zero_groups = grpo.group_advantages(jnp.asarray(total), G,
                                                       scale_by_std=cfg.scale_by_std)
-    batch = {"prompt_tokens": prompt_BpP, "prompt_mask": pmask_BpP, "completions": out.tokens,
+    batch = {"prompt_tokens": prompt_QP, "prompt_mask": pmask_QP, "completions": out.tokens,
              "old_logprobs": old, "advantages": advantages_B,
              "completion_mask": out.completion_mask, "ref_logprobs": ref}
     batch = jax.device_put(batch, self.batch_sh)  # a no-op where the layout already matches

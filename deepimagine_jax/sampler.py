@@ -1,14 +1,14 @@
 """On-device sampling: one prefill call, then a `lax.while_loop` over a KV cache.
 
-The prompt arrives left-padded ([B, P] tokens + mask). Buffers hold L = P + N
-slots (N = max_new_tokens): slot s of the token buffer and of the KV cache is
+The prompt arrives left-padded ([Q, P] tokens + mask). Buffers hold L = P + C
+slots (C = max_new_tokens): slot s of the token buffer and of the KV cache is
 the same sequence position, prompt first, generated tokens after. Positions are
 `cumsum(mask) - 1`, so a left-padded row behaves like the bare prompt.
 
 Jitted functions, all module level (compiled once per shape and setting):
 `_prefill` builds the `SamplerState` and samples the first token; `_decode` takes
 the state (donated: the returned state aliases it, so the cache is updated in
-place) and loops one T=1 model call per token until every row is done or N
+place) and loops one T=1 model call per token until every row is done or C
 tokens exist; `_finish` slices out the completion. No host round trip per token.
 
 Log-probs: the log-prob of each sampled token under log_softmax(logits / T), the
@@ -32,26 +32,26 @@ from deepimagine_jax import sharding
 
 @struct.dataclass
 class SamplerState:
-  """The while_loop carry. L = P + max_new_tokens slots, N = max_new_tokens."""
+  """The while_loop carry. C = max_new_tokens, L = P + C slots."""
   tokens_BL: jax.Array      # int32, prompt then generated (pad after a row stops)
   cache: list               # per layer {"k","v"} [B, L, K, H]
   kv_valid_BL: jax.Array    # bool, slots the next query may attend to
   cur_index: jax.Array      # int32 scalar: slot of the last sampled token (fed next)
   positions_B: jax.Array    # int32 RoPE position of the token at cur_index
   done_B: jax.Array         # bool, row has emitted EOS
-  logprobs_BN: jax.Array    # float32, 0 where completion_mask is 0
-  mask_BN: jax.Array        # bool completion mask (EOS included)
+  logprobs_BC: jax.Array    # float32, 0 where completion_mask is 0
+  mask_BC: jax.Array        # bool completion mask (EOS included)
   rng: jax.Array
   lengths_B: jax.Array      # int32 number of completion tokens (EOS included)
 
 
 class SampleOutput(NamedTuple):
-  tokens: jax.Array           # [B, N] int32, pad after EOS
+  tokens: jax.Array           # [B, C] int32, pad after EOS
   lengths: jax.Array          # [B] int32, EOS counted
-  logprobs: jax.Array         # [B, N] float32 (see module docstring), 0 where masked
-  completion_mask: jax.Array  # [B, N] float32 1/0
-  sequences: jax.Array        # [B, P + N] int32 prompt (left-padded) + completion
-  sequence_mask: jax.Array    # [B, P + N] float32: prompt mask then completion mask
+  logprobs: jax.Array         # [B, C] float32 (see module docstring), 0 where masked
+  completion_mask: jax.Array  # [B, C] float32 1/0
+  sequences: jax.Array        # [B, P + C] int32 prompt (left-padded) + completion
+  sequence_mask: jax.Array    # [B, P + C] float32: prompt mask then completion mask
 
 
 # Sharding --------------------------------------------------------------------
@@ -124,29 +124,29 @@ _SAMPLING = ("temperature", "top_k", "top_p")
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_dtype",
                                              "group_size") + _SAMPLING)
-def _prefill(graphdef, params, prompt_BP, mask_BP, rng, eos_id, pad_id, *, max_new_tokens,
+def _prefill(graphdef, params, prompt_QP, mask_QP, rng, eos_id, pad_id, *, max_new_tokens,
              cache_dtype, group_size, temperature, top_k, top_p) -> SamplerState:
   """Runs each distinct prompt once, then fans it out to its G samples; samples token 0."""
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
-  Bp, P = prompt_BP.shape
-  B = Bp * group_size
-  N = max_new_tokens
-  if P + N > cfg.max_seq_len:  # checked at trace time, where the config is known
-    raise ValueError(f"prompt length {P} + max_new_tokens {N} = {P + N} exceeds "
+  Q, P = prompt_QP.shape
+  B = Q * group_size
+  C = max_new_tokens
+  if P + C > cfg.max_seq_len:  # checked at trace time, where the config is known
+    raise ValueError(f"prompt length {P} + max_new_tokens {C} = {P + C} exceeds "
                      f"max_seq_len {cfg.max_seq_len}")
-  mask_BP = mask_BP.astype(bool)
-  prompt_BP = prompt_BP.astype(jnp.int32)
-  last_Bp1D, cache, kv_valid_BL = prefix.prefill(model, prompt_BP, mask_BP, extra_slots=N,
-                                                 cache_dtype=jnp.dtype(cache_dtype))
-  logits_BV = model.logits(last_Bp1D)[:, 0]  # the head only where it is needed
+  mask_QP = mask_QP.astype(bool)
+  prompt_QP = prompt_QP.astype(jnp.int32)
+  last_Q1D, cache, kv_valid_QL = prefix.prefill(model, prompt_QP, mask_QP, extra_slots=C,
+                                                cache_dtype=jnp.dtype(cache_dtype))
+  logits_QV = model.logits(last_Q1D)[:, 0]  # the head only where it is needed
   cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP = prefix.fan_out(
-      (cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP), group_size)
+      (cache, logits_QV, kv_valid_QL, prompt_QP, mask_QP), group_size)
   cache = _constrain_cache(cache)
   rng, key = jax.random.split(rng)
   tok_B, logp_B = choose_token(logits_BV, key, temperature=temperature,
                                top_k=top_k, top_p=top_p)
-  tokens_BL = jnp.concatenate([prompt_BP, jnp.full((B, N), pad_id, jnp.int32)], axis=1)
+  tokens_BL = jnp.concatenate([prompt_BP, jnp.full((B, C), pad_id, jnp.int32)], axis=1)
   tokens_BL = tokens_BL.at[:, P].set(tok_B)
   return SamplerState(
       tokens_BL=sharding.constrain_activation(tokens_BL),
@@ -155,8 +155,8 @@ def _prefill(graphdef, params, prompt_BP, mask_BP, rng, eos_id, pad_id, *, max_n
       cur_index=jnp.asarray(P, jnp.int32),
       positions_B=jnp.sum(mask_BP, axis=1).astype(jnp.int32),
       done_B=tok_B == eos_id,
-      logprobs_BN=jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp_B),
-      mask_BN=jnp.zeros((B, N), bool).at[:, 0].set(True),
+      logprobs_BC=jnp.zeros((B, C), jnp.float32).at[:, 0].set(logp_B),
+      mask_BC=jnp.zeros((B, C), bool).at[:, 0].set(True),
       rng=rng,
       lengths_B=jnp.ones((B,), jnp.int32),
   )
@@ -169,7 +169,7 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
   """Feeds the last sampled token (T=1) until all rows are done or the buffer is full."""
   model = nnx.merge(graphdef, params)
   B, L = state.tokens_BL.shape
-  P = L - state.mask_BN.shape[1]
+  P = L - state.mask_BC.shape[1]
 
   def cond(s: SamplerState):
     return (s.cur_index + 1 < L) & ~jnp.all(s.done_B)
@@ -196,8 +196,8 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
         cur_index=slot + 1,
         positions_B=s.positions_B + 1,
         done_B=s.done_B | (live_B & (tok_B == eos_id)),
-        logprobs_BN=put(s.logprobs_BN, logp_B, n),
-        mask_BN=put(s.mask_BN, live_B, n),
+        logprobs_BC=put(s.logprobs_BC, logp_B, n),
+        mask_BC=put(s.mask_BC, live_B, n),
         rng=rng,
         lengths_B=s.lengths_B + live_B.astype(jnp.int32),
     )
@@ -206,27 +206,27 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
 
 
 @jax.jit
-def _finish(tokens_BL, mask_BN, logprobs_BN, lengths_B, prompt_mask_BP) -> SampleOutput:
+def _finish(tokens_BL, mask_BC, logprobs_BC, lengths_B, prompt_mask_BP) -> SampleOutput:
   P = prompt_mask_BP.shape[1]
-  completion_mask_BN = mask_BN.astype(jnp.float32)
+  completion_mask_BC = mask_BC.astype(jnp.float32)
   return SampleOutput(
       tokens=tokens_BL[:, P:],
       lengths=lengths_B,
-      logprobs=logprobs_BN,
-      completion_mask=completion_mask_BN,
+      logprobs=logprobs_BC,
+      completion_mask=completion_mask_BC,
       sequences=tokens_BL,
       sequence_mask=jnp.concatenate(
-          [prompt_mask_BP.astype(jnp.float32), completion_mask_BN], axis=1),
+          [prompt_mask_BP.astype(jnp.float32), completion_mask_BC], axis=1),
   )
 
 
-def sample(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, *,
+def sample(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, *,
            max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_id: int | None = None, pad_id: int = 0, cache_dtype: Any = "float32",
            group_size: int = 1) -> SampleOutput:
   """Samples up to `max_new_tokens` per left-padded prompt, all on device.
 
-  With `group_size` G, each of the Bp prompts gets G samples (output row
+  With `group_size` G, each of the Q prompts gets G samples (output row
   p*G + g): the prompt is prefilled once and its cache shared, as GRPO needs.
 
   `graphdef, params_state = nnx.split(model)`. temperature 0 is greedy; top_k 0
@@ -239,9 +239,9 @@ def sample(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, *,
   tensor). Compiles once per (shapes, graphdef, max_new_tokens, sampling
   settings, cache dtype).
   """
-  if prompt_tokens_BP.ndim != 2 or prompt_tokens_BP.shape != prompt_mask_BP.shape:
-    raise ValueError(f"prompt tokens {prompt_tokens_BP.shape} and mask "
-                     f"{prompt_mask_BP.shape} must be the same [B, P] shape")
+  if prompt_tokens_QP.ndim != 2 or prompt_tokens_QP.shape != prompt_mask_QP.shape:
+    raise ValueError(f"prompt tokens {prompt_tokens_QP.shape} and mask "
+                     f"{prompt_mask_QP.shape} must be the same [Q, P] shape")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0:
@@ -253,11 +253,11 @@ def sample(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, *,
   sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
   eos = jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
   pad = jnp.asarray(pad_id, jnp.int32)
-  state = _prefill(graphdef, params_state, prompt_tokens_BP, prompt_mask_BP, rng, eos, pad,
+  state = _prefill(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, eos, pad,
                    max_new_tokens=int(max_new_tokens),
                    cache_dtype=jnp.dtype(cache_dtype).name, group_size=int(group_size),
                    **sampling)
   state = _decode(graphdef, params_state, state, eos, pad, **sampling)
-  return _finish(state.tokens_BL, state.mask_BN, state.logprobs_BN, state.lengths_B,
-                 prefix.fan_out(prompt_mask_BP, int(group_size)))
+  return _finish(state.tokens_BL, state.mask_BC, state.logprobs_BC, state.lengths_B,
+                 prefix.fan_out(prompt_mask_QP, int(group_size)))
 

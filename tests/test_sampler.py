@@ -201,7 +201,7 @@ def test_sharded_mesh_gives_same_greedy_tokens(greedy):
     assert k.sharding.is_equivalent_to(want, k.ndim)
     assert k.addressable_shards[0].data.shape == (1, 10 + N_NEW, 1, CFG.head_dim)
     st = S._decode(graphdef, state, st, eos, pad, **greedy_kw)
-    out = S._finish(st.tokens_BL, st.mask_BN, st.logprobs_BN, st.lengths_B, mask)
+    out = S._finish(st.tokens_BL, st.mask_BC, st.logprobs_BC, st.lengths_B, mask)
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
   np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(greedy.logprobs), atol=1e-4)
 
