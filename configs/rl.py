@@ -35,7 +35,7 @@ def rl_section(steps: int) -> ml_collections.ConfigDict:
   r.beta = 0.04  # KL to the SFT policy; 0 disables it and skips the reference forward
   r.aggregation = "token"  # or "sequence"
   r.scale_by_std = True
-  r.mu = 1
+  r.updates_per_rollout = 1  # GRPO's mu
   r.recompute_old_logprobs = False
   r.reward_weights = (("correctness", 1.0), ("format", 0.1))  # any registered reward: log_prob, brier
   r.cache_dtype = "float32"

@@ -256,7 +256,7 @@ class RLConfig:
   beta: float  # KL to the reference; 0 skips the reference forward
   aggregation: str  # "token" | "sequence"
   scale_by_std: bool
-  mu: int  # updates per rollout batch
+  updates_per_rollout: int  # optimizer updates on each rollout batch (GRPO's mu)
   recompute_old_logprobs: bool
   reward_weights: tuple[tuple[str, float], ...]
   cache_dtype: str

@@ -2,9 +2,9 @@
 
 One RL step: sample G completions per prompt on device (sampler.py), fetch the
 tokens once to score them as text (the one host round trip), compute group
-advantages, optionally the frozen reference's log-probs, then `mu` jitted
-updates of the clipped surrogate (grpo.py) using the sampling-time log-probs as
-the old policy. The trainer's log-probs use the shared-prefix forward
+advantages, optionally the frozen reference's log-probs, then
+`updates_per_rollout` (GRPO's mu) jitted updates of the clipped surrogate
+(grpo.py) using the sampling-time log-probs as the old policy. The trainer's log-probs use the shared-prefix forward
 (prefix.py). The run around the step (resume with the prompt iterator's
 position, metrics, NaN check, checkpoints) is loop.py, shared with SFT; the
 reference is a handle (the checkpoint it was loaded from) recorded in every
@@ -144,13 +144,13 @@ class GRPOTrainer:
     return batch, host, texts
 
   def step(self, state: TrainState, step: int, prompt_batch, tokenizer):
-    """One GRPO step: rollout, then `mu` updates. Returns (state, metrics as floats)."""
+    """One GRPO step: rollout, then `updates_per_rollout` updates; (state, metrics as floats)."""
     t0 = time.perf_counter()
     rng = jax.random.fold_in(state.rng, step)
     batch, host, _ = self.rollout(state.params, prompt_batch, rng, tokenizer)
     t_sample = time.perf_counter() - t0
     auxes = []
-    for _ in range(self.cfg.mu):
+    for _ in range(self.cfg.updates_per_rollout):
       state, aux = self.update(state, batch)
       auxes.append(aux)
     state = state.replace(step=state.step + 1)

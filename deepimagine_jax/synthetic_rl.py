@@ -46,8 +46,9 @@ def run(workdir: str, *, rl_steps: int = 160, sft_steps: int = 60, seed: int = 0
       loop=LoopConfig(steps=rl_steps, log_every=20, **no_checkpoints), splits=("train",),
       kinds=("synthetic",), prompts_per_step=prompts_per_step, group_size=group_size,
       max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, eps_low=0.2, eps_high=0.28,
-      beta=0.0, aggregation="token", scale_by_std=True, mu=1, recompute_old_logprobs=False,
-      reward_weights=(("correctness", 1.0),), cache_dtype="float32",
+      beta=0.0, aggregation="token", scale_by_std=True, updates_per_rollout=1,
+      recompute_old_logprobs=False, reward_weights=(("correctness", 1.0),),
+      cache_dtype="float32",
       optimizer=_adamw(lr, warmup_steps=0, steps=rl_steps))
   rl.run_grpo(rl_cfg, mesh, graphdef, state.params, None, prompts, tok,
               os.path.join(workdir, "rl"), seed=seed, ref_handle={})
