@@ -175,14 +175,6 @@ def test_examples_round_trip_through_json(built):
       assert Example.from_json(json.loads(json.dumps(ex.to_json()))) == ex
 
 
-def test_bad_record_names_id_and_field():
-  rec = _ex(("a", "b"), 1).to_json()
-  with pytest.raises(ValueError, match="'e'.*'label'"):
-    Example.from_json({**rec, "label": "1"})
-  with pytest.raises(ValueError, match="'e'.*unknown field.*arms_text"):
-    Example.from_json({**rec, "arms_text": ""})
-
-
 def test_data_config_has_exactly_the_config_keys():
   assert {f.name for f in dataclasses.fields(DataConfig)} == set(common.data().keys())
 
