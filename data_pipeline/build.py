@@ -48,13 +48,13 @@ SYNTHETIC_EXAMPLES = 2000
 APPROX_NEIGHBOURS = 10  # retrieval candidates per target trial
 
 
-class Tokenizer(Protocol):
+class TrainedTokenizer(Protocol):
   vocab_size: int
 
 
 # train_tokenizer(texts, model_dir, vocab_size) writes model_dir/tokenizer.model and
 # returns the trained tokenizer (deepimagine_jax.tokenizer.Tokenizer.train is one).
-TrainTokenizer = Callable[[Iterable[str], pathlib.Path, int], Tokenizer]
+TrainTokenizer = Callable[[Iterable[str], pathlib.Path, int], TrainedTokenizer]
 
 
 @dataclasses.dataclass
