@@ -91,11 +91,11 @@ def test_imagine_matches_sequential_walk(policy, data, how):
   np.testing.assert_allclose(probs[2], _score(policy, targets[2:])[0], rtol=1e-6)
   assert stats["fallback"] == 1 and stats["imagined"] == 2 and stats["chains"] == 4
   assert stats["scoring_calls"] == 3 and stats["steps"] == 1 + 2 + 3 + 1
-  assert len(traj) == stats["steps"] and sum(t["final"] for t in traj) == 4
+  assert len(traj) == stats["steps"] and sum(t.details["final"] for t in traj) == 4
   # step 0 starts from the anchor's observed answer, later steps from the last choice
-  first = [t for t in traj if t["chain_id"] == chains[1].id]
-  assert first[0]["current_result"] == chains[1].anchor.options[chains[1].anchor.label]
-  assert first[1]["current_result"] == chains[1].options[int(np.argmax(first[0]["probs"]))]
+  first = [t for t in traj if t.details["chain_id"] == chains[1].id]
+  assert first[0].details["current_result"] == chains[1].anchor.options[chains[1].anchor.label]
+  assert first[1].details["current_result"] == chains[1].options[int(np.argmax(first[0].probs))]
 
 
 def test_fallback_uses_given_direct_probs(policy, data):

@@ -22,15 +22,19 @@ def _results():
           "uniform": M.score_questions(qs, [[0.5, 0.5]] * 4)}
 
 
+def _trajectory(prompt, completion, probs, label, correct, perturbation, category):
+  return R.Trajectory(id=prompt, prompt=prompt, completion=completion, probs=probs, label=label,
+                      correct=correct, perturbation=perturbation, category=category,
+                      method="direct", details={})
+
+
 def _trajectories():
   return [
-      {"prompt": "Trial <script>alert('x')</script> & co", "completion": "DECISION: (0.9, 0.1)",
-       "probs": [0.9, 0.1], "label": 0, "correct": True, "perturbation": "dose",
-       "category": "2-way/explicit"},
-      {"prompt": "p2", "completion": "DECISION: (0.3, 0.7)", "probs": [0.3, 0.7], "label": 0,
-       "correct": False, "perturbation": "population\"><b>", "category": "2-way/implicit"},
-      {"prompt": "p3", "completion": "no decision", "probs": None, "label": 1,
-       "correct": False, "perturbation": "", "category": "2-way/implicit"},
+      _trajectory("Trial <script>alert('x')</script> & co", "DECISION: (0.9, 0.1)", (0.9, 0.1),
+                  0, True, "dose", "2-way/explicit"),
+      _trajectory("p2", "DECISION: (0.3, 0.7)", (0.3, 0.7), 0, False, "population\"><b>",
+                  "2-way/implicit"),
+      _trajectory("p3", "no decision", None, 1, False, "", "2-way/implicit"),
   ]
 
 

@@ -180,10 +180,10 @@ def test_evaluate_policy_score(policy, tok, questions):
   assert rescored["overall"]["cross_entropy"] == pytest.approx(ref["overall"]["cross_entropy"])
   for t, q, p in zip(traj, questions, probs):
     n = q.n_options
-    assert t["completion"] == templates.decision_line(n, int(np.argmax(p[:n])))
-    assert t["correct"] == (int(np.argmax(p[:n])) == q.label)
-    assert set(t) >= {"id", "prompt", "completion", "probs", "label", "correct",
-                      "perturbation", "category"}
+    assert t.completion == templates.decision_line(n, int(np.argmax(p[:n])))
+    assert t.correct == (int(np.argmax(p[:n])) == q.label)
+    assert set(t.to_json()) >= {"id", "prompt", "completion", "probs", "label", "correct",
+                                "perturbation", "category"}
 
 
 def test_evaluate_policy_sample(policy, tok, questions):
@@ -195,7 +195,7 @@ def test_evaluate_policy_sample(policy, tok, questions):
   rescored = predictions.score_predictions(questions, preds_runs)
   for m in metrics.METRICS:
     assert rescored["overall"][m] == pytest.approx(scores["overall"][m])
-  n_unparsed = sum(t["probs"] is None for t in traj)
+  n_unparsed = sum(t.probs is None for t in traj)
   assert sum(scores["overall"]["failures"].values()) == n_unparsed
   assert sum(v for k, v in rescored["overall"]["failures"].items() if k != "missing") == n_unparsed
   with pytest.raises(ValueError, match="mode"):

@@ -21,6 +21,7 @@ import numpy as np
 from data_pipeline import templates
 from data_pipeline.example import Example
 from deepimagine_jax.eval import metrics, scoring
+from deepimagine_jax.eval.report import Trajectory
 
 AGGREGATES = ("mean", "geometric")
 EPS = metrics.EPS
@@ -120,9 +121,9 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], chains: Seq
       p = p3[:ch.n_options]
       choice = metrics.choose(p)
       last = depth == len(ch.factors) - 1
-      trajectories.append(scoring.chosen_trajectory(
-          targets[i].replace(prompt=step.prompt), p, method="imagining", chain_id=ch.id,
-          step=depth, n_steps=len(ch.factors), final=last, factor=ch.factors[depth].factor,
+      trajectories.append(Trajectory.chosen(
+          targets[i].replace(prompt=step.prompt), p, "imagining", chain_id=ch.id, step=depth,
+          n_steps=len(ch.factors), final=last, factor=ch.factors[depth].factor,
           current_result=current[w]))
       current[w] = ch.options[choice]
       if last:

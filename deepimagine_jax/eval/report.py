@@ -8,6 +8,7 @@ files in a report directory does not depend on what the run logged.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import html
 import math
 import os
@@ -19,7 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from data_pipeline import io
+from data_pipeline import io, templates
+from data_pipeline.example import Example
 from deepimagine_jax import metrics_log
 from deepimagine_jax.eval import metrics
 
@@ -28,6 +30,41 @@ FILES = ("metrics.json", "report.md", "loss.png", "reward.png",
 N_BINS = 10
 MAX_HTML_TRAJECTORIES = 2000
 PAIR_PREFIX = "pairs/"  # result names of the counterfactual-pair evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+  """One answer as the report shows it: the prompt, the completion, how it scored."""
+  id: str
+  prompt: str
+  completion: str
+  probs: tuple[float, ...] | None  # None: the completion did not parse
+  label: int
+  correct: bool
+  perturbation: str
+  category: str
+  method: str  # direct | imagining | pair_score
+  details: dict  # method-specific: run; chain_id, step, n_steps, final, ...; anchor_id
+
+  @classmethod
+  def of(cls, ex: Example, completion: str, probs, method: str, **details) -> Trajectory:
+    """The answer `completion` to `ex`, whose option probabilities are `probs` (or None)."""
+    p = None if probs is None else tuple(float(x) for x in probs)
+    return cls(id=ex.id, prompt=ex.prompt, completion=completion, probs=p, label=ex.label,
+               correct=p is not None and metrics.choose(p) == ex.label,
+               perturbation=ex.perturbation, category=ex.category, method=method,
+               details=details)
+
+  @classmethod
+  def chosen(cls, ex: Example, probs, method: str, **details) -> Trajectory:
+    """An answer given as probabilities: the completion is the DECISION line of its choice."""
+    line = templates.decision_line(len(probs), metrics.choose(probs))
+    return cls.of(ex, line, probs, method, **details)
+
+  def to_json(self) -> dict:
+    """A flat JSON row: the fields, then the details."""
+    row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "details"}
+    return {**row, **self.details}
 
 
 def read_metrics_log(path: str | os.PathLike) -> tuple[list[dict], int]:
@@ -116,15 +153,14 @@ def reliability_bins(confidence: Sequence[float], correct: Sequence[bool],
           "confidence": mean_conf, "accuracy": acc, "ece": ece}
 
 
-def _confidences(trajectories: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
+def _confidences(trajectories: Sequence[Trajectory]) -> tuple[np.ndarray, np.ndarray]:
   """Chosen-option probability and correctness of trajectories that parsed."""
   conf, corr = [], []
   for t in trajectories:
-    p = t.get("probs")
-    if p is None or len(p) == 0:
+    if not t.probs:
       continue
-    conf.append(float(np.max(np.asarray(p, dtype=np.float64))))
-    corr.append(bool(t.get("correct")))
+    conf.append(max(t.probs))
+    corr.append(t.correct)
   return np.asarray(conf), np.asarray(corr)
 
 
@@ -245,26 +281,26 @@ def _e(x) -> str:
   return html.escape(str(x), quote=True)
 
 
-def trajectories_html(trajectories: Sequence[Mapping], limit: int = MAX_HTML_TRAJECTORIES) -> str:
+def trajectories_html(trajectories: Sequence[Trajectory],
+                      limit: int = MAX_HTML_TRAJECTORIES) -> str:
   """A self-contained page (inline CSS/JS, no network); every text is HTML-escaped."""
   shown = list(trajectories)[:limit]
-  perts = sorted({str(t.get("perturbation") or "none") for t in shown})
+  perts = sorted({t.perturbation or "none" for t in shown})
   opts = "".join(f'<option value="{_e(p)}">{_e(p)}</option>' for p in perts)
   items = []
   for i, t in enumerate(shown):
-    correct = bool(t.get("correct"))
-    pert = str(t.get("perturbation") or "none")
-    probs = t.get("probs")
-    probs_txt = ("unparsed" if probs is None
-                 else "(" + ", ".join(f"{float(p):.3f}" for p in probs) + ")")
+    correct = t.correct
+    pert = t.perturbation or "none"
+    probs_txt = ("unparsed" if t.probs is None
+                 else "(" + ", ".join(f"{p:.3f}" for p in t.probs) + ")")
     items.append(
         f'<div class="traj {"ok" if correct else "bad"}" data-correct="{str(correct).lower()}" '
         f'data-pert="{_e(pert)}"><div class="meta">#{i} &middot; '
         f'{"correct" if correct else "incorrect"} &middot; perturbation: {_e(pert)} &middot; '
-        f'category: {_e(t.get("category", ""))} &middot; label: {_e(t.get("label", ""))} '
+        f'category: {_e(t.category)} &middot; label: {_e(t.label)} '
         f'&middot; probs: {_e(probs_txt)}</div>'
-        f'<details><summary>prompt</summary><pre>{_e(t.get("prompt", ""))}</pre></details>'
-        f'<pre>{_e(t.get("completion", ""))}</pre></div>')
+        f'<details><summary>prompt</summary><pre>{_e(t.prompt)}</pre></details>'
+        f'<pre>{_e(t.completion)}</pre></div>')
   note = (f" (first {limit} of {len(trajectories)})" if len(trajectories) > limit else "")
   return (
       "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Trajectories</title>"
@@ -280,13 +316,12 @@ def trajectories_html(trajectories: Sequence[Mapping], limit: int = MAX_HTML_TRA
 
 def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
                  metrics_logs: Sequence[str | os.PathLike] = (),
-                 trajectories: Sequence[Mapping] = ()) -> dict:
+                 trajectories: Sequence[Trajectory] = ()) -> dict:
   """Writes every file in FILES into report_dir; returns name -> path.
 
   results: model name -> CT Open metrics dict (metrics.score / the
   baselines); metrics_logs: JSON-lines training logs (missing files are noted
-  and skipped); trajectories: dicts with prompt, completion, probs, label,
-  correct, perturbation, category.
+  and skipped); trajectories: the answers behind the calibration plot and the page.
   """
   out = pathlib.Path(report_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +349,7 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
       "calibration": {"ece": bins["ece"], "n_decisions": int(conf.size),
                       "n_trajectories": n_traj,
                       "bins": {k: bins[k] for k in ("count", "confidence", "accuracy")}},
-      "trajectory_accuracy": float(np.mean([bool(t.get("correct")) for t in trajectories]))
+      "trajectory_accuracy": float(np.mean([t.correct for t in trajectories]))
                              if n_traj else None,
       "notes": notes,
   }

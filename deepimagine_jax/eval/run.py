@@ -129,9 +129,9 @@ def evaluate_pairs(graphdef, params, tokenizer, built_examples: Splits, eval_cfg
     info["model_pairs"] = len(subset)
     probs_list = scoring.trimmed(probs, subset)
     results[report.PAIR_PREFIX + "model_score"] = metrics.score_questions(subset, probs_list)
-    traj = [scoring.chosen_trajectory(ex, p, method="pair_score", anchor_id=ex.anchor.id)
+    traj = [report.Trajectory.chosen(ex, p, "pair_score", anchor_id=ex.anchor.id)
             for ex, p in zip(subset, probs_list)]
-    io.write_jsonl(out_dir / "trajectories_pairs_model_score.jsonl", traj)
+    io.write_jsonl(out_dir / "trajectories_pairs_model_score.jsonl", [t.to_json() for t in traj])
   return results, info
 
 
@@ -166,7 +166,7 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
     name = f"model_{eval_cfg.mode}"
     results[name] = scores
     predictions.write_runs(out_dir, name, preds_runs)
-    io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", traj)
+    io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", [t.to_json() for t in traj])
     trajectories.extend(traj)
 
     if eval_cfg.imagining:
@@ -174,7 +174,7 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
       if eval_cfg.mode == "score":  # reuse the direct scores for the fallback
         direct = np.zeros((len(subset), scoring.MAX_OPTIONS))
         for i, t in enumerate(traj):
-          direct[i, :len(t["probs"])] = t["probs"]
+          direct[i, :len(t.probs)] = t.probs
       t0 = time.perf_counter()
       probs, steps, stats = imagining.imagine(
           graphdef, params, tokenizer, subset, chains_of(built_examples),
@@ -191,8 +191,8 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
       extra["imagining"] = stats
       predictions.write_runs(out_dir, name,
                              [predictions.predictions_from_probs(subset, probs_list)])
-      io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", steps)
-      trajectories.extend(scoring.chosen_trajectory(q, p, method="imagining")
+      io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", [t.to_json() for t in steps])
+      trajectories.extend(report.Trajectory.chosen(q, p, "imagining")
                           for q, p in zip(subset, probs_list))
 
   pair_results: dict = {}

@@ -31,6 +31,7 @@ from data_pipeline.grain_pipeline import rl_prompt
 from deepimagine_jax import prefix, rewards, sampler
 from deepimagine_jax.config import EvalConfig
 from deepimagine_jax.eval import metrics, predictions
+from deepimagine_jax.eval.report import Trajectory
 
 MAX_OPTIONS = 3
 
@@ -188,20 +189,6 @@ def trimmed(probs: np.ndarray, examples: Sequence[Example]) -> list[np.ndarray]:
   return [np.asarray(p[:ex.n_options], np.float64) for p, ex in zip(probs, examples)]
 
 
-def trajectory(ex: Example, completion: str, probs, **extra) -> dict:
-  """One report trajectory (report.write_report's fields plus id)."""
-  p = None if probs is None else [float(x) for x in probs]
-  return {"id": ex.id, "prompt": ex.prompt, "completion": completion, "probs": p,
-          "label": ex.label, "correct": p is not None and metrics.choose(p) == ex.label,
-          "perturbation": ex.perturbation, "category": ex.category, **extra}
-
-
-def chosen_trajectory(ex: Example, probs, **extra) -> dict:
-  """The trajectory of an answer given as probabilities: the completion is its choice."""
-  return trajectory(ex, templates.decision_line(len(probs), metrics.choose(probs)), probs,
-                    **extra)
-
-
 def evaluate_policy(graphdef, params, tokenizer, examples: Sequence[Example],
                     eval_cfg: EvalConfig, *, prompt_len: int, seed: int = 0):
   """(scores, trajectories, predictions_runs) for one policy on CT Open questions.
@@ -216,8 +203,7 @@ def evaluate_policy(graphdef, params, tokenizer, examples: Sequence[Example],
     probs = option_probs_by_scoring(graphdef, params, tokenizer, examples,
                                     prompt_len=prompt_len, batch_size=eval_cfg.batch_size)
     runs = [trimmed(probs, examples)]
-    trajectories = [chosen_trajectory(ex, p, run=0, method="direct")
-                    for ex, p in zip(examples, runs[0])]
+    trajectories = [Trajectory.chosen(ex, p, "direct", run=0) for ex, p in zip(examples, runs[0])]
     preds_runs = [predictions.predictions_from_probs(examples, runs[0])]
     failures = {}
   else:  # "sample" (EvalConfig admits no other mode)
@@ -230,7 +216,7 @@ def evaluate_policy(graphdef, params, tokenizer, examples: Sequence[Example],
     for r, (probs_r, texts_r) in enumerate(zip(runs, texts_runs)):
       for ex, p, text in zip(examples, probs_r, texts_r):
         parsed = rewards.parse_decision(text, ex.n_options).ok
-        trajectories.append(trajectory(ex, text, p if parsed else None, run=r, method="direct"))
+        trajectories.append(Trajectory.of(ex, text, p if parsed else None, "direct", run=r))
       preds_runs.append({predictions.question_key(ex): text
                          for ex, text in zip(examples, texts_r)})
     if failures:
