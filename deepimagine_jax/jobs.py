@@ -103,8 +103,9 @@ def evaluate(run: RunConfig, workdir: str, built, tokenizer, graphdef, params,
   examples = {split: built.examples(split) for split in built.splits}
   results = eval_run.evaluate(graphdef, params, tokenizer, examples, run.eval,
                               prompt_len=run.data.prompt_len, workdir=workdir,
-                              metrics_logs=[p for p in metrics_logs if os.path.exists(p)])
-  io.atomic_write_json(os.path.join(workdir, "summary.json"), results)
+                              metrics_logs=[p for p in metrics_logs if os.path.exists(p)],
+                              seed=run.seed)
+  io.write_json(os.path.join(workdir, "summary.json"), results)
   return results
 
 
