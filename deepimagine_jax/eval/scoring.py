@@ -52,9 +52,7 @@ def prompt_arrays(tokenizer, examples: Sequence[Example], prompt_len: int):
   prompts = np.full((len(examples), prompt_len), tokenizer.pad_id, np.int32)
   masks = np.zeros((len(examples), prompt_len), np.int32)
   for i, ex in enumerate(examples):
-    # rl_prompt's row; the label is not needed at inference.
-    row = rl_prompt({"id": ex.id, "prompt": ex.prompt, "options": ex.options, "label": 0},
-                    tokenizer, prompt_len)
+    row = rl_prompt(ex, tokenizer, prompt_len)
     prompts[i], masks[i] = row["prompt_tokens"], row["prompt_mask"]
   return prompts, masks
 
