@@ -1,9 +1,8 @@
-"""Input pipeline throughput: example dicts -> sharded token batches.
+"""Input pipeline throughput: Examples -> sharded token batches.
 
   python bench/data_pipeline.py [--pack] [--consumer_examples_per_s 850]
 
-Examples are CT Open questions rendered by data_pipeline.templates (falling back
-to title + options prompts if the renderer fails). The tokenizer is trained on
+Examples are CT Open questions rendered by data_pipeline.templates. The tokenizer is trained on
 their prompts unless --tokenizer names a model. Prints one line: the pipeline's
 examples/s (and real tokens/s), and, given the train step's consumption rate,
 their ratio (above 1 means the input pipeline keeps up).
@@ -11,7 +10,6 @@ their ratio (above 1 means the input pipeline keeps up).
 from __future__ import annotations
 
 import argparse
-import logging
 import pathlib
 import sys
 import tempfile
@@ -24,29 +22,21 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from data_pipeline import grain_pipeline as gp  # noqa: E402
+from data_pipeline import templates  # noqa: E402
+from data_pipeline.build_report import BuildReport  # noqa: E402
 from data_pipeline.data_root import resolve_data_root  # noqa: E402
+from data_pipeline.example import Example  # noqa: E402
+from data_pipeline.readers import ct_open  # noqa: E402
 from deepimagine_jax.tokenizer import Tokenizer  # noqa: E402
 
 
-def ct_open_examples(root: pathlib.Path) -> list[dict]:
-  from data_pipeline import ct_open
-  from data_pipeline.build_report import BuildReport
+def ct_open_examples(root: pathlib.Path) -> list[Example]:
+  """CT Open Winter + Summer questions, rendered by data_pipeline.templates."""
   report = BuildReport()
   examples = []
   for name in ("Winter_2025", "Summer_2025"):
     examples += ct_open.read_questions(root / "ct_open" / f"{name}.pickle", report, split=name)
-  try:
-    from data_pipeline import templates
-    for ex in examples:
-      templates.render(ex)
-  except Exception as e:  # noqa: BLE001 - the bench must run while templates evolve
-    logging.warning("templates.render failed (%s); using title + options prompts", e)
-    for ex in examples:
-      ex["prompt"] = ex["title"] + "\n" + "\n".join(
-          f"{i + 1}. {o}" for i, o in enumerate(ex["options"]))
-      ex["completion"] = "DECISION: (" + ", ".join(
-          "1" if i == ex["label"] else "0" for i in range(len(ex["options"]))) + ")"
-  return examples
+  return [templates.render(ex) for ex in examples]
 
 
 def main():
@@ -64,7 +54,7 @@ def main():
   if args.tokenizer:
     tok = Tokenizer.load(args.tokenizer)
   else:
-    tok = Tokenizer.train([e["prompt"] + "\n" + e["completion"] for e in examples],
+    tok = Tokenizer.train([e.prompt + "\n" + e.completion for e in examples],
                           tempfile.mkdtemp(), vocab_size=args.vocab_size)
   n_dev = jax.device_count()
   mesh = jax.make_mesh((n_dev, 1, 1), ("data", "fsdp", "tensor"),
@@ -77,7 +67,7 @@ def main():
     batch_np = next(it)
     seg = batch_np["segment_ids"]
     n_ex = sum(len(np.unique(row[row > 0])) for row in seg)
-    arrays = gp.to_global_arrays(batch_np, sharding)
+    arrays = gp.to_global_arrays(batch_np, {k: sharding for k in batch_np})
     jax.block_until_ready(arrays)
     return n_ex, int((seg > 0).sum())
 
