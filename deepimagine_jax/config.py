@@ -67,17 +67,6 @@ class ModelConfig:
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
 
-  @classmethod
-  def from_dict(cls, d: dict) -> "ModelConfig":
-    """Builds from a config dict: `preset` picks a classmethod, other keys override it."""
-    d = dict(d)
-    preset = d.pop("preset", None)
-    if isinstance(d.get("rope_scaling"), dict):
-      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    if preset:
-      return getattr(cls, preset)().replace(**d)
-    return cls(**d)
-
   def num_params(self) -> int:
     attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
     norms = 2 * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
