@@ -85,9 +85,9 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], chains: Seq
             direct_probs: np.ndarray | None = None,
             exclude_anchor_ids: frozenset | set = frozenset(),
             exclude_anchor_trials: frozenset | set = frozenset()):
-  """(probs [N, 3], step trajectories, stats) for the targets.
+  """(probs [Q, O], step trajectories, stats) for the targets.
 
-  direct_probs [N, 3]: the direct answers used for targets without a chain
+  direct_probs [Q, O]: the direct answers used for targets without a chain
   (computed here by scoring when None). stats counts targets imagined / fallen
   back, chains walked, scoring calls, steps scored and chains left out.
   exclude_anchor_ids / exclude_anchor_trials: anchors never to use (select_chains).

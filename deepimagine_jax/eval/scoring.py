@@ -12,7 +12,7 @@ than one draw.
 Sampling: `runs` independent sampled completions per question (sampler.sample),
 each parsed by rewards.parse_decision; a failure scores as uniform and is counted.
 
-Shape letters as in model.py, plus P prompt slots and O option slots (3).
+Shape letters: the legend in model.py (Q questions, O option slots, C candidate tokens).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _check_examples(examples: Sequence[Example]):
 
 
 def prompt_arrays(tokenizer, examples: Sequence[Example], prompt_len: int):
-  """Left-padded prompts [N, P] and their masks [N, P] (1 = real token), as RL sees them."""
+  """Left-padded prompts [Q, P] and their masks [Q, P] (1 = real token), as RL sees them."""
   prompts = np.full((len(examples), prompt_len), tokenizer.pad_id, np.int32)
   masks = np.zeros((len(examples), prompt_len), np.int32)
   for i, ex in enumerate(examples):
@@ -74,34 +74,34 @@ def _fill_rows(arrays, rows: int, bos_id: int):
 # Scoring -----------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _option_logprobs(graphdef, params, prompt_BP, prompt_mask_BP, candidates_BOT,
-                     candidate_mask_BOT):
-  """log p(candidate o | prompt) for every question and option slot: [B, O] float32.
+def _option_logprobs(graphdef, params, prompt_QP, prompt_mask_QP, candidates_QOC,
+                     candidate_mask_QOC):
+  """log p(candidate o | prompt) for every question and option slot: [Q, O] float32.
 
   The shared-prefix forward (prefix.py): each prompt runs once into a KV cache,
-  which is fanned out to its O candidates (row b*O + o), as the GRPO trainer
+  which is fanned out to its O candidates (row q*O + o), as the GRPO trainer
   does for its G completions. Padding after a candidate's end is masked out; an
   option slot with an all-zero mask scores 0 (a 2-option question's third slot).
   """
   model = nnx.merge(graphdef, params)
-  B, O, T = candidates_BOT.shape
-  logp_BOT = prefix.continuation_logprobs(model, prompt_BP, prompt_mask_BP,
-                                          candidates_BOT.reshape(B * O, T),
-                                          group_size=O).reshape(B, O, T)
-  return jnp.sum(jnp.where(candidate_mask_BOT > 0, logp_BOT, 0.0), axis=-1)
+  Q, O, C = candidates_QOC.shape
+  logp_QOC = prefix.continuation_logprobs(model, prompt_QP, prompt_mask_QP,
+                                          candidates_QOC.reshape(Q * O, C),
+                                          group_size=O).reshape(Q, O, C)
+  return jnp.sum(jnp.where(candidate_mask_QOC > 0, logp_QOC, 0.0), axis=-1)
 
 
 def candidate_arrays(tokenizer, examples: Sequence[Example]):
-  """Candidates [N, O, T] and their masks [N, O, T]: option o's DECISION line + EOS.
+  """Candidates [Q, O, C] and their masks [Q, O, C]: option o's DECISION line + EOS.
 
-  T is the longest candidate of any option count, so the shape (and the compiled
+  C is the longest candidate of any option count, so the shape (and the compiled
   forward) does not depend on which questions are in the set.
   """
   lines = {n: [tokenizer.encode(templates.decision_line(n, o)) + [tokenizer.eos_id]
                for o in range(n)] for n in (2, 3)}
-  T = max(len(c) for cs in lines.values() for c in cs)
-  candidates = np.full((len(examples), MAX_OPTIONS, T), tokenizer.pad_id, np.int32)
-  masks = np.zeros((len(examples), MAX_OPTIONS, T), np.int32)
+  C = max(len(c) for cs in lines.values() for c in cs)
+  candidates = np.full((len(examples), MAX_OPTIONS, C), tokenizer.pad_id, np.int32)
+  masks = np.zeros((len(examples), MAX_OPTIONS, C), np.int32)
   for i, ex in enumerate(examples):
     for o, c in enumerate(lines[ex.n_options]):
       candidates[i, o, :len(c)], masks[i, o, :len(c)] = c, 1
@@ -110,7 +110,7 @@ def candidate_arrays(tokenizer, examples: Sequence[Example]):
 
 def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Example], *,
                             prompt_len: int, batch_size: int) -> np.ndarray:
-  """[N, 3] option probabilities (softmax of candidate log-likelihoods), 0 past n_options.
+  """[Q, O] option probabilities (softmax of candidate log-likelihoods), 0 past n_options.
 
   batch_size counts questions; every batch is dispatched before any is read back.
   """
@@ -122,19 +122,19 @@ def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Exam
     batch = _fill_rows([x[s:s + batch_size] for x in arrays], batch_size, tokenizer.bos_id)
     pending.append((s, _option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
   probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
-  for s, logp_BO in pending:
-    logp_BO = np.asarray(logp_BO, np.float64)
+  for s, logp_QO in pending:
+    logp_QO = np.asarray(logp_QO, np.float64)
     for b, ex in enumerate(examples[s:s + batch_size]):
-      logp = logp_BO[b, :ex.n_options]
+      logp = logp_QO[b, :ex.n_options]
       probs[s + b, :ex.n_options] = np.exp(logp - np.logaddexp.reduce(logp))
   return probs
 
 
 # Sampling ----------------------------------------------------------------------
 
-def decode_completion(tokenizer, tokens_T: np.ndarray, length: int) -> str:
+def decode_completion(tokenizer, tokens_C: np.ndarray, length: int) -> str:
   """The sampled text without its EOS."""
-  ids = [int(t) for t in tokens_T[:length]]
+  ids = [int(t) for t in tokens_C[:length]]
   if ids and ids[-1] == tokenizer.eos_id:
     ids = ids[:-1]
   return tokenizer.decode(ids)
@@ -143,7 +143,7 @@ def decode_completion(tokenizer, tokens_T: np.ndarray, length: int) -> str:
 def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Example], *,
                              runs: int, temperature: float, max_new_tokens: int,
                              batch_size: int, prompt_len: int, seed: int):
-  """(probs_runs: list of [N, 3], texts_runs: list of list[str], failures: {code: count}).
+  """(probs_runs: list of [Q, O], texts_runs: list of list[str], failures: {code: count}).
 
   Each run samples every question once with its own key; an unparseable
   completion gets uniform probabilities and is counted by error code.
@@ -163,9 +163,9 @@ def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Exa
       out = sampler.sample(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(mask_BP), key,
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-      tokens_BT, lengths_B = np.asarray(out.tokens), np.asarray(out.lengths)
+      tokens_BC, lengths_B = np.asarray(out.tokens), np.asarray(out.lengths)
       for b, ex in enumerate(examples[s:s + batch_size]):
-        text = decode_completion(tokenizer, tokens_BT[b], int(lengths_B[b]))
+        text = decode_completion(tokenizer, tokens_BC[b], int(lengths_B[b]))
         n = ex.n_options
         d = rewards.parse_decision(text, n)
         if d.ok:
@@ -183,7 +183,7 @@ def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Exa
 # The whole evaluation ----------------------------------------------------------
 
 def trimmed(probs: np.ndarray, examples: Sequence[Example]) -> list[np.ndarray]:
-  """[N, 3] probabilities -> per-question vectors of each question's own length."""
+  """[Q, O] probabilities -> per-question vectors of each question's own length."""
   return [np.asarray(p[:ex.n_options], np.float64) for p, ex in zip(probs, examples)]
 
 
