@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from data_pipeline.config import DataConfig  # noqa: F401 - re-exported: one place for configs
+from data_pipeline.example import KINDS
 from deepimagine_jax import rewards
 
 
@@ -146,6 +147,13 @@ def _section(cls, section, **built):
   return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def _check_kinds(key: str, kinds) -> None:
+  """A tuple of known example kinds ("a,b" on the command line is one unknown kind)."""
+  if not isinstance(kinds, tuple) or not kinds or set(kinds) - set(KINDS):
+    raise ValueError(f"{key} must be a non-empty tuple of example kinds {KINDS}, got {kinds!r}; "
+                     f"on the command line: --config.{key}=\"('question','natural_pair')\"")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int  # -1: all devices the other axes leave
@@ -221,6 +229,9 @@ class SFTConfig:
   kinds: tuple[str, ...]  # example kinds of the train split
   optimizer: OptimizerConfig
 
+  def __post_init__(self):
+    _check_kinds("sft.kinds", self.kinds)
+
   @classmethod
   def from_config(cls, section) -> "SFTConfig":
     loop = LoopConfig.of(section)
@@ -254,6 +265,7 @@ class RLConfig:
   def __post_init__(self):
     if self.aggregation not in ("token", "sequence"):
       raise ValueError(f"rl.aggregation must be 'token' or 'sequence', got {self.aggregation!r}")
+    _check_kinds("rl.kinds", self.kinds)
     for name, _ in self.reward_weights:
       rewards.get_reward(name)  # an unknown reward name fails at start-up
 
