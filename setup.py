@@ -15,6 +15,8 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "grain>=0.2.18",
         "sentencepiece>=0.2.0",
+        "tokenizers>=0.20",  # tokenizer.json of Qwen3 / Llama-3 checkpoints
+        "jinja2>=3.1.6",  # chat templates, rendered as transformers renders them
         "ml-collections>=1.1.0",
         "tensorflow-datasets>=4.9.10",
         "importlib_resources>=6.0",  # TFDS needs it without TensorFlow installed

@@ -8,9 +8,11 @@ Stages (all seeded, all checkpointable through `iterator.get_state()`):
   MapDataset.source(records) -> this host's shard -> shuffle(seed), reseeded
   each epoch -> repeat(num_epochs) -> tokenize + truncate -> [pad | pack] -> batch
 
-A training sequence is `[BOS] + prompt + completion + [EOS]`; the loss covers the
-completion and EOS only. Too-long sequences lose prompt tokens from the left
-(after BOS) so the completion - and its final DECISION line - survives.
+A training sequence is `[BOS] + prompt + completion + [EOS]` (with a chat template:
+the rendered user turn and generation prompt, then the completion and the end of
+turn; the tokenizer says which); the loss covers the completion and EOS only.
+Too-long sequences lose prompt tokens from the left (after BOS / the template's
+opening) so the completion - and its final DECISION line - survives.
 
 Iterator state is a small dict of ints (JSON-serialisable): `it.get_state()`,
 and `it.set_state(state)` on an iterator built with the same records and
@@ -51,15 +53,23 @@ def _field(rec: Example | Mapping[str, Any], key: str) -> Any:
 
 def sft_tokens(rec: Example | Mapping[str, Any], tokenizer, seq_len: int
                ) -> dict[str, np.ndarray]:
-  """One record -> unpadded inputs/targets/loss_mask of length <= seq_len."""
-  prompt = tokenizer.encode(_text(_field(rec, "prompt")))
-  completion = tokenizer.encode(_text(_field(rec, "completion")))
-  tokens = [tokenizer.bos_id] + prompt + completion + [tokenizer.eos_id]
-  mask = [0.0] * (1 + len(prompt)) + [1.0] * (len(completion) + 1)
-  if len(tokens) > seq_len + 1:  # drop from the left, after BOS
+  """One record -> unpadded inputs/targets/loss_mask of length <= seq_len.
+
+  `tokenizer.prompt_ids` gives the prompt's (head, body) - `[BOS]`, or a chat
+  template's opening, and the rest - and `tokenizer.completion_ids` the
+  completion ending in its EOS / end of turn.
+  """
+  head, body = tokenizer.prompt_ids(_text(_field(rec, "prompt")))
+  completion = tokenizer.completion_ids(_text(_field(rec, "completion")))
+  tokens = head + body + completion
+  mask = [0.0] * (len(head) + len(body)) + [1.0] * len(completion)
+  if len(head) > seq_len:
+    raise ValueError(f"example record {_text(_field(rec, 'id'))!r}: seq_len {seq_len} cannot "
+                     f"hold the prompt's {len(head)} opening tokens")
+  if len(tokens) > seq_len + 1:  # drop from the left, after the head
     cut = len(tokens) - (seq_len + 1)
-    tokens = tokens[:1] + tokens[1 + cut:]
-    mask = mask[:1] + mask[1 + cut:]
+    tokens = tokens[:len(head)] + tokens[len(head) + cut:]
+    mask = mask[:len(head)] + mask[len(head) + cut:]
   tokens_T = np.asarray(tokens, np.int32)
   mask_T = np.asarray(mask, np.float32)
   return {"inputs": tokens_T[:-1], "targets": tokens_T[1:], "loss_mask": mask_T[1:]}
@@ -150,10 +160,12 @@ def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: in
 
 
 def rl_prompt(rec: Example | Mapping[str, Any], tokenizer, prompt_len: int) -> dict[str, Any]:
-  """One record -> a left-padded prompt row plus the host-side fields."""
-  tokens = [tokenizer.bos_id] + tokenizer.encode(_text(_field(rec, "prompt")))
-  if len(tokens) > prompt_len:
-    tokens = tokens[:1] + tokens[len(tokens) - prompt_len + 1:]
+  """One record -> a left-padded prompt row plus the host-side fields (truncated as sft_tokens)."""
+  head, body = tokenizer.prompt_ids(_text(_field(rec, "prompt")))
+  if len(head) > prompt_len:
+    raise ValueError(f"example record {_text(_field(rec, 'id'))!r}: prompt_len {prompt_len} "
+                     f"cannot hold the prompt's {len(head)} opening tokens")
+  tokens = head + body[max(0, len(head) + len(body) - prompt_len):]
   row_P = np.full(prompt_len, tokenizer.pad_id, np.int32)
   mask_P = np.zeros(prompt_len, np.int32)
   row_P[prompt_len - len(tokens):] = tokens

@@ -11,6 +11,7 @@ from data_pipeline import grain_pipeline as gp
 from data_pipeline import safe_pickle
 from data_pipeline.example import Example
 from deepimagine_jax.tokenizer import Tokenizer
+import tokenizer_files
 
 
 def ct_open_records(data_root, limit=None):
@@ -90,6 +91,44 @@ def test_completion_longer_than_seq_len_keeps_its_end(tok):
   ex = gp.sft_tokens(rec, tok, seq_len=8)
   np.testing.assert_array_equal(ex["targets"], (c + [tok.eos_id])[-8:])
   assert ex["loss_mask"].sum() == 8
+
+
+@pytest.fixture(scope="module")
+def chat_tok(records, tmp_path_factory):
+  """A Gemma-shaped tokenizer with its chat template (tests/tokenizer_files.py)."""
+  folder = tokenizer_files.gemma_sentencepiece(
+      tmp_path_factory.mktemp("gemma"), [r.prompt + "\n" + r.completion for r in records],
+      vocab_size=600)
+  return Tokenizer.load(folder)
+
+
+def test_chat_template_sequences_and_truncation(records, chat_tok):
+  """Gemma's turn markup around the prompt; the answer ends in <end_of_turn>; cuts keep both ends."""
+  rec = records[1]
+  opening = chat_tok.encode("<bos><start_of_turn>user\n")
+  prompt = chat_tok.encode(f"<bos><start_of_turn>user\n{rec.prompt}<end_of_turn>\n"
+                           "<start_of_turn>model\n")
+  completion = chat_tok.encode(rec.completion) + [chat_tok.encode("<end_of_turn>")[0]]
+  assert prompt[:len(opening)] == opening and opening[:2] == [2, 5]  # <bos> <start_of_turn>
+  full = prompt + completion
+  ex = gp.sft_tokens(rec, chat_tok, seq_len=len(full) + 5)
+  np.testing.assert_array_equal(ex["inputs"], full[:-1])
+  np.testing.assert_array_equal(ex["targets"], full[1:])
+  np.testing.assert_array_equal(ex["loss_mask"], [0] * (len(prompt) - 1) + [1] * len(completion))
+  seq_len = len(completion) + 30  # the prompt's text loses tokens after the opening
+  ex = gp.sft_tokens(rec, chat_tok, seq_len=seq_len)
+  kept = opening + full[len(full) - (seq_len + 1 - len(opening)):]
+  np.testing.assert_array_equal(ex["inputs"], kept[:-1])
+  assert ex["loss_mask"].sum() == len(completion)
+  row = gp.rl_prompt(rec, chat_tok, prompt_len=40)
+  np.testing.assert_array_equal(row["prompt_tokens"],
+                                opening + prompt[len(prompt) - (40 - len(opening)):])
+  assert row["prompt_mask"].sum() == 40
+  assert chat_tok.decode(row["prompt_tokens"]).endswith("<start_of_turn>model\n")
+  h = len(opening)
+  with pytest.raises(ValueError, match=f"{rec.id}'?: prompt_len {h - 1} cannot hold the "
+                                       f"prompt's {h} opening"):
+    gp.rl_prompt(rec, chat_tok, prompt_len=h - 1)
 
 
 def test_missing_field_names_record(tok):

@@ -1,0 +1,175 @@
+"""Checkpoint tokenizers against transformers' own classes on the same files.
+
+Qwen3-, Llama-3- and Gemma-shaped folders are built locally (tokenizer_files.py);
+over 1,000 CT Open prompts the ids of encode, of the chat-rendered prompt and of
+decode must be exactly what transformers' AutoTokenizer gives.
+"""
+import json
+import pathlib
+import pickle
+
+import pytest
+from transformers import AutoTokenizer
+
+import tokenizer_files as tf
+from deepimagine_jax.tokenizer import Tokenizer
+
+N_PROMPTS = 1000
+# (folder builder, style, end-of-turn token, stop tokens in order)
+KINDS = {
+    "qwen3": (tf.byte_level_bpe, "qwen", "<|im_end|>", ("<|im_end|>", "<|endoftext|>")),
+    "llama3": (tf.byte_level_bpe, "llama3", "<|eot_id|>", ("<|eot_id|>", "<|end_of_text|>")),
+    "gemma": (tf.gemma_sentencepiece, None, "<end_of_turn>", ("<end_of_turn>", "<eos>")),
+}
+
+
+@pytest.fixture(scope="module")
+def examples(data_root):
+  exs = tf.ct_open_examples(data_root, N_PROMPTS)
+  assert len(exs) == N_PROMPTS
+  return exs
+
+
+def _build(kind, out, texts, template=True):
+  build, style, _, _ = KINDS[kind]
+  if style is None:
+    return build(out, texts, template=template)
+  return build(out, texts, style, template=template)
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def pair(request, examples, tmp_path_factory):
+  """(kind, our Tokenizer, transformers' tokenizer) on one folder."""
+  kind = request.param
+  folder = _build(kind, tmp_path_factory.mktemp(kind),
+                  [e.prompt + "\n" + e.completion for e in examples[:300]])
+  return kind, Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_encode_and_decode_match_transformers(pair, examples):
+  _, tok, hf = pair
+  for ex in examples:
+    for text in (ex.prompt, ex.completion):
+      ids = tok.encode(text)
+      assert ids == hf.encode(text, add_special_tokens=False), (ex.id, text[:80])
+      assert tok.decode(ids) == hf.decode(ids, clean_up_tokenization_spaces=False) == text
+
+
+def test_chat_prompts_match_transformers(pair, examples):
+  _, tok, hf = pair
+  for ex in examples:
+    messages = [{"role": "user", "content": ex.prompt}]
+    assert tok.render_chat(ex.prompt) == hf.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
+    head, body = tok.prompt_ids(ex.prompt)
+    want = hf.apply_chat_template(messages, add_generation_prompt=True,
+                                  tokenize=True)["input_ids"]
+    assert head + body == want, ex.id
+    # The head is the template's opening only: the prompt text starts the body.
+    assert ex.prompt.startswith(tok.decode(body)[:20])
+
+
+def test_special_ids_and_end_of_turn(pair):
+  kind, tok, hf = pair
+  _, _, end, stops = KINDS[kind]
+  assert tok.eos_id == hf.convert_tokens_to_ids(end)
+  assert tok.stop_ids == tuple(hf.convert_tokens_to_ids(s) for s in stops)
+  assert tok.bos_id == hf.bos_token_id
+  assert tok.pad_id == (hf.pad_token_id if hf.pad_token_id is not None
+                        else hf.convert_tokens_to_ids(hf.eos_token))
+  assert tok.vocab_size == len(hf)
+
+
+def test_completion_ids_are_the_assistant_turn(pair, examples):
+  """What SFT trains (and scoring reads) is the answer exactly as the chat format holds it."""
+  _, tok, hf = pair
+  for ex in examples[:50]:
+    messages = [{"role": "user", "content": ex.prompt},
+                {"role": "assistant", "content": ex.completion}]
+    full = hf.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert tok.render_chat(ex.prompt, ex.completion) == hf.apply_chat_template(
+        messages, tokenize=False)
+    c = tok.completion_ids(ex.completion)
+    assert c[-1] == tok.eos_id
+    assert any(full[s:s + len(c)] == c for s in range(len(full))), ex.id
+
+
+@pytest.mark.parametrize("kind", ["llama3", "gemma"])
+def test_base_model_without_template_is_bos_and_prompt(kind, examples, tmp_path):
+  folder = _build(kind, tmp_path, [e.prompt for e in examples[:300]], template=False)
+  tok, hf = Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder))
+  assert tok.chat_template is None
+  for ex in examples[:200]:
+    head, body = tok.prompt_ids(ex.prompt)
+    assert head == [tok.bos_id]
+    assert head + body == hf(ex.prompt)["input_ids"]
+  assert tok.eos_id == hf.eos_token_id
+
+
+def test_save_load_and_pickle_keep_the_files(pair, examples, tmp_path):
+  kind, tok, _ = pair
+  tok.save(tmp_path)
+  names = sorted(p.name for p in tmp_path.iterdir())
+  main = "tokenizer.model" if kind == "gemma" else "tokenizer.json"
+  assert names == sorted([main, "tokenizer_config.json", "generation_config.json"])
+  for name in names:
+    assert (tmp_path / name).read_bytes() == (pathlib.Path(tok.path) / name).read_bytes()
+  text = examples[0].prompt
+  for other in (Tokenizer.load(tmp_path), pickle.loads(pickle.dumps(tok))):
+    assert other.prompt_ids(text) == tok.prompt_ids(text)
+    assert (other.eos_id, other.stop_ids, other.pad_id) == (tok.eos_id, tok.stop_ids, tok.pad_id)
+
+
+def test_chat_template_file_wins_over_config(examples, tmp_path):
+  """transformers reads chat_template.jinja before tokenizer_config.json's template."""
+  folder = tf.byte_level_bpe(tmp_path, [e.prompt for e in examples[:100]], "qwen")
+  alt = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}" \
+        "{% generation %}{% if add_generation_prompt %}<|im_start|>{% endif %}{% endgeneration %}"
+  (folder / "chat_template.jinja").write_text(alt)
+  tok, hf = Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder))
+  assert tok.chat_template == alt
+  messages = [{"role": "user", "content": "hi"}]
+  assert tok.render_chat("hi") == hf.apply_chat_template(
+      messages, add_generation_prompt=True, tokenize=False) == "<|im_start|>hi<|im_end|><|im_start|>"
+
+
+def _config(folder):
+  return json.loads((folder / "tokenizer_config.json").read_text())
+
+
+def test_bad_files_are_named(examples, tmp_path):
+  texts = [e.prompt for e in examples[:100]]
+  with pytest.raises(FileNotFoundError, match="no tokenizer model"):
+    Tokenizer.load(tmp_path / "empty")
+  folder = tf.byte_level_bpe(tmp_path / "a", texts, "qwen")
+  cfg = _config(folder)
+  cfg["eos_token"] = "<|no_such_token|>"
+  (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=r"tokenizer_config.json eos_token '<\|no_such_token\|>'"):
+    Tokenizer.load(folder)
+  (folder / "tokenizer_config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+    Tokenizer.load(folder)
+  folder = tf.byte_level_bpe(tmp_path / "b", texts, "qwen")
+  cfg = _config(folder)
+  cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+  (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match="no special token"):
+    Tokenizer.load(folder)
+  folder = tf.gemma_sentencepiece(tmp_path / "c", texts)
+  cfg = _config(folder)
+  cfg["added_tokens_decoder"]["1"]["rstrip"] = True
+  (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match="'<eos>' sets rstrip"):
+    Tokenizer.load(folder)
+
+
+def test_projects_own_tokenizer_is_unchanged(examples, tmp_path):
+  """No config, no template: [BOS] prompt, EOS ends a completion, ids from the proto."""
+  tok = Tokenizer.train([e.prompt for e in examples[:200]], tmp_path, vocab_size=600)
+  assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+  assert tok.stop_ids == (3,) and tok.chat_template is None
+  p, c = examples[0].prompt, examples[0].completion
+  assert tok.prompt_ids(p) == ([2], tok.encode(p))
+  assert tok.completion_ids(c) == tok.encode(c) + [3]
+  assert 3 not in tok.encode("a </s> b")  # control-piece text is not an EOS, as before
