@@ -39,16 +39,15 @@ def model_config(model: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
 
 
 def prepare_data(run: RunConfig, workdir: str):
-  """Builds (or reuses) the examples and the tokenizer; (built, tokenizer)."""
+  """Builds (or reuses) the examples; (built, tokenizer): the checkpoint's tokenizer, else the build's.
+
+  A checkpoint folder's tokenizer.json (Qwen3, Llama-3) or tokenizer.model
+  (Gemma, Llama-2) is read with its tokenizer_config.json / generation_config.json.
+  """
   built = data_build.build_dataset(run.data, workdir, train_tokenizer=Tokenizer.train)
-  tokenizer_path = built.tokenizer_path
   if run.model is not None and run.model.hf_checkpoint:
-    tokenizer_path = os.path.join(run.model.hf_checkpoint, "tokenizer.model")
-    if not os.path.exists(tokenizer_path):
-      raise FileNotFoundError(
-          f"{tokenizer_path}: a Hugging Face checkpoint needs a SentencePiece tokenizer.model "
-          "beside it (Llama-2 / Gemma style); tokenizer.json-only models are not supported yet")
-  return built, Tokenizer.load(tokenizer_path)
+    return built, Tokenizer.load(run.model.hf_checkpoint)
+  return built, Tokenizer.load(built.tokenizer_path)
 
 
 def initial_model(run: RunConfig, model_cfg: ModelConfig, mesh):
@@ -80,10 +79,10 @@ def run_sft_stage(run: RunConfig, workdir: str, built, tokenizer, mesh):
 
 
 def export_policy(graphdef, params, model_cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str):
-  """Writes the policy as a Hugging Face checkpoint with its tokenizer beside it."""
+  """Writes the policy as a Hugging Face checkpoint with the tokenizer files it was trained with."""
   hf_import.export_hf_checkpoint(nnx.merge(graphdef, params), model_cfg, out_dir)
   if jax.process_index() == 0:
-    io.atomic_write(os.path.join(out_dir, "tokenizer.model"), tokenizer.model_proto)
+    tokenizer.save(out_dir)
   logging.info("policy written to %s", out_dir)
 
 
@@ -94,7 +93,7 @@ def load_policy(run_dir: str, mesh, dtype: str):
     raise FileNotFoundError(f"{d}: no exported policy (a finished sft or rl run writes one)")
   _, model = hf_import.load_hf_checkpoint(d, mesh, dtype=dtype)
   graphdef, params = nnx.split(model)
-  return graphdef, params, Tokenizer.load(os.path.join(d, "tokenizer.model"))
+  return graphdef, params, Tokenizer.load(d)
 
 
 def evaluate(run: RunConfig, workdir: str, built, tokenizer, graphdef, params,
