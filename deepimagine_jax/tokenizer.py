@@ -39,6 +39,7 @@ import jinja2.ext
 import jinja2.sandbox
 import sentencepiece as spm
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 
 from data_pipeline import io
 
@@ -70,6 +71,8 @@ class Tokenizer:
     self._files = {k: bytes(v) for k, v in files.items()}
     self.path = path
     config = _json_file(self._files, CONFIG_NAME, path)
+    if "added_tokens_decoder" not in config:  # a legacy folder: transformers reads this file too
+      config.update(_json_file(self._files, SPECIAL_MAP_NAME, path))
     generation = _json_file(self._files, GENERATION_CONFIG_NAME, path)
     if JSON_NAME in self._files:
       self._backend = _HFTokenizers(self._files[JSON_NAME])
@@ -277,6 +280,14 @@ class _SentencePiece:
 
   def __init__(self, data: bytes, config: Mapping[str, Any], path: str):
     self._sp = spm.SentencePieceProcessor(model_proto=data)
+    # transformers' non-legacy Llama tokenizer (`"legacy": false`) gives only the text's
+    # first chunk the dummy prefix "▁", not the chunks after a special token.
+    self._after_special = self._sp
+    if not config.get("legacy", True):
+      proto = sentencepiece_model_pb2.ModelProto()
+      proto.ParseFromString(data)
+      proto.normalizer_spec.add_dummy_prefix = False
+      self._after_special = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     self._added, self._by_text = {}, {}  # id <-> text: matched in text and decoded as itself
     for i, token in config.get("added_tokens_decoder", {}).items():
       for flag in ("lstrip", "rstrip", "single_word"):
@@ -304,7 +315,7 @@ class _SentencePiece:
       if k % 2:
         ids.append(self._by_text[part])
       elif part:
-        ids += self._sp.encode(part)
+        ids += (self._sp if k == 0 else self._after_special).encode(part)
     return ids
 
   def decode(self, ids: list[int]) -> str:

@@ -1,7 +1,8 @@
 """Checkpoint tokenizer folders built locally (no download), shaped like the real ones.
 
 Qwen3 (byte-level BPE, ChatML, no BOS), Llama-3 (byte-level BPE, BOS from the
-post-processor, header tokens, no pad) and Gemma (SentencePiece with Gemma's
+post-processor, header tokens, no pad), Llama-2 (SentencePiece with a dummy prefix,
+[INST] turns ending in </s>) and Gemma (SentencePiece with Gemma's
 special ids pad 0, eos 1, bos 2, unk 3, mask 4 and <start_of_turn>/<end_of_turn>). The
 chat templates follow the published ones' structure.
 """
@@ -37,6 +38,19 @@ LLAMA3_TEMPLATE = (
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     "{% endif %}")
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}"
+    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
 GEMMA_TEMPLATE = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
     {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
@@ -165,4 +179,28 @@ def gemma_sentencepiece(out: pathlib.Path, texts, vocab_size: int = 1000,
   _write_json(out / "generation_config.json",
               {"bos_token_id": 2, "eos_token_id": [1, sp.piece_to_id("<end_of_turn>")],
                "pad_token_id": 0})
+  return out
+
+
+def llama2_sentencepiece(out: pathlib.Path, texts, vocab_size: int = 1000,
+                         template: bool = True) -> pathlib.Path:
+  """A Llama-2-shaped tokenizer.model (unk 0, bos 1, eos 2, no pad, dummy prefix, non-legacy)."""
+  out.mkdir(parents=True, exist_ok=True)
+  proto = io.BytesIO()
+  lines = sorted(line for t in texts for line in t.split("\n") if line.strip())
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
+      model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+      character_coverage=1.0, num_threads=1, minloglevel=2)
+  (out / "tokenizer.model").write_bytes(proto.getvalue())
+  config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "pad_token": None, "add_bos_token": True,
+            "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False,
+            "added_tokens_decoder": {str(i): _added(s)
+                                     for i, s in enumerate(["<unk>", "<s>", "</s>"])}}
+  if template:
+    config["chat_template"] = LLAMA2_TEMPLATE
+  _write_json(out / "tokenizer_config.json", config)
+  _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
   return out
