@@ -14,11 +14,21 @@ CT Open Summer 2025 trials are the benchmark `eval` split (their questions keep 
 CT Open keys the evaluation needs); every other trial is hashed into
 train / dev / rl. Winter 2025 questions about a Summer trial are dropped (counted):
 they are not benchmark questions and would leak the trial into training.
+
+Every question with a public date gets up to `anchors_k` anchors (anchors.find_anchors:
+training trials only, public before its cutoff) and, with each, an approximate pair
+(and a chain when the walk has two or more steps); the retrieval index is saved in
+`index/` with its sha256 in the report. Natural (same-trial) pairs are for training
+only. Once the tokenizer is trained, every prompt over `prompt_len` tokens (or too
+long for `seq_len` with its completion) is re-rendered with its longest fields cut
+(templates.fit_to_tokens), so nothing downstream cuts a prompt; the report counts
+the prompts with cut fields per split.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -29,27 +39,31 @@ import tempfile
 import time
 from typing import Callable, Iterable, Protocol, Sequence
 
-from data_pipeline import facts, io, pairs, questions, splits, synthetic, templates
+from data_pipeline import (anchors, facts, io, pairs, questions, retrieval, splits, synthetic,
+                           templates)
 from data_pipeline.build_report import BuildReport
 from data_pipeline.config import DataConfig
 from data_pipeline.data_root import resolve_data_root
-from data_pipeline.example import Example
+from data_pipeline.example import PAIR_KINDS, Example
 from data_pipeline.readers import ct_open, ctgov_json, ctgov_xml, evidence_inference
-from data_pipeline.retrieval import TrialIndex
 
-BUILD_VERSION = 3  # bump when the build's code changes what it writes
+BUILD_VERSION = 4  # bump when the build's code changes what it writes
 SPLITS = ("train", "dev", "rl", "eval")
 CT_OPEN_RELEASES = ("Winter_2025", "Summer_2025")
 EVAL_RELEASE = "Summer_2025"
-# The config keys that change what a build writes (seq_len, prompt_len, pack do not).
+# The config keys that change what a build writes (pack does not; seq_len and
+# prompt_len size the prompts).
 FINGERPRINT_KEYS = ("sources", "seed", "vocab_size", "dev_fraction", "rl_fraction",
-                    "max_anchors", "chain_k", "tfds")
+                    "max_anchors", "anchors_k", "retriever", "factor_order", "seq_len",
+                    "prompt_len", "tfds")
 SYNTHETIC_EXAMPLES = 2000
-APPROX_NEIGHBOURS = 10  # retrieval candidates per target trial
 
 
 class TrainedTokenizer(Protocol):
   vocab_size: int
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids, no BOS / EOS."""
 
 
 # train_tokenizer(texts, model_dir, vocab_size) writes model_dir/tokenizer.model and
@@ -91,8 +105,10 @@ def source_files(root: pathlib.Path, sources: Sequence[str]) -> list[pathlib.Pat
   return files
 
 
-def fingerprint(cfg: DataConfig, root: pathlib.Path) -> dict:
-  """What decides a build's content; equal fingerprints mean an equal build."""
+def fingerprint(cfg: DataConfig, root: pathlib.Path, embed: retrieval.Embed | None = None
+                ) -> dict:
+  """What decides a build's content; equal fingerprints mean an equal build. A dense
+  build names its embed function by repr (an object address: never reused by mistake)."""
   sources = cfg.sources
   files = []
   for p in source_files(root, sources):
@@ -101,6 +117,9 @@ def fingerprint(cfg: DataConfig, root: pathlib.Path) -> dict:
                   st.st_mtime_ns if st else -1])
   keys = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
   keys["sources"] = list(sources)
+  keys["factor_order"] = list(cfg.factor_order)
+  if cfg.retriever == "dense":
+    keys["embed"] = repr(embed)
   body = {"build_version": BUILD_VERSION, "config": keys, "root": os.fspath(root),
           "synthetic_examples": SYNTHETIC_EXAMPLES if "synthetic" in sources else 0,
           "files": files}
@@ -175,8 +194,46 @@ def _nested_counts(examples: Sequence[Example], *fields: str) -> dict:
   return out
 
 
+def _factor_counts(examples: Sequence[Example]) -> dict:
+  """{pair kind: {number of differing factors: count}}."""
+  out: dict = {}
+  for ex in examples:
+    if ex.kind in PAIR_KINDS:
+      c = out.setdefault(ex.kind, {})
+      c[str(len(ex.factors))] = c.get(str(len(ex.factors)), 0) + 1
+  return out
+
+
+def fit_prompts(by_split: dict, tok: TrainedTokenizer, cfg: DataConfig, report: BuildReport
+                ) -> tuple[dict, dict]:
+  """Every prompt re-rendered to fit prompt_len tokens with BOS (and seq_len with its
+  completion, BOS and EOS), so no consumer cuts one. Returns the examples by split and
+  {split: {examples, shortened (a field cut), refit (re-rendered for tokens), max_tokens,
+  max_chars}}; a prompt that cannot fit is dropped, counted under 'render'."""
+  n_tokens = functools.lru_cache(maxsize=None)(lambda text: len(tok.encode(text)))
+  out, counts = {}, {}
+  for s, exs in by_split.items():
+    kept, refit, longest = [], 0, 0
+    for ex in exs:
+      limit = min(cfg.prompt_len - 1, cfg.seq_len - 2 - n_tokens(ex.completion))
+      try:
+        fitted = templates.fit_to_tokens(ex, n_tokens, limit)
+      except templates.PromptTooLong as e:
+        report.add_skip("render", "prompt_too_long", f"{ex.id}: {str(e)[:80]}")
+        continue
+      refit += fitted is not ex
+      longest = max(longest, 1 + n_tokens(fitted.prompt))
+      kept.append(fitted)
+    out[s] = kept
+    counts[s] = {"examples": len(kept), "shortened": sum(ex.prompt_fields_cut > 0 for ex in kept),
+                 "refit": refit, "max_tokens": longest,
+                 "max_chars": max((len(ex.prompt) for ex in kept), default=0)}
+  return out, counts
+
+
 def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: float,
-                tok_vocab: int, fp: dict) -> dict:
+                tok_vocab: int, fp: dict, found: anchors.AnchorSet, index: dict | None,
+                prompts: dict) -> dict:
   everything = [ex for exs in by_split.values() for ex in exs]
   rd = reader.to_dict()
   qs = [ex for ex in everything if ex.kind == "question"]
@@ -192,6 +249,12 @@ def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: 
       "questions_by_source_and_type": _nested_counts(qs, "source", "question_type"),
       "pairs_by_kind_and_perturbation": _nested_counts(pairs_, "kind", "perturbation"),
       "pairs_by_kind_and_source": _nested_counts(pairs_, "kind", "source"),
+      "pairs_by_split_kind_and_n_factors": {s: _factor_counts(exs)
+                                            for s, exs in by_split.items()},
+      "anchors": {"k": fp["config"]["anchors_k"], "retriever": fp["config"]["retriever"],
+                  "factor_order": fp["config"]["factor_order"],
+                  "coverage": found.coverage, "index": index},
+      "prompts": prompts,
       "split_sizes": {s: len(by_split.get(s, [])) for s in by_split},
       "split_sizes_by_kind": {s: dict(collections.Counter(ex.kind for ex in exs))
                               for s, exs in by_split.items()},
@@ -218,9 +281,31 @@ def format_report(r: dict) -> str:
   lines.append("questions by source / type:")
   for src, d in r["questions_by_source_and_type"].items():
     lines.append(f"  {src:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in sorted(d.items())))
-  lines.append("pairs by kind / perturbation:")
+  lines.append("pairs by kind / perturbation (cross-trial kinds: pairs in which each factor "
+               "differs):")
   for kind, d in r["pairs_by_kind_and_perturbation"].items():
-    lines.append(f"  {kind:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in sorted(d.items())))
+    if kind != "natural_pair":
+      per = collections.Counter(f for k, v in d.items() for f in k.split("+") if f for _ in
+                                range(v))
+      d = {f: per[f] for f in r["anchors"]["factor_order"] if per[f]}
+    lines.append(f"  {kind:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in d.items()))
+  lines.append(f"pairs by split / kind / number of differing factors:")
+  for s, d in r["pairs_by_split_kind_and_n_factors"].items():
+    for kind, c in d.items():
+      lines.append(f"  {s:<6} {kind:<17} " + ", ".join(
+          f"{k}:{v}" for k, v in sorted(c.items(), key=lambda kv: int(kv[0]))))
+  a = r["anchors"]
+  lines.append(f"anchors ({a['retriever']}, k={a['k']}): targets with k anchors / with any / "
+               "all, per split")
+  for s, c in a["coverage"].items():
+    share = c.get("with_k", 0) / max(c["targets"], 1)
+    lines.append(f"  {s:<6} {c.get('with_k', 0):>5} ({share:.1%}) / {c.get('with_any', 0):>5} / "
+                 f"{c['targets']:>5}" + "".join(f"  {k}={c[k]}" for k in
+                                              ("no_public_date", "no_trial_text") if k in c))
+  lines.append("prompts with a field cut to fit (budget / prompt_len), per split:")
+  for s, c in r["prompts"].items():
+    lines.append(f"  {s:<6} {c['shortened']:>5} of {c['examples']:>5}  "
+                 f"(longest {c['max_tokens']} tokens, {c['max_chars']} chars)")
   lines.append("splits (label balance: fraction of each label index, per option count):")
   for s, n in r["split_sizes"].items():
     bal = "; ".join(f"{k}-way n={v['n']} {v['fractions']}"
@@ -238,31 +323,14 @@ def _write_examples(path: pathlib.Path, examples: Sequence[Example]) -> None:
 
 # --- the build ----------------------------------------------------------------
 
-def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
-                  train_tokenizer: TrainTokenizer, force: bool = False,
-                  verbose: bool = True) -> BuiltData:
-  """Builds (or reuses) the dataset described by `cfg`.
+def make_examples(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
+                  embed: retrieval.Embed | None = None
+                  ) -> tuple[dict[str, list[Example]], anchors.AnchorSet, set[str]]:
+  """Read, pair, render and split: ({split: examples}, the anchors, the eval trial ids).
 
-  `train_tokenizer(texts, model_dir, vocab_size)` trains the build's tokenizer on
-  the prompts and completions of every split but eval, writing
-  `model_dir/tokenizer.model`, and returns it (its `vocab_size` goes in the report):
-  pass `deepimagine_jax.tokenizer.Tokenizer.train`.
+  Checked before anything is written: no held-out trial leaks into training
+  (splits.assert_no_leakage) and every cross-trial anchor is time-respecting.
   """
-  t0 = time.time()
-  root = resolve_data_root(cfg.root)
-  build_dir = pathlib.Path(cfg.build_dir or pathlib.Path(workdir) / "data").resolve()
-  fp = fingerprint(cfg, root)
-  if not force:
-    built = _load_if_current(build_dir, fp)
-    if built is not None:
-      built.report["reused"] = True
-      logging.info("data build: reusing %s (fingerprint %s)", build_dir, fp["sha256"][:12])
-      if verbose:
-        print(f"data build: reusing {build_dir} (fingerprint matches)")
-      return built
-  logging.info("data build: building %s from %s (sources %s)", build_dir, root, cfg.sources)
-
-  report = BuildReport()
   qs, trials, ready = read_sources(root, cfg.sources, cfg.seed, report)
   eval_ids = splits.ct_open_eval_ids(qs, EVAL_RELEASE)
   kept = []
@@ -271,16 +339,16 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
       report.add_skip("splits", "ct_open_earlier_release_on_eval_trial", q.id)
     else:
       kept.append(q)
-  qs = facts.attach_facts(kept, trials)
-  index = TrialIndex(list(trials.values())) if trials else None
+  qs = facts.attach_facts(anchors.with_public_dates(kept, trials), trials)
+  split_of = splits.TrialSplits(cfg.seed, dev_fraction=cfg.dev_fraction,
+                                rl_fraction=cfg.rl_fraction, eval_trial_ids=eval_ids)
+  found = anchors.find_anchors(qs, trials, split_of, k=cfg.anchors_k, retriever=cfg.retriever,
+                               embed=embed)
   examples = list(qs)
   examples += pairs.natural_pairs(qs, report, max_anchors=cfg.max_anchors)
-  if index is not None:
-    examples += pairs.approximate_pairs(qs, index, k=APPROX_NEIGHBOURS, report=report,
-                                        max_anchors=cfg.max_anchors)
-    if cfg.chain_k > 0:
-      examples += pairs.all_chains(qs, index, k=cfg.chain_k,
-                                   n_neighbours=APPROX_NEIGHBOURS, report=report)
+  for q in qs:
+    examples += pairs.cross_trial_pairs(q, found.anchors.get(q.id, ()), cfg.factor_order,
+                                        report)
   examples += ready
   rendered = []
   for ex in examples:
@@ -297,25 +365,60 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
   by_split = {s: by_split.get(s, []) for s in SPLITS} | {
       s: v for s, v in sorted(by_split.items()) if s not in SPLITS}
   splits.assert_no_leakage(by_split)
+  anchors.assert_time_respecting([ex for exs in by_split.values() for ex in exs])
+  return by_split, found, eval_ids
+
+
+def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
+                  train_tokenizer: TrainTokenizer, embed: retrieval.Embed | None = None,
+                  force: bool = False, verbose: bool = True) -> BuiltData:
+  """Builds (or reuses) the dataset described by `cfg`.
+
+  `train_tokenizer(texts, model_dir, vocab_size)` trains the build's tokenizer on
+  the prompts and completions of every split but eval, writing
+  `model_dir/tokenizer.model`, and returns it (its `vocab_size` goes in the report,
+  its `encode` sizes the prompts): pass `deepimagine_jax.tokenizer.Tokenizer.train`.
+  `embed(texts) -> [N, D]` is the dense retriever's encoder (data.retriever 'dense').
+  """
+  t0 = time.time()
+  root = resolve_data_root(cfg.root)
+  build_dir = pathlib.Path(cfg.build_dir or pathlib.Path(workdir) / "data").resolve()
+  fp = fingerprint(cfg, root, embed)
+  if not force:
+    built = _load_if_current(build_dir, fp)
+    if built is not None:
+      built.report["reused"] = True
+      logging.info("data build: reusing %s (fingerprint %s)", build_dir, fp["sha256"][:12])
+      if verbose:
+        print(f"data build: reusing {build_dir} (fingerprint matches)")
+      return built
+  logging.info("data build: building %s from %s (sources %s)", build_dir, root, cfg.sources)
+
+  report = BuildReport()
+  by_split, found, eval_ids = make_examples(cfg, root, report, embed)
 
   build_dir.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{build_dir.name}.staging-",
                                           dir=build_dir.parent))
   try:
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would become the build's mode
-    (staging / "examples").mkdir()
-    for s, exs in by_split.items():
-      _write_examples(staging / "examples" / f"{s}.jsonl", exs)
     texts = [t for s, exs in by_split.items() if s != "eval"
              for ex in exs for t in (ex.prompt, ex.completion)]
     tok = train_tokenizer(texts, staging / "tokenizer", cfg.vocab_size)
+    by_split, prompts = fit_prompts(by_split, tok, cfg, report)
+    (staging / "examples").mkdir()
+    for s, exs in by_split.items():
+      _write_examples(staging / "examples" / f"{s}.jsonl", exs)
+    index = (retrieval.save_index(staging / "index", found.retriever, found.pool_dates)
+             if found.retriever is not None else None)
     if cfg.tfds:
       from data_pipeline.tfds_pairs import build_tfds  # heavy import, only when asked
       both = staging / "all.jsonl"
       _write_examples(both, [ex for exs in by_split.values() for ex in exs])
       build_tfds(both, staging / "tfds")
       both.unlink()
-    rep = make_report(report, by_split, len(eval_ids), time.time() - t0, tok.vocab_size, fp)
+    rep = make_report(report, by_split, len(eval_ids), time.time() - t0, tok.vocab_size, fp,
+                      found, index, prompts)
     io.write_json(staging / "report.json", rep, sort_keys=True)
     # written last: a staging folder without it is never mistaken for a build
     io.write_json(staging / "fingerprint.json", fp)

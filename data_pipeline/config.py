@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from data_pipeline.example import SOURCES
+from data_pipeline.facts import FACTORS
+from data_pipeline.retrieval import RETRIEVERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +24,10 @@ class DataConfig:
   pack: bool
   dev_fraction: float
   rl_fraction: float
-  max_anchors: int  # natural / approximate pairs per target
-  chain_k: int  # anchors per target for successive imagining
+  max_anchors: int  # natural (same-trial, training-only) pairs per target and perturbation type
+  anchors_k: int  # retrieved anchors per target (other trials, public before its cutoff)
+  retriever: str  # one of retrieval.RETRIEVERS
+  factor_order: tuple[str, ...]  # a permutation of facts.FACTORS: the walk's step order
   tfds: bool  # also write a TFDS (ArrayRecord) copy of the examples
 
   def __post_init__(self):
@@ -33,3 +37,11 @@ class DataConfig:
     bad = [s for s in self.sources if s not in SOURCES]
     if bad:
       raise ValueError(f"data.sources: unknown source(s) {bad}; known: {list(SOURCES)}")
+    if (not isinstance(self.factor_order, tuple)
+        or sorted(self.factor_order) != sorted(FACTORS)):
+      raise ValueError(f"data.factor_order: expected a tuple holding each of {list(FACTORS)} "
+                       f"once, got {self.factor_order!r}")
+    if self.retriever not in RETRIEVERS:
+      raise ValueError(f"data.retriever: {self.retriever!r} is not one of {list(RETRIEVERS)}")
+    if self.anchors_k < 1:
+      raise ValueError(f"data.anchors_k: need at least 1 anchor per target, got {self.anchors_k}")

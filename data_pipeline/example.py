@@ -14,10 +14,13 @@ Fields (defaults in brackets; "" / -1 / () / None mean "does not apply"):
   trial_id         the target trial (NCT id; "PMC<id>" for Evidence Inference)
   options          tuple[str, ...], 2 or 3 option sentences
   label            index of the true option in `options`
-  perturbation     [""] '+'-joined sorted factors of a pair / chain (dose, outcome, comparator,
-                   country, phase, population); "dose" for synthetic
+  perturbation     [""] '+'-joined sorted factors of a pair / chain (facts.FACTORS: population,
+                   condition, drug, dose, comparator, outcome, phase, allocation, masking,
+                   country, sample_size); "" when none differs; "dose" for synthetic
   anchor_trial_id  [""] the anchor's trial for pairs, chains and synthetic
   prompt, completion  [""] filled by templates.render ("DECISION: (1, 0)" completion)
+  prompt_fields_cut [0] how many fields templates.render cut so the prompt fits its budget
+                   (0: the prompt shows every field whole)
   split            [""] train | dev | rl | eval after splits.assign_splits; a CT Open
                    question carries its release ("Winter_2025") until then
   category         [""] CT Open category ("2-way/explicit")
@@ -41,10 +44,18 @@ Fields (defaults in brackets; "" / -1 / () / None mean "does not apply"):
   facts            [None] Facts: factor values from the question's Trial (pairs.attach_facts);
                    None on pairs
   anchor           [None] Anchor: the anchor question of a pair / chain, with its label
-  factors          [()] tuple[Factor, ...]: what changed, anchor -> target (chain steps in order)
-  unknown_factors  [()] tuple[str, ...]: factors unknown on both sides (approximate pairs, chains)
-  similarity       [None] cosine similarity of the two trials (approximate pairs)
+  factors          [()] tuple[Factor, ...]: what changed, anchor -> target, in the walk's
+                   order (data.factor_order): the steps to take
+  unknown_factors  [()] tuple[str, ...]: factors unknown on one side or both (approximate
+                   pairs, chains): they cannot be compared, so they are no step
+  similarity       [None] retrieval similarity of the two trials (approximate pairs, chains)
   synthetic        [None] SyntheticTask: the controlled dose task's numbers
+  public_date      [""] ISO date the question's result became public: CT Open, its release's
+                   cutoff (Winter_2025 2025-02-01, Summer_2025 2025-09-01); registry
+                   questions, the trial's results-first-posted date. A target is predicted
+                   as of this date: a cross-trial anchor must be public strictly before it
+                   (anchors.time_respecting); a pair carries the target's date and
+                   `anchor.public_date` the anchor's
 """
 from __future__ import annotations
 
@@ -76,6 +87,11 @@ class Facts:
   arm_a: str = ""
   arm_b: str = ""
   drugs: tuple[str, ...] = ()  # sorted normalised names of the study arm's active drugs
+  condition: str = ""  # "; "-joined conditions of the trial
+  drug: str = ""  # the drugs as one value ("drug a + drug b"): the intervention factor
+  allocation: str = ""  # RANDOMIZED | NON_RANDOMIZED | NA
+  masking: str = ""  # NONE | SINGLE | ... | QUADRUPLE
+  sample_size: str = ""  # enrollment bucket ("100-299"), facts.size_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +122,7 @@ class Anchor:
   options: tuple[str, ...]
   label: int
   question_type: str
+  public_date: str = ""  # when this result became public (Example.public_date)
 
   @classmethod
   def of(cls, question: Example) -> Anchor:
@@ -159,6 +176,8 @@ class Example:
   unknown_factors: tuple[str, ...] = ()
   similarity: float | None = None
   synthetic: SyntheticTask | None = None
+  public_date: str = ""
+  prompt_fields_cut: int = 0
 
   @classmethod
   def pair(cls, anchor: Example, target: Example, kind: str, factors, *,
@@ -171,7 +190,7 @@ class Example:
         perturbation="+".join(sorted({f.factor for f in factors})),
         anchor_trial_id=anchor.trial_id, anchor=Anchor.of(anchor), factors=factors,
         unknown_factors=tuple(unknown_factors), similarity=similarity, facts=None,
-        prompt="", completion="", split="")
+        prompt="", completion="", split="", prompt_fields_cut=0)
 
   @property
   def n_options(self) -> int:

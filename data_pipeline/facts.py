@@ -1,9 +1,10 @@
 """Facts: the factor values of a question, read once from its Trial, so pairing never
 looks a trial up again; and the comparison of two questions' facts.
 
-The factors (FACTORS) are where a trial ran (countries as regions, COUNTRY_REGION),
-who took part (age group and sex), the phase, the comparator type, the study arm's
-dose, and the outcome. A value is "" when unknown.
+The factors (FACTORS) are who took part (age group and sex; the condition), the
+arms (the study arm's drugs and dose, the comparator type), the outcome, the
+design (phase, allocation, masking), where the trial ran (countries as regions,
+COUNTRY_REGION) and its size (an enrollment bucket). A value is "" when unknown.
 """
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ from data_pipeline.example import Example, Factor, Facts
 from data_pipeline.questions import arms_from_options
 from data_pipeline.schema import Arm, Trial
 
-# Step order of a chain: setting first, then who, then what is compared.
-FACTORS = ("country", "population", "phase", "comparator", "dose", "outcome")
+# Every factor, in the default order of a walk from anchor to target (the config key
+# data.factor_order): population -> arms -> outcome -> the rest.
+FACTORS = ("population", "condition", "drug", "dose", "comparator", "outcome", "phase",
+           "allocation", "masking", "country", "sample_size")
+# Compared by word overlap (same_text), not equality: free text is never spelt alike.
+TEXT_FACTORS = ("outcome", "condition")
+SIZE_BUCKETS = ((50, "<50"), (100, "50-99"), (300, "100-299"), (1000, "300-999"))
 
 _REGIONS = {
     "North America": ("United States", "Canada", "Puerto Rico"),
@@ -73,6 +79,13 @@ def population_of(trial: Trial) -> str:
     age = "all ages"
   sex = {"FEMALE": "female", "MALE": "male"}.get(e.sex, "")
   return ", ".join(x for x in (age, sex) if x)
+
+
+def size_bucket(enrollment: int | None) -> str:
+  """Enrollment as a bucket ('100-299'): sample size is a factor only when it changes scale."""
+  if enrollment is None:
+    return ""
+  return next((name for limit, name in SIZE_BUCKETS if enrollment < limit), ">=1000")
 
 
 def phase_of(trial: Trial) -> str:
@@ -157,7 +170,12 @@ def facts_of(q: Example, trial: Trial | None) -> Facts:
       dose=dose, dose_frequency=freq,
       outcome=q.outcome_title or q.endpoint,
       arm_a=a_label, arm_b=b_label,
-      drugs=tuple(sorted(drugs_of(arm_a))))
+      drugs=tuple(sorted(drugs_of(arm_a))),
+      condition="; ".join(trial.conditions) if trial else "",
+      drug=" + ".join(sorted(drugs_of(arm_a))),
+      allocation=trial.allocation if trial else "",
+      masking=trial.masking if trial else "",
+      sample_size=size_bucket(trial.enrollment) if trial else "")
 
 
 def attach_facts(questions: Iterable[Example], trials: Mapping[str, Trial]) -> list[Example]:
@@ -165,30 +183,32 @@ def attach_facts(questions: Iterable[Example], trials: Mapping[str, Trial]) -> l
   return [q.replace(facts=facts_of(q, trials.get(q.trial_id))) for q in questions]
 
 
-def _outcome_words(text: str) -> set[str]:
+def _words(text: str) -> set[str]:
   return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
 
 
-def same_outcome(a: str, b: str) -> bool:
-  wa, wb = _outcome_words(a), _outcome_words(b)
-  return bool(wa and wb) and len(wa & wb) / len(wa | wb) >= OUTCOME_SAME_JACCARD
+def text_overlap(a: str, b: str) -> float:
+  """Word Jaccard of two outcome (or condition) texts, stop words and time words aside."""
+  wa, wb = _words(a), _words(b)
+  return len(wa & wb) / len(wa | wb) if wa and wb else 0.0
 
 
-def compare_facts(anchor: Facts, target: Facts, factors=FACTORS
-                  ) -> tuple[list[Factor], list[str]] | None:
-  """([Factor that differs, ...], [factors unknown on both]) or None.
+def same_text(a: str, b: str) -> bool:
+  """Two outcome (or condition) texts name the same thing: word Jaccard >= 0.5."""
+  return text_overlap(a, b) >= OUTCOME_SAME_JACCARD
 
-  None when a factor is known on one side only: the pair cannot be checked.
+
+def compare_facts(anchor: Facts, target: Facts, factors: Sequence[str] = FACTORS
+                  ) -> tuple[list[Factor], list[str]]:
+  """([Factor that differs, in `factors` order], [factors that cannot be compared]).
+
+  A factor unknown on either side cannot be compared: it is listed, never a step.
   """
   diffs, unknown = [], []
   for f in factors:
     va, vt = getattr(anchor, f), getattr(target, f)
-    if not va and not vt:
-      unknown.append(f)
-      continue
     if not va or not vt:
-      return None
-    differ = not same_outcome(va, vt) if f == "outcome" else va != vt
-    if differ:
+      unknown.append(f)
+    elif (not same_text(va, vt)) if f in TEXT_FACTORS else va != vt:
       diffs.append(Factor(f, va, vt))
   return diffs, unknown

@@ -27,6 +27,8 @@ from data_pipeline.build_report import BuildReport
 
 def to_jsonable(x: Any) -> Any:
   """A JSON-ready copy of `x` (dicts, lists, str, int, float, bool, None)."""
+  if x is None or type(x) in (str, int, bool):  # the common case first: builds write millions
+    return x
   if isinstance(x, dict):
     return {str(k): to_jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple, set, frozenset)):

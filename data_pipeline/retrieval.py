@@ -1,77 +1,194 @@
-"""Similar-trial retrieval: TF-IDF over intervention + condition + outcome text.
+"""Anchor retrieval: score a target trial against the anchor pool, pick the k best allowed.
 
-Approximate counterfactual pairs need trials that test the same thing under one
-changed factor; TF-IDF cosine on what was given, for what, measured how, finds
-candidates cheaply. scikit-learn does the weighting; rows are L2-normalised, so
-a dot product is the cosine.
+One interface (`Retriever`: `ids`, `scores(texts) -> [Q, N]`, `arrays()`) and three
+scorers over the trial text (title, conditions, interventions, outcome titles):
+TF-IDF cosine and Okapi BM25 (no model needed), and dense cosine over embeddings
+from an `embed(texts) -> [N, D]` the caller passes in (mean-pooled hidden states of
+a decoder: the pipeline never imports the model, as with the tokenizer trainer).
+Whichever scores, `top_k` picks the k best rows per query on device with
+`jax.lax.top_k` after masking the rows a query may not use (the time rule, its own
+trial), in fixed-size query batches so it compiles once; ties go to the lower row.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import functools
+import hashlib
+import pathlib
+from io import BytesIO
+from typing import Callable, Protocol, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
+from data_pipeline import io
 from data_pipeline.schema import Trial
+
+RETRIEVERS = ("tfidf", "bm25", "dense")
+QUERY_BATCH = 256  # queries per top_k call: one compiled shape
+_TOKENS = r"(?u)\b[a-zA-Z][a-zA-Z0-9\-]+\b"
+BM25_K1, BM25_B = 1.5, 0.75
+
+# embed(texts) -> float array [len(texts), D]: one row per text (e.g. mean-pooled hidden
+# states); the dense retriever normalises rows, so a dot product is the cosine.
+Embed = Callable[[Sequence[str]], np.ndarray]
 
 
 def trial_text(trial: Trial) -> str:
-  """Interventions, conditions and outcome titles: the parts that define 'similar'."""
-  parts = list(trial.conditions)
+  """Title, conditions, interventions and outcome titles: what defines 'similar'."""
+  parts = [trial.title, *trial.conditions]
   for arm in trial.arms:
     parts.extend(iv.name for iv in arm.interventions)
   parts.extend(o.title for o in trial.outcomes)
   return " . ".join(p for p in parts if p)
 
 
-class TrialIndex:
-  """Cosine nearest neighbours over trials (or over `{id: text}`)."""
+class Retriever(Protocol):
+  name: str
+  ids: tuple[str, ...]
 
-  def __init__(self, trials: Sequence[Trial] | Mapping[str, str]):
-    if isinstance(trials, Mapping):
-      self.ids = list(trials)
-      texts = [trials[i] for i in self.ids]
-    else:
-      self.ids = [t.id for t in trials]
-      texts = [trial_text(t) for t in trials]
-    if len(set(self.ids)) != len(self.ids):
-      raise ValueError("TrialIndex: duplicate trial ids")
-    self._row = {tid: i for i, tid in enumerate(self.ids)}
-    self.vectorizer = TfidfVectorizer(
-        lowercase=True, stop_words="english", sublinear_tf=True, min_df=1,
-        token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z0-9\-]+\b")
-    self.tfidf_NV = self.vectorizer.fit_transform(texts) if texts else None  # rows L2-normalised
+  def scores(self, texts: Sequence[str]) -> np.ndarray:
+    """Similarity [len(texts), len(ids)] float32, higher is nearer; 0 = nothing shared."""
 
-  def __len__(self) -> int:
-    return len(self.ids)
+  def arrays(self) -> dict[str, np.ndarray]:
+    """What the index is, as arrays (saved with the build)."""
 
-  def __contains__(self, trial_id: str) -> bool:
-    return trial_id in self._row
 
-  def scores(self, query: Trial | str) -> np.ndarray:
-    """Cosine similarity [N] of `query` (a Trial, an indexed id, or free text) to every row."""
-    if self.tfidf_NV is None:
-      return np.zeros((0,), np.float64)
-    if isinstance(query, Trial):
-      query_1V = self.vectorizer.transform([trial_text(query)])
-    elif query in self._row:
-      query_1V = self.tfidf_NV[self._row[query]]
-    else:
-      query_1V = self.vectorizer.transform([query])
-    return np.asarray((self.tfidf_NV @ query_1V.T).todense()).ravel()
+class TfidfRetriever:
+  """Cosine of sublinear TF-IDF vectors (rows L2-normalised, so a dot product is the cosine)."""
+  name = "tfidf"
 
-  def nearest(self, query: Trial | str, k: int, min_score: float = 0.0,
-              exclude: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, float]]:
-    """Up to k (id, cosine) best first, never the query's own id; ties by id."""
-    scores_N = self.scores(query)
-    own = query.id if isinstance(query, Trial) else query
-    order = sorted(range(len(scores_N)), key=lambda i: (-scores_N[i], self.ids[i]))
-    out = []
-    for i in order:
-      tid = self.ids[i]
-      if tid == own or tid in exclude or scores_N[i] <= min_score:
-        continue
-      out.append((tid, float(scores_N[i])))
-      if len(out) == k:
-        break
-    return out
+  def __init__(self, ids: Sequence[str], texts: Sequence[str]):
+    self.ids = tuple(ids)
+    self.vectorizer = TfidfVectorizer(lowercase=True, stop_words="english", sublinear_tf=True,
+                                      token_pattern=_TOKENS)
+    self.matrix_NV = self.vectorizer.fit_transform(texts)
+
+  def scores(self, texts: Sequence[str]) -> np.ndarray:
+    query_QV = self.vectorizer.transform(texts)
+    return (query_QV @ self.matrix_NV.T).toarray().astype(np.float32)
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {"vocabulary": self.vectorizer.get_feature_names_out().astype(str),
+            "idf": self.vectorizer.idf_, **_sparse_arrays(self.matrix_NV)}
+
+
+class Bm25Retriever:
+  """Okapi BM25 (k1 1.5, b 0.75, idf log(1 + (N - df + 0.5) / (df + 0.5))): a query
+  scores the sum of its distinct terms' weights in each document."""
+  name = "bm25"
+
+  def __init__(self, ids: Sequence[str], texts: Sequence[str]):
+    self.ids = tuple(ids)
+    self.vectorizer = CountVectorizer(lowercase=True, stop_words="english", token_pattern=_TOKENS)
+    tf_NV = self.vectorizer.fit_transform(texts).tocsr().astype(np.float64)
+    n_docs = tf_NV.shape[0]
+    df_V = np.bincount(tf_NV.indices, minlength=tf_NV.shape[1])
+    self.idf_V = np.log1p((n_docs - df_V + 0.5) / (df_V + 0.5))
+    length_N = np.asarray(tf_NV.sum(axis=1)).ravel()
+    norm_N = BM25_K1 * (1 - BM25_B + BM25_B * length_N / max(length_N.mean(), 1e-9))
+    rows_nnz = np.repeat(np.arange(n_docs), np.diff(tf_NV.indptr))
+    tf = tf_NV.data
+    self.weights_NV = tf_NV.copy()
+    self.weights_NV.data = self.idf_V[tf_NV.indices] * tf * (BM25_K1 + 1) / (tf + norm_N[rows_nnz])
+
+  def scores(self, texts: Sequence[str]) -> np.ndarray:
+    query_QV = self.vectorizer.transform(texts)
+    query_QV.data[:] = 1.0  # distinct query terms
+    return (query_QV @ self.weights_NV.T).toarray().astype(np.float32)
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {"vocabulary": self.vectorizer.get_feature_names_out().astype(str),
+            "idf": self.idf_V, **_sparse_arrays(self.weights_NV)}
+
+
+class DenseRetriever:
+  """Cosine of embeddings from `embed`, by a matmul on device."""
+  name = "dense"
+
+  def __init__(self, ids: Sequence[str], texts: Sequence[str], embed: Embed):
+    self.ids = tuple(ids)
+    self.embed = embed
+    self.index_ND = _unit_rows(embed(list(texts)), "index")
+
+  def scores(self, texts: Sequence[str]) -> np.ndarray:
+    query_QD = _unit_rows(self.embed(list(texts)), "query")
+    return np.asarray(_cosine(jnp.asarray(query_QD), jnp.asarray(self.index_ND)))
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {"embeddings": self.index_ND}
+
+
+def make_retriever(name: str, ids: Sequence[str], texts: Sequence[str],
+                   embed: Embed | None = None) -> Retriever:
+  """The retriever called `name` (data.retriever) fitted on the pool's texts."""
+  if name == "tfidf":
+    return TfidfRetriever(ids, texts)
+  if name == "bm25":
+    return Bm25Retriever(ids, texts)
+  if name == "dense":
+    if embed is None:
+      raise ValueError("data.retriever 'dense' needs an embed(texts) -> [N, D] function "
+                       "passed to build_dataset (embed=...)")
+    return DenseRetriever(ids, texts, embed)
+  raise ValueError(f"data.retriever: unknown retriever {name!r}; known: {list(RETRIEVERS)}")
+
+
+def _unit_rows(x, what: str) -> np.ndarray:
+  x_ND = np.asarray(x, np.float32)
+  if x_ND.ndim != 2 or not np.isfinite(x_ND).all():
+    raise ValueError(f"dense retriever: embed() gave {what} embeddings of shape {x_ND.shape} "
+                     "(need [texts, D], finite)")
+  return x_ND / np.maximum(np.linalg.norm(x_ND, axis=1, keepdims=True), 1e-12)
+
+
+@jax.jit
+def _cosine(query_QD, index_ND):
+  return query_QD @ index_ND.T
+
+
+def _sparse_arrays(m) -> dict[str, np.ndarray]:
+  m = m.tocsr()
+  return {"data": m.data, "indices": m.indices, "indptr": m.indptr, "shape": np.array(m.shape)}
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _masked_top_k(scores_QN, allowed_QN, k: int):
+  """k best allowed rows per query; rows not allowed or scoring <= 0 come back invalid."""
+  masked_QN = jnp.where(allowed_QN & (scores_QN > 0), scores_QN, -jnp.inf)
+  best_QK, rows_QK = jax.lax.top_k(masked_QN, k)
+  return best_QK, rows_QK, jnp.isfinite(best_QK)
+
+
+def top_k(scores_QN: np.ndarray, allowed_QN: np.ndarray, k: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(scores [Q, k], rows [Q, k], valid [Q, k]): each query's k best allowed rows with a
+  positive score, best first (ties to the lower row); `valid` is False past the last one."""
+  n_queries, n_rows = scores_QN.shape
+  k_eff = min(k, n_rows)
+  out = [np.zeros((n_queries, k), np.float32), np.zeros((n_queries, k), np.int64),
+         np.zeros((n_queries, k), bool)]
+  for start in range(0, n_queries, QUERY_BATCH):
+    stop = min(start + QUERY_BATCH, n_queries)
+    s_BN = np.zeros((QUERY_BATCH, n_rows), np.float32)
+    a_BN = np.zeros((QUERY_BATCH, n_rows), bool)
+    s_BN[:stop - start], a_BN[:stop - start] = scores_QN[start:stop], allowed_QN[start:stop]
+    for o, x in zip(out, _masked_top_k(s_BN, a_BN, k_eff)):
+      o[start:stop, :k_eff] = np.asarray(x)[:stop - start]
+  return tuple(out)
+
+
+def save_index(directory: pathlib.Path, retriever: Retriever, public_dates: Sequence[str]
+               ) -> dict:
+  """Writes `index.npz` (the retriever's arrays, the pool's trial ids and public dates)
+  and `index.json` (name, size, sha256 of the npz); returns the JSON."""
+  buf = BytesIO()
+  np.savez_compressed(buf, ids=np.array(retriever.ids), public_dates=np.array(public_dates),
+                      **retriever.arrays())
+  data = buf.getvalue()
+  io.atomic_write(directory / "index.npz", data)
+  meta = {"retriever": retriever.name, "trials": len(retriever.ids),
+          "sha256": hashlib.sha256(data).hexdigest()}
+  io.write_json(directory / "index.json", meta, sort_keys=True)
+  return meta

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 ARM_TYPES = ("EXPERIMENTAL", "ACTIVE_COMPARATOR", "PLACEBO_COMPARATOR",
              "SHAM_COMPARATOR", "NO_INTERVENTION", "OTHER", "")
@@ -17,6 +18,11 @@ OUTCOME_TYPES = ("primary", "secondary", "other")
 POLARITIES = ("higher_better", "lower_better", "unknown")
 QUALIFIERS = ("=", "<", "<=", ">", ">=")
 SEXES = ("ALL", "FEMALE", "MALE")
+ALLOCATIONS = ("RANDOMIZED", "NON_RANDOMIZED", "NA", "")
+MASKINGS = ("NONE", "SINGLE", "DOUBLE", "TRIPLE", "QUADRUPLE", "")
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class SchemaError(ValueError):
@@ -115,6 +121,11 @@ class Trial:
   arms: tuple[Arm, ...]
   outcomes: tuple[Outcome, ...]
   eligibility: Eligibility | None
+  allocation: str = ""  # RANDOMIZED | NON_RANDOMIZED | NA | "" (unknown)
+  masking: str = ""  # NONE | SINGLE | DOUBLE | TRIPLE | QUADRUPLE | "" (unknown)
+  # ISO date the results became public (the registry's results-first-posted date; for
+  # CT Open the release's cutoff, set by the build): the time rule of anchors reads it.
+  results_posted: str = ""
 
 
 
@@ -159,6 +170,10 @@ def validate_trial(t: Trial) -> Trial:
       _check(an.p_value is None or 0.0 <= an.p_value <= 1.0, ow, f"p_value {an.p_value}")
       _check(an.p_value is None or an.p_qualifier in QUALIFIERS, ow,
              f"p_qualifier {an.p_qualifier!r}")
+  _check(t.allocation in ALLOCATIONS, w, f"allocation {t.allocation!r}")
+  _check(t.masking in MASKINGS, w, f"masking {t.masking!r}")
+  _check(t.results_posted == "" or _ISO_DATE.fullmatch(t.results_posted) is not None, w,
+         f"results_posted {t.results_posted!r} is not YYYY-MM-DD")
   if t.eligibility is not None:
     _check(t.eligibility.sex in SEXES, w, f"sex {t.eligibility.sex!r}")
   return t

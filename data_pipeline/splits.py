@@ -7,7 +7,8 @@ everything else is hashed into train / dev / rl. An example takes its target
 trial's split. Cross-trial anchors must come from training trials (train or rl):
 a pair whose anchor is a dev or eval trial would show that trial's observed
 result, so it is dropped (and counted). Natural pairs keep an anchor from the
-target's own trial, which stays within one split.
+target's own trial: they are for training only (a held-out target's same-trial
+anchor is published with it), so in dev / eval they are dropped (and counted).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import dataclasses
 import hashlib
 from typing import Iterable, Mapping
 
-from data_pipeline.example import Example
+from data_pipeline.example import PAIR_KINDS, Example
 
 TRAINING = ("train", "rl")
 HELD_OUT = ("dev", "eval")
@@ -46,6 +47,26 @@ def trial_split(trial_id: str, seed: int, dev_fraction: float = 0.1,
   return "train"
 
 
+class TrialSplits:
+  """trial id -> split: `eval` for the held-out release's trials, else the hash split.
+
+  The build asks it before pairing (anchors come from training trials only) and
+  assign_splits after, so both agree.
+  """
+
+  def __init__(self, seed: int, *, dev_fraction: float = 0.1, rl_fraction: float = 0.1,
+               eval_fraction: float = 0.0, eval_trial_ids: Iterable[str] = ()):
+    self.seed, self.fractions = seed, (dev_fraction, rl_fraction, eval_fraction)
+    self.eval_ids = frozenset(eval_trial_ids)
+    self.memo: dict[str, str] = {}
+
+  def __call__(self, trial_id: str) -> str:
+    if trial_id not in self.memo:
+      self.memo[trial_id] = "eval" if trial_id in self.eval_ids else trial_split(
+          trial_id, self.seed, *self.fractions)
+    return self.memo[trial_id]
+
+
 def assign_splits(examples: Iterable[Example], seed: int, *, dev_fraction: float = 0.1,
                   rl_fraction: float = 0.1, eval_fraction: float = 0.0,
                   eval_trial_ids: Iterable[str] = (),
@@ -53,27 +74,26 @@ def assign_splits(examples: Iterable[Example], seed: int, *, dev_fraction: float
   """Groups copies of the examples, `split` set from the target trial, by split.
 
   Returns {split: [examples]} with leaky pairs removed; each drop is counted in
-  `report` (a BuildReport) under source 'splits', reason 'anchor_in_<split>'.
+  `report` (a BuildReport) under source 'splits': 'anchor_in_<split>' (a cross-trial
+  anchor from a held-out trial), 'natural_pair_in_<split>' (a same-trial pair of a
+  held-out target: its anchor's result is published with the target's, so such
+  pairs are for training only).
   """
-  eval_ids = set(eval_trial_ids)
-  memo: dict[str, str] = {}
-
-  def split_of(tid: str) -> str:
-    if tid not in memo:
-      memo[tid] = "eval" if tid in eval_ids else trial_split(
-          tid, seed, dev_fraction, rl_fraction, eval_fraction)
-    return memo[tid]
-
+  split_of = TrialSplits(seed, dev_fraction=dev_fraction, rl_fraction=rl_fraction,
+                         eval_fraction=eval_fraction, eval_trial_ids=eval_trial_ids)
   out: dict[str, list[Example]] = collections.defaultdict(list)
   for ex in examples:
     split = split_of(ex.trial_id)
     anchor = ex.anchor_trial_id
-    if anchor and anchor != ex.trial_id:
-      a_split = split_of(anchor)
-      if a_split not in TRAINING:
-        if report is not None:
-          report.add_skip("splits", f"anchor_in_{a_split}", ex.id)
-        continue
+    why = ""
+    if anchor and anchor != ex.trial_id and split_of(anchor) not in TRAINING:
+      why = f"anchor_in_{split_of(anchor)}"
+    elif anchor == ex.trial_id and ex.kind in PAIR_KINDS and split in HELD_OUT:
+      why = f"natural_pair_in_{split}"
+    if why:
+      if report is not None:
+        report.add_skip("splits", why, ex.id)
+      continue
     out[split].append(dataclasses.replace(ex, split=split))
   return dict(out)
 
@@ -93,11 +113,13 @@ def assert_no_leakage(examples_by_split: Mapping[str, Iterable[Example]]) -> Non
 
   Checks: (1) a trial is the target of one split only; (2) no dev/eval target is
   a target or an anchor in train/rl; (3) cross-trial anchors of dev/eval examples
-  are not themselves dev/eval targets.
+  are not themselves dev/eval targets; (4) no dev/eval example's anchor is from
+  its own trial.
   """
   targets: dict[str, set[str]] = collections.defaultdict(set)
   anchors: dict[str, set[str]] = collections.defaultdict(set)
   cross_anchors: dict[str, set[str]] = collections.defaultdict(set)
+  problems = []
   for split, exs in examples_by_split.items():
     for ex in exs:
       targets[split].add(ex.trial_id)
@@ -106,7 +128,8 @@ def assert_no_leakage(examples_by_split: Mapping[str, Iterable[Example]]) -> Non
         anchors[split].add(a)
         if a != ex.trial_id:
           cross_anchors[split].add(a)
-  problems = []
+        elif split in HELD_OUT and ex.kind in PAIR_KINDS:
+          problems.append(f"{split} example {ex.id} has an anchor from its own trial")
   splits = sorted(targets)
   for i, s1 in enumerate(splits):
     for s2 in splits[i + 1:]:

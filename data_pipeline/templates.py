@@ -1,37 +1,49 @@
 """The one place examples become (prompt, completion) text.
 
 Every trainer, evaluator and tokenizer corpus sees text made here, so a change of
-wording happens once. Prompts must fit a 512-token context with a ~8k BPE
-vocabulary (about 3.5 characters per token on this text), so each field is cut by
-characters with one rule (`clip`: at a word boundary, marked by "...") and the
-whole prompt is held under PROMPT_CHAR_BUDGET by shrinking the field limits
-step by step. The completion is a single DECISION line.
+wording happens once. Fields are shown whole while the prompt fits its budget;
+when it does not, the longest fields are cut first, all to one common length
+(`fit`: water-filling, cut at a word boundary and marked "..."), never the
+wording around them. The budget is PROMPT_CHAR_BUDGET characters (~430 tokens at
+~3.5 characters per token) at render; the build then tightens it where the
+trained tokenizer says a prompt is still over `data.prompt_len` tokens
+(`fit_to_tokens`), so no prompt is ever cut from the left downstream. Every
+Example records how many fields were cut (`prompt_fields_cut`), so reports count
+shortened prompts. The completion is a single DECISION line.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 from data_pipeline.example import Anchor, Example, Factor
 
-PROMPT_CHAR_BUDGET = 1500   # ~430 tokens at ~3.5 chars/token, leaves room for the answer
+PROMPT_CHAR_BUDGET = 1500
 ELLIPSIS = "..."
-
-# Per-field character limits at scale 1.0; `_fit` shrinks them all together.
-LIMITS = {"title": 140, "endpoint": 200, "arm": 110, "option": 230,
-          "anchor_title": 100, "anchor_endpoint": 140, "anchor_answer": 230,
-          "factor_value": 80}
+MIN_FIELD = 24  # no field is cut below this many characters
 MAX_ARMS = 4
-_SCALES = (1.0, 0.8, 0.6, 0.45, 0.3, 0.2)
+FIT_ROUNDS = 8
 _INSTRUCTION = ("Answer with one line DECISION: ({slots}), one non-negative score "
                 "per option, in the order listed.")
 _SPACES = re.compile(r"\s+")
 
 
+class PromptTooLong(ValueError):
+  """A prompt over budget even with every field at MIN_FIELD; names the example."""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def squash(text: str) -> str:
+  """Whitespace runs as one space, ends stripped (cached: a target's fields recur in
+  each of its pairs)."""
+  return _SPACES.sub(" ", str(text or "")).strip()
+
+
 def clip(text: str, n: int) -> str:
   """Collapses whitespace; cuts to at most n chars at a word boundary, adding '...'."""
-  t = _SPACES.sub(" ", str(text or "")).strip()
+  t = squash(text)
   if len(t) <= n:
     return t
   cut = t[:max(n - len(ELLIPSIS), 1)]
@@ -39,6 +51,57 @@ def clip(text: str, n: int) -> str:
   if space > len(cut) // 2:
     cut = cut[:space]
   return cut.rstrip(" ,;:.") + ELLIPSIS
+
+
+class Fields:
+  """The cuttable fields of one prompt: `f(key, text)` is the text under the limit the
+  fitting loop set for `key` (whole when none); the full lengths are recorded."""
+
+  def __init__(self):
+    self.limits: dict[str, int] = {}
+    self.lengths: dict[str, int] = {}
+
+  def __call__(self, key: str, text: str) -> str:
+    t = squash(text)
+    self.lengths[key] = len(t)
+    return clip(t, self.limits[key]) if key in self.limits else t
+
+  def n_cut(self) -> int:
+    return sum(self.limits.get(k, n) < n for k, n in self.lengths.items())
+
+  def cut_longest(self, excess: int) -> bool:
+    """Lowers the longest fields to one common level that removes `excess` characters
+    (never below MIN_FIELD); False when nothing is left to cut."""
+    now = {k: min(n, self.limits.get(k, n)) for k, n in self.lengths.items()}
+    sizes = sorted(now.values(), reverse=True)
+    level, total = MIN_FIELD, 0
+    for i, c in enumerate(sizes):
+      total += c
+      nxt = sizes[i + 1] if i + 1 < len(sizes) else 0
+      lv = (total - excess) // (i + 1)
+      if lv >= nxt:
+        level = max(lv, MIN_FIELD)
+        break
+    changed = False
+    for k, n in now.items():
+      if n > level:
+        self.limits[k] = level
+        changed = True
+    return changed
+
+
+def fit(build: Callable[[Fields], list[str]], budget: int, what: str) -> tuple[str, int]:
+  """(prompt, fields cut): `build(fields)` rendered whole, or with its longest fields cut
+  until it is at most `budget` characters; PromptTooLong when it cannot fit."""
+  fields = Fields()
+  for _ in range(FIT_ROUNDS):
+    text = "\n".join(build(fields))
+    if len(text) <= budget:
+      return text, fields.n_cut()
+    if not fields.cut_longest(len(text) - budget):
+      break
+  raise PromptTooLong(f"{what}: prompt of {len(text)} chars does not fit {budget} "
+                      f"even with every field cut to {MIN_FIELD} characters")
 
 
 def decision_line(n_options: int, label: int) -> str:
@@ -55,81 +118,71 @@ def _slots(n: int) -> str:
   return ", ".join(f"s{i + 1}" for i in range(n))
 
 
-def _options_block(options: Sequence[str], scale: float) -> list[str]:
-  lim = int(LIMITS["option"] * scale)
-  return [f"{i + 1}. {clip(o, lim)}" for i, o in enumerate(options)]
+def _options_block(options: Sequence[str], f: Fields) -> list[str]:
+  return [f"{i + 1}. {f(f'option{i}', o)}" for i, o in enumerate(options)]
 
 
-def _question_lines(ex: Example, scale: float, header: str = "") -> list[str]:
+def _question_lines(ex: Example, f: Fields, header: str = "") -> list[str]:
   """Title, endpoint, arms and numbered options of one question."""
   lines = [header] if header else []
-  lines.append("Trial: " + clip(ex.title, int(LIMITS["title"] * scale)))
-  lines.append("Endpoint: " + clip(ex.endpoint, int(LIMITS["endpoint"] * scale)))
+  lines.append("Trial: " + f("title", ex.title))
+  lines.append("Endpoint: " + f("endpoint", ex.endpoint))
   arms = ex.arms
   if arms:
-    shown = [clip(a, int(LIMITS["arm"] * scale)) for a in arms[:MAX_ARMS]]
+    shown = [f(f"arm{i}", a) for i, a in enumerate(arms[:MAX_ARMS])]
     more = f" (+{len(arms) - MAX_ARMS} more)" if len(arms) > MAX_ARMS else ""
     lines.append("Arms: " + "; ".join(shown) + more)
   lines.append("Options:")
-  lines.extend(_options_block(ex.options, scale))
+  lines.extend(_options_block(ex.options, f))
   return lines
 
 
-def _anchor_lines(anchor: Anchor, scale: float) -> list[str]:
+def _anchor_lines(anchor: Anchor, f: Fields) -> list[str]:
   """The anchor question, compact, with its observed (true) answer."""
-  lines = ["Known result:"]
-  lines.append("Trial: " + clip(anchor.title, int(LIMITS["anchor_title"] * scale)))
-  lines.append("Endpoint: " + clip(anchor.endpoint, int(LIMITS["anchor_endpoint"] * scale)))
-  lines.append("Observed: " + clip(anchor.answer, int(LIMITS["anchor_answer"] * scale)))
-  return lines
+  return ["Known result:", "Trial: " + f("anchor_title", anchor.title),
+          "Endpoint: " + f("anchor_endpoint", anchor.endpoint),
+          "Observed: " + f("anchor_answer", anchor.answer)]
 
 
-def _factor_line(f: Factor, scale: float, bullet: str = "-") -> str:
-  lim = int(LIMITS["factor_value"] * scale)
-  return (f"{bullet} {f.factor}: {clip(f.anchor_value, lim) or '?'} -> "
-          f"{clip(f.target_value, lim) or '?'}")
-
-
-def _fit(build, what: str) -> str:
-  """Renders with shrinking field limits until the prompt fits the budget."""
-  for scale in _SCALES:
-    text = "\n".join(build(scale))
-    if len(text) <= PROMPT_CHAR_BUDGET:
-      return text
-  raise ValueError(f"{what}: prompt of {len(text)} chars does not fit "
-                   f"{PROMPT_CHAR_BUDGET} even at the smallest field limits")
+def _factor_line(factor: Factor, i: int, f: Fields, bullet: str = "-") -> str:
+  return (f"{bullet} {factor.factor}: {f(f'from{i}', factor.anchor_value) or '?'} -> "
+          f"{f(f'to{i}', factor.target_value) or '?'}")
 
 
 def _completion(ex: Example) -> str:
   return decision_line(ex.n_options, ex.label)
 
 
-def render_question(ex: Example) -> tuple[str, str]:
-  """A plain CT Open-style question -> (prompt, completion)."""
+def render_question(ex: Example, budget: int) -> tuple[str, str, int]:
+  """A plain CT Open-style question -> (prompt, completion, fields cut)."""
   instruction = _INSTRUCTION.format(slots=_slots(ex.n_options))
-  return _fit(lambda s: _question_lines(ex, s) + [instruction], f"example {ex.id}"), _completion(ex)
+  prompt, cut = fit(lambda f: _question_lines(ex, f) + [instruction], budget, f"example {ex.id}")
+  return prompt, _completion(ex), cut
 
 
-def render_pair(ex: Example) -> tuple[str, str]:
-  """Anchor question with its observed answer, the changed factor(s), the target question.
-
-  A chain lists its one-factor steps numbered, in order; a pair lists its factor(s).
-  """
+def render_pair(ex: Example, budget: int) -> tuple[str, str, int]:
+  """Anchor question with its observed answer, the steps to take (the factors that
+  differ, in the walk's order), the target question. A chain numbers its steps."""
   chain = ex.kind == "chain"
 
-  def build(s):
-    lines = _anchor_lines(ex.anchor, s)
-    lines.append("Change one factor at a time:" if chain else "Changed:")
-    lines.extend(_factor_line(f, s, f"{i + 1}" if chain else "-")
-                 for i, f in enumerate(ex.factors))
-    lines.extend(_question_lines(ex, s, header="Predict for:"))
+  def build(f):
+    lines = _anchor_lines(ex.anchor, f)
+    if ex.factors:
+      lines.append("Change one factor at a time:" if chain else "Changed:")
+      lines.extend(_factor_line(x, i, f, f"{i + 1}" if chain else "-")
+                   for i, x in enumerate(ex.factors))
+    else:
+      lines.append("Changed: no known factor differs")
+    lines.extend(_question_lines(ex, f, header="Predict for:"))
     lines.append(_INSTRUCTION.format(slots=_slots(ex.n_options)))
     return lines
 
-  return _fit(build, f"example {ex.id}"), _completion(ex)
+  prompt, cut = fit(build, budget, f"example {ex.id}")
+  return prompt, _completion(ex), cut
 
 
-def render_chain_step(ex: Example, step_index: int, current_result: str) -> tuple[str, str]:
+def render_chain_step(ex: Example, step_index: int, current_result: str,
+                      budget: int = PROMPT_CHAR_BUDGET) -> tuple[str, str]:
   """One step of successive imagining: current (imagined) result + next change -> new result.
 
   `current_result` is the anchor's observed answer at step 0, else the option
@@ -141,27 +194,29 @@ def render_chain_step(ex: Example, step_index: int, current_result: str) -> tupl
   if not 0 <= step_index < len(factors):
     raise ValueError(f"example {ex.id}: step {step_index} of {len(factors)}")
 
-  def build(s):
-    lines = ["Current result: " + clip(current_result, int(LIMITS["anchor_answer"] * s))]
+  def build(f):
+    lines = ["Current result: " + f("current", current_result)]
     lines.append(f"Next change (step {step_index + 1} of {len(factors)}):")
-    lines.append(_factor_line(factors[step_index], s))
-    lines.extend(_question_lines(ex, s, header="New result for:"))
+    lines.append(_factor_line(factors[step_index], 0, f))
+    lines.extend(_question_lines(ex, f, header="New result for:"))
     lines.append(_INSTRUCTION.format(slots=_slots(ex.n_options)))
     return lines
 
-  prompt = _fit(build, f"example {ex.id} step {step_index}")
+  prompt, _ = fit(build, budget, f"example {ex.id} step {step_index}")
   last = step_index == len(factors) - 1
   return prompt, (_completion(ex) if last else "")
 
 
-def render_synthetic(ex: Example) -> tuple[str, str]:
+def render_synthetic(ex: Example, budget: int) -> tuple[str, str, int]:
   """The controlled dose task: few, repeated words so a tiny model can learn it."""
   f = ex.synthetic
   rule = "more dose more response" if f.rule > 0 else "more dose less response"
   prompt = (f"anchor dose {f.anchor_dose} response {f.anchor_response} . "
             f"rule {rule} . target dose {f.target_dose} . "
             f"1 {ex.options[0]} . 2 {ex.options[1]} . answer")
-  return prompt, _completion(ex)
+  if len(prompt) > budget:
+    raise PromptTooLong(f"example {ex.id}: synthetic prompt of {len(prompt)} chars > {budget}")
+  return prompt, _completion(ex), 0
 
 
 _RENDERERS = {
@@ -173,12 +228,25 @@ _RENDERERS = {
 }
 
 
-def render(ex: Example) -> Example:
-  """A copy of `ex` with `prompt` and `completion` rendered by its `kind`."""
+def render(ex: Example, budget: int = PROMPT_CHAR_BUDGET) -> Example:
+  """A copy of `ex` with `prompt`, `completion` and `prompt_fields_cut` rendered by its
+  `kind`, the prompt at most `budget` characters."""
   if ex.kind not in _RENDERERS:
     raise ValueError(f"example {ex.id}: unknown kind {ex.kind!r}; "
                      f"expected one of {sorted(_RENDERERS)}")
   if ex.n_options not in (2, 3):
     raise ValueError(f"example {ex.id}: field 'options' has {ex.n_options} entries, need 2 or 3")
-  prompt, completion = _RENDERERS[ex.kind](ex)
-  return dataclasses.replace(ex, prompt=prompt, completion=completion)
+  prompt, completion, cut = _RENDERERS[ex.kind](ex, budget)
+  return dataclasses.replace(ex, prompt=prompt, completion=completion, prompt_fields_cut=cut)
+
+
+def fit_to_tokens(ex: Example, n_tokens: Callable[[str], int], max_tokens: int) -> Example:
+  """`ex` re-rendered with a tighter character budget until n_tokens(prompt) <= max_tokens
+  (the same example when it already fits); PromptTooLong when it cannot."""
+  for _ in range(FIT_ROUNDS):
+    n = n_tokens(ex.prompt)
+    if n <= max_tokens:
+      return ex
+    ex = render(ex, budget=int(len(ex.prompt) * max_tokens / n) - 1)
+  raise PromptTooLong(f"example {ex.id}: prompt of {n_tokens(ex.prompt)} tokens does not fit "
+                      f"{max_tokens} after {FIT_ROUNDS} rounds")

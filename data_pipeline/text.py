@@ -92,6 +92,26 @@ def normalise_date(s: str | None) -> str:
   return t
 
 
+def normalise_allocation(s: str | None) -> str:
+  """'Randomized' / 'RANDOMIZED' -> 'RANDOMIZED', 'Non-Randomized' -> 'NON_RANDOMIZED',
+  'N/A' -> 'NA'; anything else -> '' (unknown)."""
+  t = re.sub(r"[\s-]+", "_", clean_text(s).upper()).replace("N/A", "NA")
+  return t if t in ("RANDOMIZED", "NON_RANDOMIZED", "NA") else ""
+
+
+def normalise_masking(s: str | None) -> str:
+  """'Double (Participant, Investigator)' / 'DOUBLE' -> 'DOUBLE'; 'None (Open Label)' -> 'NONE'."""
+  first = clean_text(s).split(" ", 1)[0].upper()
+  return first if first in ("NONE", "SINGLE", "DOUBLE", "TRIPLE", "QUADRUPLE") else ""
+
+
+def iso_date(s: str | None) -> str:
+  """A full date as YYYY-MM-DD ('March 19, 2015' or '2015-03-19'), else '' (a month
+  alone is not a day before which something was public)."""
+  t = normalise_date(s)
+  return t if re.fullmatch(r"\d{4}-\d{2}-\d{2}", t) else ""
+
+
 def normalise_phase(s: str | None) -> str:
   """'Phase 1/Phase 2' -> 'PHASE1/PHASE2', 'N/A' -> 'NA' (API v2 spelling)."""
   t = clean_text(s)

@@ -1,7 +1,8 @@
-"""pairs: natural pairs inside a trial, approximate pairs differing in exactly one factor."""
+"""pairs: natural pairs inside a trial; cross-trial pairs and chains whose steps are the factors
+that differ, read independently from the Trials."""
 import collections
 
-from data_pipeline import facts, pairs, questions, retrieval
+from data_pipeline import anchors, facts, pairs, questions
 from data_pipeline.build_report import BuildReport
 from data_pipeline.readers import ct_open
 from data_pipeline.schema import (Analysis, Arm, ArmValue, Dose, Eligibility, Intervention,
@@ -82,24 +83,26 @@ def test_natural_pairs_inside_one_trial():
   assert pairs.natural_pairs(_questions([_dose_trial()])) == ps  # deterministic
 
 
-def _independent_factors(a: Trial, b: Trial) -> dict:
+def _independent_factors(a: Trial, b: Trial) -> set:
   """What differs between two one-comparison trials, read straight from the Trials."""
   def comp(t):
     return "placebo" if t.arms[1].type == "PLACEBO_COMPARATOR" else "active"
 
   def pop(t):
     return (t.eligibility.sex, t.eligibility.min_age_years)
-  out = {}
+  out = set()
   if {REGION[c] for c in a.countries} != {REGION[c] for c in b.countries}:
-    out["country"] = 1
+    out.add("country")
   if a.phase != b.phase:
-    out["phase"] = 1
+    out.add("phase")
   if a.arms[0].interventions[0].doses[0].amount != b.arms[0].interventions[0].doses[0].amount:
-    out["dose"] = 1
+    out.add("dose")
+  if a.arms[0].interventions[0].name != b.arms[0].interventions[0].name:
+    out.add("drug")
   if comp(a) != comp(b):
-    out["comparator"] = 1
+    out.add("comparator")
   if pop(a) != pop(b):
-    out["population"] = 1
+    out.add("population")
   return out
 
 
@@ -117,42 +120,37 @@ def _family():
   ]
 
 
-def test_approximate_pairs_differ_in_exactly_the_recorded_factor():
+def test_cross_trial_pairs_list_exactly_the_differing_factors_in_order():
   trials = _family()
   by_id = {t.id: t for t in trials}
-  qs = _questions(trials)
-  report = BuildReport()
-  ps = pairs.approximate_pairs(qs, retrieval.TrialIndex(trials), k=10, report=report,
-                               max_anchors=20)
-  assert ps
-  seen = collections.Counter()
-  for p in ps:
-    diff = _independent_factors(by_id[p.anchor_trial_id], by_id[p.trial_id])
-    assert list(diff) == [p.perturbation], (p.id, diff)
-    assert [f.factor for f in p.factors] == [p.perturbation]
-    assert "NCT9" not in (p.trial_id, p.anchor_trial_id)
-    seen[p.perturbation] += 1
-  assert set(seen) == {"country", "phase", "dose", "comparator", "population"}
-  pair_ids = {(p.anchor_trial_id, p.trial_id) for p in ps}
-  assert ("NCT1", "NCT7") not in pair_ids and ("NCT1", "NCT8") not in pair_ids
-  assert sum(report.n_read(f"pairs:approximate_pair:{f}") for f in seen) == len(ps)
-
-
-def test_chains_order_steps_and_prefer_short_chains():
-  trials = _family()
   qs = [q for q in _questions(trials) if q.question_type == "superiority"]
-  target = next(q for q in qs if q.trial_id == "NCT8")
-  anchors = [q for q in qs if q.trial_id != "NCT8"]
-  chains = pairs.build_chains(target, anchors, k=3)
-  assert len(chains) == 3
-  assert [c.anchor_trial_id for c in chains[:2]] == ["NCT2", "NCT3"]  # one step each
-  steps = [len(c.factors) for c in chains]
-  assert steps == sorted(steps)
-  two = [c for c in pairs.build_chains(target, anchors, k=10) if c.anchor_trial_id == "NCT1"]
-  assert [(f.factor, f.anchor_value, f.target_value) for f in two[0].factors] == [
-      ("country", "Europe", "East Asia"), ("phase", "PHASE3", "PHASE2")]
-  assert two[0].perturbation == "country+phase" and two[0].kind == "chain"
-  assert all(c.anchor_trial_id != "NCT9" for c in pairs.build_chains(target, anchors, 10))
+  report = BuildReport()
+  order = tuple(reversed(facts.FACTORS))
+  seen = collections.Counter()
+  for target in qs:
+    found = [anchors.Retrieved(a, 0.5) for a in qs if a.trial_id != target.trial_id]
+    for p in pairs.cross_trial_pairs(target, found, order, report):
+      diff = _independent_factors(by_id[p.anchor_trial_id], by_id[p.trial_id])
+      assert {f.factor for f in p.factors} == diff, p.id
+      assert [f.factor for f in p.factors] == [f for f in order if f in diff]  # walk order
+      assert p.kind == ("chain" if len(diff) >= 2 else "approximate_pair")
+      assert p.perturbation == "+".join(sorted(diff)) and p.similarity == 0.5
+      assert p.label == target.label and p.anchor.label == next(
+          a.label for a in qs if a.id == p.anchor.id)
+      # allocation / masking are unknown in these trials: listed, never steps
+      assert {"allocation", "masking"} <= set(p.unknown_factors)
+      if p.factors:
+        assert "Change one factor at a time:" in p.prompt or "Changed:" in p.prompt
+      seen[len(diff)] += 1
+  assert set(seen) == {0, 1, 2, 3}
+  assert report.n_read("pairs:chain:2_factors") + report.n_read("pairs:chain:3_factors") == (
+      seen[2] + seen[3])
+  assert report.n_read("pairs:approximate_pair:0_factors") == seen[0]
+  one = [p for p in pairs.cross_trial_pairs(qs[0], [anchors.Retrieved(qs[7], 0.1)],
+                                            facts.FACTORS)]
+  assert [(f.factor, f.anchor_value, f.target_value) for f in one[0].factors] == [
+      ("phase", "PHASE2", "PHASE3"), ("country", "East Asia", "Europe")]
+  assert one[0].kind == "chain" and "1 phase: PHASE2 -> PHASE3" in one[0].prompt
 
 
 def test_real_ct_open_pairs(data_root):
@@ -172,19 +170,6 @@ def test_real_ct_open_pairs(data_root):
     if p.perturbation == "outcome":
       assert p.anchor.options == p.options
       assert p.anchor.endpoint != p.endpoint
-  app = pairs.approximate_pairs(qs, retrieval.TrialIndex(list(trials.values())), k=10, report=r)
-  for p in app:
-    assert p.trial_id != p.anchor_trial_id and len(p.factors) == 1
-    f = p.factors[0]
-    assert f.anchor_value and f.target_value and f.anchor_value != f.target_value
-    # independent check on the Trials: the comparator arm types named in the options
-    ta, tt = trials[p.anchor_trial_id], trials[p.trial_id]
-    arms_a = questions.arms_from_options(p.anchor.options)
-    arms_t = questions.arms_from_options(p.options)
-    if f.factor == "comparator":
-      types = [next(a.type for a in t.arms if a.label == arms[1])
-               for t, arms in ((ta, arms_a), (tt, arms_t))]
-      assert types[0] != types[1]
 
 
 def test_dose_pairs_from_result_groups_of_one_arm(data_root):

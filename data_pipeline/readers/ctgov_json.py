@@ -133,6 +133,7 @@ def parse_study(study, report: BuildReport) -> S.Trial:
   status = _dict(ps.get("statusModule"), "statusModule")
   design = _dict(ps.get("designModule"), "designModule")
   elig = _dict(ps.get("eligibilityModule"), "eligibilityModule")
+  info = _dict(design.get("designInfo"), "designInfo")
   enroll = text.parse_number(_dict(design.get("enrollmentInfo"), "enrollmentInfo").get("count"))
   locs = _list(_dict(ps.get("contactsLocationsModule"), "contactsLocationsModule")
                .get("locations"), "locations")
@@ -151,7 +152,12 @@ def parse_study(study, report: BuildReport) -> S.Trial:
       eligibility=S.Eligibility(text.normalise_sex(elig.get("sex")),
                                 text.parse_age_years(elig.get("minimumAge")),
                                 text.parse_age_years(elig.get("maximumAge")),
-                                _str(elig.get("eligibilityCriteria"))) if elig else None)
+                                _str(elig.get("eligibilityCriteria"))) if elig else None,
+      allocation=text.normalise_allocation(info.get("allocation")),
+      masking=text.normalise_masking(
+          _dict(info.get("maskingInfo"), "maskingInfo").get("masking")),
+      results_posted=text.iso_date(_dict(status.get("resultsFirstPostDateStruct"),
+                                         "resultsFirstPostDateStruct").get("date")))
   return S.validate_trial(trial)
 
 

@@ -123,7 +123,10 @@ def parse_study(root, report: BuildReport) -> S.Trial:
       arms=arms, outcomes=outcomes,
       eligibility=None if el is None else S.Eligibility(
           text.normalise_sex(_t(el, "gender")), text.parse_age_years(_t(el, "minimum_age")),
-          text.parse_age_years(_t(el, "maximum_age")), _t(el, "criteria/textblock")))
+          text.parse_age_years(_t(el, "maximum_age")), _t(el, "criteria/textblock")),
+      allocation=text.normalise_allocation(_t(root, "study_design_info/allocation")),
+      masking=text.normalise_masking(_t(root, "study_design_info/masking")),
+      results_posted=text.iso_date(_t(root, "results_first_posted")))
   return S.validate_trial(trial)
 
 
