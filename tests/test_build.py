@@ -1,4 +1,6 @@
-"""The dataset build on a tiny root: files, tokenizer, report, reuse, leakage, bad input, crash."""
+"""The dataset build on a tiny root: files, tokenizer, report, reuse, leakage, bad input, crash;
+and the real build's anchors on ../shared/data."""
+import collections
 import dataclasses
 import json
 import pickle
@@ -184,3 +186,67 @@ def test_unknown_source_is_a_clear_error(root, tmp_path):
     _cfg(root, tmp_path, sources=("ct_open", "bogus"))
   with pytest.raises(ValueError, match="data.sources"):
     _cfg(root, tmp_path, sources="ct_open,ctgov_xml")
+
+
+@pytest.fixture(scope="module")
+def real(data_root):
+  """The real build's examples (every step but the tokenizer and the files)."""
+  from data_pipeline.build_report import BuildReport
+  report = BuildReport()
+  cfg = DataConfig(**common.data().to_dict())
+  by_split, found, eval_ids = build.make_examples(cfg, data_root, report)
+  return by_split, found, eval_ids, cfg
+
+
+def test_real_build_anchors_are_time_respecting_and_never_eval(real, data_root):
+  """Issue 9 item 2 / issue 11, on ../shared/data: checked against the raw sources."""
+  from data_pipeline.readers import ctgov_json, ctgov_xml
+  from data_pipeline.build_report import BuildReport
+  by_split, found, eval_ids, cfg = real
+  summer = {k[0] for k in safe_pickle.load(data_root / "ct_open" / "Summer_2025.pickle")}
+  assert eval_ids == summer
+  posted = {t.id: t.results_posted for t in
+            ctgov_xml.read_ctgov_xml(data_root / "ctgov_xml", BuildReport())
+            + ctgov_json.read_ctgov_json(data_root / "ctgov_json", BuildReport())}
+  cutoff = {"Winter_2025": "2025-02-01", "Summer_2025": "2025-09-01"}
+
+  def public(ex_id, source, trial):  # read from the id / the raw file, not the Example
+    return cutoff[ex_id.split(":")[1]] if source == "ct_open" else posted[trial]
+
+  eval_targets = {ex.trial_id for ex in by_split["eval"]}
+  assert eval_targets <= summer
+  n_cross = 0
+  for split, exs in by_split.items():
+    for ex in exs:
+      if ex.kind not in ("natural_pair", "approximate_pair", "chain"):
+        continue
+      if ex.kind == "natural_pair":
+        assert split in ("train", "rl") and ex.anchor_trial_id == ex.trial_id
+        continue
+      n_cross += 1
+      a = ex.anchor
+      assert a.trial_id != ex.trial_id and a.trial_id not in summer, ex.id
+      assert a.trial_id not in eval_targets
+      assert public(a.id, a.id.split(":")[0], a.trial_id) < public(
+          ex.id.split("->", 1)[1], ex.source, ex.trial_id), ex.id
+  assert n_cross >= 5000
+  train_cross = sum(ex.kind in ("approximate_pair", "chain") for s in ("train", "rl")
+                    for ex in by_split[s])
+  assert train_cross >= 2000  # thousands of approximate pairs / chains to train on
+  cov = found.coverage["eval"]
+  assert cov["targets"] == 857 and cov["with_k"] / cov["targets"] >= 0.95
+  assert len(found.retriever.ids) and not set(found.retriever.ids) & summer  # fitted on non-eval
+  per_target = collections.Counter(ex.id.split("->", 1)[1] for ex in by_split["eval"]
+                                   if ex.kind != "question")
+  assert max(per_target.values()) <= cfg.anchors_k
+
+
+def test_bad_anchor_keys_are_clear_errors(root, tmp_path):
+  with pytest.raises(ValueError, match="data.factor_order"):
+    _cfg(root, tmp_path, factor_order=("population", "outcome"))
+  with pytest.raises(ValueError, match="data.factor_order"):
+    _cfg(root, tmp_path, factor_order=list(common.data().factor_order))
+  with pytest.raises(ValueError, match="data.retriever"):
+    _cfg(root, tmp_path, retriever="sbert")
+  with pytest.raises(ValueError, match="data.anchors_k"):
+    _cfg(root, tmp_path, anchors_k=0)

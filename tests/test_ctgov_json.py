@@ -22,6 +22,8 @@ def test_counts(read):
 def test_dupilumab_record(read):
   t = read[0]["NCT02210780"]
   assert (t.phase, t.enrollment, t.countries) == ("PHASE2", 194, ("United States",))
+  # designInfo RANDOMIZED / maskingInfo TRIPLE; resultsFirstPostDateStruct 2020-05-07
+  assert (t.allocation, t.masking, t.results_posted) == ("RANDOMIZED", "TRIPLE", "2020-05-07")
   assert [a.label for a in t.arms] == ["Placebo qw", "Dupilumab 300 mg qw"]
   dupi = t.arms[1].interventions[0]
   assert dupi.name == "Dupilumab"

@@ -25,6 +25,9 @@ def test_counts(read):
 def test_peptide_t(read):
   t = read[0]["NCT00000392"]
   assert (t.phase, t.enrollment, t.countries) == ("PHASE2", 215, ("United States",))
+  # <allocation>Randomized, <masking>Double (Participant, Care Provider),
+  # <results_first_posted>August 4, 2015
+  assert (t.allocation, t.masking, t.results_posted) == ("RANDOMIZED", "DOUBLE", "2015-08-04")
   assert (t.eligibility.sex, t.eligibility.min_age_years, t.eligibility.max_age_years) == (
       "ALL", 18.0, 60.0)
   assert [(a.label, a.type) for a in t.arms] == [

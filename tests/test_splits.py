@@ -102,3 +102,23 @@ def test_ct_open_time_order(data_root):
   assert {x.id for x in out["eval"]} == summer_ids
   assert set(out) <= {"train", "dev", "rl", "eval"} and len(out["train"]) > len(out["dev"])
   splits.assert_no_leakage(out)
+
+
+def test_natural_pairs_of_held_out_targets_are_dropped_and_counted():
+  seed = 0
+  dev = next(f"T{i}" for i in range(1000) if splits.trial_split(f"T{i}", seed) == "dev")
+  train = next(f"T{i}" for i in range(1000) if splits.trial_split(f"T{i}", seed) == "train")
+  nat = lambda eid, t: _ex(eid, t, anchor=t).replace(kind="natural_pair")
+  synthetic = _ex("syn", "EVAL1", anchor="EVAL1").replace(kind="synthetic")
+  report = BuildReport()
+  out = splits.assign_splits([nat("n_eval", "EVAL1"), nat("n_dev", dev), nat("n_train", train),
+                              synthetic], seed, eval_trial_ids={"EVAL1"}, report=report)
+  assert [ex.id for ex in out["train"]] == ["n_train"]
+  assert [ex.id for ex in out["eval"]] == ["syn"]  # synthetic tasks are not trial results
+  assert "dev" not in out
+  assert report.n_skipped("splits", "natural_pair_in_eval") == 1
+  assert report.n_skipped("splits", "natural_pair_in_dev") == 1
+  of = splits.TrialSplits(seed, eval_trial_ids={"EVAL1"})
+  assert (of("EVAL1"), of(dev), of(train)) == ("eval", "dev", "train")
+  with pytest.raises(splits.LeakageError, match="n_eval has an anchor from its own trial"):
+    splits.assert_no_leakage({"eval": [nat("n_eval", "EVAL1")]})

@@ -1,4 +1,5 @@
-"""templates: DECISION lines, field clipping, the character budget, dispatch."""
+"""templates: DECISION lines, field clipping, longest-field-first fitting to a character or
+token budget (counted), dispatch."""
 import pytest
 
 from data_pipeline import templates
@@ -108,3 +109,53 @@ def test_real_ct_open_questions_fit(data_root):
     assert d.ok and d.choice == q.label
     # the measure of the endpoint dict is shown, not its repr
     assert "{'measure'" not in ex.prompt
+
+
+def test_fields_stay_whole_until_the_budget_needs_a_cut():
+  q = _question(title="t " * 100)
+  whole = templates.render(q)
+  assert whole.prompt_fields_cut == 0 and ("t " * 99 + "t") in whole.prompt
+  tight = templates.render(q, budget=len(whole.prompt) - 50)
+  assert tight.prompt_fields_cut == 1 and len(tight.prompt) <= len(whole.prompt) - 50
+  # only the longest field (the title) was cut; the others are whole
+  assert "Endpoint: Pain at 4 weeks" in tight.prompt and "1. A beat B." in tight.prompt
+
+
+def test_longest_fields_are_cut_first_to_one_level():
+  """Water-filling, checked against a direct computation: cut fields end at one level L,
+  uncut fields are shorter than L, and the prompt fits the budget."""
+  lengths = {"title": 900, "endpoint": 700, "arm": 120}
+  q = _question(title="a " * (lengths["title"] // 2), endpoint="b " * (lengths["endpoint"] // 2),
+                arms=("c " * (lengths["arm"] // 2),))
+  budget = 1200
+  ex = templates.render(q, budget=budget)
+  assert len(ex.prompt) <= budget and ex.prompt_fields_cut == 2
+  lines = dict(line.split(": ", 1) for line in ex.prompt.split("\n") if ": " in line)
+  title, endpoint, arm = lines["Trial"], lines["Endpoint"], lines["Arms"]
+  assert title.endswith("...") and endpoint.endswith("...") and not arm.endswith("...")
+  assert abs(len(title) - len(endpoint)) <= 2  # one common level (word-boundary cuts)
+  assert len(arm) < len(title)
+  whole = templates.render(q, budget=10_000).prompt
+  # the level removes just what is needed: at most a few characters below the budget
+  overhead = len(whole) - sum(len(x.strip()) for x in (q.title, q.endpoint, q.arms[0]))
+  level = (budget - overhead - len(arm)) // 2
+  assert level - 4 <= len(title) <= level
+
+
+def test_fit_to_tokens_refits_only_what_is_over(monkeypatch):
+  words = lambda text: len(text.split())  # a stand-in tokenizer: one token per word
+  short = templates.render(_question())
+  assert templates.fit_to_tokens(short, words, 1000) is short
+  long = templates.render(_question(endpoint="word " * 400))
+  assert words(long.prompt) > 200  # the character budget already cut it to ~290
+  fitted = templates.fit_to_tokens(long, words, 120)
+  assert words(fitted.prompt) <= 120 and fitted.prompt_fields_cut >= 1
+  assert fitted.completion == long.completion and "1. A beat B." in fitted.prompt
+  with pytest.raises(templates.PromptTooLong, match="example q1"):
+    templates.fit_to_tokens(long, words, 5)
+
+
+def test_pair_without_a_known_difference_says_so():
+  anchor = _question(id="a", label=0)
+  ex = templates.render(Example.pair(anchor, _question(id="t"), "approximate_pair", []))
+  assert "Changed: no known factor differs" in ex.prompt

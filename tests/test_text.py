@@ -33,3 +33,15 @@ def test_ages_and_dates():
   assert text.normalise_phase("N/A") == "NA"
   assert text.normalise_arm_type("Placebo Comparator") == "PLACEBO_COMPARATOR"
   assert text.normalise_arm_type("weird") == "OTHER"
+
+
+def test_design_fields_and_dates():
+  assert [text.normalise_allocation(x) for x in ("Randomized", "Non-Randomized", "N/A",
+                                                  "NON_RANDOMIZED", "", "weird")] == [
+      "RANDOMIZED", "NON_RANDOMIZED", "NA", "NON_RANDOMIZED", "", ""]
+  assert [text.normalise_masking(x) for x in ("None (Open Label)", "Double (Participant)",
+                                               "QUADRUPLE", "", "blind")] == [
+      "NONE", "DOUBLE", "QUADRUPLE", "", ""]
+  assert text.iso_date("March 19, 2015") == "2015-03-19"
+  assert text.iso_date("2020-05-07") == "2020-05-07"
+  assert text.iso_date("July 2020") == "" and text.iso_date("") == ""
