@@ -26,6 +26,8 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "httpx>=0.27",  # ClinicalTrials.gov API v2 client (timeouts, one connection pool)
+        "tenacity>=8.2",  # its retries: jittered exponential back-off on 429 / 5xx / timeouts
     ],
     extras_require={
         "test": [
