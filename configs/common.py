@@ -19,6 +19,11 @@ def mesh() -> ml_collections.ConfigDict:
   c.fsdp = 1
   c.tensor = 1
   c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+  # Where the processes meet; "" / -1: $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
+  # $JAX_PROCESS_ID, else what JAX detects (Cloud TPU, SLURM, Open MPI, Kubernetes).
+  c.coordinator_address = ""  # "host:port" of process 0
+  c.num_processes = -1
+  c.process_id = -1
   return c
 
 
@@ -88,4 +93,58 @@ def eval_() -> ml_collections.ConfigDict:
   c.pair_eval = True  # also the eval split's counterfactual pairs ("pairs/" results)
   c.max_pairs = 300  # pairs the model scores, evenly spread (0 = all); baselines use all
   c.checkpoint = ""  # eval job: a finished run's workdir, whose exported policy/ is evaluated
+  return c
+
+
+def serve() -> ml_collections.ConfigDict:
+  """The policy behind an OpenAI-compatible endpoint (deepimagine_jax/serve.py)."""
+  c = ml_collections.ConfigDict()
+  c.checkpoint = ""  # a finished run's workdir; its policy/ is served
+  c.host = "127.0.0.1"
+  c.port = 8000
+  c.model_name = "deepimagine-policy"
+  c.dtype = "float32"
+  c.batch_size = 8  # rows per sampler call (requests x n): one padded shape
+  c.batch_wait_ms = 5.0  # the first queued request waits this long for company
+  c.prompt_len = 448  # longer prompts are refused (400), never cut
+  c.max_new_tokens = 256  # the largest max_tokens a request may ask for
+  c.cache_dtype = "float32"
+  return c
+
+
+def teacher() -> ml_collections.ConfigDict:
+  """Any OpenAI-compatible chat-completions endpoint (deepimagine_jax/teacher.py)."""
+  c = ml_collections.ConfigDict()
+  c.base_url = "http://127.0.0.1:8000/v1"
+  c.model = "deepimagine-policy"
+  c.api_key_env = "OPENAI_API_KEY"  # read from the environment at run time, never stored
+  c.max_concurrency = 8
+  c.max_attempts = 6  # 5 retries on 429 / 5xx / timeouts / connection errors
+  c.backoff_s = 1.0  # doubles per retry, jittered
+  c.backoff_max_s = 30.0
+  c.timeout_s = 120.0
+  c.temperature = 0.7
+  c.top_p = 1.0
+  c.max_tokens = 512
+  # Appended to each example's prompt on a new line ("" sends the bare prompt).
+  c.instruction = ("Before the DECISION line, reason step by step: how does each difference "
+                   "from the known result move this outcome?")
+  return c
+
+
+def traces() -> ml_collections.ConfigDict:
+  """Reasoning traces: who writes them, for which examples, how SFT uses them."""
+  c = ml_collections.ConfigDict()
+  c.source = "teacher"  # or "self": rejection sampling from a run's own policy
+  c.splits = ("train",)
+  c.kinds = ("question", "natural_pair")
+  c.max_examples = 0  # 0 = all
+  c.path = ""  # "" -> <workdir>/traces.jsonl
+  c.order = "reasoning_first"  # SFT completion: reasoning then DECISION (or decision_first)
+  c.self_checkpoint = ""  # source "self": the run whose policy samples
+  c.self_samples = 8  # n samples per example
+  c.self_keep = 2  # at most m right ones kept per example
+  c.self_temperature = 1.0
+  c.self_max_new_tokens = 256
+  c.self_batch = 8  # prompts per sampler call
   return c
