@@ -28,6 +28,10 @@ setup(
         "tensorboardX>=2.6",
         "httpx>=0.27",  # ClinicalTrials.gov API v2 client (timeouts, one connection pool)
         "tenacity>=8.2",  # its retries: jittered exponential back-off on 429 / 5xx / timeouts
+        # (both also serve the teacher client of deepimagine_jax/teacher.py)
+        "starlette>=0.40",  # the policy's OpenAI-compatible endpoint (deepimagine_jax/serve.py)
+        "uvicorn>=0.30",  # the ASGI server that runs it
+        "tqdm>=4.66",  # the teacher client's progress bar (rate, ETA)
     ],
     extras_require={
         "test": [
