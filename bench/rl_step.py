@@ -50,11 +50,12 @@ def main():
   graphdef, params = train_state.init_params(cfg, mesh, seed=0)
   state, state_sh = train_state.state_from_params(params, tx, mesh, seed=0)
   ref_params = jax.tree.map(lambda x: x.copy(), state.params)
-  trainer = rl.GRPOTrainer(graphdef, tx, rcfg, mesh, state_sh, None)
+  labels = [i % 2 for i in range(B)]  # both classes, so the class balance is defined
+  balance = rewards.ClassBalance.of(labels, [2] * B)
+  trainer = rl.GRPOTrainer(graphdef, tx, rcfg, mesh, state_sh, None, balance)
   rng = np.random.default_rng(0)
   prompts = jax.device_put(rng.integers(4, cfg.vocab_size, (args.prompts, P)).astype(np.int32))
   pmask = jax.device_put(np.ones((args.prompts, P), np.int32))
-  labels = [int(x) for x in rng.integers(0, 2, B)]
 
   times = {"sample": [], "reward": [], "reference": [], "update": [], "total": []}
   with jax.set_mesh(mesh):
@@ -67,8 +68,10 @@ def main():
       t1 = time.perf_counter()
       toks = jax.device_get(out.tokens)
       texts = [" ".join(map(str, row)) for row in toks.tolist()]  # decode stand-in
-      total, _, _ = rewards.combined_reward(texts, labels, [2] * B, dict(rcfg.reward_weights))
-      adv, _ = rl.grpo.group_advantages(jax.numpy.asarray(total), args.group)
+      answers = rewards.grade(texts, labels, [2] * B, balance)
+      total, _ = rewards.combined_reward(answers, dict(rcfg.reward_weights))
+      adv, _ = rl.grpo.group_advantages(jax.numpy.asarray(total), args.group,
+                                        scale=rcfg.advantage_scale)
       t2 = time.perf_counter()
       ref = (trainer.logprobs(ref_params, prompts, pmask, out.tokens)
              if args.beta > 0 else jax.numpy.zeros_like(out.logprobs))

@@ -24,7 +24,7 @@ def main():
     rows = synthetic_rl.run(d)
   steps = [r["step"] for r in rows]
   fig, ax = plt.subplots(figsize=(6, 3.2))
-  ax.plot(steps, [r["reward_mean"] for r in rows], lw=1, label="mean reward (accuracy)")
+  ax.plot(steps, [r["accuracy"] for r in rows], lw=1, label="accuracy of the samples")
   ax.axhline(0.5, color="grey", ls=":", label="chance")
   ax.axhline(0.9, color="green", ls="--", lw=0.8, label="target 0.9")
   ax.set_xlabel("GRPO step")
@@ -34,7 +34,7 @@ def main():
   fig.tight_layout()
   fig.savefig(out, dpi=120)
   s = synthetic_rl.summary(rows)
-  print(f"synthetic_rl | reward first20 {s['first']:.3f} -> last20 {s['last']:.3f} "
+  print(f"synthetic_rl | accuracy first20 {s['first']:.3f} -> last20 {s['last']:.3f} "
         f"over {s['steps']} steps | plot {out}")
 
 

@@ -27,17 +27,19 @@ def rl_section(steps: int) -> ml_collections.ConfigDict:
   r.prompts_per_step = 8
   r.group_size = 4
   r.max_new_tokens = 16
-  r.temperature = 1.0
-  r.top_k = 0
+  r.temperature = 1.0  # > 0: RL needs the log-probs of the distribution it samples
+  r.top_k = 0  # RL refuses truncated sampling (top_k > 0, top_p < 1): see RLConfig
   r.top_p = 1.0
   r.eps_low = 0.2
   r.eps_high = 0.28
   r.beta = 0.04  # KL to the SFT policy; 0 disables it and skips the reference forward
   r.aggregation = "token"  # or "sequence"
-  r.scale_by_std = True
-  r.updates_per_rollout = 1  # GRPO's mu
+  r.advantage_scale = "batch_std"  # or "none" (Dr. GRPO); never per-group std: grpo.py
+  r.updates_per_rollout = 1  # GRPO's mu; the lr schedule spans steps * updates_per_rollout
   r.recompute_old_logprobs = False
-  r.reward_weights = (("correctness", 1.0), ("format", 0.1))  # any registered reward: log_prob, brier
+  # Any registered reward (rewards.py): correctness, log_prob, brier are class-balanced over
+  # the RL prompts' labels; format is label-blind.
+  r.reward_weights = (("correctness", 1.0), ("format", 0.1))
   r.cache_dtype = "float32"
   r.checkpoint_every = 25
   r.keep_checkpoints = 3

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from data_pipeline.config import DataConfig  # noqa: F401 - re-exported: one place for configs
 from data_pipeline.example import KINDS
+from deepimagine_jax import grpo
 from deepimagine_jax import rewards
 
 
@@ -200,11 +201,16 @@ class OptimizerConfig:
       raise ValueError(f"OptimizerConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
   @classmethod
-  def for_run(cls, section, steps: int) -> "OptimizerConfig":
-    """The section's optimizer over a run of `steps` updates (warm-up leaves a decay phase)."""
+  def for_run(cls, section, steps: int, *, updates_per_step: int = 1) -> "OptimizerConfig":
+    """The section's optimizer over a run of `steps` steps of `updates_per_step` updates each.
+
+    The schedule counts optimizer updates: total_steps = steps * updates_per_step,
+    and the section's warm-up (in steps) is scaled alike; it leaves a decay phase.
+    """
+    total = steps * updates_per_step
     d = dict(section)
-    d["total_steps"] = steps
-    d["warmup_steps"] = min(d["warmup_steps"], steps - 1)
+    d["total_steps"] = total
+    d["warmup_steps"] = min(d["warmup_steps"] * updates_per_step, total - 1)
     return _section(cls, d)
 
 
@@ -248,23 +254,47 @@ class RLConfig:
   prompts_per_step: int  # distinct prompts; prompts_per_step * group_size sequences
   group_size: int
   max_new_tokens: int
-  temperature: float
-  top_k: int
-  top_p: float
+  temperature: float  # > 0: the trainer needs the log-probs of the distribution sampled
+  top_k: int  # must be 0 (off): see __post_init__
+  top_p: float  # must be 1.0 (off)
   eps_low: float
   eps_high: float
   beta: float  # KL to the reference; 0 skips the reference forward
-  aggregation: str  # "token" | "sequence"
-  scale_by_std: bool
+  aggregation: str  # grpo.AGGREGATIONS: "token" | "sequence"
+  advantage_scale: str  # grpo.ADVANTAGE_SCALES: "batch_std" | "none" (why: grpo.py)
   updates_per_rollout: int  # optimizer updates on each rollout batch (GRPO's mu)
   recompute_old_logprobs: bool
   reward_weights: tuple[tuple[str, float], ...]
   cache_dtype: str
-  optimizer: OptimizerConfig
+  optimizer: OptimizerConfig  # its schedule spans loop.steps * updates_per_rollout updates
 
   def __post_init__(self):
-    if self.aggregation not in ("token", "sequence"):
-      raise ValueError(f"rl.aggregation must be 'token' or 'sequence', got {self.aggregation!r}")
+    if self.aggregation not in grpo.AGGREGATIONS:
+      raise ValueError(f"rl.aggregation must be one of {grpo.AGGREGATIONS}, "
+                       f"got {self.aggregation!r}")
+    if self.advantage_scale not in grpo.ADVANTAGE_SCALES:
+      raise ValueError(f"rl.advantage_scale must be one of {grpo.ADVANTAGE_SCALES}, "
+                       f"got {self.advantage_scale!r}")
+    if not self.temperature > 0:
+      raise ValueError(f"rl.temperature must be > 0, got {self.temperature}: GRPO needs "
+                       "sampled completions and their log-probs; greedy decoding has neither")
+    if self.top_k != 0 or self.top_p != 1.0:
+      raise ValueError(
+          f"rl.top_k={self.top_k} / rl.top_p={self.top_p}: RL refuses truncated sampling. The "
+          "trainer's ratio and KL use softmax(logits / temperature) over the whole vocabulary; "
+          "tokens drawn from a top-k / top-p distribution would be scored under another one. "
+          "Set rl.top_k=0 and rl.top_p=1.0")
+    if self.updates_per_rollout < 1:
+      raise ValueError(f"rl.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
+    updates = self.loop.steps * self.updates_per_rollout
+    if self.optimizer.total_steps != updates:
+      raise ValueError(
+          f"rl.optimizer: the schedule spans {self.optimizer.total_steps} updates but the run "
+          f"makes rl.steps * rl.updates_per_rollout = {updates} (OptimizerConfig.for_run with "
+          "updates_per_step sizes it)")
+    if self.optimizer.grad_accum_steps != 1:
+      raise ValueError(f"rl.optimizer.grad_accum_steps must be 1 (the GRPO update does not "
+                       f"accumulate), got {self.optimizer.grad_accum_steps}")
     _check_kinds("rl.kinds", self.kinds)
     for name, _ in self.reward_weights:
       rewards.get_reward(name)  # an unknown reward name fails at start-up
@@ -274,8 +304,9 @@ class RLConfig:
     loop = LoopConfig.of(section)
     d = {k: v for k, v in dict(section).items() if k not in LoopConfig.__dataclass_fields__}
     d["reward_weights"] = tuple((str(k), float(w)) for k, w in d["reward_weights"])
-    return _section(cls, d, loop=loop,
-                    optimizer=OptimizerConfig.for_run(section.optimizer, loop.steps))
+    optimizer = OptimizerConfig.for_run(section.optimizer, loop.steps,
+                                        updates_per_step=section.updates_per_rollout)
+    return _section(cls, d, loop=loop, optimizer=optimizer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,28 +11,36 @@ import jax
 import jax.numpy as jnp
 
 AGGREGATIONS = ("token", "sequence")
+# How group-centred advantages are scaled. Both keep the relative weights of mixed
+# rewards (one scalar for the whole batch); per-group std scaling does not (a group
+# whose samples differ only by a 0.1 format bonus would get advantages of +-1, as
+# large as a right-vs-wrong group), so it is not offered.
+#   "none": r - group mean (Dr. GRPO); the step size follows the rewards' units.
+#   "batch_std": (r - group mean) / std over the batch of those centred values, so
+#     the step size does not depend on the rewards' units either (one log_prob
+#     floor of -27.6 would otherwise set the scale of a whole run).
+ADVANTAGE_SCALES = ("none", "batch_std")
 
 
-def group_advantages(rewards_N, group_size: int, *, scale_by_std: bool = True,
-                     eps: float = 1e-6):
-  """Group-relative advantages: (r - group mean) [/ (group std + eps)].
+def group_advantages(rewards_N, group_size: int, *, scale: str, eps: float = 1e-6):
+  """Group-relative advantages r - group mean, scaled as `scale` says (ADVANTAGE_SCALES).
 
-  The std is the population std (ddof=0), as in the GRPO paper's implementation.
-  A group whose rewards are all equal (max == min, tested exactly rather than
-  std == 0 so float rounding in the mean cannot leak a tiny advantage) carries no
-  learning signal: its advantages are exactly 0 and it is counted.
-  Returns (adv_N float32, zero_spread_groups int32 scalar).
+  The batch std is the population std (ddof=0) of the centred rewards of every
+  sample in the batch. A group whose rewards are all equal (max == min, tested
+  exactly rather than std == 0 so float rounding in the mean cannot leak a tiny
+  advantage) carries no learning signal: its advantages are exactly 0 and it is
+  counted. Returns (adv_N float32, zero_spread_groups int32 scalar).
   """
+  if scale not in ADVANTAGE_SCALES:
+    raise ValueError(f"advantage scale {scale!r} not in {ADVANTAGE_SCALES}")
   r_N = jnp.asarray(rewards_N, jnp.float32)
   if r_N.ndim != 1 or r_N.shape[0] % group_size:
     raise ValueError(f"rewards shape {r_N.shape} is not [prompts * group_size={group_size}]")
   r_PG = r_N.reshape(-1, group_size)
-  mean_P1 = r_PG.mean(axis=1, keepdims=True)
-  adv_PG = r_PG - mean_P1
-  if scale_by_std:
-    adv_PG = adv_PG / (r_PG.std(axis=1, keepdims=True) + eps)
   zero_P1 = r_PG.max(axis=1, keepdims=True) == r_PG.min(axis=1, keepdims=True)
-  adv_PG = jnp.where(zero_P1, 0.0, adv_PG)
+  adv_PG = jnp.where(zero_P1, 0.0, r_PG - r_PG.mean(axis=1, keepdims=True))
+  if scale == "batch_std":
+    adv_PG = adv_PG / (jnp.std(adv_PG) + eps)
   return adv_PG.reshape(-1), jnp.sum(zero_P1).astype(jnp.int32)
 
 

@@ -16,6 +16,7 @@ from data_pipeline import build as data_build
 from data_pipeline import grain_pipeline
 from data_pipeline import io
 from deepimagine_jax import hf_import
+from deepimagine_jax import rewards
 from deepimagine_jax import rl as rl_lib
 from deepimagine_jax import sft as sft_lib
 from deepimagine_jax import sharding
@@ -133,11 +134,15 @@ def rl(config, workdir: str):
   prompts = grain_pipeline.make_prompt_iterator(
       records, tokenizer, prompt_len=run.data.prompt_len, batch_size=cfg.prompts_per_step,
       seed=run.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+  # Rewards are class-balanced over the labels of the prompts GRPO draws from.
+  balance = rewards.ClassBalance.of([ex.label for ex in records],
+                                    [ex.n_options for ex in records])
+  logging.info("GRPO class weights (n_options, label) -> weight: %s", balance.weights)
   # The reference is the SFT policy; its handle (dir + step) goes into every RL checkpoint.
   ref_handle = {"dir": os.path.join(sft_dir, "checkpoints"), "step": run.sft.loop.steps}
   state = rl_lib.run_grpo(cfg, mesh, graphdef, params, params if cfg.beta > 0 else None,
                           prompts, tokenizer, os.path.join(workdir, "rl"), seed=run.seed,
-                          ref_handle=ref_handle)
+                          ref_handle=ref_handle, balance=balance)
   export_policy(graphdef, state.params, model_config(run.model, tokenizer), tokenizer,
                 os.path.join(workdir, POLICY_DIR))
   evaluate(run, workdir, built, tokenizer, graphdef, state.params,

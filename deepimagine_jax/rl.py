@@ -1,11 +1,14 @@
 """GRPO with on-device sampling and verifiable rewards.
 
 One RL step: sample G completions per prompt on device (sampler.py), fetch the
-tokens once to score them as text (the one host round trip), compute group
-advantages, optionally the frozen reference's log-probs, then
+tokens once to score them as text (the one host round trip; rewards are paid in
+the class-balanced measure of the RL prompts, rewards.ClassBalance), compute
+group advantages, optionally the frozen reference's log-probs, then
 `updates_per_rollout` (GRPO's mu) jitted updates of the clipped surrogate
-(grpo.py) using the sampling-time log-probs as the old policy. The trainer's log-probs use the shared-prefix forward
-(prefix.py). The run around the step (resume with the prompt iterator's
+(grpo.py) against the sampling policy's log-probs (the sampler's, or recomputed
+by the trainer's forward). The optimizer schedule counts updates, not steps
+(config.RLConfig); the clipping, ratio and KL metrics are means over all updates.
+The trainer's log-probs use the shared-prefix forward (prefix.py). The run around the step (resume with the prompt iterator's
 position, metrics, NaN check, checkpoints) is loop.py, shared with SFT; the
 reference is a handle (the checkpoint it was loaded from) recorded in every
 checkpoint's metadata.
@@ -84,11 +87,25 @@ def _all_hosts(x):
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+# Update metrics averaged over all `updates_per_rollout` updates of a step.
+MEAN_OVER_UPDATES = ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean",
+                     "kl_mean", "entropy", "grad_norm")
+
+
+def update_metrics(auxes: list[dict]) -> dict[str, float]:
+  """Means over the step's updates; `logprob_gap` from the first, where params = sampler's."""
+  out = {k: float(np.mean([float(a[k]) for a in auxes])) for k in MEAN_OVER_UPDATES}
+  out["kl"] = out.pop("kl_mean")
+  out["logprob_gap"] = float(auxes[0]["logprob_gap"])
+  return out
+
+
 class GRPOTrainer:
   """The jitted pieces of one run (built once): rollout and update."""
 
-  def __init__(self, graphdef, tx, cfg: RLConfig, mesh, state_sh, ref_params):
-    self.graphdef, self.cfg = graphdef, cfg
+  def __init__(self, graphdef, tx, cfg: RLConfig, mesh, state_sh, ref_params,
+               balance: rewards_lib.ClassBalance):
+    self.graphdef, self.cfg, self.balance = graphdef, cfg, balance
     rows = sharding.batch_sharding(mesh)
     self.prompt_sh = {k: rows for k in PROMPT_KEYS}
     self.batch_sh = {"prompt_tokens": rows, "prompt_mask": rows, "completions": rows,
@@ -126,18 +143,19 @@ class GRPOTrainer:
              for row, n in zip(tokens_BC.tolist(), lengths_B.tolist())]
     labels = np.repeat(_all_hosts(np.asarray(prompt_batch["labels"])), G).tolist()
     n_options = np.repeat(_all_hosts(np.asarray(prompt_batch["n_options"])), G).tolist()
-    total, _, format_ok = rewards_lib.combined_reward(texts, labels, n_options,
-                                                      dict(cfg.reward_weights))
+    answers = rewards_lib.grade(texts, labels, n_options, self.balance)
+    total, per_name = rewards_lib.combined_reward(answers, dict(cfg.reward_weights))
     advantages_B, zero_groups = grpo.group_advantages(jnp.asarray(total), G,
-                                                      scale_by_std=cfg.scale_by_std)
+                                                      scale=cfg.advantage_scale)
     batch = {"prompt_tokens": prompt_QP, "prompt_mask": pmask_QP, "completions": out.tokens,
              "old_logprobs": old, "advantages": advantages_B,
              "completion_mask": out.completion_mask, "ref_logprobs": ref}
     batch = jax.device_put(batch, self.batch_sh)  # a no-op where the layout already matches
-    correct = rewards_lib.get_reward("correctness")(texts, labels, n_options)
     host = {"reward_mean": float(np.mean(total)), "reward_std": float(np.std(total)),
-            "accuracy": float(np.mean(correct)),
-            "format_failure_rate": float(1.0 - np.mean(format_ok)),
+            **{f"reward_{name}": float(np.mean(r)) for name, r in per_name.items()},
+            "accuracy": float(np.mean(answers.right)),
+            "format_failure_rate": float(1.0 - np.mean(answers.ok)),
+            "tie_rate": float(np.mean(answers.ok & ~answers.answered)),
             "completion_length": float(np.mean(lengths_B)),
             "zero_spread_groups": float(zero_groups),
             "completion_tokens": float(np.sum(lengths_B))}
@@ -154,12 +172,7 @@ class GRPOTrainer:
       state, aux = self.update(state, batch)
       auxes.append(aux)
     state = state.replace(step=state.step + 1)
-    auxes = jax.device_get(auxes)
-    first = auxes[0]  # gap/clip of the first update; loss of all
-    metrics = {**host, "loss": float(np.mean([float(a["loss"]) for a in auxes])),
-               "clip_frac": float(first["clip_frac"]), "kl": float(first["kl_mean"]),
-               "entropy": float(first["entropy"]), "logprob_gap": float(first["logprob_gap"]),
-               "grad_norm": float(first["grad_norm"]), "s_sample_reward": t_sample,
+    metrics = {**host, **update_metrics(jax.device_get(auxes)), "s_sample_reward": t_sample,
                "s_update": time.perf_counter() - t0 - t_sample}
     return state, metrics
 
@@ -173,16 +186,17 @@ def check_prompts_per_step(prompts_per_step: int, mesh):
 
 def run_grpo(cfg: RLConfig, mesh, graphdef, params, ref_params, prompts: Iterator[dict],
              tokenizer, workdir: str, *, seed: int, ref_handle: dict,
-             stop_after: int | None = None):
+             balance: rewards_lib.ClassBalance, stop_after: int | None = None):
   """GRPO from `params` (e.g. the SFT warm start) with `ref_params` frozen (None: beta 0).
 
+  `balance` weighs the rewards by class (built from the labels of every RL prompt).
   Resumes policy, optimizer, rng and prompt position from `workdir/checkpoints`.
   Returns the final TrainState.
   """
   check_prompts_per_step(cfg.prompts_per_step, mesh)
   tx, _ = make_optimizer(cfg.optimizer)
   state, state_sh = train_state.state_from_params(params, tx, mesh, seed)
-  trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, ref_params)
+  trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, ref_params, balance)
 
   def summarize(step, metrics, seconds):
     del step

@@ -11,10 +11,11 @@ the state (donated: the returned state aliases it, so the cache is updated in
 place) and loops one T=1 model call per token until every row is done or C
 tokens exist; `_finish` slices out the completion. No host round trip per token.
 
-Log-probs: the log-prob of each sampled token under log_softmax(logits / T), the
-temperature applied but *without* top-k / top-p truncation (log_softmax(logits)
-when greedy). GRPO compares them with the trainer's log-probs at the same
-temperature, which knows nothing of the truncation.
+Log-probs: the log-prob of each sampled token under the distribution that drew
+it, log_softmax of the truncated logits / T (top-k / top-p renormalised). Greedy
+decoding (T = 0) draws from no distribution; it reports log_softmax(logits). GRPO
+compares these with the trainer's log-probs of the full softmax(logits / T), so RL
+refuses truncation and T = 0 (config.RLConfig).
 """
 from __future__ import annotations
 
@@ -103,16 +104,15 @@ def truncate_logits(logits_BV, top_k: int, top_p: float):
 
 
 def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float):
-  """(token [B] int32, log-prob [B] float32) for one step; greedy at temperature 0."""
+  """(token [B] int32, its log-prob [B] float32) for one step; greedy at temperature 0."""
   logits_BV = logits_BV.astype(jnp.float32)
   if temperature == 0.0:
     tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
   else:
-    scaled_BV = logits_BV / temperature
-    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
-    tok_B = jax.random.categorical(key, truncate_logits(scaled_BV, top_k, top_p), axis=-1)
-    tok_B = tok_B.astype(jnp.int32)
+    kept_BV = truncate_logits(logits_BV / temperature, top_k, top_p)
+    logp_BV = jax.nn.log_softmax(kept_BV, axis=-1)  # the distribution the token is drawn from
+    tok_B = jax.random.categorical(key, kept_BV, axis=-1).astype(jnp.int32)
   logp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
   return tok_B, logp_B
 

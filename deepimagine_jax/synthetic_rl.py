@@ -2,7 +2,8 @@
 
 A tiny policy is first taught the answer *format* only (SFT on DECISION lines
 whose labels are shuffled, so it answers at chance), then GRPO with the
-correctness reward alone must raise its accuracy from chance (0.5) to >= 0.9.
+(class-balanced) correctness reward alone must raise its accuracy from chance
+(0.5) to >= 0.9.
 Used by tests/test_synthetic_rl.py and bench/synthetic_rl.py (which plots it).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import random
 import numpy as np
 
 from data_pipeline import grain_pipeline, synthetic, templates
-from deepimagine_jax import metrics_log, rl, sft, sharding, train_state
+from deepimagine_jax import metrics_log, rewards, rl, sft, sharding, train_state
 from deepimagine_jax.config import LoopConfig, ModelConfig, OptimizerConfig, RLConfig, SFTConfig
 from deepimagine_jax.tokenizer import Tokenizer
 
@@ -46,12 +47,13 @@ def run(workdir: str, *, rl_steps: int = 160, sft_steps: int = 60, seed: int = 0
       loop=LoopConfig(steps=rl_steps, log_every=20, **no_checkpoints), splits=("train",),
       kinds=("synthetic",), prompts_per_step=prompts_per_step, group_size=group_size,
       max_new_tokens=10, temperature=1.0, top_k=0, top_p=1.0, eps_low=0.2, eps_high=0.28,
-      beta=0.0, aggregation="token", scale_by_std=True, updates_per_rollout=1,
+      beta=0.0, aggregation="token", advantage_scale="batch_std", updates_per_rollout=1,
       recompute_old_logprobs=False, reward_weights=(("correctness", 1.0),),
       cache_dtype="float32",
       optimizer=_adamw(lr, warmup_steps=0, steps=rl_steps))
+  balance = rewards.ClassBalance.of([e.label for e in examples], [e.n_options for e in examples])
   rl.run_grpo(rl_cfg, mesh, graphdef, state.params, None, prompts, tok,
-              os.path.join(workdir, "rl"), seed=seed, ref_handle={})
+              os.path.join(workdir, "rl"), seed=seed, ref_handle={}, balance=balance)
   return metrics_log.read_metrics(os.path.join(workdir, "rl", "metrics.jsonl"))
 
 
@@ -62,7 +64,7 @@ def _adamw(lr: float, *, warmup_steps: int, steps: int) -> OptimizerConfig:
 
 
 def summary(rows: list[dict], window: int = 20) -> dict:
-  """Mean reward over the first and last `window` steps."""
-  r = np.array([row["reward_mean"] for row in rows])
+  """Mean accuracy over the first and last `window` steps (the reward is its class-weighted twin)."""
+  r = np.array([row["accuracy"] for row in rows])
   return {"first": float(r[:window].mean()), "last": float(r[-window:].mean()),
           "steps": len(r)}

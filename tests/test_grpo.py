@@ -14,10 +14,10 @@ EPS_LOW, EPS_HIGH = 0.2, 0.28
 def np_advantages(r, g, scale, eps=1e-6):
   r = np.asarray(r, np.float64).reshape(-1, g)
   adv = r - r.mean(1, keepdims=True)
-  if scale:
-    adv = adv / (r.std(1, keepdims=True) + eps)  # ddof=0
   zero = np.ptp(r, axis=1) == 0
   adv[zero] = 0.0
+  if scale == "batch_std":
+    adv = adv / (adv.std() + eps)  # ddof=0, over every sample of the batch
   return adv.reshape(-1), int(zero.sum())
 
 
@@ -91,9 +91,9 @@ REWARDS = np.array([1.0, 0.0, 1.0, 1.0,   # spread
                     -2.0, 3.0, 0.25, 0.0])
 
 
-@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("scale", ["none", "batch_std"])
 def test_group_advantages_vs_numpy(scale):
-  adv, n_zero = grpo.group_advantages(jnp.asarray(REWARDS), 4, scale_by_std=scale)
+  adv, n_zero = grpo.group_advantages(jnp.asarray(REWARDS), 4, scale=scale)
   want, want_zero = np_advantages(REWARDS, 4, scale)
   np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-6)
   assert int(n_zero) == want_zero == 2
@@ -101,14 +101,37 @@ def test_group_advantages_vs_numpy(scale):
 
 
 def test_group_advantages_hand_case_and_jit():
-  # group [1, 0]: mean 0.5, population std 0.5 -> +-1 (up to eps)
-  f = jax.jit(grpo.group_advantages, static_argnames=("group_size", "scale_by_std"))
-  adv, n_zero = f(jnp.array([1.0, 0.0, 2.0, 2.0]), group_size=2)
-  np.testing.assert_allclose(np.asarray(adv), [0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0, 0],
+  # groups [1, 0] and [2, 2]: centred +-0.5 and 0, 0; batch std = sqrt(2 * 0.25 / 4) = 0.3536
+  f = jax.jit(grpo.group_advantages, static_argnames=("group_size", "scale"))
+  adv, n_zero = f(jnp.array([1.0, 0.0, 2.0, 2.0]), group_size=2, scale="batch_std")
+  s = np.sqrt(0.125)
+  np.testing.assert_allclose(np.asarray(adv), [0.5 / (s + 1e-6), -0.5 / (s + 1e-6), 0, 0],
                              rtol=1e-6)
   assert int(n_zero) == 1
+  adv, _ = f(jnp.array([1.0, 0.0, 2.0, 2.0]), group_size=2, scale="none")
+  np.testing.assert_array_equal(np.asarray(adv), [0.5, -0.5, 0, 0])
   with pytest.raises(ValueError, match="group_size"):
-    grpo.group_advantages(jnp.zeros(5), 2)
+    grpo.group_advantages(jnp.zeros(5), 2, scale="none")
+  with pytest.raises(ValueError, match="advantage scale"):
+    grpo.group_advantages(jnp.zeros(4), 2, scale="group_std")
+
+
+@pytest.mark.parametrize("scale", ["none", "batch_std"])
+def test_mixed_rewards_keep_their_relative_weights(scale):
+  """correctness + 0.1 format: a group that differs only in format moves 10x less.
+
+  Per-group std scaling (the GRPO paper's) would give both groups advantages of +-1.
+  """
+  correct = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+  fmt = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+  adv_c, _ = grpo.group_advantages(jnp.asarray(correct), 4, scale="none")
+  adv_f, _ = grpo.group_advantages(jnp.asarray(fmt), 4, scale="none")
+  adv, _ = grpo.group_advantages(jnp.asarray(correct + 0.1 * fmt), 4, scale=scale)
+  mixed = np.asarray(adv_c) + 0.1 * np.asarray(adv_f)  # linear in the rewards, up to one scalar
+  k = np.max(np.abs(np.asarray(adv))) / np.max(np.abs(mixed))
+  np.testing.assert_allclose(np.asarray(adv), k * mixed, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.abs(np.asarray(adv)[4:]).max() / np.abs(np.asarray(adv)[:4]).max(),
+                             0.1, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- policy loss

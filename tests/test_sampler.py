@@ -130,14 +130,18 @@ def test_eos_stops_row_and_pads(tiny, greedy):
   np.testing.assert_array_equal(seq_mask[:, tok.shape[1]:], cmask)
 
 
-def test_sampled_logprobs_use_temperature_not_truncation(tiny, warm):
+def test_sampled_logprobs_are_of_the_truncated_distribution(tiny, warm):
+  """log p of each token under the distribution that drew it: top-50 of logits / T."""
   out = warm(jax.random.key(1))
   tok, _ = _prompt()
   P, T = tok.shape[1], 0.7
   logits = _full_logits(tiny, out.sequences, out.sequence_mask)[:, P - 1:-1]
   toks = np.asarray(out.tokens)
-  want = np.take_along_axis(_log_softmax(logits / T), toks[..., None], -1)[..., 0]
+  kept = _np_truncate((logits / T).reshape(-1, logits.shape[-1]), 50, 1.0).reshape(logits.shape)
+  want = np.take_along_axis(_log_softmax(kept), toks[..., None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4)
+  untruncated = np.take_along_axis(_log_softmax(logits / T), toks[..., None], -1)[..., 0]
+  assert np.all(want > untruncated)  # renormalised over 50 of 512 tokens: every one higher
   # every sampled token lies inside the top 50 of the reference logits
   rank = (logits > np.take_along_axis(logits, toks[..., None], -1)).sum(-1)
   assert rank.max() < 50

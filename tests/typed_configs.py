@@ -27,9 +27,12 @@ def sft(steps: int, global_batch_size: int, optimizer_cfg: OptimizerConfig | Non
 
 def rl(steps: int, optimizer_cfg: OptimizerConfig | None = None, loop_overrides=None,
        **overrides) -> RLConfig:
-  cfg = RLConfig.from_config(rl_config.rl_section(steps))
+  """`overrides` are rl-section keys, applied before typing (the schedule follows them)."""
+  section = rl_config.rl_section(steps)
+  section.update(overrides)
+  cfg = RLConfig.from_config(section)
   return dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, **(loop_overrides or {})),
-                             optimizer=optimizer_cfg or cfg.optimizer, **overrides)
+                             optimizer=optimizer_cfg or cfg.optimizer)
 
 
 def eval_(**overrides) -> EvalConfig:
