@@ -182,17 +182,21 @@ def render_pair(ex: Example, budget: int) -> tuple[str, str, int]:
 
 
 def render_chain_step(ex: Example, step_index: int, current_result: str,
-                      budget: int = PROMPT_CHAR_BUDGET) -> tuple[str, str]:
+                      budget: int = PROMPT_CHAR_BUDGET,
+                      n_tokens: Callable[[str], int] | None = None,
+                      max_tokens: int = 0) -> tuple[str, str]:
   """One step of successive imagining: current (imagined) result + next change -> new result.
 
   `current_result` is the anchor's observed answer at step 0, else the option
   sentence the model chose at the previous step. The options are the target's;
   the completion is the target's DECISION line on the last step and '' before it
-  (intermediate results are imagined, not observed).
+  (intermediate results are imagined, not observed). Given `n_tokens` and
+  `max_tokens`, the prompt is also fitted to that many tokens (as fit_to_tokens).
   """
   factors = ex.factors
   if not 0 <= step_index < len(factors):
     raise ValueError(f"example {ex.id}: step {step_index} of {len(factors)}")
+  what = f"example {ex.id} step {step_index}"
 
   def build(f):
     lines = ["Current result: " + f("current", current_result)]
@@ -202,7 +206,7 @@ def render_chain_step(ex: Example, step_index: int, current_result: str,
     lines.append(_INSTRUCTION.format(slots=_slots(ex.n_options)))
     return lines
 
-  prompt, _ = fit(build, budget, f"example {ex.id} step {step_index}")
+  prompt = _within_tokens(lambda b: fit(build, b, what)[0], budget, n_tokens, max_tokens, what)
   last = step_index == len(factors) - 1
   return prompt, (_completion(ex) if last else "")
 
@@ -240,13 +244,31 @@ def render(ex: Example, budget: int = PROMPT_CHAR_BUDGET) -> Example:
   return dataclasses.replace(ex, prompt=prompt, completion=completion, prompt_fields_cut=cut)
 
 
+def _within_tokens(render_at: Callable[[int], str], budget: int,
+                   n_tokens: Callable[[str], int] | None, max_tokens: int, what: str) -> str:
+  """render_at(budget), re-rendered with a budget scaled by tokens over until it is at
+  most max_tokens (no n_tokens: the first render)."""
+  text = render_at(budget)
+  for _ in range(FIT_ROUNDS):
+    n = n_tokens(text) if n_tokens is not None else 0
+    if n <= max_tokens or n_tokens is None:
+      return text
+    text = render_at(int(len(text) * max_tokens / n) - 1)
+  raise PromptTooLong(f"{what}: prompt of {n_tokens(text)} tokens does not fit {max_tokens} "
+                      f"after {FIT_ROUNDS} rounds")
+
+
 def fit_to_tokens(ex: Example, n_tokens: Callable[[str], int], max_tokens: int) -> Example:
   """`ex` re-rendered with a tighter character budget until n_tokens(prompt) <= max_tokens
   (the same example when it already fits); PromptTooLong when it cannot."""
-  for _ in range(FIT_ROUNDS):
-    n = n_tokens(ex.prompt)
-    if n <= max_tokens:
-      return ex
-    ex = render(ex, budget=int(len(ex.prompt) * max_tokens / n) - 1)
-  raise PromptTooLong(f"example {ex.id}: prompt of {n_tokens(ex.prompt)} tokens does not fit "
-                      f"{max_tokens} after {FIT_ROUNDS} rounds")
+  if n_tokens(ex.prompt) <= max_tokens:
+    return ex
+  fitted: list[Example] = []
+
+  def render_at(budget: int) -> str:
+    fitted[:] = [render(ex, budget)]
+    return fitted[0].prompt
+
+  _within_tokens(render_at, int(len(ex.prompt) * max_tokens / n_tokens(ex.prompt)) - 1,
+                 n_tokens, max_tokens, f"example {ex.id}")
+  return fitted[0]

@@ -159,3 +159,13 @@ def test_pair_without_a_known_difference_says_so():
   anchor = _question(id="a", label=0)
   ex = templates.render(Example.pair(anchor, _question(id="t"), "approximate_pair", []))
   assert "Changed: no known factor differs" in ex.prompt
+
+
+def test_chain_step_fits_tokens_when_asked():
+  words = lambda text: len(text.split())
+  ex = _question(kind="chain", endpoint="word " * 400, anchor=Anchor.of(_question(label=0)),
+                 factors=(Factor("dose", "10 mg", "20 mg"),))
+  p_chars, _ = templates.render_chain_step(ex, 0, "A beat B.")
+  assert words(p_chars) > 150
+  p_tok, c = templates.render_chain_step(ex, 0, "A beat B.", n_tokens=words, max_tokens=100)
+  assert words(p_tok) <= 100 and "dose: 10 mg -> 20 mg" in p_tok and c == "DECISION: (0, 1)"
