@@ -45,6 +45,10 @@ def data() -> ml_collections.ConfigDict:
   # the order of a walk's steps from anchor to target: population -> arms -> outcome -> rest
   c.factor_order = ("population", "condition", "drug", "dose", "comparator", "outcome",
                     "phase", "allocation", "masking", "country", "sample_size")
+  # the paper's trial filter on registry trials (ctgov_xml / ctgov_json); drops are counted
+  c.registry_randomised = True
+  c.registry_min_enrollment = 50
+  c.registry_results_posted = True
   c.tfds = False  # also write a TFDS (ArrayRecord) copy of the examples
   return c
 

@@ -10,6 +10,10 @@ leaves a half-written build that looks complete, and the previous build survives
 A build whose fingerprint (the config keys that change the output, the data
 files' names/sizes/mtimes and BUILD_VERSION) matches is loaded, not rebuilt.
 
+Registry trials (ctgov_xml, ctgov_json files and API v2 bulk zips) pass the paper's
+filter (data.registry_*: randomised, enrollment, results posted; drops counted under
+`trial_filter`). CT Open's Train_2025 parts, when present, are read as one release.
+
 CT Open Summer 2025 trials are the benchmark `eval` split (their questions keep the
 CT Open keys the evaluation needs); every other trial is hashed into
 train / dev / rl. Winter 2025 questions about a Summer trial are dropped (counted):
@@ -43,19 +47,22 @@ from data_pipeline import (anchors, facts, io, pairs, questions, retrieval, spli
                            templates)
 from data_pipeline.build_report import BuildReport
 from data_pipeline.config import DataConfig
-from data_pipeline.data_root import resolve_data_root
+from data_pipeline.data_root import CT_OPEN_TRAIN_FILES, resolve_data_root
 from data_pipeline.example import PAIR_KINDS, Example
-from data_pipeline.readers import ct_open, ctgov_json, ctgov_xml, evidence_inference
+from data_pipeline.readers import ct_open, ctgov_bulk, ctgov_json, ctgov_xml, evidence_inference
+from data_pipeline.schema import Trial
 
 BUILD_VERSION = 4  # bump when the build's code changes what it writes
 SPLITS = ("train", "dev", "rl", "eval")
-CT_OPEN_RELEASES = ("Winter_2025", "Summer_2025")
+CT_OPEN_RELEASES = ("Train_2025", "Winter_2025", "Summer_2025")  # Train: three files, merged
 EVAL_RELEASE = "Summer_2025"
 # The config keys that change what a build writes (pack does not; seq_len and
 # prompt_len size the prompts).
 FINGERPRINT_KEYS = ("sources", "seed", "vocab_size", "dev_fraction", "rl_fraction",
                     "max_anchors", "anchors_k", "retriever", "factor_order", "seq_len",
-                    "prompt_len", "tfds")
+                    "prompt_len", "tfds", "registry_randomised", "registry_min_enrollment",
+                    "registry_results_posted")
+TRIAL_FILTER = "trial_filter"  # the report's counts of registry trials the filter drops
 SYNTHETIC_EXAMPLES = 2000
 
 
@@ -90,15 +97,21 @@ class BuiltData:
 
 # --- fingerprint --------------------------------------------------------------
 
+def ct_open_files(root: pathlib.Path, release: str) -> list[pathlib.Path]:
+  names = CT_OPEN_TRAIN_FILES if release == "Train_2025" else (f"{release}.pickle",)
+  return [root / "ct_open" / n for n in names]
+
+
 def source_files(root: pathlib.Path, sources: Sequence[str]) -> list[pathlib.Path]:
   """The input files a build reads, in a fixed order."""
   files = []
   if "ct_open" in sources:
-    files += [root / "ct_open" / f"{r}.pickle" for r in CT_OPEN_RELEASES]
+    files += [p for r in CT_OPEN_RELEASES for p in ct_open_files(root, r)]
   if "ctgov_xml" in sources:
     files += sorted((root / "ctgov_xml").glob("*.xml"))
   if "ctgov_json" in sources:
     files += sorted((root / "ctgov_json").glob("*.json"))
+    files += sorted((root / "ctgov_json").glob("*.zip"))  # API v2 bulk archives
   if "evidence_inference" in sources:
     files += sorted((root / "evidence_inference").glob("*.csv"))
     files += sorted((root / "evidence_inference").glob("ev2_*_article_ids.txt"))
@@ -143,23 +156,54 @@ def _load_if_current(build_dir: pathlib.Path, fp: dict) -> BuiltData | None:
 
 # --- reading ------------------------------------------------------------------
 
-def read_sources(root: pathlib.Path, sources: Sequence[str], seed: int, report: BuildReport):
+def filter_registry(trials: Sequence[Trial], cfg: DataConfig, report: BuildReport
+                    ) -> list[Trial]:
+  """One Trial per id (the last read replaces an earlier one: JSON over XML) that passes
+  the paper's filter (randomised, enrollment, results posted); each drop is counted
+  under TRIAL_FILTER by its first failing reason."""
+  by_id: dict[str, Trial] = {}
+  for t in trials:
+    if t.id in by_id:
+      report.add_skip(TRIAL_FILTER, "duplicate_trial", t.id)
+    by_id[t.id] = t
+  kept = []
+  for t in by_id.values():
+    reason = ("allocation_unknown" if cfg.registry_randomised and not t.allocation else
+              "not_randomised" if cfg.registry_randomised and t.allocation != "RANDOMIZED" else
+              "enrollment_unknown" if cfg.registry_min_enrollment and t.enrollment is None else
+              "enrollment_below_min" if (t.enrollment or 0) < cfg.registry_min_enrollment else
+              "no_results_posted" if cfg.registry_results_posted and not t.results_posted
+              else "")
+    if reason:
+      report.add_skip(TRIAL_FILTER, reason, t.id)
+    else:
+      kept.append(t)
+  return kept
+
+
+def read_sources(root: pathlib.Path, cfg: DataConfig, report: BuildReport):
   """(question Examples, {trial id: Trial}, ready Examples such as synthetic)."""
   qs, trials, ready = [], {}, []
+  sources = cfg.sources
   if "ct_open" in sources:
     for rel in CT_OPEN_RELEASES:
-      path = root / "ct_open" / f"{rel}.pickle"
-      if not path.is_file():
-        report.add_skip("ct_open", "missing_file", os.fspath(path))
+      paths = ct_open_files(root, rel)
+      for path in paths:
+        if not path.is_file():
+          report.add_skip("ct_open", "missing_file", os.fspath(path))
+      paths = [p for p in paths if p.is_file()]
+      if not paths:
         continue
-      qs += ct_open.read_questions(path, report, split=rel)
-      for t in ct_open.read_trials(path, report):
+      qs += ct_open.read_questions(paths, report, split=rel)
+      for t in ct_open.read_trials(paths, report):
         trials.setdefault(t.id, t)
   registry = []
   if "ctgov_xml" in sources:
     registry += ctgov_xml.read_ctgov_xml(root / "ctgov_xml", report)
   if "ctgov_json" in sources:
     registry += ctgov_json.read_ctgov_json(root / "ctgov_json", report)
+    registry += ctgov_bulk.read_ctgov_zip(root / "ctgov_json", report)
+  registry = filter_registry(registry, cfg, report)
   for t in registry:
     trials[t.id] = t  # registry records carry countries, phase, eligibility: prefer them
   qs += questions.derive_all(registry, report)
@@ -167,7 +211,7 @@ def read_sources(root: pathlib.Path, sources: Sequence[str], seed: int, report: 
     rows = evidence_inference.read_evidence_inference(root / "evidence_inference", report)
     qs += [evidence_inference.question(r) for r in rows]
   if "synthetic" in sources:
-    ready += synthetic.make_synthetic(SYNTHETIC_EXAMPLES, seed)
+    ready += synthetic.make_synthetic(SYNTHETIC_EXAMPLES, cfg.seed)
     report.add_read("synthetic", SYNTHETIC_EXAMPLES)
   return qs, trials, ready
 
@@ -242,10 +286,12 @@ def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: 
       "build_version": BUILD_VERSION,
       "fingerprint": fp["sha256"],
       "elapsed_s": round(elapsed, 1),
-      "records": {s: d for s, d in rd.items() if ":" not in s and s not in ("splits", "render")},
+      "records": {s: d for s, d in rd.items()
+                  if ":" not in s and s not in ("splits", "render", TRIAL_FILTER)},
       "questions_skipped": {s.split(":", 1)[1]: d["skipped"] for s, d in rd.items()
                             if s.startswith("questions:")},
-      "dropped": {s: d["skipped"] for s, d in rd.items() if s in ("splits", "render")},
+      "dropped": {s: d["skipped"] for s, d in rd.items()
+                  if s in ("splits", "render", TRIAL_FILTER)},
       "questions_by_source_and_type": _nested_counts(qs, "source", "question_type"),
       "pairs_by_kind_and_perturbation": _nested_counts(pairs_, "kind", "perturbation"),
       "pairs_by_kind_and_source": _nested_counts(pairs_, "kind", "source"),
@@ -331,7 +377,7 @@ def make_examples(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
   Checked before anything is written: no held-out trial leaks into training
   (splits.assert_no_leakage) and every cross-trial anchor is time-respecting.
   """
-  qs, trials, ready = read_sources(root, cfg.sources, cfg.seed, report)
+  qs, trials, ready = read_sources(root, cfg, report)
   eval_ids = splits.ct_open_eval_ids(qs, EVAL_RELEASE)
   kept = []
   for q in qs:  # a Winter question about a Summer trial is neither benchmark nor trainable

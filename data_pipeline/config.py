@@ -28,6 +28,10 @@ class DataConfig:
   anchors_k: int  # retrieved anchors per target (other trials, public before its cutoff)
   retriever: str  # one of retrieval.RETRIEVERS
   factor_order: tuple[str, ...]  # a permutation of facts.FACTORS: the walk's step order
+  # the paper's trial filter, applied to registry trials (ctgov_xml, ctgov_json) in the build
+  registry_randomised: bool  # keep randomised trials only
+  registry_min_enrollment: int  # keep trials enrolling at least this many (0: any, unknown too)
+  registry_results_posted: bool  # keep trials with a results-first-posted date only
   tfds: bool  # also write a TFDS (ArrayRecord) copy of the examples
 
   def __post_init__(self):
@@ -43,5 +47,8 @@ class DataConfig:
                        f"once, got {self.factor_order!r}")
     if self.retriever not in RETRIEVERS:
       raise ValueError(f"data.retriever: {self.retriever!r} is not one of {list(RETRIEVERS)}")
+    if not isinstance(self.registry_min_enrollment, int) or self.registry_min_enrollment < 0:
+      raise ValueError(f"data.registry_min_enrollment: expected an int >= 0, got "
+                       f"{self.registry_min_enrollment!r}")
     if self.anchors_k < 1:
       raise ValueError(f"data.anchors_k: need at least 1 anchor per target, got {self.anchors_k}")
