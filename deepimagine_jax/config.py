@@ -9,6 +9,7 @@ knows nothing of deepimagine_jax) and is re-exported here.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -137,14 +138,32 @@ class ModelConfig:
 
 # Run sections: one dataclass per config section, fields = the section's keys. --------
 
+class ConfigError(ValueError):
+  """A bad config key or value; the message names the key and what it may be.
+
+  The launcher prints it as one line (launch/main.py); RunConfig.from_config turns
+  every section's ValueError / TypeError / KeyError into one, before any work.
+  """
+
+
+def _require(ok: bool, key: str, allowed: str, got) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}={got!r}: must be {allowed}")
+
+
 def _section(cls, section, **built):
-  """cls(**section) with nested sections passed in `built`; a key cls lacks is an error."""
+  """cls(**section) with nested sections passed in `built`; a key cls lacks, or a
+  field the section lacks, is a ConfigError naming both sets."""
   d = dict(section)
   d.update(built)
   names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - names)
+  unknown, missing = sorted(set(d) - names), sorted(names - set(d))
   if unknown:
-    raise ValueError(f"{cls.__name__}: config keys {unknown} are not fields")
+    raise ConfigError(f"{cls.__name__}: config keys {unknown} are not fields "
+                      f"(the fields: {sorted(names)})")
+  if missing:
+    raise ConfigError(f"{cls.__name__}: fields {missing} have no config key (declare them "
+                      "in configs/)")
   return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -161,6 +180,31 @@ class MeshConfig:
   fsdp: int
   tensor: int
   multihost: bool  # jax.distributed.initialize() before anything else (launch/main.py)
+  coordinator_address: str  # "host:port" of process 0; "": the environment's (sharding.py)
+  num_processes: int  # -1: the environment's
+  process_id: int  # -1: the environment's
+
+  def __post_init__(self):
+    axes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+    for key, size in axes.items():
+      _require(size == -1 or size >= 1, key, "-1 (all devices the other axes leave) or >= 1",
+               size)
+    _require(list(axes.values()).count(-1) <= 1, "mesh.data/fsdp/tensor",
+             "at most one -1", tuple(axes.values()))
+    host, _, port = self.coordinator_address.rpartition(":")
+    _require(not self.coordinator_address or (host and port.isdigit()),
+             "mesh.coordinator_address", "'' (from the environment) or 'host:port'",
+             self.coordinator_address)
+    _require(self.num_processes == -1 or self.num_processes >= 1, "mesh.num_processes",
+             "-1 (from the environment) or >= 1", self.num_processes)
+    top = self.num_processes - 1 if self.num_processes >= 1 else "num_processes - 1"
+    _require(self.process_id == -1 or 0 <= self.process_id <= (
+        self.num_processes - 1 if self.num_processes >= 1 else self.process_id),
+             "mesh.process_id", f"-1 (from the environment) or in [0, {top}]", self.process_id)
+
+  @classmethod
+  def from_config(cls, section) -> "MeshConfig":
+    return _section(cls, section)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,14 +392,87 @@ class RunConfig:
   rl: RLConfig | None
   eval: EvalConfig | None
 
+  def __post_init__(self):
+    """Values that depend on each other, or on the machine, checked before any work."""
+    d = self.data
+    _require(d.seq_len >= 2, "data.seq_len", "an integer >= 2", d.seq_len)
+    if self.rl is not None or self.eval is not None:  # the jobs that read prompt_len
+      _require(1 <= d.prompt_len <= d.seq_len, "data.prompt_len",
+               f"an integer in [1, data.seq_len={d.seq_len}]", d.prompt_len)
+    _require(not d.root or os.path.isdir(os.path.expanduser(d.root)), "data.root",
+             "'' (the default places) or an existing folder", d.root)
+    if self.model is not None:
+      m = self.model
+      if m.hf_checkpoint:
+        _require(os.path.isfile(os.path.join(m.hf_checkpoint, "config.json")),
+                 "model.hf_checkpoint", "'' or a folder holding config.json", m.hf_checkpoint)
+      else:
+        presets = tuple(sorted(n for n, v in vars(ModelConfig).items()
+                               if isinstance(v, classmethod) and not n.startswith("_")))
+        _require(m.preset in presets, "model.preset", f"one of {presets}", m.preset)
+      for key in ("dtype", "param_dtype"):
+        _require(getattr(m, key) in _DTYPES, f"model.{key}", f"one of {_DTYPES}", getattr(m, key))
+    if self.sft is not None:
+      _check_loop("sft", self.sft.loop)
+      _require(self.sft.global_batch_size >= 1, "sft.global_batch_size", "an integer >= 1",
+               self.sft.global_batch_size)
+    if self.rl is not None:
+      r = self.rl
+      _check_loop("rl", r.loop)
+      _require(r.prompts_per_step >= 1, "rl.prompts_per_step", "an integer >= 1",
+               r.prompts_per_step)
+      _require(r.group_size >= 2, "rl.group_size",
+               "an integer >= 2 (GRPO's advantage compares the samples of a prompt)", r.group_size)
+      _require(r.max_new_tokens >= 1, "rl.max_new_tokens", "an integer >= 1", r.max_new_tokens)
+      _require(r.beta >= 0, "rl.beta", "a number >= 0 (0: no KL term)", r.beta)
+      _require(0 <= r.eps_low < 1, "rl.eps_low", "a number in [0, 1)", r.eps_low)
+      _require(r.eps_high >= 0, "rl.eps_high", "a number >= 0", r.eps_high)
+      _require(r.cache_dtype in _DTYPES, "rl.cache_dtype", f"one of {_DTYPES}", r.cache_dtype)
+      _require(bool(r.splits) and all(isinstance(x, str) and x for x in r.splits), "rl.splits",
+               "a non-empty tuple of split names, e.g. ('rl',)", r.splits)
+
   @classmethod
   def from_config(cls, config) -> "RunConfig":
-    has = lambda name: name in config
-    return cls(
-        job=config.job, workdir=config.workdir, seed=config.seed,
-        data=_section(DataConfig, config.data),
-        model=_section(ModelSection, config.model) if has("model") else None,
-        mesh=_section(MeshConfig, config.mesh) if has("mesh") else None,
-        sft=SFTConfig.from_config(config.sft) if has("sft") else None,
-        rl=RLConfig.from_config(config.rl) if has("rl") else None,
-        eval=EvalConfig.from_config(config.eval) if has("eval") else None)
+    """Types the whole config; any bad key or value is one ConfigError naming it."""
+    for name in ("sft", "rl"):  # read raw: the optimizer's schedule is sized from them
+      if name in config:
+        _require(isinstance(config[name].steps, int) and config[name].steps >= 1,
+                 f"{name}.steps", "an integer >= 1", config[name].steps)
+    if "rl" in config:
+      _require(config.rl.updates_per_rollout >= 1, "rl.updates_per_rollout", "an integer >= 1",
+               config.rl.updates_per_rollout)
+      weights = config.rl.reward_weights
+      pairs_ok = isinstance(weights, (tuple, list)) and bool(weights) and all(
+          isinstance(p, (tuple, list)) and len(p) == 2 and p[0] in rewards.REWARDS
+          and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) for p in weights)
+      _require(pairs_ok, "rl.reward_weights",
+               f"a non-empty tuple of (name, weight) pairs, names from {sorted(rewards.REWARDS)}, "
+               "e.g. \"(('correctness', 1.0), ('format', 0.1))\"", weights)
+    builders = {"data": lambda s: _section(DataConfig, s),
+                "model": lambda s: _section(ModelSection, s),
+                "mesh": MeshConfig.from_config, "sft": SFTConfig.from_config,
+                "rl": RLConfig.from_config, "eval": EvalConfig.from_config}
+    sections = {}
+    for name, build in builders.items():
+      if name not in config:
+        _require(name != "data", "data", "a section (configs/common.py data())", None)
+        sections[name] = None
+        continue
+      try:
+        sections[name] = build(config[name])
+      except (ValueError, TypeError, KeyError) as e:  # ConfigError too: say which section
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        if msg.startswith(f"{name}."):
+          msg = f"config.{msg}"
+        raise ConfigError(msg if msg.startswith("config.") else f"config.{name}: {msg}") from e
+    return cls(job=config.job, workdir=config.workdir, seed=config.seed, **sections)
+
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _check_loop(name: str, loop: LoopConfig) -> None:
+  for key, allowed in (("steps", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
+                       ("log_every", 1)):
+    _require(getattr(loop, key) >= allowed, f"{name}.{key}", f"an integer >= {allowed}",
+             getattr(loop, key))

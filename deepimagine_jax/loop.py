@@ -6,7 +6,10 @@ read one step late (step N is dispatched before step N-1's metrics are read),
 the NaN/Inf check on those metrics, the metrics writer, and checkpoints on the
 `checkpoint_every` grid and at the last step. A checkpoint is never written for
 a step whose metrics have not been checked. A killed run rerun with the same
-arguments ends where an uninterrupted run would, bit for bit.
+arguments ends where an uninterrupted run would, bit for bit; a damaged newest
+checkpoint is skipped for the previous intact one (checkpoint.restore_latest), and
+a save that fails in the background (a full disk) stops the run at the next step
+with checkpoint.CheckpointSaveError.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ def run(cfg: LoopConfig, workdir: str, mesh, state, data: Iterator, step_fn: Ste
   ckpt = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", max_to_keep=cfg.keep_checkpoints,
                                save_every=cfg.checkpoint_every)
   writer = None
+  finished = False
   try:
     state = _resume(ckpt, state, data, cfg.resume)
     start = int(state.step)
@@ -57,6 +61,7 @@ def run(cfg: LoopConfig, workdir: str, mesh, state, data: Iterator, step_fn: Ste
         if stop_after is not None and step > stop_after:
           break
         state, metrics = step_fn(state, step, next(data))
+        ckpt.check()  # a save that failed in the background stops the run here
         if pending is not None:
           finish(*pending)
         now = time.perf_counter()
@@ -68,20 +73,21 @@ def run(cfg: LoopConfig, workdir: str, mesh, state, data: Iterator, step_fn: Ste
           ckpt.save(step, state, data_state=data.get_state(), meta=meta, force=True)
       if pending is not None:
         finish(*pending)
+    ckpt.wait()  # the last save is committed, or its failure raised
+    finished = True
   finally:
-    ckpt.wait()
-    ckpt.close()
+    ckpt.close(raise_errors=finished)  # on another error, a failed save is only logged
     if writer is not None:
       writer.close()
   return state
 
 
 def _resume(ckpt: ckpt_lib.Checkpointer, state, data, resume: bool):
-  """The newest checkpoint's state (in `state`'s shardings) and data position, if asked."""
-  step = ckpt.latest_step() if resume else None
-  if step is None:
+  """The newest intact checkpoint's state (in `state`'s shardings) and data position."""
+  restored = ckpt.restore_latest(ckpt_lib.abstract_state(state)) if resume else None
+  if restored is None:
     return state
-  state, data_state, _ = ckpt.restore(step, ckpt_lib.abstract_state(state))
+  step, state, data_state, _ = restored
   if data_state is not None:
     data.set_state(data_state)
   logging.info("resumed from checkpoint step %d", step)

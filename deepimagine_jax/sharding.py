@@ -8,15 +8,23 @@ the batch axes at block boundaries by `constrain_activation`.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from deepimagine_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# Read when config.mesh leaves them unset ("" / -1); JAX reads the first itself too.
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
 
 RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "tensor"),
@@ -49,11 +57,60 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 
 def mesh_from_config(mesh_cfg) -> jax.sharding.Mesh:
-  """Builds the mesh from `config.mesh` (multi-host JAX is initialised by launch/main.py)."""
-  mesh = make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+  """Builds the mesh from `config.mesh` (multi-host JAX is initialised by launch/main.py).
+
+  Sizes that do not fit the machine's devices are a ConfigError naming the keys,
+  raised before the data build.
+  """
+  try:
+    mesh = make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh.data/fsdp/tensor={mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor}: "
+                      f"must multiply to the {jax.device_count()} devices (one may be -1): {e}") from e
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
   return mesh
+
+
+def distributed_args(mesh_cfg: MeshConfig, environ: Mapping[str, str]) -> dict:
+  """jax.distributed.initialize's arguments: the config's, else the environment's.
+
+  Unset ones stay None, so JAX detects them (Cloud TPU, SLURM, Open MPI, Kubernetes)."""
+  def env_int(name):
+    value = environ.get(name, "")
+    if value and not value.isdigit():
+      raise ConfigError(f"${name}={value!r}: must be an integer >= 0")
+    return int(value) if value else None
+
+  return {
+      "coordinator_address": mesh_cfg.coordinator_address or environ.get(COORDINATOR_ENV) or None,
+      "num_processes": mesh_cfg.num_processes if mesh_cfg.num_processes >= 1
+                       else env_int(NUM_PROCESSES_ENV),
+      "process_id": mesh_cfg.process_id if mesh_cfg.process_id >= 0 else env_int(PROCESS_ID_ENV),
+  }
+
+
+def initialize_hosts(mesh_cfg: MeshConfig) -> None:
+  """jax.distributed.initialize(), before any other JAX call (launch/main.py).
+
+  CPU processes talk over gloo (tests run 2 processes on 127.0.0.1); accelerators
+  ignore that setting.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**distributed_args(mesh_cfg, os.environ))
+
+
+def primary_first(fn: Callable[[], Any], what: str) -> Any:
+  """fn() on process 0, then on the others once it is done (they reuse its files).
+
+  For work that writes shared files (the data build): processes that shared a
+  folder would write it at once. Hosts without a shared folder each redo it, alike.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  out = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"primary_first: {what}")
+  return out if jax.process_index() == 0 else fn()
 
 
 def logical_to_spec(axes: Sequence[str | None] | None,

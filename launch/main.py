@@ -2,9 +2,12 @@
 
 Intentionally short: parse flags, initialise multi-host JAX when the config asks
 (before any other JAX call, as JAX requires), log the devices and the resolved
-config, run the job named by `config.job` from the JOBS table.
+config, run the job named by `config.job` from the JOBS table. A bad flag, config
+key or value, a missing data root, or a failed checkpoint save ends the run with
+one line on stderr (exit status 1), not a traceback.
 """
 import logging as py_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,10 +18,26 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 
 
 class _QuietLibraries:
-  """Drops INFO chatter from orbax (several lines per checkpoint) from the log."""
+  """Drops orbax's INFO chatter (several lines per checkpoint), and the tracebacks its
+  background threads log for a failed save, which checkpoint.py reports in one line."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= py_logging.WARNING and not record.exc_info
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag or config override as one line naming it."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit("error: " + " ".join(str(e).split()))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an undeclared key
+    key = str(e).strip("\"'")
+    named = [a.split("=")[0] for a in argv if f".{key}." in a.split("=")[0] + "."]
+    sys.exit(f"error: {named[0] if named else key}: the config declares no such key "
+             "(every key is declared once, in configs/)")
 
 
 def main(argv):
@@ -26,20 +45,27 @@ def main(argv):
   for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
   config = _CONFIG.value
-  import jax  # imported here, after flags, so nothing touches a backend before initialize()
-  if "mesh" in config and config.mesh.multihost:
-    jax.distributed.initialize()  # TPU pods / multi-node GPU: coordinates from the environment
-  from deepimagine_jax import jobs
+  from data_pipeline.data_root import DataRootError
+  from deepimagine_jax.checkpoint import CheckpointError
+  from deepimagine_jax.config import ConfigError, MeshConfig
+  try:
+    if "mesh" in config and MeshConfig.from_config(config.mesh).multihost:
+      from deepimagine_jax import sharding
+      sharding.initialize_hosts(MeshConfig.from_config(config.mesh))
+    import jax  # nothing above touched a backend: initialize() had to come first
+    from deepimagine_jax import jobs
 
-  if config.job not in jobs.JOBS:
-    raise ValueError(f"config.job: unknown job {config.job!r} (have {sorted(jobs.JOBS)})")
-  workdir = _WORKDIR.value or config.workdir
-  logging.info("JAX %s: %d devices (%s) over %d processes", jax.__version__,
-               jax.device_count(), jax.devices()[0].platform, jax.process_count())
-  logging.info("workdir %s\nconfig:\n%s", workdir, config)
-  jobs.JOBS[config.job](config, workdir)
+    if config.job not in jobs.JOBS:
+      raise ConfigError(f"config.job={config.job!r}: must be one of {sorted(jobs.JOBS)}")
+    workdir = _WORKDIR.value or config.workdir
+    logging.info("JAX %s: %d devices (%s) over %d processes", jax.__version__,
+                 jax.device_count(), jax.devices()[0].platform, jax.process_count())
+    logging.info("workdir %s\nconfig:\n%s", workdir, config)
+    jobs.JOBS[config.job](config, workdir)
+  except (ConfigError, DataRootError, CheckpointError) as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

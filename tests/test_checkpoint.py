@@ -1,5 +1,11 @@
 """Checkpointer: exact round trips (sharded, optax state, typed keys, JSON items),
-retention, save interval, and that a crashed or partial save never hides the last good step."""
+retention, save interval, that a crashed or partial save never hides the last good step,
+that every kind of damage to the newest step falls back to the previous one (checksums
+against plain NumPy), and that a full disk is one error with the earlier steps intact."""
+import json
+import shutil
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +14,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from deepimagine_jax.checkpoint import Checkpointer, abstract_state
+import disk_limit
 import typed_configs
+from deepimagine_jax.checkpoint import (CheckpointDamagedError, CheckpointMismatchError,
+                                        Checkpointer, CheckpointSaveError, abstract_state,
+                                        tree_checksums)
 from deepimagine_jax.optimizer import make_optimizer
 
 
@@ -197,3 +206,156 @@ def test_non_json_data_state_fails_clearly(tmp_path):
   with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
     with pytest.raises(TypeError, match="dict keys must be str"):
       ck.save(1, {"x": jnp.zeros(2)}, {1: "a"}, None)
+
+
+# Checksums and damage --------------------------------------------------------------------
+
+def _np_checksum(x: np.ndarray) -> list[int]:
+  """The checksum in plain NumPy: words = the raw bits as uint, weights 2i + 1 (C order)."""
+  x = np.ascontiguousarray(x)
+  words = (x.astype(np.uint64) if x.dtype == np.bool_
+           else x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.itemsize]).astype(np.uint64))
+  words = words.reshape(-1)
+  weights = (2 * np.arange(words.size, dtype=np.uint64) + 1) % 2**32
+  return [int(words.sum() % 2**32), int(((words * weights) % 2**32).sum() % 2**32)]
+
+
+def test_checksums_equal_numpy(mesh):
+  rng = np.random.default_rng(3)
+  leaves = {
+      "f32": rng.normal(size=(4, 6)).astype(np.float32),
+      "bf16": rng.normal(size=(8, 2)).astype(jnp.bfloat16),
+      "i8": rng.integers(-128, 127, size=(3, 5, 2)).astype(np.int8),
+      "u32": rng.integers(0, 2**32, size=(7,), dtype=np.uint64).astype(np.uint32),
+      "flags": rng.random(9) > 0.5,
+      "scalar": np.float32(-2.5),
+  }
+  tree = {k: jnp.asarray(v) for k, v in leaves.items()}
+  tree["sharded"] = jax.device_put(leaves["f32"], NamedSharding(mesh, P("data", "tensor")))
+  got = tree_checksums(tree)
+  for k, v in leaves.items():
+    assert got[f"['{k}']"] == _np_checksum(v), k
+  assert got["['sharded']"] == _np_checksum(leaves["f32"])
+  # One flipped bit anywhere changes it; so does swapping two unequal elements.
+  flipped = leaves["f32"].copy()
+  flipped.view(np.uint32)[2, 3] ^= 1 << 17
+  swapped = leaves["f32"].copy()
+  swapped[0, 0], swapped[0, 1] = swapped[0, 1], swapped[0, 0]
+  sums = tree_checksums({"a": jnp.asarray(flipped), "b": jnp.asarray(swapped)})
+  assert sums["['a']"] != got["['f32']"] and sums["['b']"] != got["['f32']"]
+
+
+def _random_state(seed):
+  """Incompressible values, so damage to any byte of an array file lands in the data."""
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(64, 128)).astype(np.float32)),
+          "b": jnp.asarray(rng.normal(size=(128,)).astype(np.float32)),
+          "rng": jax.random.key(seed)}
+
+
+def _array_files(step_dir):
+  return sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: p.stat().st_size)
+
+
+def _truncate(path, keep=0.5):
+  data = path.read_bytes()
+  path.write_bytes(data[:int(len(data) * keep)])
+
+
+def _flip(path, n_bytes):
+  data = bytearray(path.read_bytes())
+  mid = len(data) // 2
+  for i in range(mid, mid + n_bytes):
+    data[i] ^= 0xFF if n_bytes > 1 else 0x01
+  path.write_bytes(bytes(data))
+
+
+DAMAGE = {  # what a crash, a bad disk or a careless copy does to a finished step
+    "truncated array file": lambda d: _truncate(_array_files(d)[-1]),
+    "empty array file": lambda d: _truncate(_array_files(d)[-1], 0.0),
+    "deleted array files": lambda d: [p.unlink() for p in _array_files(d)],
+    "deleted state manifest": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+    "deleted state/": lambda d: shutil.rmtree(d / "state"),
+    "deleted iterator state": lambda d: (d / "data" / "metadata").unlink(),
+    "truncated iterator state": lambda d: _truncate(d / "data" / "metadata"),
+    "deleted meta": lambda d: (d / "meta" / "metadata").unlink(),
+    "deleted checksums": lambda d: (d / "checksums" / "metadata").unlink(),
+    "64 flipped bytes": lambda d: _flip(_array_files(d)[-1], 64),
+    "1 flipped bit": lambda d: _flip(_array_files(d)[-1], 1),
+}
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+  """A checkpoint folder with intact steps 1 and 2, written once and copied per test."""
+  d = tmp_path_factory.mktemp("pristine")
+  with Checkpointer(d, max_to_keep=3, save_every=1) as ck:
+    for step in (1, 2):
+      ck.save(step, _random_state(step), {"pos": step}, {"step": step})
+  return d
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_newest_falls_back_to_the_previous(tmp_path, two_steps, kind, caplog):
+  d = tmp_path / "ck"
+  shutil.copytree(two_steps, d)
+  DAMAGE[kind](d / "2")
+  with Checkpointer(d, max_to_keep=3, save_every=1) as ck:
+    step, got, data, meta = ck.restore_latest(abstract_state(_random_state(0)))
+    assert (step, data, meta) == (1, {"pos": 1}, {"step": 1})
+    _assert_same(_random_state(1), got)
+    assert ck.all_steps() == [1]  # the damaged step is gone: the resumed run rewrites it
+    assert ck.save(2, _random_state(2), {"pos": 2}, None)
+  warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+  assert any(f"{d}/2 is damaged" in w for w in warnings), warnings
+  with Checkpointer(d, max_to_keep=3, save_every=1) as ck:
+    assert ck.restore_latest(abstract_state(_random_state(0)))[0] == 2
+
+
+def test_every_checkpoint_damaged_is_one_error(tmp_path, two_steps):
+  d = tmp_path / "ck"
+  shutil.copytree(two_steps, d)
+  DAMAGE["1 flipped bit"](d / "2")
+  DAMAGE["deleted iterator state"](d / "1")
+  with Checkpointer(d, max_to_keep=3, save_every=1) as ck:
+    with pytest.raises(CheckpointDamagedError, match=r"every checkpoint .* \(steps \[2, 1\]"):
+      ck.restore_latest(abstract_state(_random_state(0)))
+    assert ck.all_steps() == [1, 2]  # nothing deleted when nothing restored
+
+
+def test_no_checkpoint_is_none(tmp_path):
+  with Checkpointer(tmp_path, max_to_keep=1, save_every=1) as ck:
+    assert ck.restore_latest(abstract_state(_random_state(0))) is None
+
+
+def test_other_process_count_is_not_damage(tmp_path, two_steps):
+  d = tmp_path / "ck"
+  shutil.copytree(two_steps, d)
+  meta = d / "2" / "data" / "metadata"
+  meta.write_text(json.dumps({"per_process": [{"pos": 2}, {"pos": 2}]}))  # 2 writers
+  with Checkpointer(d, max_to_keep=3, save_every=1) as ck:
+    with pytest.raises(CheckpointMismatchError, match="written by 2 processes, this run has 1"):
+      ck.restore_latest(abstract_state(_random_state(0)))
+    assert ck.all_steps() == [1, 2]
+
+
+def test_full_disk_is_one_save_error_and_keeps_earlier_steps(tmp_path):
+  zeros = {"w": jnp.zeros((512, 512), jnp.float32)}  # compresses to almost nothing
+  noise = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(512, 512)).astype(np.float32))}
+  ck = Checkpointer(tmp_path, max_to_keep=3, save_every=1)
+  ck.save(1, zeros, {"pos": 1}, None)
+  ck.wait()
+  with disk_limit.file_size_limit(256 * 1024):  # 1 MB of noise does not fit
+    assert ck.save(2, noise, {"pos": 2}, None)  # returns at once; the write fails behind
+    with pytest.raises(CheckpointSaveError) as err:
+      for _ in range(600):
+        ck.check()
+        time.sleep(0.05)
+  msg = str(err.value)
+  assert "\n" not in msg and "saving step 2" in msg and "steps [1]" in msg, msg
+  ck.close()  # reported once: closing does not raise it again
+  with Checkpointer(tmp_path, max_to_keep=3, save_every=1) as ck:
+    step, got, data, _ = ck.restore_latest(abstract_state(zeros))
+  assert (step, data) == (1, {"pos": 1})
+  np.testing.assert_array_equal(np.asarray(got["w"]), np.zeros((512, 512), np.float32))

@@ -8,12 +8,21 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _launch(config: str, workdir: pathlib.Path, *overrides: str) -> str:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+def launch_env(devices: int) -> dict:
+  """The launcher's environment: this checkout's packages first (not another editable
+  install's), `devices` CPU devices."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+                  [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH", "")] if p]))
+
+
+def _launch(config: str, workdir: pathlib.Path, *overrides: str, ok: bool = True):
   cmd = [sys.executable, str(REPO / "launch" / "main.py"), f"--config={REPO / config}",
          f"--workdir={workdir}", *overrides]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(cmd, cwd=REPO, env=launch_env(2), capture_output=True, text=True,
+                        timeout=900)
+  if not ok:
+    return proc
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc.stdout + proc.stderr
 
@@ -28,13 +37,23 @@ def test_sft_tiny_three_steps(tmp_path):
   assert "step 3/3" in log
 
 
-def test_unknown_config_key_fails(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, str(REPO / "launch" / "main.py"), f"--config={REPO}/configs/sft.py:tiny",
-       f"--workdir={tmp_path}", "--config.sft.no_such_key=1"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and "no_such_key" in proc.stderr
+def test_unknown_config_key_is_one_line(tmp_path):
+  proc = _launch("configs/sft.py:tiny", tmp_path, "--config.sft.no_such_key=1", ok=False)
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines() == [
+      "error: --config.sft.no_such_key: the config declares no such key (every key is "
+      "declared once, in configs/)"]
+
+
+def test_bad_config_value_is_one_line_before_any_work(tmp_path):
+  proc = _launch("configs/rl.py:tiny", tmp_path, "--config.rl.group_size=0", ok=False)
+  assert proc.returncode == 1
+  # The last line, after the INFO log of the devices and the resolved config; no traceback.
+  assert proc.stderr.splitlines()[-1] == (
+      "error: config.rl.group_size=0: must be an integer >= 2 (GRPO's advantage compares "
+      "the samples of a prompt)"), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "data").exists()  # stopped before the data build
 
 
 def test_rl_tiny_end_to_end(tmp_path):

@@ -1,10 +1,14 @@
 """loop.run: the training loop SFT and GRPO share, on a counter "model" (no JAX model needed)."""
+import contextlib
+import time
+
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import disk_limit
 import typed_configs
 from deepimagine_jax import checkpoint as ckpt_lib
 from deepimagine_jax import loop
@@ -78,3 +82,42 @@ def test_nan_metric_stops_before_its_checkpoint(tmp_path):
   ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", max_to_keep=3, save_every=3)
   assert ck.latest_step() == 3  # step 6's state was never saved: its metrics were NaN
   ck.close()
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path, caplog):
+  full, _ = _run(tmp_path / "a", 8)
+  _run(tmp_path / "b", 8, stop_after=7)  # checkpoints at steps 3 and 6
+  data_file = tmp_path / "b" / "checkpoints" / "6" / "data" / "metadata"
+  data_file.write_bytes(data_file.read_bytes()[:5])  # a truncated iterator state
+  resumed, seen = _run(tmp_path / "b", 8)
+  assert seen == [4, 5, 6, 7, 8]  # from step 3, with step 3's data position
+  assert any("checkpoints/6 is damaged" in r.getMessage() for r in caplog.records)
+  np.testing.assert_array_equal(np.asarray(full.params["w"]), np.asarray(resumed.params["w"]))
+
+
+def test_failed_save_stops_the_run_with_earlier_checkpoints_intact(tmp_path):
+  """A full disk from step 4 on: step 6's save fails in the background; the run stops."""
+  noise = np.random.default_rng(0).normal(size=(256, 1024)).astype(np.float32)
+  cfg = typed_configs.loop(12, checkpoint_every=3, log_every=100)
+  mesh = sharding.make_mesh(-1, 1, 1)
+  state = _state(mesh).replace(opt_state={"noise": jnp.zeros(noise.shape, jnp.float32)})
+  inner = _step()
+  limit = contextlib.ExitStack()
+
+  def step_fn(state, step, batch):
+    if step == 4:  # step 3's checkpoint (noise still zeros: tiny) is written by now
+      state = state.replace(opt_state={"noise": jnp.asarray(noise)})
+      limit.enter_context(disk_limit.file_size_limit(256 * 1024))
+    time.sleep(0.05)  # a step takes time; the failed write surfaces within a few
+    return inner(state, step, batch)
+
+  with limit, pytest.raises(ckpt_lib.CheckpointSaveError, match="saving step 6") as err:
+    loop.run(cfg, str(tmp_path), mesh, state, _data(), step_fn,
+             summarize=lambda step, m, s: m)
+  assert "\n" not in str(err.value) and "steps [3]" in str(err.value)
+  ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", max_to_keep=3, save_every=3)
+  step, restored, data_state, _ = ck.restore_latest(ckpt_lib.abstract_state(state))
+  ck.close()
+  assert step == 3 and int(restored.step) == 3
+  np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.full(3, 0 + 1 + 2))
+  assert [r["step"] for r in metrics_log.read_metrics(tmp_path / "metrics.jsonl")][-1] < 12
