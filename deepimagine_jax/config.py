@@ -20,18 +20,33 @@ from deepimagine_jax import grpo
 from deepimagine_jax import rewards
 
 
+ROPE_SCALING_TYPES = ("llama3", "linear")
+LAYER_TYPES = ("global", "local")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """Llama-3 style frequency-dependent RoPE scaling."""
+  """RoPE frequency scaling: Llama-3's wavelength-dependent recipe, or "linear"
+  (every frequency / factor: Gemma 3's global layers; the band fields unused)."""
   factor: float = 8.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position: int = 8192
+  rope_type: str = "llama3"
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_SCALING_TYPES:
+      raise ValueError(f"RopeScaling.rope_type must be one of {ROPE_SCALING_TYPES}, "
+                       f"got {self.rope_type!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama / Qwen family decoder."""
+  """A Llama / Qwen / Gemma 3 family decoder.
+
+  The Gemma 3 fields default to what Llama and Qwen do, so their presets (and
+  checkpoints) are unchanged by them.
+  """
   vocab_size: int
   d_model: int
   n_layers: int
@@ -39,8 +54,8 @@ class ModelConfig:
   n_kv_heads: int
   head_dim: int
   mlp_dim: int
-  rope_base: float = 10_000.0
-  rope_scaling: RopeScaling | None = None
+  rope_base: float = 10_000.0  # of the global layers
+  rope_scaling: RopeScaling | None = None  # of the global layers
   qk_norm: bool = False
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
@@ -48,6 +63,15 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   remat: bool = False  # jax.checkpoint each layer
   max_seq_len: int = 2048
+  mlp_activation: str = "silu"  # gate activation: "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
+  norm_unit_offset: bool = False  # RMSNorm scales by (1 + w), w starting at 0 (Gemma)
+  post_norms: bool = False  # an RMSNorm on the attention and MLP outputs too (Gemma 2 / 3)
+  embed_scale: bool = False  # embeddings times sqrt(d_model) (Gemma); a tied head uses them raw
+  query_pre_attn_scalar: float = 0.0  # attention logits times its ** -0.5; 0: head_dim
+  layer_types: tuple[str, ...] = ()  # "global" | "local" per layer; (): all global
+  sliding_window: int = 0  # a local layer's query sees itself and the window - 1 before it
+  rope_local_base: float = 10_000.0  # RoPE base of the local layers (never scaled)
+  final_logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: off
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -58,6 +82,25 @@ class ModelConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+    if self.mlp_activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"mlp_activation must be 'silu' or 'gelu_tanh', got {self.mlp_activation!r}")
+    if not isinstance(self.layer_types, tuple) or (
+        self.layer_types and len(self.layer_types) != self.n_layers) or (
+        set(self.layer_types) - set(LAYER_TYPES)):
+      raise ValueError(f"layer_types must be () or a tuple of {self.n_layers} of {LAYER_TYPES}, "
+                       f"got {self.layer_types!r}")
+    if "local" in self.layer_types and self.sliding_window < 1:
+      raise ValueError(f"local layers need sliding_window >= 1, got {self.sliding_window}")
+    if self.query_pre_attn_scalar < 0 or self.final_logit_softcap < 0:
+      raise ValueError("query_pre_attn_scalar and final_logit_softcap must be >= 0 (0: off)")
+
+  def is_local(self, layer: int) -> bool:
+    """Whether `layer` attends within the sliding window (local RoPE base, no scaling)."""
+    return bool(self.layer_types) and self.layer_types[layer] == "local"
+
+  @property
+  def query_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
   @property
   def compute_dtype(self) -> Any:
@@ -72,7 +115,7 @@ class ModelConfig:
 
   def num_params(self) -> int:
     attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-    norms = 2 * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
+    norms = (4 if self.post_norms else 2) * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
     layer = attn + 3 * self.d_model * self.mlp_dim + norms
     emb = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
     return self.n_layers * layer + emb + self.d_model
@@ -81,13 +124,16 @@ class ModelConfig:
     """Training FLOPs per token (forward + backward), PaLM appendix B convention.
 
     6 x the parameters used in matmuls (layers and output head; an embedding
-    lookup is not a matmul) + 12 x layers x seq_len x heads x head_dim for
-    attention scores and values (full, not halved for causality).
+    lookup is not a matmul) + 12 x seq_len x heads x head_dim per layer for
+    attention scores and values (full, not halved for causality; a local layer
+    counts min(seq_len, sliding_window) keys).
     """
     attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
     matmul_params = self.n_layers * (attn + 3 * self.d_model * self.mlp_dim)
     matmul_params += self.vocab_size * self.d_model
-    return 6.0 * matmul_params + 12.0 * self.n_layers * seq_len * self.n_heads * self.head_dim
+    keys = sum(min(seq_len, self.sliding_window) if self.is_local(i) else seq_len
+               for i in range(self.n_layers))
+    return 6.0 * matmul_params + 12.0 * keys * self.n_heads * self.head_dim
 
   # Presets -------------------------------------------------------------------
 
@@ -134,6 +180,53 @@ class ModelConfig:
                head_dim=128, mlp_dim=14336, rope_base=500_000.0,
                rope_scaling=RopeScaling(), qk_norm=False, tie_embeddings=False,
                norm_eps=1e-5, max_seq_len=131_072)
+
+  # Gemma 3 (google/gemma-3-*): transformers' convert_gemma3_weights.py variants and the
+  # published config.json. 4b / 12b / 27b are the text part of the multimodal checkpoints,
+  # whose embedding has 64 rows past the 262,144-token vocabulary (262,208).
+
+  @classmethod
+  def _gemma3(cls, *, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim,
+              query_pre_attn_scalar, sliding_window, rope_scaling, max_seq_len) -> "ModelConfig":
+    """Five local layers, then one global, repeated; the features every size shares."""
+    return cls(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+               n_kv_heads=n_kv_heads, head_dim=head_dim, mlp_dim=4 * d_model,
+               rope_base=1_000_000.0, rope_scaling=rope_scaling, qk_norm=True,
+               tie_embeddings=True, norm_eps=1e-6, max_seq_len=max_seq_len,
+               mlp_activation="gelu_tanh", norm_unit_offset=True, post_norms=True,
+               embed_scale=True, query_pre_attn_scalar=query_pre_attn_scalar,
+               layer_types=tuple("global" if (i + 1) % 6 == 0 else "local"
+                                 for i in range(n_layers)),
+               sliding_window=sliding_window, rope_local_base=10_000.0)
+
+  @classmethod
+  def gemma3_1b(cls) -> "ModelConfig":
+    return cls._gemma3(vocab_size=262_144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1,
+                       head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                       rope_scaling=None, max_seq_len=32_768).replace(mlp_dim=6912)
+
+  @classmethod
+  def gemma3_4b(cls) -> "ModelConfig":
+    return cls._gemma3(vocab_size=262_208, d_model=2560, n_layers=34, n_heads=8, n_kv_heads=4,
+                       head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                       rope_scaling=_GEMMA3_GLOBAL_ROPE, max_seq_len=131_072)
+
+  @classmethod
+  def gemma3_12b(cls) -> "ModelConfig":
+    return cls._gemma3(vocab_size=262_208, d_model=3840, n_layers=48, n_heads=16, n_kv_heads=8,
+                       head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                       rope_scaling=_GEMMA3_GLOBAL_ROPE, max_seq_len=131_072)
+
+  @classmethod
+  def gemma3_27b(cls) -> "ModelConfig":
+    # query_pre_attn_scalar = d_model / n_heads (168), not head_dim (128).
+    return cls._gemma3(vocab_size=262_208, d_model=5376, n_layers=62, n_heads=32, n_kv_heads=16,
+                       head_dim=128, query_pre_attn_scalar=168, sliding_window=1024,
+                       rope_scaling=_GEMMA3_GLOBAL_ROPE, max_seq_len=131_072)
+
+
+# Gemma 3 4b / 12b / 27b: positions / 8 on the global layers (128K context).
+_GEMMA3_GLOBAL_ROPE = RopeScaling(factor=8.0, rope_type="linear")
 
 
 # Run sections: one dataclass per config section, fields = the section's keys. --------

@@ -1,4 +1,4 @@
-"""Hugging Face Qwen3 / Llama checkpoints (safetensors) to and from our Transformer.
+"""Hugging Face Qwen3 / Llama / Gemma 3 checkpoints (safetensors) to and from our Transformer.
 
 HF stores a linear layer as `weight [out, in]` and computes `x @ weight.T`; we store
 `[in, ...]` with the head axes split out, so import is a transpose plus a reshape.
@@ -6,6 +6,11 @@ HF checkpoints already use the "rotate_half" RoPE layout that model.apply_rope u
 so q/k need no permutation (the parity test against transformers checks this).
 Tensors are read one at a time on the host and placed straight onto their shards,
 so a large model never sits whole on one device.
+
+Gemma 3 reads from a text-only checkpoint (`gemma3_text`, Gemma3ForCausalLM) or
+from the text part of a multimodal one (`gemma3`: config under `text_config`,
+tensors under `language_model.`; the vision tower is skipped). Export always
+writes Gemma3ForCausalLM.
 """
 from __future__ import annotations
 
@@ -28,10 +33,16 @@ from deepimagine_jax import model as model_lib
 from deepimagine_jax import sharding
 from deepimagine_jax.config import ModelConfig, RopeScaling
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "gemma3_text", "gemma3")
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some old checkpoints carry that hold nothing a model needs.
 _IGNORED_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+# A multimodal Gemma 3 checkpoint: where its text decoder's tensors live (transformers
+# < 4.52 and >= 4.52 names), and the vision parts a text model leaves alone.
+_TEXT_PREFIXES = (("language_model.model.", "language_model.lm_head."),
+                  ("model.language_model.", "lm_head."))
+_VISION_RE = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+_LAYER_TYPES_HF = {"local": "sliding_attention", "global": "full_attention"}
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -42,43 +53,102 @@ class HFImportError(ValueError):
 # Config ---------------------------------------------------------------------
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
-  """rope_theta and scaling from either transformers v4 keys or v5 `rope_parameters`."""
-  params = hf.get("rope_parameters") or {}
-  theta = hf.get("rope_theta", params.get("rope_theta", 10_000.0))
-  scaling = hf.get("rope_scaling") or params
+def _scaling_from_hf(scaling: dict) -> RopeScaling | None:
+  """One rope_scaling / rope_parameters dict: default (none), linear or llama3."""
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
   if rope_type in (None, "default"):
-    return float(theta), None
-  if rope_type != "llama3":
-    raise HFImportError(f"unsupported rope type {rope_type!r} (supported: default, llama3)")
+    return None
+  if rope_type not in ("llama3", "linear"):
+    raise HFImportError(f"unsupported rope type {rope_type!r} (supported: default, linear, llama3)")
   try:
-    return float(theta), RopeScaling(
+    if rope_type == "linear":
+      return RopeScaling(factor=float(scaling["factor"]), rope_type="linear")
+    return RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position=int(scaling["original_max_position_embeddings"]))
   except KeyError as e:
-    raise HFImportError(f"llama3 rope scaling is missing {e.args[0]!r}: {scaling}") from None
+    raise HFImportError(f"{rope_type} rope scaling is missing {e.args[0]!r}: {scaling}") from None
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+  """rope_theta and scaling from either transformers v4 keys or v5 `rope_parameters`."""
+  params = hf.get("rope_parameters") or {}
+  theta = hf.get("rope_theta", params.get("rope_theta", 10_000.0))
+  return float(theta), _scaling_from_hf(hf.get("rope_scaling") or params)
+
+
+def _gemma3_rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None, float]:
+  """(global theta, global scaling, local theta): v5 `rope_parameters` per layer type, or
+  v4's rope_theta + rope_scaling (global) and rope_local_base_freq (local)."""
+  params = hf.get("rope_parameters") or {}
+  full = dict(params.get("full_attention") or {})
+  sliding = dict(params.get("sliding_attention") or {})
+  if hf.get("rope_scaling"):
+    full.update(hf["rope_scaling"])
+  theta = float(full.get("rope_theta", hf.get("rope_theta", 1_000_000.0)))
+  local_theta = float(sliding.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0)))
+  if _scaling_from_hf(sliding) is not None:
+    raise HFImportError(f"rope scaling on sliding-window layers is not supported: {sliding}")
+  return theta, _scaling_from_hf(full), local_theta
+
+
+def _gemma3_fields(hf: dict) -> dict:
+  """The ModelConfig fields only Gemma 3 sets, from its text config."""
+  act = hf.get("hidden_activation", hf.get("hidden_act", "gelu_pytorch_tanh"))
+  if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+    raise HFImportError(f"unsupported hidden_activation {act!r} (only gelu_pytorch_tanh)")
+  for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+    if hf.get(key):
+      raise HFImportError(f"unsupported {key}={hf[key]!r} in gemma3 config")
+  n = hf["num_hidden_layers"]
+  hf_types = hf.get("layer_types") or [
+      "full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0
+      else "sliding_attention" for i in range(n)]
+  ours = {v: k for k, v in _LAYER_TYPES_HF.items()}
+  if len(hf_types) != n or set(hf_types) - set(ours):
+    raise HFImportError(f"gemma3 layer_types must be {n} of {sorted(ours)}, got {hf_types}")
+  theta, scaling, local_theta = _gemma3_rope_from_hf(hf)
+  layer_types = tuple(ours[t] for t in hf_types)
+  return dict(
+      rope_base=theta, rope_scaling=scaling, rope_local_base=local_theta,
+      layer_types=layer_types if "local" in layer_types else (),
+      sliding_window=int(hf.get("sliding_window") or 0),
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+      final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+      mlp_activation="gelu_tanh", norm_unit_offset=True, post_norms=True, embed_scale=True,
+      qk_norm=True)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-  """A ModelConfig from a Hugging Face config.json dict (Qwen3 or Llama)."""
+  """A ModelConfig from a Hugging Face config.json dict (Qwen3, Llama or Gemma 3)."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise HFImportError(
         f"unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+  if model_type == "gemma3":  # multimodal: the text decoder's config is nested
+    if not isinstance(hf.get("text_config"), dict):
+      raise HFImportError("gemma3 config is missing 'text_config'")
+    hf = {"tie_word_embeddings": hf.get("tie_word_embeddings", True), **hf["text_config"],
+          "model_type": "gemma3_text"}
+    model_type = "gemma3_text"
+  gemma = model_type == "gemma3_text"
   for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
               "intermediate_size"):
     if key not in hf:
       raise HFImportError(f"{model_type} config is missing {key!r}")
   # Features our decoder does not have: refuse rather than load a different model.
-  if hf.get("hidden_act", "silu") != "silu":
+  if not gemma and hf.get("hidden_act", "silu") != "silu":
     raise HFImportError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
   for key in ("attention_bias", "mlp_bias", "use_sliding_window"):
     if hf.get(key):
       raise HFImportError(f"unsupported {key}=True in {model_type} config")
-  theta, scaling = _rope_from_hf(hf)
+  if gemma:
+    fields = _gemma3_fields(hf)
+  else:
+    theta, scaling = _rope_from_hf(hf)
+    fields = dict(rope_base=theta, rope_scaling=scaling, qk_norm=model_type == "qwen3")
   heads = hf["num_attention_heads"]
   return ModelConfig(
       vocab_size=hf["vocab_size"],
@@ -88,37 +158,71 @@ def config_from_hf(hf: dict) -> ModelConfig:
       n_kv_heads=hf.get("num_key_value_heads") or heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
       mlp_dim=hf["intermediate_size"],
-      rope_base=theta,
-      rope_scaling=scaling,
-      qk_norm=model_type == "qwen3",
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      max_seq_len=int(hf.get("max_position_embeddings", 2048)))
+      max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+      **fields)
+
+
+def _hf_family(cfg: ModelConfig) -> str:
+  """The HF model_type whose architecture is exactly this config; an error if none is."""
+  gemma = dict(mlp_activation="gelu_tanh", norm_unit_offset=True, post_norms=True,
+               embed_scale=True, qk_norm=True)
+  if cfg.post_norms:
+    wrong = {k: getattr(cfg, k) for k, v in gemma.items() if getattr(cfg, k) != v}
+    if wrong:
+      raise HFImportError(f"post_norms=True is Gemma 3, which also has {gemma}; got {wrong}")
+    return "gemma3_text"
+  plain = dict(mlp_activation="silu", norm_unit_offset=False, embed_scale=False,
+               query_pre_attn_scalar=0.0, layer_types=(), final_logit_softcap=0.0)
+  wrong = {k: getattr(cfg, k) for k, v in plain.items() if getattr(cfg, k) != v}
+  if wrong:
+    raise HFImportError(f"Qwen3 / Llama have {plain}; got {wrong} (no HF architecture)")
+  return "qwen3" if cfg.qk_norm else "llama"
+
+
+def _int_if_whole(x: float):
+  """transformers declares query_pre_attn_scalar an int (and checks it)."""
+  return int(x) if float(x).is_integer() else x
+
+
+def _scaling_to_hf(s: RopeScaling | None) -> dict | None:
+  if s is None:
+    return None
+  if s.rope_type == "linear":
+    return {"rope_type": "linear", "factor": s.factor}
+  return {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+          "high_freq_factor": s.high_freq_factor,
+          "original_max_position_embeddings": s.original_max_position}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
   """A config.json dict; legacy rope keys, which transformers v4 and v5 both read."""
-  model_type = "qwen3" if cfg.qk_norm else "llama"
-  arch = "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
+  model_type = _hf_family(cfg)
+  arch = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+          "gemma3_text": "Gemma3ForCausalLM"}[model_type]
   out = {
       "architectures": [arch], "model_type": model_type,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
       "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
       "intermediate_size": cfg.mlp_dim, "hidden_act": "silu",
-      "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base, "rope_scaling": None,
+      "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
+      "rope_scaling": _scaling_to_hf(cfg.rope_scaling),
       "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len,
       "attention_bias": False, "torch_dtype": cfg.param_dtype,
   }
   if model_type == "llama":
     out["mlp_bias"] = False
-  if cfg.rope_scaling is not None:
-    s = cfg.rope_scaling
-    out["rope_scaling"] = {
-        "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-        "high_freq_factor": s.high_freq_factor,
-        "original_max_position_embeddings": s.original_max_position}
+  if model_type == "gemma3_text":
+    del out["hidden_act"]
+    out.update(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
+        rope_local_base_freq=cfg.rope_local_base, sliding_window=cfg.sliding_window or None,
+        layer_types=[_LAYER_TYPES_HF[t] for t in cfg.layer_types or ("global",) * cfg.n_layers],
+        final_logit_softcapping=cfg.final_logit_softcap or None, attn_logit_softcapping=None)
   return out
 
 
@@ -151,7 +255,12 @@ def param_name_map(cfg: ModelConfig) -> dict[tuple, tuple[str, _Layout]]:
   for i in range(cfg.n_layers):
     p, h = ("layers", i), f"model.layers.{i}."
     out[p + ("attn_norm", "scale")] = (h + "input_layernorm.weight", _COPY)
-    out[p + ("mlp_norm", "scale")] = (h + "post_attention_layernorm.weight", _COPY)
+    if cfg.post_norms:  # Gemma: HF's post_attention_layernorm is on the attention output
+      out[p + ("post_attn_norm", "scale")] = (h + "post_attention_layernorm.weight", _COPY)
+      out[p + ("mlp_norm", "scale")] = (h + "pre_feedforward_layernorm.weight", _COPY)
+      out[p + ("post_mlp_norm", "scale")] = (h + "post_feedforward_layernorm.weight", _COPY)
+    else:  # Llama / Qwen: HF's post_attention_layernorm is the MLP's input norm
+      out[p + ("mlp_norm", "scale")] = (h + "post_attention_layernorm.weight", _COPY)
     for ours, theirs in (("wq_DNH", "q_proj"), ("wk_DKH", "k_proj"), ("wv_DKH", "v_proj")):
       out[p + ("attn", ours)] = (h + f"self_attn.{theirs}.weight", _IN_FIRST)
     out[p + ("attn", "wo_NHD")] = (h + "self_attn.o_proj.weight", _OUT_LAST)
@@ -188,6 +297,23 @@ def _tensor_files(model_dir: pathlib.Path) -> dict[str, pathlib.Path]:
           raise HFImportError(f"tensor {name!r} is in both {files[name]} and {path}")
         files[name] = path
   return files
+
+
+def _text_tensors(files: dict[str, pathlib.Path]) -> dict[str, tuple[pathlib.Path, str]]:
+  """Decoder tensor name (model.*, lm_head.*) -> (file, name stored there): a multimodal
+  checkpoint's text tensors renamed, its vision tower and projector left out."""
+  out = {}
+  for model_prefix, head_prefix in _TEXT_PREFIXES:
+    if any(n.startswith(model_prefix) for n in files):
+      for name, path in files.items():
+        if name.startswith(model_prefix):
+          out["model." + name[len(model_prefix):]] = (path, name)
+        elif name.startswith(head_prefix):
+          out["lm_head." + name[len(head_prefix):]] = (path, name)
+        elif not _VISION_RE.match(name):
+          out[name] = (path, name)
+      return out
+  return {name: (path, name) for name, path in files.items()}
 
 
 def _host_device():
@@ -238,8 +364,8 @@ def load_hf_checkpoint(model_dir, mesh: jax.sharding.Mesh | None = None, *,
   if unmapped:
     raise HFImportError(f"no HF name known for our parameters {unmapped}")
 
-  files = _tensor_files(model_dir)
-  where = f"{model_dir} (config.json + {len(set(files.values()))} safetensors file(s))"
+  files = _text_tensors(_tensor_files(model_dir))
+  where = f"{model_dir} (config.json + {len({f for f, _ in files.values()})} safetensors file(s))"
   missing = sorted(hf for hf, _ in names.values() if hf not in files)
   if missing:
     raise HFImportError(f"{where} lacks tensors: {', '.join(missing[:8])}"
@@ -253,17 +379,18 @@ def load_hf_checkpoint(model_dir, mesh: jax.sharding.Mesh | None = None, *,
 
   by_file: dict[pathlib.Path, list] = {}
   for path, var in flat:
-    by_file.setdefault(files[names[path][0]], []).append((path, var))
+    by_file.setdefault(files[names[path][0]][0], []).append((path, var))
   for file, items in sorted(by_file.items()):
     with safe_open(str(file), framework="flax") as handle:
       for path, var in items:
         hf_name, layout = names[path]
+        stored = files[hf_name][1]
         want = layout.hf_shape(tuple(var.shape))
-        got = tuple(handle.get_slice(hf_name).get_shape())
+        got = tuple(handle.get_slice(stored).get_shape())
         if got != want:
-          raise HFImportError(f"{file}: tensor {hf_name!r} has shape {list(got)}, expected "
+          raise HFImportError(f"{file}: tensor {stored!r} has shape {list(got)}, expected "
                               f"{list(want)} from config.json")
-        arr = np.ascontiguousarray(layout.to_ours(_read(handle, hf_name), tuple(var.shape)))
+        arr = np.ascontiguousarray(layout.to_ours(_read(handle, stored), tuple(var.shape)))
         var.set_value(_place(arr.astype(np_dtype), targets[path]))
   logging.info("loaded %s: %d tensors, %.1fM parameters", model_dir, len(flat),
                sum(math.prod(v.shape) for _, v in flat) / 1e6)

@@ -1,4 +1,10 @@
-"""A Llama / Qwen style decoder in Flax NNX.
+"""One decoder in Flax NNX for the Llama, Qwen3 and Gemma 3 families.
+
+Gemma 3 is the same block with switches from ModelConfig: GeGLU, RMSNorm by
+(1 + w), norms on the attention and MLP outputs too, embeddings times
+sqrt(D), its own query scale, and local layers that see a sliding window of
+keys with their own RoPE base (the mask and the base are picked per layer
+here, in one unrolled loop: no per-layer recompiles).
 
 Shape letters, one meaning each across the project (tensor names end in them:
 `x_BTD`; einsum strings use them too):
@@ -33,22 +39,28 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
+  """Scales by w, or by (1 + w) with w starting at 0 (Gemma); float32 inside."""
 
-  def __init__(self, dim: int, eps: float, dtype, axis_name: str = "norm"):
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
-    self.eps = eps
+  def __init__(self, dim: int, cfg: ModelConfig, axis_name: str = "norm"):
+    init = jnp.zeros if cfg.norm_unit_offset else jnp.ones
+    self.scale = nnx.Param(init((dim,), cfg.weight_dtype), logical_axes=(axis_name,))
+    self.eps = cfg.norm_eps
+    self.unit_offset = cfg.norm_unit_offset
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (y * (1.0 + scale if self.unit_offset else scale)).astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> jax.Array:
-  """Inverse frequencies, with Llama-3 wavelength-dependent scaling when given."""
+  """Inverse frequencies, with linear or Llama-3 wavelength-dependent scaling when given."""
   inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   if scaling is None:
     return inv_freq
+  if scaling.rope_type == "linear":
+    return inv_freq / scaling.factor
   low_wavelen = scaling.original_max_position / scaling.low_freq_factor
   high_wavelen = scaling.original_max_position / scaling.high_freq_factor
   wavelen = 2 * jnp.pi / inv_freq
@@ -80,8 +92,8 @@ class Attention(nnx.Module):
     self.wv_DKH = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), w, D)
     self.wo_NHD = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), w, N * H)
     if cfg.qk_norm:
-      self.q_norm = RMSNorm(H, cfg.norm_eps, w, "head_dim")
-      self.k_norm = RMSNorm(H, cfg.norm_eps, w, "head_dim")
+      self.q_norm = RMSNorm(H, cfg, "head_dim")
+      self.k_norm = RMSNorm(H, cfg, "head_dim")
 
   def __call__(self, x_BTD, positions_BT, mask_BTS, inv_freq, cache=None, cache_index=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
@@ -107,10 +119,10 @@ class Attention(nnx.Module):
     K = cfg.n_kv_heads
     q_BTKRH = q_BTNH.reshape(B, T, K, N // K, H)
     if T == 1:
-      out_BTKRH = _decode_attention(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, dt)
+      out_BTKRH = _decode_attention(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg.query_scale, dt)
     else:
       logits_BKRTS = jnp.einsum("BTKRH,BSKH->BKRTS", q_BTKRH, k_BSKH,
-                                preferred_element_type=jnp.float32) * (H ** -0.5)
+                                preferred_element_type=jnp.float32) * cfg.query_scale
       logits_BKRTS = jnp.where(mask_BTS[:, None, None], logits_BKRTS, _NEG_INF)
       probs_BKRTS = jax.nn.softmax(logits_BKRTS, axis=-1).astype(dt)
       out_BTKRH = jnp.einsum("BKRTS,BSKH->BTKRH", probs_BKRTS, v_BSKH)
@@ -119,13 +131,12 @@ class Attention(nnx.Module):
     return out_BTD, new_cache
 
 
-def _decode_attention(q_B1KRH, k_BSKH, v_BSKH, mask_B1S, dt):
+def _decode_attention(q_B1KRH, k_BSKH, v_BSKH, mask_B1S, scale: float, dt):
   """One query per row (decoding). The same maths as the einsum path, written as
   broadcast products in the cache's own [B, S, K, ...] layout: a batched matmul
   here would transpose the whole cache at every step (3-6x slower on CPU)."""
-  H = q_B1KRH.shape[-1]
   logits_BSKR = jnp.sum(q_B1KRH[:, 0][:, None] * k_BSKH[:, :, :, None, :], axis=-1,
-                        dtype=jnp.float32) * (H ** -0.5)
+                        dtype=jnp.float32) * scale
   logits_BSKR = jnp.where(mask_B1S[:, 0, :, None, None], logits_BSKR, _NEG_INF)
   probs_BSKR = jax.nn.softmax(logits_BSKR, axis=1).astype(dt)
   out_BKRH = jnp.sum(probs_BSKR[..., None] * v_BSKH[:, :, :, None, :], axis=1)
@@ -133,11 +144,12 @@ def _decode_attention(q_B1KRH, k_BSKH, v_BSKH, mask_B1S, dt):
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU, down(silu(gate(x)) * up(x)), or GeGLU with tanh-approximate GELU (Gemma)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     D, F, w = cfg.d_model, cfg.mlp_dim, cfg.weight_dtype
     self.dt = cfg.compute_dtype
+    self.gelu = cfg.mlp_activation == "gelu_tanh"
     self.gate_DF = _param(rngs, (D, F), ("embed", "mlp"), w, D)
     self.up_DF = _param(rngs, (D, F), ("embed", "mlp"), w, D)
     self.down_FD = _param(rngs, (F, D), ("mlp", "embed"), w, F)
@@ -146,22 +158,33 @@ class MLP(nnx.Module):
     dt = self.dt
     gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
     up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, self.down_FD[...].astype(dt))
+    act_BTF = jax.nn.gelu(gate_BTF, approximate=True) if self.gelu else jax.nn.silu(gate_BTF)
+    return jnp.einsum("BTF,FD->BTD", act_BTF * up_BTF, self.down_FD[...].astype(dt))
 
 
 class Block(nnx.Module):
+  """Pre-norm residual block; with `post_norms` the sublayer outputs are normed too (Gemma)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg)
     self.attn = Attention(cfg, rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
+    self.post_norms = cfg.post_norms
+    if cfg.post_norms:
+      self.post_attn_norm = RMSNorm(cfg.d_model, cfg)
+      self.post_mlp_norm = RMSNorm(cfg.d_model, cfg)
 
   def __call__(self, x_BTD, positions_BT, mask_BTS, inv_freq, cache=None, cache_index=None):
     h_BTD, new_cache = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS, inv_freq,
                                  cache, cache_index)
+    if self.post_norms:
+      h_BTD = self.post_attn_norm(h_BTD)
     x_BTD = sharding.constrain_activation(x_BTD + h_BTD)
-    x_BTD = sharding.constrain_activation(x_BTD + self.mlp(self.mlp_norm(x_BTD)))
+    h_BTD = self.mlp(self.mlp_norm(x_BTD))
+    if self.post_norms:
+      h_BTD = self.post_mlp_norm(h_BTD)
+    x_BTD = sharding.constrain_activation(x_BTD + h_BTD)
     return x_BTD, new_cache
 
 
@@ -172,18 +195,31 @@ def _block_forward(block, x_BTD, positions_BT, mask_BTS, inv_freq, cache, cache_
 _remat_block_forward = nnx.remat(_block_forward)
 
 
-def attention_mask(T: int, segment_ids_BT=None, *, cache_index=None, kv_valid_BS=None):
-  """Boolean [B, T, S] mask: causal, within a segment, or over valid cache slots."""
+def attention_mask(T: int, segment_ids_BT=None, *, cache_index=None, kv_valid_BS=None,
+                   window: int = 0):
+  """Boolean [B, T, S] mask: causal, within a segment, or over valid cache slots.
+
+  With `window` > 0, a query also sees only the `window` slots ending at its own
+  (a local layer). Slots, not RoPE positions, as in transformers: the two differ
+  only by left padding, which sits before every real token, so the distance
+  between two real tokens is the same in both.
+  """
   if kv_valid_BS is not None:
     S = kv_valid_BS.shape[1]
     q_slot_T = cache_index + jnp.arange(T)
-    causal_TS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
-    return causal_TS[None] & kv_valid_BS[:, None, :].astype(bool)
-  causal_TS = jnp.tril(jnp.ones((T, T), bool))
+    valid_BS = kv_valid_BS.astype(bool)
+  else:
+    S, q_slot_T, valid_BS = T, jnp.arange(T), None
+  behind_TS = q_slot_T[:, None] - jnp.arange(S)[None, :]  # how far each key is behind
+  keep_TS = behind_TS >= 0
+  if window > 0:
+    keep_TS &= behind_TS < window
+  if valid_BS is not None:
+    return keep_TS[None] & valid_BS[:, None, :]
   if segment_ids_BT is None:
-    return causal_TS[None]
+    return keep_TS[None]
   same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  return causal_TS[None] & same_BTS & (segment_ids_BT[:, None, :] != 0)
+  return keep_TS[None] & same_BTS & (segment_ids_BT[:, None, :] != 0)
 
 
 class Transformer(nnx.Module):
@@ -195,7 +231,7 @@ class Transformer(nnx.Module):
     self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            cfg.weight_dtype, cfg.d_model)
     self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype)
+    self.final_norm = RMSNorm(cfg.d_model, cfg)
     if not cfg.tie_embeddings:
       self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                cfg.weight_dtype, cfg.d_model)
@@ -213,14 +249,24 @@ class Transformer(nnx.Module):
       raise ValueError("decoding with a cache needs cache_index and kv_valid_BS")
     if cache is None and kv_valid_BS is not None:
       raise ValueError("kv_valid_BS applies to cached decoding; pass segment_ids_BT instead")
-    mask_BTS = attention_mask(T, segment_ids_BT, cache_index=cache_index,
-                              kv_valid_BS=kv_valid_BS if cache is not None else None)
+    kv_valid_BS = kv_valid_BS if cache is not None else None
+    mask_BTS = attention_mask(T, segment_ids_BT, cache_index=cache_index, kv_valid_BS=kv_valid_BS)
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
-    x_BTD = sharding.constrain_activation(jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt))
+    if "local" in cfg.layer_types:
+      local_mask_BTS = attention_mask(T, segment_ids_BT, cache_index=cache_index,
+                                      kv_valid_BS=kv_valid_BS, window=cfg.sliding_window)
+      local_inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_local_base, None)
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt)
+    if cfg.embed_scale:  # the factor rounded to the compute dtype first, as transformers does
+      x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), dt)
+    x_BTD = sharding.constrain_activation(x_BTD)
     forward = _remat_block_forward if cfg.remat else _block_forward
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
-      x_BTD, layer_cache = forward(block, x_BTD, positions_BT, mask_BTS, inv_freq,
+      local = cfg.is_local(i)
+      x_BTD, layer_cache = forward(block, x_BTD, positions_BT,
+                                   local_mask_BTS if local else mask_BTS,
+                                   local_inv_freq if local else inv_freq,
                                    None if cache is None else cache[i], cache_index)
       if cache is not None:
         new_cache.append(layer_cache)
@@ -230,13 +276,17 @@ class Transformer(nnx.Module):
     return self.logits(x_BTD), new_cache
 
   def logits(self, x_BTD):
-    """float32 logits from final hidden states (after the final norm)."""
-    dt = self.cfg.compute_dtype
-    if self.cfg.tie_embeddings:
-      return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_VD[...].astype(dt),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head_DV[...].astype(dt),
-                      preferred_element_type=jnp.float32)
+    """float32 logits from final hidden states (after the final norm), soft-capped if set."""
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_VD[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head_DV[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap:
+      logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
+    return logits_BTV
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:

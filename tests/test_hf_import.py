@@ -1,4 +1,7 @@
 """HF import/export: logit parity with randomly initialised transformers models (no download)."""
+import copy
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -13,18 +16,28 @@ from safetensors import safe_open
 from deepimagine_jax import hf_import as H
 from deepimagine_jax import model as M
 from deepimagine_jax import sharding as S
+from deepimagine_jax.config import ModelConfig
 
 _SHAPE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6)
 # original_max_position_embeddings small, so llama3 scaling moves every band.
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# Gemma 3 as published (1 local : 1 global here), with a window (8) far shorter than the
+# T = 40 tokens compared, a query scalar that is not head_dim, and 4b+'s linear scaling.
+_GEMMA3 = dict(query_pre_attn_scalar=24, sliding_window=8,
+               layer_types=["sliding_attention", "full_attention"],
+               rope_parameters={
+                   "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                      "rope_theta": 1_000_000.0},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
 CASES = {
     "qwen3_tied": lambda: transformers.Qwen3Config(
         **_SHAPE, tie_word_embeddings=True, rope_theta=1_000_000.0),
     "qwen3_untied": lambda: transformers.Qwen3Config(**_SHAPE, tie_word_embeddings=False),
     "llama3_scaled": lambda: transformers.LlamaConfig(
         **_SHAPE, tie_word_embeddings=False, rope_theta=500_000.0, rope_scaling=_LLAMA3_ROPE),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**_SHAPE, **_GEMMA3),
 }
 ATOL = 1e-4
 
@@ -36,15 +49,20 @@ def _hf_model(case: str, seed: int = 0) -> transformers.PreTrainedModel:
   interchangeable; this makes each tensor matter.
   """
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(CASES[case]()).float().eval()
+  return _randomize(transformers.AutoModelForCausalLM.from_config(CASES[case]()).float().eval())
+
+
+def _randomize(model):
+  # Gemma's norms scale by (1 + weight): weight 0 is scale 1.
+  unit = 0.0 if model.config.model_type.startswith("gemma") else 1.0
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        p.copy_(unit + 0.3 * torch.randn_like(p))
       elif "embed_tokens" in name:
         p.copy_(torch.randn_like(p))
       else:
-        p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+        p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
   return model
 
 
@@ -101,9 +119,12 @@ def _ours(model, tok):
 def test_logits_match_transformers(saved):
   case, hf, path = saved
   cfg, model = H.load_hf_checkpoint(path)
-  assert cfg.qk_norm == case.startswith("qwen3")
-  assert cfg.tie_embeddings == (case == "qwen3_tied")
-  assert (cfg.rope_scaling is not None) == (case == "llama3_scaled")
+  assert cfg.qk_norm == case.startswith(("qwen3", "gemma3"))
+  assert cfg.tie_embeddings == (case in ("qwen3_tied", "gemma3"))
+  assert (cfg.rope_scaling is not None) == (case in ("llama3_scaled", "gemma3"))
+  if case == "gemma3":
+    assert cfg.layer_types == ("local", "global") and cfg.sliding_window == 8
+    assert cfg.rope_scaling.rope_type == "linear" and cfg.query_pre_attn_scalar == 24
   if case == "qwen3_untied":
     assert (path / H.INDEX_FILE).exists()
   tok = _tokens()
@@ -115,15 +136,96 @@ def test_logits_match_transformers(saved):
   assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero numbers
 
 
-def test_llama3_scaling_is_exercised(checkpoints):
-  """Without the scaling our logits would differ: the parity test above sees it."""
-  hf, path = checkpoints["llama3_scaled"]
+def _as(model, cfg):
+  """The same parameters under another config."""
+  return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: M.Transformer(cfg, nnx.Rngs(0)))),
+                   nnx.state(model))
+
+
+@pytest.mark.parametrize("case,change", [
+    ("llama3_scaled", dict(rope_scaling=None)),
+    ("gemma3", dict(rope_scaling=None)),
+    ("gemma3", dict(layer_types=())),  # no sliding window
+    ("gemma3", dict(rope_local_base=1_000_000.0)),
+    ("gemma3", dict(query_pre_attn_scalar=0.0)),
+])
+def test_feature_is_exercised(checkpoints, case, change):
+  """Without each feature our logits would differ: the parity test above sees it."""
+  hf, path = checkpoints[case]
   cfg, model = H.load_hf_checkpoint(path)
-  unscaled = cfg.replace(rope_scaling=None)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: M.Transformer(unscaled, nnx.Rngs(0))))
-  plain = nnx.merge(graphdef, nnx.state(model))
   tok = _tokens()
-  assert np.abs(_ours(plain, tok) - _hf_logits(hf, tok)).max() > 100 * ATOL
+  assert np.abs(_ours(_as(model, cfg.replace(**change)), tok) - _hf_logits(hf, tok)).max() > 0.1
+
+
+def test_final_logit_softcap_matches_transformers(checkpoints):
+  """Gemma 3 ships without a cap; a config that sets one (Gemma 2 used 30) is honoured."""
+  hf, path = checkpoints["gemma3"]
+  cfg, model = H.load_hf_checkpoint(path)
+  tok = _tokens()
+  ref = _hf_logits(hf, tok)
+  hf.config.final_logit_softcapping = 10.0
+  try:
+    capped = _hf_logits(hf, tok)
+  finally:
+    hf.config.final_logit_softcapping = None
+  assert np.abs(capped).max() < 10.0 < np.abs(ref).max()
+  ours = _ours(_as(model, cfg.replace(final_logit_softcap=10.0)), tok)
+  assert np.abs(ours - capped).max() < ATOL
+
+
+def test_multimodal_gemma3_checkpoint_loads_its_text_decoder(tmp_path):
+  """gemma-3-4b/12b/27b ship as Gemma3ForConditionalGeneration: the text part is read,
+  the vision tower skipped, under both transformers' old and new tensor names."""
+  torch.manual_seed(1)
+  vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                image_size=28, patch_size=14)
+  mm = transformers.Gemma3Config(text_config=CASES["gemma3"]().to_dict(), vision_config=vision,
+                                 mm_tokens_per_image=4)
+  hf = _randomize(transformers.Gemma3ForConditionalGeneration(mm).float().eval())
+  hf.save_pretrained(tmp_path)
+  text = transformers.Gemma3ForCausalLM(CASES["gemma3"]()).float().eval()
+  sd = {k.replace("model.language_model.", "model."): v for k, v in hf.state_dict().items()}
+  text.load_state_dict({k: v for k, v in sd.items() if k in text.state_dict()}, strict=True)
+  tok = _tokens()
+  ref = _hf_logits(text, tok)
+  with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
+    names = list(f.keys())
+  # The names released checkpoints carry, which transformers still writes.
+  assert any(n.startswith("vision_tower.") for n in names)
+  assert any(n.startswith("language_model.model.layers.") for n in names)
+  _, model = H.load_hf_checkpoint(tmp_path)
+  assert np.abs(_ours(model, tok) - ref).max() < ATOL
+  # The names transformers 4.52 - 4.5x wrote.
+  new = {re.sub(r"^(vision_tower|multi_modal_projector)\.", r"model.\1.",
+                n.replace("language_model.model.", "model.language_model.")): n for n in names}
+  _rewrite(tmp_path, lambda t: {k: t[n] for k, n in new.items()})
+  _, model = H.load_hf_checkpoint(tmp_path)
+  assert np.abs(_ours(model, tok) - ref).max() < ATOL
+
+
+def test_bf16_parity(saved):
+  """bf16 weights and compute on both sides, against the float32 reference.
+
+  Two bf16 forwards round differently (transformers rounds q.k^T and the MLP
+  product to bf16 where we keep float32), so neither is "the" answer: ours must be
+  no further from the float32 logits than transformers' own bf16 forward (1.5x
+  slack), and the two must pick the same next token almost everywhere.
+  """
+  case, hf, path = saved
+  _, model = H.load_hf_checkpoint(path, dtype="bfloat16")
+  tok = _tokens()
+  ref = _hf_logits(hf, tok)
+  hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+  with torch.no_grad():
+    theirs = hf_bf16(torch.tensor(tok)).logits.float().numpy()
+  ours = _ours(model, tok)
+  err_ours, err_hf = np.abs(ours - ref).max(), np.abs(theirs - ref).max()
+  agree = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+  print(f"{case} bf16: max |ours - f32| {err_ours:.3f}, max |transformers bf16 - f32| "
+        f"{err_hf:.3f}, max |ours - transformers bf16| {np.abs(ours - theirs).max():.3f} "
+        f"(max |logit| {np.abs(ref).max():.1f}), argmax agreement {agree:.3f}")
+  assert err_ours <= 1.5 * err_hf
+  assert agree >= 0.95
 
 
 def _left_padded():
@@ -262,6 +364,60 @@ def test_legacy_and_v5_rope_keys_agree():
   assert a == b and a.rope_base == 500_000.0
   assert a.rope_scaling.original_max_position == 64 and a.rope_scaling.factor == 8.0
   assert H.config_from_hf(H.config_to_hf(a)) == a
+
+
+def test_gemma3_config_errors():
+  base = CASES["gemma3"]().to_dict()
+  with pytest.raises(H.HFImportError, match="attn_logit_softcapping"):
+    H.config_from_hf({**base, "attn_logit_softcapping": 50.0})
+  with pytest.raises(H.HFImportError, match="hidden_activation 'gelu'"):
+    H.config_from_hf({**base, "hidden_activation": "gelu"})
+  with pytest.raises(H.HFImportError, match="use_bidirectional_attention"):
+    H.config_from_hf({**base, "use_bidirectional_attention": True})
+  with pytest.raises(H.HFImportError, match="sliding-window layers"):
+    H.config_from_hf({**base, "rope_parameters": {
+        "full_attention": {"rope_type": "default"},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0}}})
+  with pytest.raises(H.HFImportError, match="layer_types must be 2"):
+    H.config_from_hf({**base, "layer_types": ["full_attention"]})
+  with pytest.raises(H.HFImportError, match="missing 'text_config'"):
+    H.config_from_hf({"model_type": "gemma3"})
+
+
+def test_gemma3_legacy_config_keys_agree():
+  """A transformers 4.5x config.json (rope_theta, rope_local_base_freq, rope_scaling,
+  sliding_window_pattern) reads as the v5 one; the 12b's as the gemma3_12b preset."""
+  v5 = H.config_from_hf(CASES["gemma3"]().to_dict())
+  legacy = {k: v for k, v in CASES["gemma3"]().to_dict().items()
+            if k not in ("rope_parameters", "layer_types")}
+  legacy.update(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=2,
+                rope_scaling={"rope_type": "linear", "factor": 8.0})
+  assert H.config_from_hf(legacy) == v5
+  # google/gemma-3-12b-it config.json, the text part as published (transformers 4.50).
+  published = {"model_type": "gemma3", "tie_word_embeddings": True, "text_config": {
+      "hidden_size": 3840, "intermediate_size": 15360, "model_type": "gemma3_text",
+      "num_attention_heads": 16, "num_hidden_layers": 48, "num_key_value_heads": 8,
+      "head_dim": 256, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
+      "rope_local_base_freq": 10_000, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+      "rope_theta": 1_000_000, "sliding_window": 1024, "sliding_window_pattern": 6,
+      "max_position_embeddings": 131_072, "vocab_size": 262_208,
+      "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None,
+      "attn_logit_softcapping": None}}
+  assert H.config_from_hf(published) == ModelConfig.gemma3_12b()
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen3_8b", "llama3_8b", "gemma3_1b", "gemma3_4b",
+                                  "gemma3_12b", "gemma3_27b"])
+def test_presets_round_trip_through_config_json(name):
+  cfg = getattr(ModelConfig, name)()
+  assert H.config_from_hf(H.config_to_hf(cfg)) == cfg
+
+
+def test_config_no_hf_architecture_has_is_refused():
+  with pytest.raises(H.HFImportError, match="mlp_activation"):
+    H.config_to_hf(ModelConfig.gemma3_1b().replace(mlp_activation="silu"))
+  with pytest.raises(H.HFImportError, match="embed_scale"):
+    H.config_to_hf(ModelConfig.tiny().replace(embed_scale=True))
 
 
 def test_sharded_load_matches_transformers(checkpoints):

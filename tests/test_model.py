@@ -1,13 +1,36 @@
 """The decoder: shapes, causality, sharding, and a plain NumPy reference."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
+from deepimagine_jax import hf_import
 from deepimagine_jax import model as M
+from deepimagine_jax import sampler
 from deepimagine_jax import sharding as S
 from deepimagine_jax.config import ModelConfig, RopeScaling
+
+
+def _tiny_gemma3(**kw) -> ModelConfig:
+  """The tiny shape with every Gemma 3 switch on: local, local, global; a short window."""
+  return ModelConfig.tiny().replace(
+      n_layers=3, mlp_activation="gelu_tanh", norm_unit_offset=True, post_norms=True,
+      embed_scale=True, query_pre_attn_scalar=24.0, layer_types=("local", "local", "global"),
+      sliding_window=3, rope_base=1_000_000.0, rope_local_base=10_000.0,
+      rope_scaling=RopeScaling(factor=8.0, rope_type="linear"), **kw)
+
+
+def _randomize_norms(model, seed=0):
+  """Norm scales away from their init, so swapping two norms changes the output."""
+  rng = np.random.RandomState(seed)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path[-1] == "scale":
+      var.set_value(jnp.asarray(0.3 * rng.randn(*var.shape), var.get_value().dtype))
 
 
 def _inputs(cfg, B=3, T=12, seed=1):
@@ -81,13 +104,19 @@ def test_mesh_rest_axis():
 
 # --- plain NumPy reference ---------------------------------------------------
 
-def _np_rms(x, w, eps):
-  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+def _np_rms(x, w, eps, unit_offset=False):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * ((1 + w) if unit_offset else w)
+
+
+def _np_gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def _np_rope(x, pos, base, head_dim, scaling=None):
   inv = 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim)
-  if scaling is not None:  # Llama 3.1 recipe, written out per frequency
+  if scaling is not None and scaling.rope_type == "linear":  # positions / factor
+    inv = inv / scaling.factor
+  elif scaling is not None:  # Llama 3.1 recipe, written out per frequency
     out = []
     for f in inv:
       wl = 2 * np.pi / f
@@ -110,48 +139,66 @@ def _np_rope(x, pos, base, head_dim, scaling=None):
 
 
 def _np_forward(model, cfg, tok, pos):
+  """Written from the published recipes (Llama / Qwen3 / Gemma 3), one head at a time."""
   g = lambda p: np.asarray(p[...], np.float64)
-  x = g(model.embed_VD)[np.asarray(tok)]
+  rms = lambda x, norm: _np_rms(x, g(norm.scale), cfg.norm_eps, cfg.norm_unit_offset)
+  x = g(model.embed_VD)[np.asarray(tok)] * (np.sqrt(cfg.d_model) if cfg.embed_scale else 1.0)
   pos = np.asarray(pos, np.float64)
   B, T = tok.shape
   G = cfg.n_heads // cfg.n_kv_heads
-  for blk in model.layers:
+  t_idx, s_idx = np.arange(T)[:, None], np.arange(T)[None, :]
+  for i, blk in enumerate(model.layers):
+    local = bool(cfg.layer_types) and cfg.layer_types[i] == "local"
+    base, scaling = (cfg.rope_local_base, None) if local else (cfg.rope_base, cfg.rope_scaling)
+    allowed = s_idx <= t_idx
+    if local:  # the query and the sliding_window - 1 tokens before it
+      allowed &= t_idx - s_idx < cfg.sliding_window
     a = blk.attn
-    h = _np_rms(x, g(blk.attn_norm.scale), cfg.norm_eps)
+    h = rms(x, blk.attn_norm)
     q = np.einsum("btd,dnh->btnh", h, g(a.wq_DNH))
     k = np.einsum("btd,dkh->btkh", h, g(a.wk_DKH))
     v = np.einsum("btd,dkh->btkh", h, g(a.wv_DKH))
     if cfg.qk_norm:
-      q = _np_rms(q, g(a.q_norm.scale), cfg.norm_eps)
-      k = _np_rms(k, g(a.k_norm.scale), cfg.norm_eps)
-    q = _np_rope(q, pos, cfg.rope_base, cfg.head_dim, cfg.rope_scaling)
-    k = _np_rope(k, pos, cfg.rope_base, cfg.head_dim, cfg.rope_scaling)
+      q, k = rms(q, a.q_norm), rms(k, a.k_norm)
+    q = _np_rope(q, pos, base, cfg.head_dim, scaling)
+    k = _np_rope(k, pos, base, cfg.head_dim, scaling)
     out = np.zeros_like(q)
     for n in range(cfg.n_heads):  # GQA written as an explicit head -> kv-head lookup
       kk, vv = k[:, :, n // G], v[:, :, n // G]
-      s = np.einsum("bth,bsh->bts", q[:, :, n], kk) / np.sqrt(cfg.head_dim)
-      s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+      s = np.einsum("bth,bsh->bts", q[:, :, n], kk) / np.sqrt(
+          cfg.query_pre_attn_scalar or cfg.head_dim)
+      s = np.where(allowed, s, -np.inf)
       p = np.exp(s - s.max(-1, keepdims=True))
       p /= p.sum(-1, keepdims=True)
       out[:, :, n] = np.einsum("bts,bsh->bth", p, vv)
-    x = x + np.einsum("btnh,nhd->btd", out, g(a.wo_NHD))
-    h = _np_rms(x, g(blk.mlp_norm.scale), cfg.norm_eps)
+    o = np.einsum("btnh,nhd->btd", out, g(a.wo_NHD))
+    x = x + (rms(o, blk.post_attn_norm) if cfg.post_norms else o)
+    h = rms(x, blk.mlp_norm)
     gate = h @ g(blk.mlp.gate_DF)
-    x = x + (gate / (1 + np.exp(-gate)) * (h @ g(blk.mlp.up_DF))) @ g(blk.mlp.down_FD)
-  x = _np_rms(x, g(model.final_norm.scale), cfg.norm_eps)
+    act = _np_gelu_tanh(gate) if cfg.mlp_activation == "gelu_tanh" else gate / (1 + np.exp(-gate))
+    o = (act * (h @ g(blk.mlp.up_DF))) @ g(blk.mlp.down_FD)
+    x = x + (rms(o, blk.post_mlp_norm) if cfg.post_norms else o)
+  x = rms(x, model.final_norm)
   head = g(model.embed_VD).T if cfg.tie_embeddings else g(model.lm_head_DV)
-  return x @ head
+  logits = x @ head
+  if cfg.final_logit_softcap:
+    logits = cfg.final_logit_softcap * np.tanh(logits / cfg.final_logit_softcap)
+  return logits
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "llama3"])
+@pytest.mark.parametrize("variant", ["qwen3", "llama3", "gemma3"])
 def test_matches_numpy_reference(variant):
   base = ModelConfig.tiny()
   if variant == "qwen3":
     cfg = base
-  else:  # no QK-norm, untied head, Llama-3 RoPE scaling with a short original window
+  elif variant == "llama3":  # no QK-norm, untied head, Llama-3 RoPE scaling, short original window
     cfg = base.replace(qk_norm=False, tie_embeddings=False, rope_base=500_000.0,
                        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
+  else:  # every Gemma 3 switch, and a soft cap (Gemma 2's; off in Gemma 3) that bites
+    cfg = _tiny_gemma3(final_logit_softcap=2.0)
   model = M.Transformer(cfg, nnx.Rngs(3))
+  if variant == "gemma3":
+    _randomize_norms(model)
   tok, _ = _inputs(cfg, B=2, T=9)
   pos = jnp.array([np.arange(9) + 5, np.arange(9) + 100])  # offsets exercise RoPE
   got, _ = model(tok, pos)
@@ -173,17 +220,56 @@ def test_left_padded_prompt_matches_unpadded(tiny):
   np.testing.assert_allclose(np.asarray(got[:, pad:]), np.asarray(want), atol=1e-5)
 
 
-def test_cache_step_matches_full_forward(tiny):
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_cache_step_matches_full_forward(tiny, arch):
+  """Prefill 6 tokens, then decode one at a time; Gemma's window (3) is passed early."""
   cfg, model = tiny
+  if arch == "gemma3":
+    cfg = _tiny_gemma3()
+    model = M.Transformer(cfg, nnx.Rngs(1))
+    _randomize_norms(model)
   tok, pos = _inputs(cfg, B=2, T=10)
   full, _ = model(tok, pos)
   cache = M.init_cache(cfg, 2, 10)
   valid = jnp.ones((2, 10), bool)
-  _, cache = model(tok[:, :6], pos[:, :6], cache=cache, cache_index=0, kv_valid_BS=valid)
+  pre, cache = model(tok[:, :6], pos[:, :6], cache=cache, cache_index=0, kv_valid_BS=valid)
+  np.testing.assert_allclose(np.asarray(pre), np.asarray(full[:, :6]), atol=1e-5)
   for t in range(6, 10):
     step, cache = model(tok[:, t:t + 1], pos[:, t:t + 1], cache=cache, cache_index=t,
                         kv_valid_BS=valid)
     np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, t]), atol=1e-5)
+  if arch == "gemma3":  # the window matters: without it the same cache gives other logits
+    unwindowed = nnx.merge(nnx.graphdef(M.Transformer(cfg.replace(
+        layer_types=("global",) * 3), nnx.Rngs(1))), nnx.state(model))
+    other, _ = unwindowed(tok, pos)
+    assert np.abs(np.asarray(other[:, 3:]) - np.asarray(full[:, 3:])).max() > 1e-2
+
+
+def test_sliding_window_mask():
+  """Causal and at most `window` slots back, over the cache's slots too."""
+  m = np.asarray(M.attention_mask(5, window=2)[0])
+  np.testing.assert_array_equal(m, np.eye(5, dtype=bool) | np.eye(5, k=-1, dtype=bool))
+  valid = jnp.array([[False, True, True, True, True, True]])
+  m = np.asarray(M.attention_mask(2, cache_index=4, kv_valid_BS=valid, window=3)[0])
+  np.testing.assert_array_equal(m, [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]])
+
+
+def test_greedy_sampler_past_the_window_matches_a_full_forward():
+  """The sampler's cached decode (one row left-padded) is greedy under a full forward of
+  the finished sequence: each new token is the argmax at the slot before it."""
+  cfg = _tiny_gemma3()
+  model = M.Transformer(cfg, nnx.Rngs(2))
+  _randomize_norms(model, seed=4)
+  tok, _ = _inputs(cfg, B=2, T=5, seed=7)
+  mask = jnp.array([[1] * 5, [0, 0, 1, 1, 1]], bool)
+  graphdef, params = nnx.split(model)
+  out = sampler.sample(graphdef, params, tok, mask, jax.random.key(0), max_new_tokens=6,
+                       temperature=0.0)
+  seq_mask = out.sequence_mask.astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(seq_mask, 1) - 1, 0)
+  logits, _ = model(out.sequences, positions, segment_ids_BT=seq_mask)
+  greedy = np.asarray(jnp.argmax(logits[:, 4:-1], -1))
+  np.testing.assert_array_equal(np.asarray(out.tokens), greedy)
 
 
 def test_bf16_compute_and_remat_run():
@@ -205,3 +291,27 @@ def test_presets_param_counts():
   assert abs(ModelConfig.llama3_8b().num_params() - 8.03e9) < 0.05e9
   for name in ("qwen3_1_7b", "qwen3_4b", "qwen3_8b"):
     getattr(ModelConfig, name)()
+
+
+# Gemma 3 text parameters as Google publishes them (the Keras Hub presets), counted
+# over the 262,144-token vocabulary; the HF multimodal checkpoints add 64 embedding rows.
+_GEMMA3_PUBLISHED = {"gemma3_1b": 999_885_952, "gemma3_4b": 3_880_099_328,
+                     "gemma3_12b": 11_765_788_416, "gemma3_27b": 27_009_002_240}
+
+
+@pytest.mark.parametrize("name", list(_GEMMA3_PUBLISHED))
+def test_gemma3_presets(name):
+  cfg = getattr(ModelConfig, name)()
+  assert cfg.replace(vocab_size=262_144).num_params() == _GEMMA3_PUBLISHED[name]
+  assert cfg.vocab_size == (262_144 if name == "gemma3_1b" else 262_208)
+  # Every sixth layer global, the last of each six; the rest see a window.
+  assert [i for i in range(cfg.n_layers) if not cfg.is_local(i)] == list(
+      range(5, cfg.n_layers, 6))
+  # The same shape in transformers (on the meta device: no memory) has as many parameters.
+  hf_cfg = transformers.Gemma3TextConfig(**{
+      k: v for k, v in hf_import.config_to_hf(cfg).items() if k not in ("architectures",)})
+  with torch.device("meta"):
+    hf = transformers.Gemma3ForCausalLM(hf_cfg)
+  assert sum(p.numel() for p in hf.parameters()) == cfg.num_params()
+  assert hf_cfg.layer_types.count("full_attention") == cfg.n_layers // 6
+  assert hf_cfg.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
