@@ -350,8 +350,9 @@ def format_report(r: dict) -> str:
                                               ("no_public_date", "no_trial_text") if k in c))
   lines.append("prompts with a field cut to fit (budget / prompt_len), per split:")
   for s, c in r["prompts"].items():
-    lines.append(f"  {s:<6} {c['shortened']:>5} of {c['examples']:>5}  "
-                 f"(longest {c['max_tokens']} tokens, {c['max_chars']} chars)")
+    lines.append(f"  {s:<6} {c['shortened']:>5} of {c['examples']:>5}, {c['refit']} of them "
+                 f"re-rendered for tokens (longest {c['max_tokens']} tokens with BOS, "
+                 f"{c['max_chars']} chars)")
   lines.append("splits (label balance: fraction of each label index, per option count):")
   for s, n in r["split_sizes"].items():
     bal = "; ".join(f"{k}-way n={v['n']} {v['fractions']}"

@@ -250,3 +250,19 @@ def test_bad_anchor_keys_are_clear_errors(root, tmp_path):
     _cfg(root, tmp_path, retriever="sbert")
   with pytest.raises(ValueError, match="data.anchors_k"):
     _cfg(root, tmp_path, anchors_k=0)
+
+
+def test_no_prompt_is_left_for_a_consumer_to_cut(built):
+  """Every prompt fits prompt_len with BOS (RL / eval rows) and seq_len with its completion,
+  BOS and EOS (SFT rows): checked with the build's own tokenizer; the report counts the
+  prompts whose fields were cut."""
+  cfg = common.data()  # the tiny build keeps the declared prompt_len / seq_len
+  tok = Tokenizer.load(built.tokenizer_path)
+  for s in built.splits:
+    exs = built.examples(s)
+    for ex in exs:
+      n = len(tok.encode(ex.prompt))
+      assert 1 + n <= cfg.prompt_len and n + len(tok.encode(ex.completion)) + 2 <= cfg.seq_len
+    counts = built.report["prompts"][s]
+    assert counts["shortened"] == sum(ex.prompt_fields_cut > 0 for ex in exs)
+    assert counts["examples"] == len(exs) and counts["max_tokens"] <= cfg.prompt_len
