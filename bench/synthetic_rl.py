@@ -1,7 +1,7 @@
-"""Plots the GRPO reward curve on the synthetic dose-response task (docs/synthetic_reward.png).
+"""Plots GRPO's learning curve on the synthetic dose-response task (docs/synthetic_reward.png).
 
   python bench/synthetic_rl.py
-Prints one line: mean reward over the first and last 20 steps, and the step count.
+Prints one line: mean accuracy over the first and last 20 steps, and the step count.
 """
 import os
 import sys
@@ -10,6 +10,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,14 +23,19 @@ def main():
                      "synthetic_reward.png")
   with tempfile.TemporaryDirectory() as d:
     rows = synthetic_rl.run(d)
-  steps = [r["step"] for r in rows]
-  fig, ax = plt.subplots(figsize=(6, 3.2))
-  ax.plot(steps, [r["accuracy"] for r in rows], lw=1, label="accuracy of the samples")
+  steps = np.array([r["step"] for r in rows])
+  acc = np.array([r["accuracy"] for r in rows])
+  w = 10  # moving average over the last w steps (fewer at the start)
+  smooth = np.array([acc[max(0, i - w + 1):i + 1].mean() for i in range(len(acc))])
+  fig, ax = plt.subplots(figsize=(7, 3.4))
+  ax.plot(steps, acc, lw=0.8, alpha=0.3, color="C0", label="accuracy per step")
+  ax.plot(steps, smooth, lw=2, color="C0", label=f"moving average ({w} steps)")
   ax.axhline(0.5, color="grey", ls=":", label="chance")
   ax.axhline(0.9, color="green", ls="--", lw=0.8, label="target 0.9")
   ax.set_xlabel("GRPO step")
+  ax.set_ylabel("accuracy of the sampled answers")
   ax.set_ylim(0, 1.05)
-  ax.legend(loc="lower right", fontsize=8)
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
   ax.set_title("tiny policy, synthetic dose-response task")
   fig.tight_layout()
   fig.savefig(out, dpi=120)

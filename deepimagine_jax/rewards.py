@@ -26,6 +26,7 @@ rate would teach a policy to answer the majority option.
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import logging
 import math
@@ -154,15 +155,12 @@ class ClassBalance:
     if len(labels) != len(n_options) or not len(labels):
       raise ValueError(f"ClassBalance.of: need as many labels ({len(labels)}) as n_options "
                        f"({len(n_options)}), at least one")
-    counts: dict[tuple[int, int], int] = {}
     for y, n in zip(labels, n_options):
       if not 0 <= int(y) < int(n):
         raise ValueError(f"ClassBalance.of: label {y} is outside [0, {n})")
-      counts[(int(n), int(y))] = counts.get((int(n), int(y)), 0) + 1
-    per_n: dict[int, int] = {}
-    for (n, _), c in counts.items():
-      per_n[n] = per_n.get(n, 0) + c
-    for n, total in sorted(per_n.items()):
+    counts = collections.Counter((int(n), int(y)) for y, n in zip(labels, n_options))
+    per_n = collections.Counter(int(n) for n in n_options)
+    for n in sorted(per_n):
       missing = [y for y in range(n) if (n, y) not in counts]
       if missing:  # then a constant answer on a present class beats uniform guessing
         logging.warning("ClassBalance: %d-option prompts have no label %s; a constant answer "
