@@ -45,7 +45,9 @@ def prepare_data(run: RunConfig, workdir: str):
   A checkpoint folder's tokenizer.json (Qwen3, Llama-3) or tokenizer.model
   (Gemma, Llama-2) is read with its tokenizer_config.json / generation_config.json.
   """
-  built = data_build.build_dataset(run.data, workdir, train_tokenizer=Tokenizer.train)
+  built = sharding.primary_first(  # one process builds; the others reuse its build
+      lambda: data_build.build_dataset(run.data, workdir, train_tokenizer=Tokenizer.train),
+      "data build")
   if run.model is not None and run.model.hf_checkpoint:
     return built, Tokenizer.load(run.model.hf_checkpoint)
   return built, Tokenizer.load(built.tokenizer_path)
@@ -153,7 +155,9 @@ def rl(config, workdir: str):
 def data(config, workdir: str):
   """Builds (or reuses) the dataset and tokenizer; prints where and which splits."""
   run = RunConfig.from_config(config)
-  built = data_build.build_dataset(run.data, workdir, train_tokenizer=Tokenizer.train)
+  built = sharding.primary_first(  # one process builds; the others reuse its build
+      lambda: data_build.build_dataset(run.data, workdir, train_tokenizer=Tokenizer.train),
+      "data build")
   print(json.dumps({"build_dir": str(built.dir), "splits": list(built.splits)}, indent=1))
 
 

@@ -52,6 +52,8 @@ def state_from_params(params, tx, mesh, seed: int):
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   rep = sharding.replicated(mesh)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-                     opt_state=opt_state, rng=jax.device_put(jax.random.key(seed), rep))
+                     opt_state=opt_state,  # a typed key is created in place (device_put of
+                     # one cannot reach another process's devices)
+                     rng=jax.jit(lambda: jax.random.key(seed), out_shardings=rep)())
   return state, jax.tree.map(lambda x: x.sharding, state)
 
