@@ -94,6 +94,7 @@ def eval_() -> ml_collections.ConfigDict:
   c.aggregate = "mean"  # how the k anchors' final distributions combine: mean | geometric
   c.baselines = True
   c.rf_seeds = (0, 1, 2)
+  c.cv_folds = 5  # baselines: hyper-parameters by k-fold CV on the training split (grouped by trial)
   c.pair_eval = True  # also the eval split's counterfactual pairs ("pairs/" results)
   c.max_pairs = 300  # pairs the model scores, evenly spread (0 = all); baselines use all
   c.checkpoint = ""  # eval job: a finished run's workdir, whose exported policy/ is evaluated

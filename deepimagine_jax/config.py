@@ -459,6 +459,7 @@ class EvalConfig:
   aggregate: str  # how the k anchors' final distributions combine: mean | geometric
   baselines: bool
   rf_seeds: tuple[int, ...]
+  cv_folds: int  # baselines choose hyper-parameters by this many folds on the training split
   pair_eval: bool
   max_pairs: int  # pairs the model scores, evenly spread (0 = all)
   checkpoint: str  # a finished run's workdir whose exported policy is evaluated (eval job)
@@ -466,6 +467,8 @@ class EvalConfig:
   def __post_init__(self):
     if self.mode not in ("score", "sample"):
       raise ValueError(f"eval.mode must be 'score' or 'sample', got {self.mode!r}")
+    if self.cv_folds < 2:
+      raise ValueError(f"eval.cv_folds must be >= 2, got {self.cv_folds}")
 
   @classmethod
   def from_config(cls, section) -> "EvalConfig":

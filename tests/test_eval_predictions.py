@@ -83,35 +83,41 @@ def test_score_predictions_matches_direct_scoring(tmp_path):
   qs = _questions()
   path = P.write_jsonl(tmp_path / "p.jsonl", _preds())
   got = P.score_predictions(qs, [P.read_predictions(path)])
-  want = M.score_questions(qs, [[0.3, 0.7], [0.2, 0.8], [0.25, 0.25, 0.5]])
+  want = M.score_run(qs, [[0.3, 0.7], [0.2, 0.8], [0.25, 0.25, 0.5]])
   for cat in ("2-way/implicit", "3-way/explicit", "overall"):
     for k in M.METRICS:
       assert got[cat][k] == pytest.approx(want[cat][k])
-  assert got["overall"]["failures"] == {"missing": 0}
+  assert got["overall"]["failures"] == {} and got["overall"]["coverage"] == 1.0
 
 
 def test_probs_from_probabilities_round_trip():
   qs = _questions()
   probs = [np.array([0.125, 0.875]), np.array([0.5, 0.5]), np.array([0.1, 0.2, 0.7])]
-  preds = P.predictions_from_probs(qs, probs)
-  back, counts = P.probs_from_predictions(qs, preds)
+  back, failures = P.answers_from_predictions(qs, P.predictions_from_probs(qs, probs))
   for a, b in zip(back, probs):
     np.testing.assert_allclose(a, b, rtol=1e-12)
-  assert counts == {"missing": 0}
+  assert failures == {}
 
 
-def test_missing_and_unparsed_get_uniform_and_are_counted():
+def test_missing_and_unparsed_are_counted_never_answered():
   qs = _questions()
   preds = {("NCT01", EP, 0): "no decision here", ("NCT01", EP, 1): "DECISION: (1, 0)"}
-  probs, counts = P.probs_from_predictions(qs, preds)
-  np.testing.assert_allclose(probs[0], [0.5, 0.5])
-  np.testing.assert_allclose(probs[2], [1 / 3] * 3)
-  assert counts["missing"] == 1
-  assert sum(v for k, v in counts.items() if k.startswith("unparsed:")) == 1
-  with pytest.raises(ValueError, match="no_decision_line"):
-    P.probs_from_predictions(qs, preds, on_error="raise")
-  with pytest.raises(KeyError):
-    P.probs_from_predictions(qs[1:], preds, on_error="raise")
+  answers, failures = P.answers_from_predictions(qs, preds)
+  assert answers[0] is None and answers[2] is None
+  np.testing.assert_allclose(answers[1], [1 / (1 + 1e-12), 1e-12 / (1 + 1e-12)])
+  assert failures == {"missing": 1, "unparsed:no_decision_line": 1}
+  scores = P.score_predictions(qs, [preds, preds])
+  assert scores["overall"]["failures"] == {"missing": 2, "unparsed:no_decision_line": 2}
+  assert (scores["overall"]["answered"], scores["overall"]["asked"]) == (1, 3)
+  assert "3-way/explicit" in scores and scores["3-way/explicit"]["coverage"] == 0.0
+  # the answered question (label 1, chose 0) is wrong; the strict table adds the failures
+  assert scores["overall"]["balanced_accuracy"] == 0.0
+  strict = P.score_predictions(qs, [preds], strict=True)
+  assert strict["overall"]["n"] == 3 and strict["3-way/explicit"]["balanced_accuracy"] == 0.0
+  with pytest.raises(ValueError, match="not asked"):
+    P.score_predictions(qs[1:], [preds])
+  with pytest.raises(TypeError, match="list"):
+    P.score_predictions(qs, preds)
 
 
 def test_main_scores_files_on_summer(tmp_path, data_root, monkeypatch, capsys):
@@ -126,3 +132,4 @@ def test_main_scores_files_on_summer(tmp_path, data_root, monkeypatch, capsys):
   P.main([str(path)])
   out = capsys.readouterr().out
   assert f"'missing': {len(summer) - 2}" in out and "| predictions |" in out
+  assert f"[2/{len(summer)}]" in out and "Strict" in out

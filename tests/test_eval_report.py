@@ -18,8 +18,31 @@ def _results():
                 options=tuple(OPTS2), label=l, category=c)
         for i, (l, c) in enumerate([(0, "2-way/implicit"), (1, "2-way/implicit"),
                                     (0, "2-way/explicit"), (1, "2-way/explicit")])]
-  return {"model": M.score_questions(qs, [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]]),
-          "uniform": M.score_questions(qs, [[0.5, 0.5]] * 4)}
+  return {"model": M.score_run(qs, [[0.8, 0.2], [0.3, 0.7], None, [0.9, 0.1]]),
+          "uniform": M.score_run(qs, [[0.5, 0.5]] * 4),
+          "pairs/copy_anchor": M.score_run(qs, [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.9, 0.1]])}
+
+
+def _strict_case():
+  q = Example(id="q", source="ct_open", kind="question", trial_id="NCT0", options=tuple(OPTS2),
+              label=0, category="2-way/explicit")
+  return [q], [None]
+
+
+def test_format_table_prints_coverage_in_every_cell():
+  table = R.format_table({"model": _results()["model"]})
+  # 2-way/explicit: the one answer (truth 1, p = (.9, .1)) is wrong: recall 0, F1 0, -ln .1
+  rows = [l for l in table.splitlines() if l.startswith("| model | 0")]
+  assert rows == ["| model | 0.000 / 0.000 / 2.303 [1/2] | 1.000 / 1.000 / 0.290 [2/2] | "
+                  "0.500 / 0.500 / 1.296 [3/4] |"]
+  assert "(n=2)" in table and "(n=4)" in table
+
+
+def test_moving_average_and_log_names(tmp_path):
+  np.testing.assert_allclose(R.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2),
+                             [1.0, 2.0, 4.0, 6.0])
+  assert R.log_name(tmp_path / "sft" / "metrics.jsonl") == "sft"
+  assert R.log_name(tmp_path / "rl.jsonl") == "rl"
 
 
 def _trajectory(prompt, completion, probs, label, correct, perturbation, category):
@@ -57,8 +80,9 @@ def test_write_report_files(tmp_path):
   log_b = _log(tmp_path / "rl.jsonl", [{"step": s, "loss": 0.1, "reward_mean": s / 10,
                                         "reward_std": 0.1} for s in range(5)])
   out = tmp_path / "report"
-  paths = R.write_report(out, _results(), [log_a, log_b, tmp_path / "missing.jsonl"],
-                         _trajectories())
+  paths = R.write_report(out, R.pairs_apart(_results()),
+                         [log_a, log_b, tmp_path / "missing.jsonl"], _trajectories(),
+                         strict={"model": M.score_run(*_strict_case(), strict=True)})
   assert sorted(p.name for p in out.iterdir()) == sorted(R.FILES)
   assert set(paths) == set(R.FILES)
   for name in R.FILES:
@@ -79,6 +103,8 @@ def test_write_report_files(tmp_path):
 
   md = (out / "report.md").read_text()
   assert "| model |" in md and "| uniform |" in md and "2-way/implicit" in md
+  assert "[1/2]" in md  # the model answered one of two 2-way/explicit questions
+  assert "Strict" in md and md.count("| model |") == 4  # two tables: header + row each
   for name in R.FILES[2:]:
     assert name in md
 

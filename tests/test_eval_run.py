@@ -26,7 +26,7 @@ def built(data_root):
   summer = ct_open.read_questions(data_root / "ct_open" / "Summer_2025.pickle", BuildReport(),
                                   split="eval")[:N_EVAL]
   winter = ct_open.read_questions(data_root / "ct_open" / "Winter_2025.pickle", BuildReport(),
-                                  split="train")
+                                  split="train")[:200]  # enough to fit; the CV stays quick
   target = templates.render(summer[0])  # model_subset always keeps the first
   anchors = [q for q in winter if q.n_options == target.n_options][:2]
   steps = [Factor("dose", "10 mg", "20 mg")]
@@ -50,31 +50,35 @@ def _cfg(**kw):
   return typed_configs.eval_(**{**dict(
       mode="score", runs=2, temperature=1.0, max_new_tokens=8, batch_size=8,
       max_questions=N_MODEL, imagining=True, imagining_k=2, aggregate="mean", baselines=True,
-      rf_seeds=(0,), checkpoint="", pair_eval=False), **kw})
+      rf_seeds=(0,), cv_folds=2, checkpoint="", pair_eval=False), **kw})
 
 
 def _same(a, b):
   for cat in a:
     for m in metrics.METRICS:
-      assert a[cat][m] == pytest.approx(b[cat][m]), (cat, m)
+      assert a[cat][m] == pytest.approx(b[cat][m], nan_ok=True), (cat, m)
 
 
-def test_evaluate_score_mode(policy, built, tmp_path):
+def test_evaluate_score_mode(policy, built, tmp_path, capsys):
   tok, graphdef, params = policy
   results = run.evaluate(graphdef, params, tok, built, _cfg(), prompt_len=PROMPT_LEN,
                          workdir=tmp_path, metrics_logs=[tmp_path / "missing.jsonl"])
   assert set(results) == {"uniform", "majority", "logreg_tfidf", "random_forest_tfidf",
                           "model_score", "model_imagining"}
-  assert results["uniform"]["overall"]["n"] == N_EVAL  # baselines: all eval questions
-  assert results["model_score"]["overall"]["n"] == N_MODEL
-  subset = run.model_subset(run.eval_questions(built), N_MODEL)
-  for name in ("model_score", "model_imagining"):
-    for suffix in (".pkl", ".jsonl"):
-      preds = predictions.read_predictions(tmp_path / "eval" / f"predictions_{name}_run0{suffix}")
-      assert len(preds) == N_MODEL
-      rescored = predictions.score_predictions(subset, [preds])
-      _same(results[name], rescored)
-      assert rescored["overall"]["failures"] == {"missing": 0}
+  questions = run.eval_questions(built)
+  for name, r in results.items():  # every result over every eval question, coverage beside it
+    assert r["overall"]["asked"] == N_EVAL, name
+    want = N_MODEL if name.startswith("model") else N_EVAL
+    assert r["overall"]["answered"] == r["overall"]["n"] == want, name
+    assert r["overall"]["coverage"] == pytest.approx(want / N_EVAL), name
+    for suffix in (".pkl", ".jsonl"):  # the files are what was scored
+      runs = [predictions.read_predictions(p) for p in
+              sorted((tmp_path / "eval").glob(f"predictions_{name}_run*{suffix}"))]
+      assert len(runs) == r["overall"].get("runs", 1) and len(runs[0]) == want
+      _same(r, predictions.score_predictions(questions, runs))
+  saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert saved["strict"]["model_score"]["overall"]["n"] == N_EVAL
+  assert saved["baselines"]["logreg_tfidf"]["params"] in [dict(g) for g in baselines_mod.LR_GRID]
   stats = results["model_imagining"]["overall"]["imagining"]
   assert stats["imagined"] == 1 and stats["fallback"] == N_MODEL - 1 and stats["chains"] == 2
   assert stats["skipped"]["anchor_is_target"] == 1
@@ -84,7 +88,9 @@ def test_evaluate_score_mode(policy, built, tmp_path):
     assert (tmp_path / "report" / f).is_file(), f
   summary = json.loads((tmp_path / "report" / "metrics.json").read_text())
   assert summary["calibration"]["n_trajectories"] == 2 * N_MODEL
-  assert json.loads((tmp_path / "eval" / "results.json").read_text())["imagining"]["imagined"] == 1
+  assert saved["imagining"]["imagined"] == 1
+  out = capsys.readouterr().out
+  assert f"[{N_MODEL}/{N_EVAL}]" in out and f"[{N_EVAL}/{N_EVAL}]" in out and "Strict" in out
 
 
 def test_evaluate_sample_mode_runs(policy, built, tmp_path):
@@ -93,11 +99,13 @@ def test_evaluate_sample_mode_runs(policy, built, tmp_path):
                          _cfg(mode="sample", baselines=False, imagining=False),
                          prompt_len=PROMPT_LEN, workdir=tmp_path)
   assert set(results) == {"model_sample"}
-  subset = run.model_subset(run.eval_questions(built), N_MODEL)
   runs = [predictions.read_predictions(tmp_path / "eval" / f"predictions_model_sample_run{r}.pkl")
           for r in range(2)]
-  _same(results["model_sample"], predictions.score_predictions(subset, runs))
+  _same(results["model_sample"], predictions.score_predictions(run.eval_questions(built), runs))
   assert results["model_sample"]["overall"]["runs"] == 2
+  answered = results["model_sample"]["overall"]["answered"]
+  failures = sum(results["model_sample"]["overall"]["failures"].values())
+  assert 2 * answered + failures == 2 * N_EVAL  # each run: answered + missing + unparsed
 
 
 def test_model_subset_spreads():
@@ -112,8 +120,8 @@ def test_evaluate_baselines_only(built, tmp_path, capsys):
                          workdir=tmp_path)
   assert set(results) == {"uniform", "majority", "logreg_tfidf", "random_forest_tfidf"}
   assert "| uniform |" in capsys.readouterr().out
-  assert not list((tmp_path / "eval").glob("predictions_*"))
-  np.testing.assert_allclose(results["uniform"]["overall"]["n"], N_EVAL)
+  assert len(list((tmp_path / "eval").glob("predictions_uniform_run0.*"))) == 2
+  assert results["uniform"]["overall"]["n"] == N_EVAL
   with pytest.raises(ValueError, match="eval"):
     run.evaluate(None, None, None, {"train": built["train"]}, _cfg(), prompt_len=PROMPT_LEN,
                  workdir=tmp_path)
@@ -162,38 +170,43 @@ def test_evaluate_pairs(policy, built_pairs, tmp_path, capsys):
   results = run.evaluate(graphdef, params, tok, data,
                          _cfg(imagining=False, pair_eval=True, max_pairs=N_MODEL_PAIRS),
                          prompt_len=PROMPT_LEN, workdir=tmp_path)
-  pair_names = {"pairs/" + n for n in ("logreg_tfidf", "logreg_tfidf+anchor", "random_forest_tfidf",
-                                       "random_forest_tfidf+anchor", "model_score")}
+  pair_names = {"pairs/" + n for n in (
+      "copy_anchor", "logreg_tfidf", "logreg_tfidf+anchor", "random_forest_tfidf",
+      "random_forest_tfidf+anchor", "model_score", "model_score+anchor")}
   assert pair_names <= set(results)
   for name in pair_names:
     overall = results[name]["overall"]
     for m in metrics.METRICS:
       assert np.isfinite(overall[m]), (name, m)
     assert 0.0 <= overall["balanced_accuracy"] <= 1.0 and overall["cross_entropy"] > 0
-    want_n = N_MODEL_PAIRS if name == "pairs/model_score" else len(eval_p)
-    assert overall["n"] == want_n, name
+    want_n = N_MODEL_PAIRS if "model" in name else len(eval_p)
+    assert overall["n"] == want_n and overall["asked"] == len(eval_p), name
   assert "2-way/pair" in results["pairs/logreg_tfidf"]
 
   # the baselines: trained on train + rl pairs only (dev held out, neutral pair skipped)
   expect_eval = run.pair_examples({"eval": eval_p}, ["eval"])
-  direct = baselines_mod.pair_baselines(train_p, expect_eval, (0,))
+  direct, _ = baselines_mod.pair_baselines(train_p, expect_eval, (0,), folds=2)
   for k, v in direct.items():
-    _same(results["pairs/" + k], v)
+    _same(results["pairs/" + k], metrics.score_runs(expect_eval, v))
   info = json.loads((tmp_path / "eval" / "results.json").read_text())["pairs"]
   assert info["train_pairs"] == len(train_p) and info["eval_pairs"] == len(eval_p)
   assert info["skipped"] == {"eval:unknown_perturbation": 1, "train:target_outcome_class": 1}
 
-  # the model: max_pairs evenly spread pairs, the file's probabilities score back
-  traj = [json.loads(l) for l in
-          (tmp_path / "eval" / "trajectories_pairs_model_score.jsonl").read_text().splitlines()]
+  # the model: max_pairs evenly spread pairs, without the anchor (the target question
+  # alone) and with it; the trajectories' probabilities score back
   subset = run.model_subset(expect_eval, N_MODEL_PAIRS)
-  assert [t["id"] for t in traj] == [ex.id for ex in subset]
-  _same(results["pairs/model_score"],
-        metrics.score_questions(subset, [t["probs"] for t in traj]))
-  for t in traj:
-    assert sum(t["probs"]) == pytest.approx(1.0)
+  for name, anchored in (("model_score", False), ("model_score+anchor", True)):
+    traj = [json.loads(l) for l in (tmp_path / "eval" / f"trajectories_pairs_{name}.jsonl")
+            .read_text().splitlines()]
+    assert [t["pair_id"] for t in traj] == [ex.id for ex in subset]
+    assert all(("Observed:" in t["prompt"]) == anchored for t in traj), name
+    answers = run.answers_over(subset, [t["probs"] for t in traj], expect_eval)
+    _same(results["pairs/" + name], metrics.score_runs(expect_eval, [answers]))
+    for t in traj:
+      assert sum(t["probs"]) == pytest.approx(1.0)
 
   out = capsys.readouterr().out
-  assert "Counterfactual pairs (eval split)" in out and "| pairs/model_score |" in out
+  assert "Counterfactual pairs (eval split)" in out and "| pairs/model_score+anchor |" in out
+  assert "| pairs/copy_anchor |" in out
   md = (tmp_path / "report" / "report.md").read_text()
   assert "| pairs/logreg_tfidf+anchor |" in md and "pairs/overall" in md

@@ -1,7 +1,8 @@
 """Policy evaluation on real CT Open questions with a tiny random model.
 
 Scoring is checked against a plain loop that runs the model once per
-(question, option) on the unpadded sequence; sampling against the parser.
+(question, option) on the unpadded sequence; sampling's texts against the parser,
+failures counted and never answered.
 """
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,6 @@ from data_pipeline import templates
 from data_pipeline.build_report import BuildReport
 from data_pipeline.readers import ct_open
 from deepimagine_jax import model as M
-from deepimagine_jax import rewards
 from deepimagine_jax import sampler
 from deepimagine_jax.config import ModelConfig
 from deepimagine_jax.eval import metrics, predictions, scoring
@@ -112,27 +112,20 @@ def test_scoring_rejects_unrendered(policy, tok, questions):
                                        prompt_len=PROMPT_LEN, batch_size=8)
 
 
-def test_sampling_runs_and_failures(policy, tok, questions):
+def test_sampling_runs(policy, tok, questions):
   _, graphdef, params = policy
-  probs_runs, texts_runs, failures = scoring.option_probs_by_sampling(
-      graphdef, params, tok, questions, runs=2, temperature=1.0, max_new_tokens=8,
-      batch_size=8, prompt_len=PROMPT_LEN, seed=0)
-  assert len(probs_runs) == len(texts_runs) == 2
-  n_fail = 0
-  for probs, texts in zip(probs_runs, texts_runs):
-    assert probs.shape == (len(questions), 3) and len(texts) == len(questions)
-    for q, p, t in zip(questions, probs, texts):
-      n = q.n_options
-      d = rewards.parse_decision(t, n)
-      expect = d.probs if d.ok else np.full(n, 1.0 / n)
-      n_fail += not d.ok
-      np.testing.assert_allclose(p[:n], expect)
-  assert sum(failures.values()) == n_fail
+  texts_runs = scoring.sample_texts(graphdef, params, tok, questions, runs=2, temperature=1.0,
+                                    max_new_tokens=8, batch_size=8, prompt_len=PROMPT_LEN, seed=0)
+  assert len(texts_runs) == 2 and all(len(t) == len(questions) for t in texts_runs)
   assert texts_runs[0] != texts_runs[1]  # each run draws its own samples
+  with pytest.raises(ValueError, match="eval.runs"):
+    scoring.sample_texts(graphdef, params, tok, questions, runs=0, temperature=1.0,
+                         max_new_tokens=8, batch_size=8, prompt_len=PROMPT_LEN, seed=0)
 
 
-def test_sampling_parse_accounting(monkeypatch, policy, tok, questions):
-  """A fake sampler emits known texts: parsed ones give their scores, others uniform."""
+def test_sampled_failures_are_counted_never_answered(monkeypatch, policy, tok, questions):
+  """A fake sampler emits known texts: parsed ones give their scores; the others are
+  counted failures, left out of the benchmark table and wrong in the strict one."""
   texts = ["DECISION: (0.2, 0.8)", "no decision here", "DECISION: (1, 2, 1)",
            "DECISION: (3, 1)", "DECISION: (1, 1)"]  # the last is wrong_count for 3 options
   _, graphdef, params = policy
@@ -147,18 +140,21 @@ def test_sampling_parse_accounting(monkeypatch, policy, tok, questions):
     return sampler.SampleOutput(out, lengths, None, None, None, None)
 
   monkeypatch.setattr(sampler, "sample", fake_sample)
-  probs_runs, texts_runs, failures = scoring.option_probs_by_sampling(
-      graphdef, params, tok, questions, runs=1, temperature=1.0, max_new_tokens=20,
-      batch_size=8, prompt_len=PROMPT_LEN, seed=0)
+  cfg = typed_configs.eval_(mode="sample", runs=1, temperature=1.0, max_new_tokens=20,
+                            batch_size=8)
+  traj, preds_runs = scoring.evaluate_policy(graphdef, params, tok, questions, cfg,
+                                             prompt_len=PROMPT_LEN)
   assert [q.n_options for q in questions] == [2, 2, 3, 2, 3]
-  assert texts_runs[0] == texts
-  p = probs_runs[0]
-  np.testing.assert_allclose(p[0, :2], [0.2, 0.8])
-  np.testing.assert_allclose(p[1, :2], [0.5, 0.5])
-  np.testing.assert_allclose(p[2], [0.25, 0.5, 0.25])
-  np.testing.assert_allclose(p[3, :2], [0.75, 0.25])
-  np.testing.assert_allclose(p[4], [1 / 3] * 3)
-  assert sum(failures.values()) == 2 and "unparsed:wrong_count" in failures
+  assert list(preds_runs[0].values()) == texts
+  assert [t.probs is None for t in traj[:5]] == [False, True, False, False, True]
+  np.testing.assert_allclose(traj[2].probs, [0.25, 0.5, 0.25])
+  answers, failures = predictions.answers_from_predictions(questions, preds_runs[0])
+  assert [a is None for a in answers] == [False, True, False, False, True]
+  assert failures == {"unparsed:no_decision_line": 1, "unparsed:wrong_count": 1}
+  scores = predictions.score_predictions(questions, preds_runs)
+  assert scores["overall"]["answered"] == 3 and scores["overall"]["asked"] == 5
+  assert scores["overall"]["coverage"] == pytest.approx(0.6)
+  assert scores["overall"]["failures"] == failures
 
 
 def _cfg(mode):
@@ -167,17 +163,17 @@ def _cfg(mode):
 
 def test_evaluate_policy_score(policy, tok, questions):
   _, graphdef, params = policy
-  scores, traj, preds_runs = scoring.evaluate_policy(
+  traj, preds_runs = scoring.evaluate_policy(
       graphdef, params, tok, questions, _cfg("score"), prompt_len=PROMPT_LEN)
   probs = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
                                              prompt_len=PROMPT_LEN, batch_size=8)
-  ref = metrics.score_questions(questions, scoring.trimmed(probs, questions))
-  for cat in ref:
-    for m in metrics.METRICS:
-      assert scores[cat][m] == pytest.approx(ref[cat][m])
+  ref = metrics.score_run(questions, scoring.trimmed(probs, questions))
   assert len(preds_runs) == 1 and len(traj) == len(questions)
   rescored = predictions.score_predictions(questions, preds_runs)
-  assert rescored["overall"]["cross_entropy"] == pytest.approx(ref["overall"]["cross_entropy"])
+  for cat in ref:
+    for m in metrics.METRICS:
+      assert rescored[cat][m] == pytest.approx(ref[cat][m], abs=1e-12)
+  assert rescored["overall"]["coverage"] == 1.0
   for t, q, p in zip(traj, questions, probs):
     n = q.n_options
     assert t.completion == templates.decision_line(n, int(np.argmax(p[:n])))
@@ -188,16 +184,14 @@ def test_evaluate_policy_score(policy, tok, questions):
 
 def test_evaluate_policy_sample(policy, tok, questions):
   _, graphdef, params = policy
-  scores, traj, preds_runs = scoring.evaluate_policy(
+  traj, preds_runs = scoring.evaluate_policy(
       graphdef, params, tok, questions, _cfg("sample"), prompt_len=PROMPT_LEN)
   assert len(preds_runs) == 2 and len(traj) == 2 * len(questions)
+  scores = predictions.score_predictions(questions, preds_runs)
   assert scores["overall"]["runs"] == 2
-  rescored = predictions.score_predictions(questions, preds_runs)
-  for m in metrics.METRICS:
-    assert rescored["overall"][m] == pytest.approx(scores["overall"][m])
   n_unparsed = sum(t.probs is None for t in traj)
   assert sum(scores["overall"]["failures"].values()) == n_unparsed
-  assert sum(v for k, v in rescored["overall"]["failures"].items() if k != "missing") == n_unparsed
+  assert scores["overall"]["answered"] * 2 == pytest.approx(2 * len(questions) - n_unparsed)
   with pytest.raises(ValueError, match="mode"):
     scoring.evaluate_policy(graphdef, params, tok, questions, _cfg("beam"),
                             prompt_len=PROMPT_LEN)

@@ -144,53 +144,51 @@ def read_predictions(path: str | os.PathLike, report: BuildReport | None = None)
   return preds
 
 
-def probs_from_predictions(questions: Sequence[Example], preds: Mapping,
-                           on_error: str = "uniform") -> tuple[list, dict]:
-  """Probabilities per question from prediction texts, and failure counts.
+def answers_from_predictions(questions: Sequence[Example], preds: Mapping) -> tuple[list, dict]:
+  """(answers, failures): each question's parsed probabilities, or None, counted by reason.
 
-  A missing prediction or an unparseable DECISION line gets uniform probabilities
-  (so it can still be scored, and costs log(n) nats) and is counted under
-  "missing" / "unparsed:<code>"; with on_error="raise" it is an error instead.
+  A question absent from `preds` is "missing"; a text rewards.parse_decision
+  refuses is "unparsed:<error code>". Neither is ever given probabilities.
   """
-  if on_error not in ("uniform", "raise"):
-    raise ValueError(f"on_error must be 'uniform' or 'raise', got {on_error!r}")
-  probs, counts = [], {"missing": 0}
+  answers, failures = [], {}
   for q in questions:
-    key, n = question_key(q), q.n_options
+    key = question_key(q)
     if key not in preds:
-      if on_error == "raise":
-        raise KeyError(f"no prediction for question {key!r}")
-      counts["missing"] += 1
-      probs.append(np.full(n, 1.0 / n))
+      answers.append(None)
+      failures["missing"] = failures.get("missing", 0) + 1
       continue
-    d = rewards.parse_decision(preds[key], n)
+    d = rewards.parse_decision(preds[key], q.n_options)
     if not d.ok:
-      if on_error == "raise":
-        raise ValueError(f"question {key!r}: cannot parse DECISION ({d.error})")
+      answers.append(None)
       code = f"unparsed:{d.error_code}"
-      counts[code] = counts.get(code, 0) + 1
-      probs.append(np.full(n, 1.0 / n))
+      failures[code] = failures.get(code, 0) + 1
       continue
-    probs.append(np.asarray(d.probs, dtype=np.float64))
-  return probs, counts
+    answers.append(np.asarray(d.probs, dtype=np.float64))
+  return answers, failures
 
 
-def score_predictions(questions: Sequence[Example], runs: Sequence[Mapping],
-                      on_error: str = "uniform") -> dict:
-  """Scores one or more prediction dicts (runs) against the questions, averaged.
+def score_predictions(questions: Sequence[Example], runs: Sequence[Mapping], *,
+                      strict: bool = False) -> dict:
+  """Scores prediction dicts (one per run) against the questions, runs averaged.
 
-  The failure counts of every run are summed into metrics["overall"]["failures"].
+  The benchmark table (strict False) scores the answered questions; the strict
+  one scores every question (metrics.py). metrics["overall"]["failures"] sums
+  every run's failure counts.
   """
   if isinstance(runs, Mapping):
-    runs = [runs]
-  per_run, failures = [], {}
+    raise TypeError("runs must be a list of prediction dicts, one per run")
+  answers_runs, failures = [], {}
   for preds in runs:
-    probs, counts = probs_from_predictions(questions, preds, on_error)
-    per_run.append(metrics.score_questions(questions, probs))
+    extra = set(preds) - {question_key(q) for q in questions}
+    if extra:
+      raise ValueError(f"{len(extra)} predictions for questions not asked, e.g. "
+                       f"{sorted(extra)[0]!r}")
+    answers, counts = answers_from_predictions(questions, preds)
+    answers_runs.append(answers)
     for k, v in counts.items():
       failures[k] = failures.get(k, 0) + v
-  out = metrics.average_runs(per_run)
-  out["overall"]["failures"] = failures
+  out = metrics.score_runs(questions, answers_runs, strict=strict)
+  out["overall"]["failures"] = dict(sorted(failures.items()))
   return out
 
 
@@ -208,10 +206,13 @@ def main(argv: Sequence[str] | None = None):
   counts = BuildReport()
   summer = data_root.resolve_data_root(None) / "ct_open" / "Summer_2025.pickle"
   questions = read_questions(summer, counts, split="eval")
-  scores = score_predictions(questions, [read_predictions(p, counts) for p in args.runs])
+  runs = [read_predictions(p, counts) for p in args.runs]
+  scores = score_predictions(questions, runs)
   print(f"{len(args.runs)} run(s) on CT Open Summer 2025 ({len(questions)} questions); "
         f"failures {scores['overall']['failures']}\n")
   print(report.format_table({"predictions": scores}))
+  print("Strict (every question; a failure or a tie is a wrong answer):\n")
+  print(report.format_table({"predictions": score_predictions(questions, runs, strict=True)}))
 
 
 if __name__ == "__main__":

@@ -78,29 +78,33 @@ def read_metrics_log(path: str | os.PathLike) -> tuple[list[dict], int]:
 def format_table(results: Mapping[str, Mapping], digits: int = 3) -> str:
   """Markdown table: one row per model, one column per category and overall.
 
-  Each cell is "class-balanced accuracy / macro-F1 / cross-entropy".
+  Each cell is "class-balanced accuracy / macro-F1 / cross-entropy [answered/asked]",
+  so no score is read without its coverage.
   """
   cols = sorted({k for m in results.values() for k in m if k != "overall"},
                 key=metrics.category_order) + ["overall"]
-  head = "| model | " + " | ".join(
-      f"{c} (n={_n(results, c)})" for c in cols) + " |"
-  lines = ["Cells: class-balanced accuracy / macro-F1 / cross-entropy (nats).", "",
-           head, "|" + "---|" * (len(cols) + 1)]
+  head = "| model | " + " | ".join(f"{c} (n={_n(results, c)})" for c in cols) + " |"
+  lines = ["Cells: class-balanced accuracy / macro-F1 / cross-entropy (nats) "
+           "[questions answered / asked].", "", head, "|" + "---|" * (len(cols) + 1)]
   for name, m in results.items():
-    cells = []
-    for c in cols:
-      if c in m:
-        cells.append(" / ".join(f"{m[c][k]:.{digits}f}" for k in metrics.METRICS))
-      else:
-        cells.append("-")
+    cells = [_cell(m[c], digits) if c in m else "-" for c in cols]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
+def _cell(entry: Mapping, digits: int) -> str:
+  scores = " / ".join("-" if not math.isfinite(entry[k]) else f"{entry[k]:.{digits}f}"
+                      for k in metrics.METRICS)
+  answered = entry["answered"]
+  answered = f"{answered:g}" if isinstance(answered, float) else str(answered)
+  return f"{scores} [{answered}/{entry['asked']}]"
+
+
 def _n(results: Mapping, col: str):
+  """The questions asked in a column (the same for every model scored on them)."""
   for m in results.values():
     if col in m:
-      return m[col].get("n", "?")
+      return m[col]["asked"]
   return "?"
 
 
@@ -165,7 +169,7 @@ def _confidences(trajectories: Sequence[Trajectory]) -> tuple[np.ndarray, np.nda
 
 
 def _new_figure(w=6.4, h=4.0) -> Figure:
-  fig = Figure(figsize=(w, h), dpi=100)
+  fig = Figure(figsize=(w, h), dpi=110)
   FigureCanvasAgg(fig)
   return fig
 
@@ -182,71 +186,146 @@ def _no_data(ax, what: str):
   ax.set_yticks([])
 
 
-def plot_curves(logs: Mapping[str, list], match, title: str, path: pathlib.Path):
-  """One line per (log, key) whose key satisfies `match`, against step."""
-  fig = _new_figure()
-  ax = fig.add_subplot()
-  drawn = 0
-  for name, rows in logs.items():
-    keys = sorted({k for r in rows for k in r if k != "step" and match(k)})
-    for k in keys:
-      s, v = series(rows, k)
-      if s.size:
-        ax.plot(s, v, label=f"{name}: {k}" if len(logs) > 1 else k)
-        drawn += 1
-  if drawn:
-    ax.set_xlabel("step")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-  else:
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+  """Trailing mean over up to `window` points (the first points average what exists)."""
+  v = np.asarray(values, np.float64)
+  if v.size == 0:
+    return v
+  c = np.concatenate([[0.0], np.cumsum(v)])
+  i = np.arange(1, v.size + 1)
+  lo = np.maximum(i - window, 0)
+  return (c[i] - c[lo]) / (i - lo)
+
+
+def log_name(path: pathlib.Path) -> str:
+  """A short legend name for a metrics log: its folder (sft, rl) for metrics.jsonl, else its stem."""
+  return path.parent.name if path.stem == "metrics" and path.parent.name else path.stem
+
+
+def plot_curves(logs: Mapping[str, list], match, title: str, ylabel: str, path: pathlib.Path):
+  """One panel per log (SFT and GRPO losses are different quantities), one colour per
+  key that satisfies `match`: raw values faint, the moving average (window about
+  1/20 of the run, at least 5 points) bold."""
+  panels = [(name, rows, sorted({k for r in rows for k in r if k != "step" and match(k)}))
+            for name, rows in logs.items()]
+  panels = [(n, rows, keys) for n, rows, keys in panels if any(series(rows, k)[0].size
+                                                                for k in keys)]
+  fig = _new_figure(7.5, 3.2 * max(len(panels), 1))
+  if not panels:
+    ax = fig.add_subplot()
     _no_data(ax, title.lower())
-  ax.set_title(title)
+    ax.set_title(title)
+    _save(fig, path)
+    return
+  for row, (name, rows, keys) in enumerate(panels):
+    ax = fig.add_subplot(len(panels), 1, row + 1)
+    for i, k in enumerate(keys):
+      s, v = series(rows, k)
+      if not s.size:
+        continue
+      window = max(5, s.size // 20)
+      ax.plot(s, v, color=f"C{i % 10}", alpha=0.25, lw=0.8)
+      ax.plot(s, moving_average(v, window), color=f"C{i % 10}", lw=2.0,
+              label=f"{k} (mean of {window})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"{title}: {name} (faint: every logged step)")
+  fig.subplots_adjust(hspace=0.55)
   _save(fig, path)
+
+
+def _bar_style(name: str) -> dict:
+  """References drawn apart from learned results: grey for uniform / majority, hatched copy-anchor."""
+  base = name.split("/", 1)[-1]
+  if base in ("uniform", "majority"):
+    return {"color": "0.75" if base == "uniform" else "0.55", "edgecolor": "black", "lw": 0.5}
+  if base == "copy_anchor":
+    return {"color": "white", "edgecolor": "black", "hatch": "//", "lw": 0.8}
+  return {"edgecolor": "black", "lw": 0.5}
 
 
 def plot_accuracy(results: Mapping[str, Mapping], path: pathlib.Path):
-  """Grouped bars: class-balanced accuracy per category (and overall), one bar per model."""
-  fig = _new_figure(8, 4)
-  ax = fig.add_subplot()
-  cols = sorted({k for m in results.values() for k in m if k != "overall"},
-                key=metrics.category_order) + ["overall"]
-  if not results:
-    _no_data(ax, "results")
-  else:
-    width = 0.8 / len(results)
+  """Class-balanced accuracy per category, one panel for questions and one for pairs.
+
+  Bars grouped by category, one per model (reference rules in grey / hatched),
+  the value on each bar, answered/asked under each category, legend outside.
+  """
+  groups = [(title, {n: {k.removeprefix(PAIR_PREFIX): v for k, v in m.items()}
+                    for n, m in results.items() if n.startswith(PAIR_PREFIX) == pairs})
+            for title, pairs in (("CT Open questions", False), ("Counterfactual pairs", True))]
+  groups = [(t, r) for t, r in groups if r] or [("", {})]
+  fig = _new_figure(10, 3.6 * len(groups))
+  for row, (title, res) in enumerate(groups):
+    ax = fig.add_subplot(len(groups), 1, row + 1)
+    if not res:
+      _no_data(ax, "results")
+      continue
+    cols = sorted({k for m in res.values() for k in m if k != "overall"},
+                  key=metrics.category_order) + ["overall"]
+    width = 0.85 / len(res)
     x = np.arange(len(cols))
-    for i, (name, m) in enumerate(results.items()):
-      vals = [m[c]["balanced_accuracy"] if c in m else np.nan for c in cols]
-      ax.bar(x + (i - (len(results) - 1) / 2) * width, vals, width, label=name)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(x, cols)
-    ax.set_ylim(0, 1)
+    for i, (name, m) in enumerate(res.items()):
+      vals = np.array([m[c]["balanced_accuracy"] if c in m else np.nan for c in cols])
+      xs = x + (i - (len(res) - 1) / 2) * width
+      style = _bar_style(name)
+      if "color" not in style:
+        style["color"] = f"C{i % 10}"
+      ax.bar(xs, np.nan_to_num(vals), width, label=name.removeprefix(PAIR_PREFIX), **style)
+      for xi, v in zip(xs, vals):
+        if np.isfinite(v):
+          ax.text(xi, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=6.5, rotation=90)
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.text(len(cols) - 0.5, 0.5, " chance", va="center", fontsize=8)
+    ax.set_xticks(x, [_column_label(res, c) for c in cols], fontsize=8.5)
+    ax.set_xlim(-0.5, len(cols) - 0.5)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("class-balanced accuracy")
-    ax.legend(fontsize="small")
-  ax.set_title("Accuracy per category")
+    ax.set_title(title)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  fig.subplots_adjust(hspace=0.5)
   _save(fig, path)
 
 
+def _column_label(results: Mapping[str, Mapping], col: str) -> str:
+  """Category name over its question count and the fewest any model answered."""
+  entries = [m[col] for m in results.values() if col in m]
+  least = min(e["answered"] for e in entries)
+  least = f"{least:g}" if isinstance(least, float) else least
+  return f"{col}\nn={entries[0]['asked']}, answered >= {least}"
+
+
 def plot_reliability(bins: Mapping, path: pathlib.Path):
-  fig = _new_figure(5, 5)
-  ax = fig.add_subplot()
+  """Accuracy against confidence per bin, each bar labelled with its count, and the
+  counts themselves in a panel below (where the decisions are)."""
+  fig = _new_figure(5.5, 6.5)
+  ax, ax_n = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
   filled = bins["count"] > 0
   if not filled.any():
     _no_data(ax, "decisions")
-  else:
-    edges = bins["edges"]
-    centers = (edges[:-1] + edges[1:]) / 2
-    ax.bar(centers[filled], bins["accuracy"][filled], width=edges[1] - edges[0],
-           edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot(bins["confidence"][filled], bins["accuracy"][filled], "o", color="C3",
-            label="(mean confidence, accuracy)")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("probability of the chosen option")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize="small", loc="upper left")
-  ax.set_title(f"Reliability (ECE {bins['ece']:.3f})" if filled.any() else "Reliability")
+    _no_data(ax_n, "decisions")
+    ax.set_title("Reliability")
+    _save(fig, path)
+    return
+  edges = bins["edges"]
+  centers = (edges[:-1] + edges[1:]) / 2
+  width = edges[1] - edges[0]
+  ax.bar(centers[filled], bins["accuracy"][filled], width=width, edgecolor="black",
+         alpha=0.7, label="accuracy in the bin")
+  for c, a, n in zip(centers[filled], bins["accuracy"][filled], bins["count"][filled]):
+    ax.text(c, 0.01, f"n={n}", ha="center", va="bottom", fontsize=7, rotation=90)
+  ax.plot(bins["confidence"][filled], bins["accuracy"][filled], "o", color="C3",
+          label="(mean confidence, accuracy)")
+  ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.1)
+  ax.set_ylabel("accuracy")
+  ax.legend(fontsize="small", loc="upper left")
+  ax.set_title(f"Reliability ({int(bins['count'].sum())} decisions, ECE {bins['ece']:.3f})")
+  ax_n.bar(centers, bins["count"], width=width, edgecolor="black", color="0.6")
+  ax_n.set_xlabel("probability of the chosen option")
+  ax_n.set_ylabel("decisions")
   _save(fig, path)
 
 
@@ -316,12 +395,14 @@ def trajectories_html(trajectories: Sequence[Trajectory],
 
 def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
                  metrics_logs: Sequence[str | os.PathLike] = (),
-                 trajectories: Sequence[Trajectory] = ()) -> dict:
+                 trajectories: Sequence[Trajectory] = (), *,
+                 strict: Mapping[str, Mapping] | None = None) -> dict:
   """Writes every file in FILES into report_dir; returns name -> path.
 
-  results: model name -> CT Open metrics dict (metrics.score / the
-  baselines); metrics_logs: JSON-lines training logs (missing files are noted
-  and skipped); trajectories: the answers behind the calibration plot and the page.
+  results: model name -> CT Open metrics dict (the benchmark's table); strict:
+  the same names scored by the strict table (shown beside it); metrics_logs:
+  JSON-lines training logs (missing files are noted and skipped); trajectories:
+  the answers behind the calibration plot and the page.
   """
   out = pathlib.Path(report_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -333,11 +414,13 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
       notes.append(f"metrics log {p} not found")
       continue
     rows, skipped = read_metrics_log(p)
-    logs[p.stem if p.stem not in logs else str(p)] = rows
+    name = log_name(p)
+    logs[name if name not in logs else str(p)] = rows
     if skipped:
       notes.append(f"{p}: {skipped} malformed lines skipped")
-  plot_curves(logs, lambda k: "loss" in k, "Training loss", paths["loss.png"])
-  plot_curves(logs, lambda k: k.startswith("reward"), "Reward", paths["reward.png"])
+  plot_curves(logs, lambda k: "loss" in k, "Training loss", "loss", paths["loss.png"])
+  plot_curves(logs, lambda k: k.startswith("reward") and not k.endswith("_std"), "Reward",
+              "mean reward per rollout", paths["reward.png"])
   plot_accuracy(results, paths["accuracy_per_category.png"])
   conf, corr = _confidences(trajectories)
   bins = reliability_bins(conf, corr)
@@ -346,6 +429,7 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
   n_traj = len(trajectories)
   summary = {
       "results": results,
+      "strict": strict or {},
       "calibration": {"ece": bins["ece"], "n_decisions": int(conf.size),
                       "n_trajectories": n_traj,
                       "bins": {k: bins[k] for k in ("count", "confidence", "accuracy")}},
@@ -355,8 +439,14 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
   }
   io.write_json(paths["metrics.json"], summary, indent=2, sort_keys=True)
   md = ["# Run report", "", "## CT Open results", "",
-        format_table(results) if results else "(no results)", "",
-        "![accuracy per category](accuracy_per_category.png)", "",
+        "Scored by the benchmark's rules (its `evaluations/evaluation.py`): a question "
+        "without a parseable answer is not scored, so read every score with its coverage.", "",
+        format_table(results) if results else "(no results)", ""]
+  if strict:
+    md += ["Strict: every question asked; a missing or unparseable answer counts as a wrong "
+           "option with p(true) = 0, a tie for the top probability as a wrong choice.", "",
+           format_table(strict), ""]
+  md += ["![accuracy per category](accuracy_per_category.png)", "",
         "## Training", "", "![loss](loss.png) ![reward](reward.png)", "",
         "## Calibration", "",
         f"{conf.size} parsed decisions out of {n_traj} trajectories; "

@@ -1,22 +1,26 @@
 """The evaluation entry: baselines, the model's direct answers, successive imagining, one report.
 
-Everything is scored by the same code (metrics.py) on the same questions: CT
+Everything is scored by the same code (metrics.py) over the same questions: CT
 Open Summer 2025 (the questions of split "eval" that carry the benchmark's key).
-The baselines train on the CT Open Winter 2025 questions (the benchmark
-questions of every other split) and always use all eval questions; the model
-parts respect eval_cfg.max_questions. Files written under workdir:
-  eval/predictions_<name>_run<r>.pkl / .jsonl   benchmark predictions per run
+Each result is written as the benchmark's prediction files and scored from
+those texts, twice: the benchmark's rules (answered questions only, coverage
+beside every score) and the strict table (every question; failures and ties
+are wrong). The baselines train on the CT Open Winter 2025 questions (the
+benchmark questions of every other split), their hyper-parameters chosen by
+cross-validation there; the model answers eval_cfg.max_questions of the
+questions (all when 0) and its coverage says so. Files written under workdir:
+  eval/predictions_<name>_run<r>.pkl / .jsonl   the benchmark's predictions, per run
   eval/trajectories_<name>.jsonl                 every answer (imagining: every step)
-  eval/results.json                              name -> metrics, plus imagining stats
+  eval/results.json                              name -> metrics, strict, CV choices, stats
   report/                                        eval.report.write_report
 
 With eval_cfg.pair_eval, the counterfactual pairs (natural_pair / approximate_pair)
-are evaluated too, under names "pairs/<name>": the TF-IDF learners without and
-with anchor features (baselines.pair_baselines; trained on the train and rl
-splits' pairs, the data the model learns from; dev stays held out) on every
-eval-split pair, and the model in scoring mode on at most eval_cfg.max_pairs of
-them, all scored by metrics.py. A pair's category is its target's CT Open
-category, else "<n>-way/pair".
+are evaluated too, under names "pairs/<name>": copy-the-anchor, the TF-IDF
+learners without and with anchor features (baselines.pair_baselines; trained
+on the train and rl splits' pairs, the data the model learns from; dev stays
+held out) on every eval-split pair, and the model in scoring mode without and
+with the anchor on at most eval_cfg.max_pairs of them. A pair's category is its
+target's CT Open category, else "<n>-way/pair".
 """
 from __future__ import annotations
 
@@ -99,46 +103,85 @@ def pair_examples(built_examples: Splits, splits: Sequence[str],
   return out
 
 
+def target_question(pair: Example) -> Example:
+  """The pair's target as a plain question (no anchor), rendered: what the model sees without it."""
+  return templates.render(pair.replace(
+      kind="question", anchor=None, anchor_trial_id="", factors=(), perturbation="",
+      unknown_factors=(), similarity=None, prompt="", completion=""))
+
+
+def scored(questions: Sequence[Example], runs: Sequence[Sequence]) -> tuple[dict, dict]:
+  """(benchmark table, strict table) metrics of runs of answers over `questions`."""
+  return (metrics.score_runs(questions, runs),
+          metrics.score_runs(questions, runs, strict=True))
+
+
+def answers_over(subset: Sequence[Example], probs: Sequence, examples: Sequence[Example]) -> list:
+  """Answers over all `examples`: the subset's probabilities, None (not asked) elsewhere."""
+  by_id = {ex.id: p for ex, p in zip(subset, probs)}
+  return [by_id.get(ex.id) for ex in examples]
+
+
 def evaluate_pairs(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: EvalConfig,
-                   *, prompt_len: int, out_dir: pathlib.Path) -> tuple[dict, dict]:
-  """({"pairs/<name>": metrics}, info) for the counterfactual pairs of the eval split."""
+                   *, prompt_len: int, out_dir: pathlib.Path) -> tuple[dict, dict, dict]:
+  """({"pairs/<name>": metrics}, strict metrics, info) for the eval split's counterfactual pairs.
+
+  Beside the learners without / with anchor features: copy-the-anchor (the
+  reference to beat) and the model on the target question alone
+  (`pairs/model_score`) and on the pair prompt (`pairs/model_score+anchor`),
+  both on the same max_pairs pairs; every result is scored over all eval pairs,
+  so the model's coverage shows how many it was asked.
+  """
   skipped: Counter = Counter()
   evals = pair_examples(built_examples, (EVAL_SPLIT,), skipped)
   train = pair_examples(built_examples, PAIR_TRAIN_SPLITS, skipped)
   info = {"eval_pairs": len(evals), "train_pairs": len(train),
           "train_splits": list(PAIR_TRAIN_SPLITS), "skipped": dict(sorted(skipped.items()))}
-  results: dict = {}
+  runs: dict = {}
   if not evals:
     logging.warning("evaluate: no counterfactual pairs in split %r; pair evaluation skipped",
                     EVAL_SPLIT)
     info["note"] = f"no counterfactual pairs in split {EVAL_SPLIT!r}"
-    return results, info
+    return {}, {}, info
   if eval_cfg.baselines:
     if train:
-      base = baselines.pair_baselines(train, evals, eval_cfg.rf_seeds)
-      results.update({report.PAIR_PREFIX + k: v for k, v in base.items()})
+      runs, info["baselines"] = baselines.pair_baselines(train, evals, eval_cfg.rf_seeds,
+                                                         eval_cfg.cv_folds)
     else:
       logging.warning("evaluate: no training pairs; pair baselines skipped")
       info["note"] = "pair baselines skipped: no training pairs"
   if graphdef is not None:
     subset = model_subset(evals, eval_cfg.max_pairs)
     t0 = time.perf_counter()
-    probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, subset,
-                                            prompt_len=prompt_len, batch_size=eval_cfg.batch_size)
+    for name, examples in (("model_score", [target_question(ex) for ex in subset]),
+                           ("model_score+anchor", subset)):
+      probs = scoring.trimmed(scoring.option_probs_by_scoring(
+          graphdef, params, tokenizer, examples, prompt_len=prompt_len,
+          batch_size=eval_cfg.batch_size), examples)
+      runs[name] = [answers_over(subset, probs, evals)]
+      traj = [report.Trajectory.chosen(ex, p, "pair_score", anchor_id=pair.anchor.id,
+                                       pair_id=pair.id)
+              for ex, pair, p in zip(examples, subset, probs)]
+      io.write_jsonl(out_dir / f"trajectories_pairs_{name}.jsonl", [t.to_json() for t in traj])
     info["model_seconds"] = time.perf_counter() - t0
     info["model_pairs"] = len(subset)
-    probs_list = scoring.trimmed(probs, subset)
-    results[report.PAIR_PREFIX + "model_score"] = metrics.score_questions(subset, probs_list)
-    traj = [report.Trajectory.chosen(ex, p, "pair_score", anchor_id=ex.anchor.id)
-            for ex, p in zip(subset, probs_list)]
-    io.write_jsonl(out_dir / "trajectories_pairs_model_score.jsonl", [t.to_json() for t in traj])
-  return results, info
+  results, strict = {}, {}
+  for name, r in runs.items():
+    results[report.PAIR_PREFIX + name], strict[report.PAIR_PREFIX + name] = scored(evals, r)
+  return results, strict, info
 
 
 def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: EvalConfig, *,
              prompt_len: int, workdir: str | os.PathLike,
              metrics_logs: Sequence[str | os.PathLike] = (), seed: int = 0) -> dict:
-  """Runs what eval_cfg asks for; returns {name: metrics}. graphdef None: baselines only."""
+  """Runs what eval_cfg asks for; returns {name: benchmark-table metrics}. graphdef None:
+  baselines only.
+
+  Every result on the CT Open questions is written as the benchmark's
+  prediction files and scored from those texts (predictions.score_predictions),
+  over all eval questions: the benchmark table and the strict one, coverage
+  beside every score.
+  """
   workdir = pathlib.Path(workdir)
   out_dir = workdir / "eval"
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,26 +189,28 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
   if not questions:
     raise ValueError(f"no CT Open questions in split {EVAL_SPLIT!r} of the built examples "
                      f"(splits: {sorted(built_examples)})")
-  results: dict = {}
-  extra: dict = {}
+  preds: dict = {}  # name -> prediction dicts, one per run
+  extra: dict = {"notes": []}
   if eval_cfg.baselines:
     train = train_questions_of(built_examples)
     if train:
-      results.update(baselines.run_baselines(train, questions, eval_cfg.rf_seeds))
+      probs, extra["baselines"] = baselines.baseline_probs(train, questions, eval_cfg.rf_seeds,
+                                                           eval_cfg.cv_folds)
+      preds.update({name: [predictions.predictions_from_probs(questions, p) for p in runs]
+                    for name, runs in probs.items()})
     else:
       logging.warning("evaluate: no CT Open training questions; baselines skipped")
-      extra["notes"] = ["baselines skipped: no CT Open training questions"]
+      extra["notes"].append("baselines skipped: no CT Open training questions")
 
   trajectories: list = []
   if graphdef is not None:
     subset = model_subset(questions, eval_cfg.max_questions)
     t0 = time.perf_counter()
-    scores, traj, preds_runs = scoring.evaluate_policy(
+    traj, preds_runs = scoring.evaluate_policy(
         graphdef, params, tokenizer, subset, eval_cfg, prompt_len=prompt_len, seed=seed)
     extra["model_seconds"] = time.perf_counter() - t0
     name = f"model_{eval_cfg.mode}"
-    results[name] = scores
-    predictions.write_runs(out_dir, name, preds_runs)
+    preds[name] = preds_runs
     io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", [t.to_json() for t in traj])
     trajectories.extend(traj)
 
@@ -183,34 +228,45 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
           exclude_anchor_ids={q.id for q in questions},
           exclude_anchor_trials={q.trial_id for q in questions})
       stats["seconds"] = time.perf_counter() - t0
-      name = "model_imagining"
       probs_list = scoring.trimmed(probs, subset)
-      scores = metrics.score_questions(subset, probs_list)
-      scores["overall"]["imagining"] = stats
-      results[name] = scores
       extra["imagining"] = stats
-      predictions.write_runs(out_dir, name,
-                             [predictions.predictions_from_probs(subset, probs_list)])
-      io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", [t.to_json() for t in steps])
+      preds["model_imagining"] = [predictions.predictions_from_probs(subset, probs_list)]
+      io.write_jsonl(out_dir / "trajectories_model_imagining.jsonl", [t.to_json() for t in steps])
       trajectories.extend(report.Trajectory.chosen(q, p, "imagining")
                           for q, p in zip(subset, probs_list))
 
-  pair_results: dict = {}
+  results, strict = {}, {}
+  for name, runs in preds.items():
+    predictions.write_runs(out_dir, name, runs)
+    results[name] = predictions.score_predictions(questions, runs)
+    strict[name] = predictions.score_predictions(questions, runs, strict=True)
+  if "model_imagining" in results:
+    results["model_imagining"]["overall"]["imagining"] = extra["imagining"]
+
+  pair_results, pair_strict = {}, {}
   if eval_cfg.pair_eval:
-    pair_results, extra["pairs"] = evaluate_pairs(
+    pair_results, pair_strict, extra["pairs"] = evaluate_pairs(
         graphdef, params, tokenizer, built_examples, eval_cfg, prompt_len=prompt_len,
         out_dir=out_dir)
-    results.update(pair_results)
 
-  io.write_json(out_dir / "results.json", {"results": results, **extra}, indent=2,
-                sort_keys=True)
-  report.write_report(workdir / "report", report.pairs_apart(results), metrics_logs,
-                      trajectories)
-  print(report.format_table({k: v for k, v in results.items() if k not in pair_results}))
+  io.write_json(out_dir / "results.json",
+                {"results": {**results, **pair_results}, "strict": {**strict, **pair_strict},
+                 **extra}, indent=2, sort_keys=True)
+  report.write_report(workdir / "report", report.pairs_apart({**results, **pair_results}),
+                      metrics_logs, trajectories,
+                      strict=report.pairs_apart({**strict, **pair_strict}))
+  print(f"CT Open Summer 2025, the benchmark's scoring ({len(questions)} questions; "
+        f"prediction files in {out_dir}):\n")
+  print(report.format_table(results))
+  print("Strict: every question; a missing or unparseable answer or a tie is wrong:\n")
+  print(report.format_table(strict))
+  failures = {n: r["overall"]["failures"] for n, r in results.items() if r["overall"]["failures"]}
+  if failures:
+    print(f"Failures (summed over runs): {failures}\n")
   if pair_results:
     p = extra["pairs"]
     print(f"Counterfactual pairs (eval split): baselines on all {p['eval_pairs']} pairs "
           f"(trained on {p['train_pairs']} {'+'.join(p['train_splits'])} pairs), model on "
           f"{p.get('model_pairs', 0)}; skipped {p['skipped']}\n")
     print(report.format_table(pair_results))
-  return results
+  return {**results, **pair_results}

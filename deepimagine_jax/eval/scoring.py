@@ -10,14 +10,14 @@ Deterministic, no parse failures, and it reads the model's whole belief rather
 than one draw.
 
 Sampling: `runs` independent sampled completions per question (sampler.sample),
-each parsed by rewards.parse_decision; a failure scores as uniform and is counted.
+kept as text: predictions.py parses them as the benchmark does, and a text that
+does not parse is counted as a failure, never given probabilities.
 
 Shape letters: the legend in model.py (Q questions, O option slots, C candidate tokens).
 """
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Sequence
 
 import jax
@@ -30,7 +30,7 @@ from data_pipeline.example import Example
 from data_pipeline.grain_pipeline import rl_prompt
 from deepimagine_jax import prefix, rewards, sampler
 from deepimagine_jax.config import EvalConfig
-from deepimagine_jax.eval import metrics, predictions
+from deepimagine_jax.eval import predictions
 from deepimagine_jax.eval.report import Trajectory
 
 MAX_OPTIONS = 3
@@ -140,21 +140,20 @@ def decode_completion(tokenizer, tokens_C: np.ndarray, length: int) -> str:
   return tokenizer.decode(ids)
 
 
-def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Example], *,
-                             runs: int, temperature: float, max_new_tokens: int,
-                             batch_size: int, prompt_len: int, seed: int):
-  """(probs_runs: list of [Q, O], texts_runs: list of list[str], failures: {code: count}).
+def sample_texts(graphdef, params, tokenizer, examples: Sequence[Example], *, runs: int,
+                 temperature: float, max_new_tokens: int, batch_size: int, prompt_len: int,
+                 seed: int) -> list[list[str]]:
+  """`runs` lists of completions, one sampled per question per run, each run with its own key.
 
-  Each run samples every question once with its own key; an unparseable
-  completion gets uniform probabilities and is counted by error code.
+  Nothing is parsed here: the texts are the answers (predictions.py reads them
+  as the benchmark does and counts what does not parse).
   """
   _check_examples(examples)
   if runs < 1:
-    raise ValueError(f"runs must be >= 1, got {runs}")
+    raise ValueError(f"eval.runs must be >= 1, got {runs}")
   prompts = prompt_arrays(tokenizer, examples, prompt_len)
-  probs_runs, texts_runs, failures = [], [], {}
+  texts_runs = []
   for r in range(runs):
-    probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
     texts = []
     for s in range(0, len(examples), batch_size):
       prompt_BP, mask_BP = _fill_rows([x[s:s + batch_size] for x in prompts], batch_size,
@@ -164,20 +163,10 @@ def option_probs_by_sampling(graphdef, params, tokenizer, examples: Sequence[Exa
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
       tokens_BC, lengths_B = np.asarray(out.tokens), np.asarray(out.lengths)
-      for b, ex in enumerate(examples[s:s + batch_size]):
-        text = decode_completion(tokenizer, tokens_BC[b], int(lengths_B[b]))
-        n = ex.n_options
-        d = rewards.parse_decision(text, n)
-        if d.ok:
-          probs[s + b, :n] = d.probs
-        else:
-          probs[s + b, :n] = 1.0 / n
-          code = f"unparsed:{d.error_code}"
-          failures[code] = failures.get(code, 0) + 1
-        texts.append(text)
-    probs_runs.append(probs)
+      texts += [decode_completion(tokenizer, tokens_BC[b], int(lengths_B[b]))
+                for b in range(len(examples[s:s + batch_size]))]
     texts_runs.append(texts)
-  return probs_runs, texts_runs, failures
+  return texts_runs
 
 
 # The whole evaluation ----------------------------------------------------------
@@ -189,36 +178,30 @@ def trimmed(probs: np.ndarray, examples: Sequence[Example]) -> list[np.ndarray]:
 
 def evaluate_policy(graphdef, params, tokenizer, examples: Sequence[Example],
                     eval_cfg: EvalConfig, *, prompt_len: int, seed: int = 0):
-  """(scores, trajectories, predictions_runs) for one policy on CT Open questions.
+  """(trajectories, predictions_runs) of one policy on CT Open questions.
 
   Reads eval_cfg's mode, runs, temperature, max_new_tokens and batch_size.
   predictions_runs is a list of benchmark prediction dicts, one per run (one in
-  scoring mode, whose texts carry the exact probabilities so the files score
-  identically); trajectories hold every run's answers.
+  scoring mode, whose texts carry the exact probabilities); they are what gets
+  scored. Trajectories hold every run's answers (probs None where the text
+  does not parse).
   """
   examples = list(examples)
   if eval_cfg.mode == "score":
-    probs = option_probs_by_scoring(graphdef, params, tokenizer, examples,
-                                    prompt_len=prompt_len, batch_size=eval_cfg.batch_size)
-    runs = [trimmed(probs, examples)]
-    trajectories = [Trajectory.chosen(ex, p, "direct", run=0) for ex, p in zip(examples, runs[0])]
-    preds_runs = [predictions.predictions_from_probs(examples, runs[0])]
-    failures = {}
-  else:  # "sample" (EvalConfig admits no other mode)
-    probs_runs, texts_runs, failures = option_probs_by_sampling(
-        graphdef, params, tokenizer, examples, runs=eval_cfg.runs,
-        temperature=eval_cfg.temperature, max_new_tokens=eval_cfg.max_new_tokens,
-        batch_size=eval_cfg.batch_size, prompt_len=prompt_len, seed=seed)
-    runs = [trimmed(p, examples) for p in probs_runs]
-    trajectories, preds_runs = [], []
-    for r, (probs_r, texts_r) in enumerate(zip(runs, texts_runs)):
-      for ex, p, text in zip(examples, probs_r, texts_r):
-        parsed = rewards.parse_decision(text, ex.n_options).ok
-        trajectories.append(Trajectory.of(ex, text, p if parsed else None, "direct", run=r))
-      preds_runs.append({predictions.question_key(ex): text
-                         for ex, text in zip(examples, texts_r)})
-    if failures:
-      logging.info("evaluate_policy: %s parse failures over %d runs", failures, len(runs))
-  scores = metrics.score_runs(examples, runs)
-  scores["overall"]["failures"] = dict(failures)
-  return scores, trajectories, preds_runs
+    probs = trimmed(option_probs_by_scoring(graphdef, params, tokenizer, examples,
+                                            prompt_len=prompt_len,
+                                            batch_size=eval_cfg.batch_size), examples)
+    trajectories = [Trajectory.chosen(ex, p, "direct", run=0) for ex, p in zip(examples, probs)]
+    return trajectories, [predictions.predictions_from_probs(examples, probs)]
+  # "sample" (EvalConfig admits no other mode)
+  texts_runs = sample_texts(graphdef, params, tokenizer, examples, runs=eval_cfg.runs,
+                            temperature=eval_cfg.temperature,
+                            max_new_tokens=eval_cfg.max_new_tokens,
+                            batch_size=eval_cfg.batch_size, prompt_len=prompt_len, seed=seed)
+  trajectories, preds_runs = [], []
+  for r, texts in enumerate(texts_runs):
+    for ex, text in zip(examples, texts):
+      d = rewards.parse_decision(text, ex.n_options)
+      trajectories.append(Trajectory.of(ex, text, d.probs if d.ok else None, "direct", run=r))
+    preds_runs.append({predictions.question_key(ex): text for ex, text in zip(examples, texts)})
+  return trajectories, preds_runs
