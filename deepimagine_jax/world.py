@@ -137,8 +137,10 @@ def nearest_pairs(targets: Sequence[Example], pairs: Sequence[Example]) -> dict[
   """target id -> its nearest usable cross-trial pair or chain (anchors come nearest first)."""
   out: dict[str, Example] = {}
   for p in pairs:
-    target_id = p.id.split("->", 1)[1]
-    if p.kind in CROSS_TRIAL and target_id not in out and not baselines.pair_problem(p):
+    if p.kind not in CROSS_TRIAL:
+      continue
+    target_id = imagining.chain_target_id(p.replace(id="chain:" + p.id.split(":", 1)[1]))
+    if target_id not in out and not baselines.pair_problem(p):
       out[target_id] = p
   return {t.id: out[t.id] for t in targets if t.id in out}
 

@@ -1,0 +1,34 @@
+"""The world experiment end to end: one seed, a few steps, every arm, reference and file."""
+import json
+
+import pytest
+
+from configs import world as world_config
+from deepimagine_jax import world as world_job
+from deepimagine_jax.world import ARMS, REFERENCES
+
+
+@pytest.mark.slow
+def test_world_quick_end_to_end(tmp_path):
+  c = world_config.get_config("quick")
+  # tiny compiles in seconds; its 256-token context cuts pair prompts (the default uses small)
+  c.model.preset = "tiny"
+  c.data.seq_len = 256
+  c.data.prompt_len = 240
+  c.rl.max_new_tokens = 8
+  c.rl.prompts_per_step = 8  # a multiple of the 8 test devices
+  c.rl.group_size = 2
+  results = world_job.world(c, str(tmp_path))
+  for split in c.experiment.splits:
+    for name in ARMS + REFERENCES:
+      entry = results[split][name]
+      lo, hi = entry["ci"]["balanced_accuracy"]
+      assert 0.0 <= lo <= hi <= 1.0, (split, name)
+      assert entry["cross_entropy"] > 0
+    stats = results[split]["imagining"]["stats"][0]
+    assert stats["imagined"] + stats["fallback"] == results[split]["questions"]["n"]
+  for name in ("world.md", "world.json", "world.png"):
+    assert (tmp_path / "report" / name).stat().st_size > 0
+  saved = json.loads((tmp_path / "report" / "world.json").read_text())
+  assert saved["build"]["split_sizes"]["test_combo"] > 0
+  assert [json.loads(l)["step"] for l in open(tmp_path / "seed0" / "grpo" / "rl" / "metrics.jsonl")] == [1]
