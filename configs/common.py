@@ -42,6 +42,8 @@ def data() -> ml_collections.ConfigDict:
   c.max_anchors = 3  # natural (same-trial, training-only) pairs per target and perturbation type
   c.anchors_k = 7  # retrieved anchors per target (other trials, public before its cutoff)
   c.retriever = "tfidf"  # tfidf | bm25 | dense (dense: build_dataset needs embed=...)
+  c.embed_max_len = 256  # dense retriever: tokens of trial text embedded (the rest is cut, counted)
+  c.embed_batch_size = 32  # dense retriever: texts per forward
   # the order of a walk's steps from anchor to target: population -> arms -> outcome -> rest
   c.factor_order = ("population", "condition", "drug", "dose", "comparator", "outcome",
                     "phase", "allocation", "masking", "country", "sample_size")
@@ -109,7 +111,7 @@ def serve() -> ml_collections.ConfigDict:
   c.port = 8000
   c.model_name = "deepimagine-policy"
   c.dtype = "float32"
-  c.batch_size = 8  # rows per sampler call (requests x n): one padded shape
+  c.batch_size = 8  # most rows per sampler call (requests x n), padded to a power of two
   c.batch_wait_ms = 5.0  # the first queued request waits this long for company
   c.prompt_len = 448  # longer prompts are refused (400), never cut
   c.max_new_tokens = 256  # the largest max_tokens a request may ask for

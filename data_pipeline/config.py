@@ -27,6 +27,8 @@ class DataConfig:
   max_anchors: int  # natural (same-trial, training-only) pairs per target and perturbation type
   anchors_k: int  # retrieved anchors per target (other trials, public before its cutoff)
   retriever: str  # one of retrieval.RETRIEVERS
+  embed_max_len: int  # dense retriever: tokens per embedded text (jobs.py builds the encoder)
+  embed_batch_size: int  # dense retriever: texts per forward
   factor_order: tuple[str, ...]  # a permutation of facts.FACTORS: the walk's step order
   # the paper's trial filter, applied to registry trials (ctgov_xml, ctgov_json) in the build
   registry_randomised: bool  # keep randomised trials only

@@ -22,6 +22,7 @@ from deepimagine_jax import sft as sft_lib
 from deepimagine_jax import sharding
 from deepimagine_jax import train_state
 from deepimagine_jax.config import ModelConfig, ModelSection, RunConfig
+from deepimagine_jax.embed import Embedder
 from deepimagine_jax.eval import run as eval_run
 from deepimagine_jax.tokenizer import Tokenizer
 
@@ -39,15 +40,36 @@ def model_config(model: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
                      vocab_size=tokenizer.vocab_size)
 
 
+def build_data(run: RunConfig, workdir: str):
+  """The data build (one process builds, the others reuse it), with the dense encoder if asked."""
+  embed = dense_embedder(run) if run.data.retriever == "dense" else None
+  return sharding.primary_first(
+      lambda: data_build.build_dataset(run.data, workdir, train_tokenizer=Tokenizer.train,
+                                       embed=embed),
+      "data build")
+
+
+def dense_embedder(run: RunConfig) -> Embedder:
+  """The pretrained checkpoint as the dense retriever's encoder (mean-pooled hidden states)."""
+  if run.model is None or not run.model.hf_checkpoint:
+    raise ValueError("data.retriever 'dense' embeds trials with a pretrained model: set "
+                     "model.hf_checkpoint (or use data.retriever 'tfidf' / 'bm25')")
+  path = run.model.hf_checkpoint
+  _, model = hf_import.load_hf_checkpoint(path, sharding.mesh_from_config(run.mesh),
+                                          dtype=run.model.param_dtype,
+                                          compute_dtype=run.model.dtype)
+  graphdef, params = nnx.split(model)
+  return Embedder(graphdef, params, Tokenizer.load(path), name=os.path.abspath(path),
+                  max_len=run.data.embed_max_len, batch_size=run.data.embed_batch_size)
+
+
 def prepare_data(run: RunConfig, workdir: str):
   """Builds (or reuses) the examples; (built, tokenizer): the checkpoint's tokenizer, else the build's.
 
   A checkpoint folder's tokenizer.json (Qwen3, Llama-3) or tokenizer.model
   (Gemma, Llama-2) is read with its tokenizer_config.json / generation_config.json.
   """
-  built = sharding.primary_first(  # one process builds; the others reuse its build
-      lambda: data_build.build_dataset(run.data, workdir, train_tokenizer=Tokenizer.train),
-      "data build")
+  built = build_data(run, workdir)
   if run.model is not None and run.model.hf_checkpoint:
     return built, Tokenizer.load(run.model.hf_checkpoint)
   return built, Tokenizer.load(built.tokenizer_path)
@@ -155,9 +177,7 @@ def rl(config, workdir: str):
 def data(config, workdir: str):
   """Builds (or reuses) the dataset and tokenizer; prints where and which splits."""
   run = RunConfig.from_config(config)
-  built = sharding.primary_first(  # one process builds; the others reuse its build
-      lambda: data_build.build_dataset(run.data, workdir, train_tokenizer=Tokenizer.train),
-      "data build")
+  built = build_data(run, workdir)
   print(json.dumps({"build_dir": str(built.dir), "splits": list(built.splits)}, indent=1))
 
 
