@@ -141,13 +141,9 @@ def sft(config, workdir: str):
   run_sft_stage(run, workdir, built, tokenizer, mesh)
 
 
-def rl(config, workdir: str):
-  """The main job: data -> SFT warm start -> GRPO -> evaluation and report."""
-  run = RunConfig.from_config(config)
-  mesh = sharding.mesh_from_config(run.mesh)
-  built, tokenizer = prepare_data(run, workdir)
-  sft_dir = os.path.join(workdir, "sft")
-  graphdef, params = run_sft_stage(run, sft_dir, built, tokenizer, mesh)
+def run_grpo_stage(run: RunConfig, workdir: str, built, tokenizer, mesh, graphdef, params,
+                   sft_dir: str):
+  """GRPO (`<workdir>/rl`) from the SFT policy, which is also its reference; the final state."""
   cfg = run.rl
   records = [ex for split in cfg.splits for ex in built.examples(split, cfg.kinds)]
   if not records:
@@ -164,9 +160,19 @@ def rl(config, workdir: str):
   logging.info("GRPO class weights (n_options, label) -> weight: %s", balance.weights)
   # The reference is the SFT policy; its handle (dir + step) goes into every RL checkpoint.
   ref_handle = {"dir": os.path.join(sft_dir, "checkpoints"), "step": run.sft.loop.steps}
-  state = rl_lib.run_grpo(cfg, mesh, graphdef, params, params if cfg.beta > 0 else None,
-                          prompts, tokenizer, os.path.join(workdir, "rl"), seed=run.seed,
-                          ref_handle=ref_handle, balance=balance)
+  return rl_lib.run_grpo(cfg, mesh, graphdef, params, params if cfg.beta > 0 else None,
+                         prompts, tokenizer, os.path.join(workdir, "rl"), seed=run.seed,
+                         ref_handle=ref_handle, balance=balance)
+
+
+def rl(config, workdir: str):
+  """The main job: data -> SFT warm start -> GRPO -> evaluation and report."""
+  run = RunConfig.from_config(config)
+  mesh = sharding.mesh_from_config(run.mesh)
+  built, tokenizer = prepare_data(run, workdir)
+  sft_dir = os.path.join(workdir, "sft")
+  graphdef, params = run_sft_stage(run, sft_dir, built, tokenizer, mesh)
+  state = run_grpo_stage(run, workdir, built, tokenizer, mesh, graphdef, params, sft_dir)
   export_policy(graphdef, state.params, model_config(run.model, tokenizer), tokenizer,
                 os.path.join(workdir, POLICY_DIR))
   evaluate(run, workdir, built, tokenizer, graphdef, state.params,

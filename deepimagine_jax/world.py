@@ -30,17 +30,15 @@ import time
 from io import BytesIO
 from typing import Sequence
 
-import jax
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from data_pipeline import grain_pipeline, io, world_build
+from data_pipeline import io, world_build
 from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Example
 from data_pipeline.world import WorldConfig, generate_world
-from deepimagine_jax import jobs, rewards, sharding
-from deepimagine_jax import rl as rl_lib
+from deepimagine_jax import jobs, sharding
 from deepimagine_jax.config import OptimizerConfig, RunConfig
 from deepimagine_jax.eval import baselines, imagining, metrics, scoring
 from deepimagine_jax.tokenizer import Tokenizer
@@ -114,22 +112,12 @@ def arm_config(run: RunConfig, arm: str, seed: int, exp: ExperimentConfig) -> Ru
 
 
 def train_arm(run: RunConfig, arm: str, workdir: str, built, tokenizer, mesh):
-  """(graphdef, params) of one arm (jobs.run_sft_stage, then rl.run_grpo for "grpo")."""
-  graphdef, params = jobs.run_sft_stage(run, os.path.join(workdir, "sft"), built, tokenizer,
-                                        mesh)
+  """(graphdef, params) of one arm (jobs.run_sft_stage, then jobs.run_grpo_stage for "grpo")."""
+  sft_dir = os.path.join(workdir, "sft")
+  graphdef, params = jobs.run_sft_stage(run, sft_dir, built, tokenizer, mesh)
   if arm != "grpo":
     return graphdef, params
-  cfg = run.rl
-  records = [ex for split in cfg.splits for ex in built.examples(split, cfg.kinds)]
-  prompts = grain_pipeline.make_prompt_iterator(
-      records, tokenizer, prompt_len=run.data.prompt_len, batch_size=cfg.prompts_per_step,
-      seed=run.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
-  balance = rewards.ClassBalance.of([ex.label for ex in records],
-                                    [ex.n_options for ex in records])
-  state = rl_lib.run_grpo(
-      cfg, mesh, graphdef, params, params if cfg.beta > 0 else None, prompts, tokenizer,
-      os.path.join(workdir, "rl"), seed=run.seed, balance=balance,
-      ref_handle={"dir": os.path.join(workdir, "sft", "checkpoints"), "step": run.sft.loop.steps})
+  state = jobs.run_grpo_stage(run, workdir, built, tokenizer, mesh, graphdef, params, sft_dir)
   return graphdef, state.params
 
 
