@@ -6,7 +6,8 @@
   python bench/serve.py --checkpoint=runs/rl # a trained run's policy
 
 A random model rarely emits EOS, so every request generates its full --max_tokens:
-the load is the same for every setting. Each server compiles before timing starts.
+the load is the same for every setting. Each server compiles its row buckets
+(1, 2, 4, .. rows) before timing starts.
 """
 import argparse
 import asyncio
@@ -75,9 +76,9 @@ def main():
     c = common.serve()
     c.batch_size, c.prompt_len, c.max_new_tokens = batch, 64, args.max_tokens
     engine = serve.Engine(graphdef, params, tok, typed(ServeConfig, c), mesh)
+    engine.warmup(temperature=1.0, top_p=1.0, max_tokens=args.max_tokens)
     with serve.ServerThread(serve.make_app(engine)) as server:
       url = server.base_url + "/chat/completions"
-      asyncio.run(load(url, prompts, 1, 1, args.max_tokens))  # compile
       cells = []
       for clients in CLIENTS:
         rps, lat = asyncio.run(load(url, prompts, clients, clients * args.rounds,

@@ -5,8 +5,9 @@
 
 Requests queue; the first one waits `batch_wait_ms` for company, then every
 queued request with the same sampling settings (temperature, top_p, max_tokens
-bucket: the sampler compiles per setting) shares one `sampler.sample` call of a
-fixed [batch_size, prompt_len] shape, so a new request never recompiles. A
+bucket: the sampler compiles per setting) shares one `sampler.sample` call padded
+to [rows, prompt_len], rows a power of two up to batch_size, so the shapes are few
+and a new request recompiles nothing once each has been seen. A
 request asking for n samples takes n rows. The prompt is the messages' contents
 joined by newlines after BOS: the policy was trained on `[BOS] prompt completion`
 with no chat template, so one user message holding an example's prompt is
@@ -157,6 +158,15 @@ def bucket(max_tokens: int, cap: int) -> int:
   return min(b, cap)
 
 
+def row_bucket(rows: int, batch_size: int) -> int:
+  """Rows of the sampler call: a power of two >= rows, at most batch_size. A lone request
+  does not pay for a full batch of padding; the shapes stay few (log2 batch_size + 1)."""
+  b = 1
+  while b < rows:
+    b *= 2
+  return min(b, batch_size)
+
+
 def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
   """text cut before the earliest stop string, and whether one was found."""
   cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -187,9 +197,9 @@ class Engine:
   def generate(self, rows: list[list[int]], max_tokens: list[int], *, temperature: float,
                top_p: float, new_tokens: int) -> list[tuple[list[int], bool]]:
     """(completion ids without EOS, ended by EOS) per row, each cut to its max_tokens."""
-    B, P = self.cfg.batch_size, self.cfg.prompt_len
-    if len(rows) > B:
-      raise ValueError(f"{len(rows)} rows exceed serve.batch_size {B}")
+    if len(rows) > self.cfg.batch_size:
+      raise ValueError(f"{len(rows)} rows exceed serve.batch_size {self.cfg.batch_size}")
+    B, P = row_bucket(len(rows), self.cfg.batch_size), self.cfg.prompt_len
     prompt_QP = np.full((B, P), self.tok.pad_id, np.int32)
     mask_QP = np.zeros((B, P), np.int32)
     for q, ids in enumerate(rows):
@@ -213,6 +223,16 @@ class Engine:
         ids = ids[:max_tokens[q]]
       results.append((ids, eos))
     return results
+
+  def warmup(self, *, temperature: float, top_p: float, max_tokens: int) -> None:
+    """Compiles every row bucket for one setting, so no request of it waits for XLA."""
+    rows = 1
+    while True:
+      self.generate([[self.tok.bos_id]] * rows, [1] * rows, temperature=temperature,
+                    top_p=top_p, new_tokens=bucket(max_tokens, self.cfg.max_new_tokens))
+      if rows >= self.cfg.batch_size:
+        return
+      rows = min(rows * 2, self.cfg.batch_size)
 
   def choice(self, ids: list[int], eos: bool, stop: tuple[str, ...]) -> Choice:
     text, stopped = apply_stop(self.tok.decode(ids), stop)
@@ -396,6 +416,8 @@ def serve(config, workdir: str):
   mesh = sharding.mesh_from_config(typed(MeshConfig, config.mesh))
   graphdef, params, tokenizer = jobs.load_policy(cfg.checkpoint, mesh, cfg.dtype)
   engine = Engine(graphdef, params, tokenizer, cfg, mesh, seed=config.seed)
+  logging.info("compiling the sampler for the default settings (temperature 1, top_p 1)")
+  engine.warmup(temperature=1.0, top_p=1.0, max_tokens=cfg.max_new_tokens)
   logging.info("serving %s as %r on http://%s:%d/v1", cfg.checkpoint, cfg.model_name,
                cfg.host, cfg.port)
   uvicorn.run(make_app(engine), host=cfg.host, port=cfg.port, log_level="info")

@@ -28,7 +28,7 @@ class ServeConfig:
   port: int
   model_name: str  # the id /v1/models lists and requests name
   dtype: str  # parameter and compute dtype of the loaded policy
-  batch_size: int  # rows of every sampler call (requests x n, padded): one shape
+  batch_size: int  # most rows per sampler call (requests x n; padded to a power of two)
   batch_wait_ms: float  # how long the first queued request waits for company
   prompt_len: int  # padded prompt length; a longer prompt is refused, never cut
   max_new_tokens: int  # the largest max_tokens a request may ask for

@@ -74,6 +74,8 @@ def test_parse_request_refuses_with_the_field(body, param, status):
 def test_bucket_and_stop():
   assert [serve.bucket(m, 256) for m in (1, 16, 17, 100, 256)] == [16, 16, 32, 128, 256]
   assert serve.bucket(100, 48) == 48
+  assert [serve.row_bucket(r, 8) for r in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+  assert serve.row_bucket(5, 6) == 6
   assert serve.apply_stop("ab\ncd END", ("END", "\n")) == ("ab", True)
   assert serve.apply_stop("abc", ("x",)) == ("abc", False)
 
@@ -211,6 +213,7 @@ def test_serve_job_answers_over_http():
   code = ("import sys; sys.argv=['x']; from configs import serve as c; "
           "from deepimagine_jax import serve; cfg = c.get_config('tiny'); "
           f"cfg.serve.checkpoint = {tiny_policy.run_dir()!r}; cfg.serve.port = {port}; "
+          "cfg.serve.batch_size = 1; "  # one row bucket: the start-up compiles once
           "serve.serve(cfg, '')")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
