@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from data_pipeline import facts
 from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Anchor, Example
 from data_pipeline.readers.ct_open import read_questions
@@ -166,5 +167,5 @@ def test_anchor_features_reject_unknown_factor():
   with pytest.raises(ValueError, match="weather"):
     B.anchor_features([bad])
   f = B.anchor_features([bad.replace(perturbation="dose+phase")])
-  assert f.shape == (1, 2 + 3 * len(B.FACTORS))
-  assert f[0, 2 + B.FACTORS.index("dose")] == 1 and f[0, 2 + B.FACTORS.index("phase")] == 1
+  assert f.shape == (1, 2 + 3 * len(facts.FACTORS))
+  assert f[0, 2 + facts.FACTORS.index("dose")] == 1 and f[0, 2 + facts.FACTORS.index("phase")] == 1

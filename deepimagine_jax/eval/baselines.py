@@ -40,6 +40,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 
+from data_pipeline import facts
 from data_pipeline.example import Anchor, Example
 from deepimagine_jax.eval import metrics, report
 
@@ -54,7 +55,6 @@ RF_GRID = tuple({"min_samples_leaf": leaf, "max_features": feats}
                 for leaf in (20, 10, 5, 1) for feats in ("log2", "sqrt"))
 GRIDS = {"logreg": LR_GRID, "random_forest": RF_GRID}
 LEARNERS = (("logreg", "logreg_tfidf"), ("random_forest", "random_forest_tfidf"))
-FACTORS = ("dose", "outcome", "comparator", "country", "phase", "population")
 
 # The negative option of a 2-way question: "... has not achieved ...",
 # "No arm listed here met this endpoint.", "This endpoint is not met."
@@ -231,12 +231,12 @@ def anchor_features(pairs: Sequence[Example]) -> np.ndarray:
   for ex in pairs:
     a = outcome_class(ex.anchor)
     factors = set(filter(None, ex.perturbation.split("+")))
-    unknown = factors - set(FACTORS)
+    unknown = factors - set(facts.FACTORS)
     if unknown:
       raise ValueError(f"pair {ex.id}: unknown perturbation factors {sorted(unknown)}")
-    f = np.array([float(x in factors) for x in FACTORS])
+    f = np.array([float(x in factors) for x in facts.FACTORS])
     rows.append(np.concatenate([[a, 1 - a], f, a * f, (1 - a) * f]))
-  return np.asarray(rows, dtype=np.float64).reshape(len(pairs), 2 + 3 * len(FACTORS))
+  return np.asarray(rows, dtype=np.float64).reshape(len(pairs), 2 + 3 * len(facts.FACTORS))
 
 
 def pair_problem(ex: Example) -> str | None:
