@@ -1,10 +1,12 @@
-"""Successive imagining with a tiny random model on real CT Open questions.
+"""Stepwise imagining with a tiny random model on real CT Open questions.
 
-Chains are made with pairs.make_pair (the real chain renderer) from Summer targets
-and Winter anchors with hand-written factor steps; the batched walk is checked
-against a one-chain-at-a-time walk, aggregation against NumPy.
+Cross-trial records are made with pairs.make_pair (the build's renderer) from Summer
+targets and Winter anchors with hand-written steps: chains, one-step approximate
+pairs and one with no known factor. The batched walk is checked against a plain
+one-walk-at-a-time loop and a NumPy aggregate; prompts against the token limit.
 """
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -16,10 +18,10 @@ from data_pipeline.example import Factor
 from data_pipeline.readers import ct_open
 from deepimagine_jax import model as M
 from deepimagine_jax.config import ModelConfig
-from deepimagine_jax.eval import imagining, scoring
+from deepimagine_jax.eval import imagining, report, scoring
 from deepimagine_jax.tokenizer import Tokenizer
 
-PROMPT_LEN = 128
+PROMPT_LEN = 224
 BATCH = 8
 STEPS = [Factor("dose", "10 mg", "20 mg"), Factor("population", "adult", "older adult"),
          Factor("outcome", "HbA1c", "body weight")]
@@ -34,95 +36,174 @@ def data(data_root):
   t2 = [q for q in summer if q.n_options == 2][:2]
   t3 = [q for q in summer if q.n_options == 3][:1]
   targets = [templates.render(q) for q in (t2[:1] + t3 + t2[1:])]  # 2-, 3-, 2-way
-  a2 = [q for q in winter if q.n_options == 2][:2]
+  a2 = [q for q in winter if q.n_options == 2][:4]
   a3 = [q for q in winter if q.n_options == 3][:2]
 
-  def chain(anchor, target, steps):
-    return pairs.make_pair(anchor, target, "chain", steps)
+  def rec(anchor, target, kind, steps, similarity):
+    return pairs.make_pair(anchor, target, kind, steps, similarity=similarity)
 
-  chains = [chain(a2[0], targets[0], STEPS[:1]), chain(a2[1], targets[0], STEPS[:2]),
-            chain(a3[0], targets[1], STEPS), chain(a3[1], targets[1], STEPS[2:])]
-  texts = [t.prompt for t in targets] + [c.prompt for c in chains]
-  texts += [templates.render(q).prompt for q in summer[::20]]
-  return targets, chains, texts
+  records = [  # target 0: three walks (0, 1 and 2 steps) + one farther than k = 3
+      rec(a2[0], targets[0], "approximate_pair", STEPS[:1], 0.5),
+      rec(a2[1], targets[0], "chain", STEPS[:2], 0.9),
+      rec(a2[2], targets[0], "approximate_pair", [], 0.7),
+      rec(a2[3], targets[0], "chain", STEPS[1:], 0.1),
+      # target 1: a three-step chain and a one-step pair; target 2: none
+      rec(a3[0], targets[1], "chain", STEPS, 0.3), rec(a3[1], targets[1], "chain", STEPS[2:], 0.2),
+      # a same-trial pair is never walked
+      rec(a2[0], targets[0], "natural_pair", STEPS[:1], None)]
+  texts = [t.prompt for t in targets] + [r.prompt for r in records]
+  texts += [templates.render(q).prompt for q in summer[::10]]
+  texts += [templates.decision_line(n, i) for n in (2, 3) for i in range(n)]
+  return targets, records, texts
 
 
 @pytest.fixture(scope="module")
 def policy(data, tmp_path_factory):
-  tok = Tokenizer.train(data[2], tmp_path_factory.mktemp("tok"), vocab_size=400)
+  tok = Tokenizer.train(data[2], tmp_path_factory.mktemp("tok"), vocab_size=1000)
   cfg = ModelConfig.tiny().replace(vocab_size=tok.vocab_size, tie_embeddings=False)
   graphdef, params = nnx.split(M.Transformer(cfg, nnx.Rngs(1)))
   return tok, graphdef, params
 
 
-def _score(policy, examples):
+def _n_tokens(tok, text):
+  head, body = tok.prompt_ids(text)
+  return len(head) + len(body)
+
+
+def _walk_one(policy, rec, prompt_len=PROMPT_LEN):
+  """The reference: one walk, one call at a time, nothing batched with other walks."""
   tok, graphdef, params = policy
-  return scoring.option_probs_by_scoring(graphdef, params, tok, examples,
-                                            prompt_len=PROMPT_LEN, batch_size=BATCH)
+  n_tokens = lambda text: _n_tokens(tok, text)
+  current, prompts = rec.anchor.options[rec.anchor.label], []
+  for d in range(max(len(rec.factors), 1)):
+    if rec.factors:
+      prompt, _ = templates.render_chain_step(rec, d, current, n_tokens=n_tokens,
+                                              max_tokens=prompt_len)
+    else:
+      prompt = templates.fit_to_tokens(templates.render(rec), n_tokens, prompt_len).prompt
+    assert n_tokens(prompt) <= prompt_len
+    p = scoring.option_probs_by_scoring(graphdef, params, tok, [rec.replace(prompt=prompt)],
+                                        prompt_len=prompt_len, batch_size=1)[0, :rec.n_options]
+    prompts.append(prompt)
+    current = rec.options[int(np.argmax(p))]
+  return p, prompts
 
 
-def _walk_one(policy, ch):
-  """The reference: one chain, one step at a time, nothing batched with other chains."""
-  current = ch.anchor.answer
-  n = ch.n_options
-  for d in range(len(ch.factors)):
-    prompt, _ = templates.render_chain_step(ch, d, current)
-    p = _score(policy, [ch.replace(id="x", prompt=prompt)])[0, :n]
-    current = ch.options[int(np.argmax(p))]
-  return p
+def _np_aggregate(rows, how):
+  p = np.asarray(rows, np.float64)
+  out = p.mean(0) if how == "mean" else np.exp(np.log(np.maximum(p, 1e-12)).mean(0))
+  return out / out.sum()
 
 
 @pytest.mark.parametrize("how", ["mean", "geometric"])
-def test_imagine_matches_sequential_walk(policy, data, how):
+def test_imagine_matches_one_walk_at_a_time(policy, data, how):
   tok, graphdef, params = policy
-  targets, chains, _ = data
-  probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, chains, k=2, how=how,
+  targets, records, _ = data
+  probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, records, k=3, how=how,
                                          prompt_len=PROMPT_LEN, batch_size=BATCH)
   assert probs.shape == (3, 3)
-  for t, p in zip(targets, probs):
-    n = t.n_options
-    assert np.all(p >= 0) and p.sum() == pytest.approx(1.0) and np.all(p[n:] == 0)
-  finals = [_walk_one(policy, ch) for ch in chains]
-  ref0 = imagining.aggregate(np.stack(finals[:2]), how)
-  ref1 = imagining.aggregate(np.stack(finals[2:]), how)
-  np.testing.assert_allclose(probs[0, :2], ref0, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(probs[1], ref1, rtol=1e-5, atol=1e-7)
-  # target 2 has no chain: the direct answer, counted
-  np.testing.assert_allclose(probs[2], _score(policy, targets[2:])[0], rtol=1e-6)
-  assert stats["fallback"] == 1 and stats["imagined"] == 2 and stats["chains"] == 4
-  assert stats["scoring_calls"] == 3 and stats["steps"] == 1 + 2 + 3 + 1
-  assert len(traj) == stats["steps"] and sum(t.details["final"] for t in traj) == 4
-  # step 0 starts from the anchor's observed answer, later steps from the last choice
-  first = [t for t in traj if t.details["chain_id"] == chains[1].id]
-  assert first[0].details["current_result"] == chains[1].anchor.options[chains[1].anchor.label]
-  assert first[1].details["current_result"] == chains[1].options[int(np.argmax(first[0].probs))]
+  walked = {0: [records[1], records[2], records[0]], 1: [records[4], records[5]]}  # nearest first
+  for i, recs in walked.items():
+    refs = [_walk_one(policy, r) for r in recs]
+    n = targets[i].n_options
+    np.testing.assert_allclose(probs[i, :n], _np_aggregate([p for p, _ in refs], how),
+                               rtol=1e-5, atol=1e-7)
+    assert np.all(probs[i, n:] == 0)
+    walks = traj[i].details["walks"]
+    assert [w["pair_id"] for w in walks] == [r.id for r in recs]
+    for w, r, (p_ref, prompts) in zip(walks, recs, refs):
+      assert [s["prompt"] for s in w["steps"]] == prompts
+      np.testing.assert_allclose(w["probs"], p_ref, rtol=1e-5, atol=1e-7)
+      # each step is given the anchor's observed result, then the previous step's estimate
+      given = [s["given"] for s in w["steps"]]
+      assert given == [r.anchor.options[r.anchor.label]] + [s["estimate"] for s in w["steps"][:-1]]
+      assert [s["factor"] for s in w["steps"]] == ([f.factor for f in r.factors] or [""])
+  assert np.isnan(probs[2]).all() and traj[2].probs is None  # no anchor: no answer, counted
+  assert traj[2].details == {"answered_by": "none", "aggregate": how, "walks": []}
+  assert [t.details["answered_by"] for t in traj] == ["anchors", "anchors", "none"]
+  assert stats["imagined"] == 2 and stats["missing"] == 1 and stats["fallback"] == 0
+  assert stats["coverage"] == pytest.approx(2 / 3) and stats["no_anchors"] == 1
+  assert stats["anchors_per_target"] == {"0": 1, "2": 1, "3": 1}
+  assert stats["walks"] == 5 and stats["walks_by_steps"] == {"0": 1, "1": 2, "2": 1, "3": 1}
+  assert stats["scoring_calls"] == 3 and stats["prompts_scored"] == 1 + 1 + 2 + 3 + 1
+  assert stats["skipped"] == {"anchor_is_eval": 0, "options_differ": 0, "over_k": 1}
 
 
-def test_fallback_uses_given_direct_probs(policy, data):
+def test_prompts_fit_the_window_or_the_walk_is_counted(policy, data):
+  """Step prompts are re-rendered to the token window, never cut; one that cannot fit
+  ends its walk, counted, and a target without a finished walk is not answered."""
   tok, graphdef, params = policy
-  targets, _, _ = data
+  targets, records, _ = data
+  unfitted = templates.render_chain_step(records[4], 0, "x")[0]
+  assert _n_tokens(tok, unfitted) > PROMPT_LEN  # so the limit is exercised
+  _, traj, _ = imagining.imagine(graphdef, params, tok, targets[1:2], records, k=1,
+                                 how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH)
+  for s in traj[0].details["walks"][0]["steps"]:
+    assert _n_tokens(tok, s["prompt"]) <= PROMPT_LEN and "Next change" in s["prompt"]
+  probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, records, k=3,
+                                         how="mean", prompt_len=24, batch_size=BATCH)
+  assert np.isnan(probs).all() and stats["imagined"] == 0 and stats["missing"] == 3
+  assert stats["walks_failed"] == {"prompt_too_long": 5} and stats["scoring_calls"] == 0
+  assert [w["failed"] for w in traj[0].details["walks"]] == ["prompt_too_long"] * 3
+
+
+def test_direct_answers_only_when_given(policy, data):
+  tok, graphdef, params = policy
+  targets, records, _ = data
   direct = np.array([[0.3, 0.7, 0], [0.2, 0.3, 0.5], [0.9, 0.1, 0]])
-  probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, [], k=2, how="mean",
-                                         prompt_len=PROMPT_LEN, batch_size=BATCH,
+  probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, records[4:6], k=2,
+                                         how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH,
                                          direct_probs=direct)
-  np.testing.assert_array_equal(probs, direct)
-  assert stats["fallback"] == 3 and traj == [] and stats["scoring_calls"] == 0
+  np.testing.assert_array_equal(probs[[0, 2]], direct[[0, 2]])
+  assert not np.allclose(probs[1], direct[1])
+  assert stats["fallback"] == 2 and stats["imagined"] == 1 and stats["missing"] == 0
+  assert [t.details["answered_by"] for t in traj] == ["direct", "anchors", "direct"]
+  with pytest.raises(ValueError, match="direct_probs"):
+    imagining.imagine(graphdef, params, tok, targets, records, k=2, how="mean",
+                      prompt_len=PROMPT_LEN, batch_size=BATCH, direct_probs=direct[:2])
 
 
-def test_select_chains_leaks_and_k(data):
-  targets, chains, _ = data
-  chosen, skipped = imagining.select_chains(targets, chains, k=1)
-  assert [len(chosen[i]) for i in sorted(chosen)] == [1, 1] and skipped["over_k"] == 2
-  banned = {chains[0].anchor.id}
-  chosen, skipped = imagining.select_chains(targets, chains, k=2, exclude_anchor_ids=banned)
-  assert skipped["anchor_is_target"] == 1 and chosen[0] == [chains[1]]
-  own = chains[2].replace(anchor=dataclasses.replace(chains[2].anchor, id=targets[0].id))
-  _, skipped = imagining.select_chains(targets, [own], k=2)
-  assert skipped["anchor_is_target"] == 1
-  trial = chains[3].anchor.trial_id
-  _, skipped = imagining.select_chains(targets, chains, k=2, exclude_anchor_trials={trial})
-  assert skipped["anchor_is_target"] == sum(c.anchor.trial_id == trial for c in chains) > 0
-  assert imagining.chain_target_id(chains[2]) == targets[1].id
+def test_select_anchors_leaks_k_and_order(data):
+  targets, records, _ = data
+  chosen, skipped = imagining.select_anchors(targets, records, k=1)
+  assert chosen == {0: [records[1]], 1: [records[4]]} and skipped["over_k"] == 4
+  banned = {records[1].anchor.id}
+  chosen, skipped = imagining.select_anchors(targets, records, k=2, exclude_anchor_ids=banned)
+  assert skipped["anchor_is_eval"] == 1 and chosen[0] == [records[2], records[0]]
+  own = records[4].replace(anchor=dataclasses.replace(records[4].anchor, id=targets[0].id))
+  own = own.replace(id=f"chain:{targets[0].id}->{targets[1].id}")
+  _, skipped = imagining.select_anchors(targets, [own], k=2)
+  assert skipped["anchor_is_eval"] == 1
+  trial = records[5].anchor.trial_id
+  _, skipped = imagining.select_anchors(targets, records, k=7, exclude_anchor_trials={trial})
+  assert skipped["anchor_is_eval"] == sum(r.anchor.trial_id == trial for r in records[:6]) > 0
+  other = records[4].replace(options=records[4].options[::-1])
+  _, skipped = imagining.select_anchors(targets, [other], k=2)
+  assert skipped["options_differ"] == 1
+
+
+def test_target_id_of_both_kinds(data):
+  targets, records, _ = data
+  assert imagining.chain_target_id(records[0]) == targets[0].id  # approximate_pair
+  assert imagining.chain_target_id(records[4]) == targets[1].id  # chain
+  for bad in (records[6], records[0].replace(id="approximate_pair:x->y")):
+    with pytest.raises(ValueError, match=re.escape(repr(bad.id))):
+      imagining.chain_target_id(bad)
+
+
+def test_trajectories_page_shows_the_walks(policy, data):
+  tok, graphdef, params = policy
+  targets, records, _ = data
+  _, traj, _ = imagining.imagine(graphdef, params, tok, targets, records, k=3, how="mean",
+                                 prompt_len=PROMPT_LEN, batch_size=BATCH)
+  page = report.trajectories_html(traj)
+  walk = traj[0].details["walks"][0]
+  assert page.count('class="walk"') == 5 and page.count("<tr><td>") == 8
+  assert f"anchor {walk['anchor_id']}" in page and "&rarr;" in page
+  assert "(no known factor differs)" in page and "no answer: no finished anchor walk" in page
+  assert 'data-method="imagining"' in page
+  row = traj[0].to_json()
+  assert row["walks"][0]["steps"][0]["estimate"] in targets[0].options
 
 
 def test_aggregate_vs_numpy():

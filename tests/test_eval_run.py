@@ -5,18 +5,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_pipeline import pairs, templates
+from data_pipeline import facts, pairs, templates
 from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Example, Factor
 from data_pipeline.readers import ct_open
 from deepimagine_jax import model as M
+from deepimagine_jax import rewards
 from deepimagine_jax.config import ModelConfig
 from deepimagine_jax.eval import baselines as baselines_mod
 from deepimagine_jax.eval import metrics, predictions, report, run
 from deepimagine_jax.tokenizer import Tokenizer
 import typed_configs
 
-PROMPT_LEN = 128
+PROMPT_LEN = 192  # step prompts are fitted to it (a 1000-piece tokenizer: ~1 token / 2 chars)
 N_EVAL = 30
 N_MODEL = 4
 
@@ -40,7 +41,7 @@ def built(data_root):
 def policy(built, tmp_path_factory):
   texts = [templates.render(q).prompt for q in built["eval"]]
   texts += [templates.decision_line(n, i) for n in (2, 3) for i in range(n)]
-  tok = Tokenizer.train(texts, tmp_path_factory.mktemp("tok"), vocab_size=400)
+  tok = Tokenizer.train(texts, tmp_path_factory.mktemp("tok"), vocab_size=1000)
   cfg = ModelConfig.tiny().replace(vocab_size=tok.vocab_size, tie_embeddings=False)
   graphdef, params = nnx.split(M.Transformer(cfg, nnx.Rngs(0)))
   return tok, graphdef, params
@@ -64,11 +65,13 @@ def test_evaluate_score_mode(policy, built, tmp_path, capsys):
   results = run.evaluate(graphdef, params, tok, built, _cfg(), prompt_len=PROMPT_LEN,
                          workdir=tmp_path, metrics_logs=[tmp_path / "missing.jsonl"])
   assert set(results) == {"uniform", "majority", "logreg_tfidf", "random_forest_tfidf",
-                          "model_score", "model_imagining"}
+                          "model_score", "copy_anchors", "model_imagining"}
   questions = run.eval_questions(built)
+  # one target has anchors: imagining answers it alone, the rest counted as missing
+  answered = {"model_score": N_MODEL, "model_imagining": 1, "copy_anchors": 1}
   for name, r in results.items():  # every result over every eval question, coverage beside it
     assert r["overall"]["asked"] == N_EVAL, name
-    want = N_MODEL if name.startswith("model") else N_EVAL
+    want = answered.get(name, N_EVAL)
     assert r["overall"]["answered"] == r["overall"]["n"] == want, name
     assert r["overall"]["coverage"] == pytest.approx(want / N_EVAL), name
     for suffix in (".pkl", ".jsonl"):  # the files are what was scored
@@ -80,17 +83,51 @@ def test_evaluate_score_mode(policy, built, tmp_path, capsys):
   assert saved["strict"]["model_score"]["overall"]["n"] == N_EVAL
   assert saved["baselines"]["logreg_tfidf"]["params"] in [dict(g) for g in baselines_mod.LR_GRID]
   stats = results["model_imagining"]["overall"]["imagining"]
-  assert stats["imagined"] == 1 and stats["fallback"] == N_MODEL - 1 and stats["chains"] == 2
-  assert stats["skipped"]["anchor_is_target"] == 1
-  steps = (tmp_path / "eval" / "trajectories_model_imagining.jsonl").read_text().splitlines()
-  assert len(steps) == 2 and json.loads(steps[0])["method"] == "imagining"
+  assert stats["imagined"] == 1 and stats["missing"] == N_MODEL - 1 and stats["walks"] == 2
+  assert stats["targets"] == N_MODEL and stats["no_anchors"] == N_MODEL - 1
+  assert stats["skipped"]["anchor_is_eval"] == 1 and stats["walks_failed"] == {}
+  copy = results["copy_anchors"]["overall"]["imagining"]
+  assert copy["imagined"] == 1 and copy["targets"] == N_EVAL and copy["skipped"]["anchor_is_eval"] == 1
+  rows = [json.loads(l) for l in
+          (tmp_path / "eval" / "trajectories_model_imagining.jsonl").read_text().splitlines()]
+  assert len(rows) == N_MODEL and {r["method"] for r in rows} == {"imagining"}
+  assert [len(r["walks"]) for r in rows] == [2] + [0] * (N_MODEL - 1)
+  assert [r["answered_by"] for r in rows] == ["anchors"] + ["none"] * (N_MODEL - 1)
+  for w in rows[0]["walks"]:
+    assert w["steps"][0]["given"] == w["anchor_result"] and w["steps"][0]["factor"] == "dose"
+  # the answer scored is the walks' mean decision, in the prediction files
+  mean = np.mean([w["probs"] for w in rows[0]["walks"]], axis=0)
+  np.testing.assert_allclose(rows[0]["probs"], mean / mean.sum(), rtol=1e-9)
+  preds = predictions.read_predictions(tmp_path / "eval" / "predictions_model_imagining_run0.pkl")
+  assert list(preds) == [predictions.question_key(questions[0])]
+  # copy-the-anchor: each usable anchor's outcome class at the rate the training records
+  # agree with their anchors (add-one smoothed), the two anchors' answers averaged
+  train = [ex for ex in built["train"] if ex.kind == "chain"]
+  cls = baselines_mod.outcome_class
+  rate = (sum(cls(c) == cls(c.anchor) for c in train) + 1) / (len(train) + 2)
+  pos = baselines_mod.positive_index(questions[0].options)
+  assert questions[0].n_options == 2
+  want = np.zeros(2)
+  for c in train[:2]:  # the Summer-anchored third is never used
+    p_pos = rate if cls(c.anchor) else 1 - rate
+    want[pos] += p_pos / 2
+    want[1 - pos] += (1 - p_pos) / 2
+  copy_preds = predictions.read_predictions(tmp_path / "eval" / "predictions_copy_anchors_run0.pkl")
+  assert list(copy_preds) == [predictions.question_key(questions[0])]
+  got = rewards.parse_decision(copy_preds[predictions.question_key(questions[0])],
+                               questions[0].n_options).probs
+  np.testing.assert_allclose(got, want, rtol=1e-12)
   for f in report.FILES:
     assert (tmp_path / "report" / f).is_file(), f
+  page = (tmp_path / "report" / "trajectories.html").read_text()
+  assert page.count('class="walk"') == 2 and "Next change (step 1 of 1)" in page
   summary = json.loads((tmp_path / "report" / "metrics.json").read_text())
   assert summary["calibration"]["n_trajectories"] == 2 * N_MODEL
-  assert saved["imagining"]["imagined"] == 1
+  assert saved["imagining"]["model_imagining"]["imagined"] == 1
   out = capsys.readouterr().out
   assert f"[{N_MODEL}/{N_EVAL}]" in out and f"[{N_EVAL}/{N_EVAL}]" in out and "Strict" in out
+  assert f"[1/{N_EVAL}]" in out
+  assert f"model_imagining: answered through anchors 1 of {N_MODEL} asked" in out
 
 
 def test_evaluate_sample_mode_runs(policy, built, tmp_path):
@@ -118,7 +155,8 @@ def test_model_subset_spreads():
 def test_evaluate_baselines_only(built, tmp_path, capsys):
   results = run.evaluate(None, None, None, built, _cfg(max_questions=0), prompt_len=PROMPT_LEN,
                          workdir=tmp_path)
-  assert set(results) == {"uniform", "majority", "logreg_tfidf", "random_forest_tfidf"}
+  assert set(results) == {"uniform", "majority", "logreg_tfidf", "random_forest_tfidf",
+                          "copy_anchors"}
   assert "| uniform |" in capsys.readouterr().out
   assert len(list((tmp_path / "eval").glob("predictions_uniform_run0.*"))) == 2
   assert results["uniform"]["overall"]["n"] == N_EVAL
@@ -135,7 +173,7 @@ def _pairs(questions, kind_cycle, split_tag):
                    if q.n_options == target.n_options), None)
     if anchor is None:
       continue
-    factor = baselines_mod.FACTORS[i % len(baselines_mod.FACTORS)]
+    factor = facts.FACTORS[i % len(facts.FACTORS)]
     steps = [Factor(factor, "a", "b")]
     ex = pairs.make_pair(anchor, templates.render(target), kind_cycle[i % len(kind_cycle)],
                          steps)

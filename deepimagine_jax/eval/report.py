@@ -44,7 +44,7 @@ class Trajectory:
   perturbation: str
   category: str
   method: str  # direct | imagining | pair_score
-  details: dict  # method-specific: run; chain_id, step, n_steps, final, ...; anchor_id
+  details: dict  # method-specific: run; answered_by, aggregate, walks (imagining); anchor_id
 
   @classmethod
   def of(cls, ex: Example, completion: str, probs, method: str, **details) -> Trajectory:
@@ -335,15 +335,20 @@ body{font-family:sans-serif;margin:1em;max-width:1100px}
 .traj.ok{border-left:6px solid #2a2} .traj.bad{border-left:6px solid #c22}
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em;max-height:22em;overflow:auto}
 .meta{color:#444;font-size:.9em} details summary{cursor:pointer}
+.walk{margin:.4em 0 .4em 1em;padding-left:.5em;border-left:3px solid #88a}
+table.steps{border-collapse:collapse;font-size:.9em} .steps td,.steps th{border:1px solid #ddd;
+padding:.2em .4em;vertical-align:top}
 """
 
 _JS = """
 function applyFilters(){
   var c=document.getElementById('f-correct').value;
   var p=document.getElementById('f-pert').value;
+  var m=document.getElementById('f-method').value;
   var shown=0;
   document.querySelectorAll('.traj').forEach(function(el){
-    var ok=(c==='all'||el.dataset.correct===c)&&(p==='all'||el.dataset.pert===p);
+    var ok=(c==='all'||el.dataset.correct===c)&&(p==='all'||el.dataset.pert===p)
+      &&(m==='all'||el.dataset.method===m);
     el.style.display=ok?'':'none'; if(ok)shown++;
   });
   document.getElementById('n-shown').textContent=shown;
@@ -351,6 +356,7 @@ function applyFilters(){
 document.addEventListener('DOMContentLoaded',function(){
   document.getElementById('f-correct').addEventListener('change',applyFilters);
   document.getElementById('f-pert').addEventListener('change',applyFilters);
+  document.getElementById('f-method').addEventListener('change',applyFilters);
   applyFilters();
 });
 """
@@ -360,26 +366,69 @@ def _e(x) -> str:
   return html.escape(str(x), quote=True)
 
 
+def _probs_text(probs) -> str:
+  return "(" + ", ".join(f"{p:.3f}" for p in probs) + ")" if probs is not None else "none"
+
+
+def _walk_html(w: Mapping) -> str:
+  """One anchor's walk: the anchor's observed result, then each step's change, the result
+  given, the model's probabilities and its estimate (prompt folded)."""
+  rows = "".join(
+      f'<tr><td>{s["step"] + 1}</td><td>{_e(s["factor"] or "(no known factor differs)")}'
+      + (f': {_e(s["from"])} &rarr; {_e(s["to"])}' if s["factor"] else "")
+      + f'</td><td>{_e(s["given"])}</td><td>{_e(_probs_text(s["probs"]))}</td>'
+      f'<td>{_e(s["estimate"])}<details><summary>prompt</summary><pre>{_e(s["prompt"])}'
+      '</pre></details></td></tr>' for s in w["steps"])
+  end = (f'failed: {_e(w["failed"])}' if w["failed"]
+         else f'decision {_e(_probs_text(w["probs"]))}')
+  sim = w["similarity"]
+  return (f'<div class="walk"><div class="meta">anchor {_e(w["anchor_id"])} '
+          f'({_e(w["kind"])}, trial {_e(w["anchor_trial_id"])}, similarity '
+          f'{_e("?" if sim is None else f"{sim:.3f}")}) &middot; {end}</div>'
+          f'<div>Anchor: {_e(w["anchor_title"])} &middot; {_e(w["anchor_endpoint"])}</div>'
+          f'<div>Observed: <b>{_e(w["anchor_result"])}</b></div>'
+          '<table class="steps"><tr><th>step</th><th>change</th><th>result given</th>'
+          f'<th>probs</th><th>estimate</th></tr>{rows}</table></div>')
+
+
+def _walks_html(t: Trajectory) -> str:
+  """Imagining's walks behind one answer, folded (empty for other methods)."""
+  if t.method != "imagining":
+    return ""
+  walks, how = t.details["walks"], t.details["answered_by"]
+  summary = (f'{len(walks)} anchor walks, answered by {_e(how)}'
+             + (f' ({_e(t.details["aggregate"])} of the decisions)' if how == "anchors" else ""))
+  return (f'<details><summary>{summary}</summary>'
+          + "".join(_walk_html(w) for w in walks) + '</details>')
+
+
 def trajectories_html(trajectories: Sequence[Trajectory],
                       limit: int = MAX_HTML_TRAJECTORIES) -> str:
-  """A self-contained page (inline CSS/JS, no network); every text is HTML-escaped."""
+  """A self-contained page (inline CSS/JS, no network); every text is HTML-escaped.
+
+  An imagining answer shows each anchor's walk: the observed result, every step
+  (change, result given, probabilities, estimate, prompt) and the decision.
+  """
   shown = list(trajectories)[:limit]
   perts = sorted({t.perturbation or "none" for t in shown})
   opts = "".join(f'<option value="{_e(p)}">{_e(p)}</option>' for p in perts)
+  methods = "".join(f'<option value="{_e(m)}">{_e(m)}</option>'
+                    for m in sorted({t.method for t in shown}))
   items = []
   for i, t in enumerate(shown):
     correct = t.correct
     pert = t.perturbation or "none"
-    probs_txt = ("unparsed" if t.probs is None
-                 else "(" + ", ".join(f"{p:.3f}" for p in t.probs) + ")")
+    probs_txt = (_probs_text(t.probs) if t.probs is not None
+                 else "no answer: no finished anchor walk" if t.method == "imagining"
+                 else "unparsed")
     items.append(
         f'<div class="traj {"ok" if correct else "bad"}" data-correct="{str(correct).lower()}" '
-        f'data-pert="{_e(pert)}"><div class="meta">#{i} &middot; '
-        f'{"correct" if correct else "incorrect"} &middot; perturbation: {_e(pert)} &middot; '
-        f'category: {_e(t.category)} &middot; label: {_e(t.label)} '
-        f'&middot; probs: {_e(probs_txt)}</div>'
+        f'data-pert="{_e(pert)}" data-method="{_e(t.method)}"><div class="meta">#{i} &middot; '
+        f'{_e(t.method)} &middot; {"correct" if correct else "incorrect"} &middot; '
+        f'perturbation: {_e(pert)} &middot; category: {_e(t.category)} &middot; '
+        f'label: {_e(t.label)} &middot; probs: {_e(probs_txt)}</div>'
         f'<details><summary>prompt</summary><pre>{_e(t.prompt)}</pre></details>'
-        f'<pre>{_e(t.completion)}</pre></div>')
+        f'{_walks_html(t)}<pre>{_e(t.completion)}</pre></div>')
   note = (f" (first {limit} of {len(trajectories)})" if len(trajectories) > limit else "")
   return (
       "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Trajectories</title>"
@@ -389,6 +438,8 @@ def trajectories_html(trajectories: Sequence[Trajectory],
       '<option value="true">correct</option><option value="false">incorrect</option>'
       '</select></label> <label>perturbation <select id="f-pert">'
       f'<option value="all">all</option>{opts}</select></label> '
+      '<label>method <select id="f-method">'
+      f'<option value="all">all</option>{methods}</select></label> '
       '&middot; showing <span id="n-shown"></span></p>'
       + "\n".join(items) + "</body></html>\n")
 

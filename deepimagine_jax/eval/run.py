@@ -8,9 +8,17 @@ beside every score) and the strict table (every question; failures and ties
 are wrong). The baselines train on the CT Open Winter 2025 questions (the
 benchmark questions of every other split), their hyper-parameters chosen by
 cross-validation there; the model answers eval_cfg.max_questions of the
-questions (all when 0) and its coverage says so. Files written under workdir:
+questions (all when 0) and its coverage says so.
+
+With eval_cfg.imagining, the same questions are answered through their
+retrieved anchors (imagining.imagine: `model_imagining`, stepwise walks from
+each of the k nearest anchors) and, beside it, `copy_anchors`: the same anchors'
+observed results copied and aggregated (the reference imagining must beat). A
+question without a usable anchor is not answered by either (no fallback to the
+direct answer): their coverage counts it. Files written under workdir:
   eval/predictions_<name>_run<r>.pkl / .jsonl   the benchmark's predictions, per run
-  eval/trajectories_<name>.jsonl                 every answer (imagining: every step)
+  eval/trajectories_<name>.jsonl                 every answer (imagining: one row per target
+                                                 holding every anchor's walk, step by step)
   eval/results.json                              name -> metrics, strict, CV choices, stats
   report/                                        eval.report.write_report
 
@@ -77,8 +85,10 @@ def model_subset(questions: Sequence[Example], max_questions: int) -> list[Examp
   return [questions[i] for i in idx]
 
 
-def chains_of(built_examples: Splits) -> list[Example]:
-  return [ex for exs in built_examples.values() for ex in exs if ex.kind == "chain"]
+def walk_records(built_examples: Splits, splits: Sequence[str] | None = None) -> list[Example]:
+  """The cross-trial records (approximate pairs and chains) of `splits` (all when None)."""
+  return [ex for split, exs in built_examples.items() if splits is None or split in splits
+          for ex in exs if ex.kind in imagining.WALK_KINDS]
 
 
 def pair_examples(built_examples: Splits, splits: Sequence[str],
@@ -171,6 +181,91 @@ def evaluate_pairs(graphdef, params, tokenizer, built_examples: Splits, eval_cfg
   return results, strict, info
 
 
+def copy_anchor_answers(built_examples: Splits, questions: Sequence[Example],
+                        eval_cfg: EvalConfig) -> tuple[list, dict]:
+  """Copy-the-anchor through imagining's anchors: (answers over `questions`, stats).
+
+  Each question's anchors are chosen as imagining chooses them (the k nearest
+  usable); each anchor's observed outcome class is copied with the agreement
+  rate of the training splits' cross-trial records (baselines.copy_anchor_probs)
+  and the k answers are aggregated as imagining aggregates. Records the pair
+  baselines cannot read (baselines.pair_problem) are left out, counted; a
+  question without anchors has no answer (None), counted.
+  """
+  problems: Counter = Counter()
+  usable = []
+  for ex in walk_records(built_examples):
+    why = baselines.pair_problem(ex)
+    if why:
+      problems[why] += 1
+    else:
+      usable.append(ex)
+  train = [ex for ex in walk_records(built_examples, PAIR_TRAIN_SPLITS)
+           if not baselines.pair_problem(ex)]
+  chosen, skipped = imagining.select_anchors(
+      questions, usable, eval_cfg.imagining_k, {q.id for q in questions},
+      {q.trial_id for q in questions})
+  answers = [imagining.aggregate(np.stack(baselines.copy_anchor_probs(train, chosen[i])),
+                                 eval_cfg.aggregate) if i in chosen else None
+             for i in range(len(questions))]
+  answered = sum(a is not None for a in answers)
+  n_anchors = Counter(len(chosen.get(i, ())) for i in range(len(questions)))
+  return answers, {"targets": len(questions), "imagined": answered, "fallback": 0,
+                   "missing": len(questions) - answered, "coverage": answered / len(questions),
+                   "no_anchors": n_anchors[0], "k": eval_cfg.imagining_k,
+                   "anchors_per_target": {str(n): c for n, c in sorted(n_anchors.items())},
+                   "train_records": len(train), "skipped": {**skipped, **problems}}
+
+
+def evaluate_imagining(graphdef, params, tokenizer, built_examples: Splits,
+                       questions: Sequence[Example], eval_cfg: EvalConfig, *, prompt_len: int,
+                       out_dir: pathlib.Path) -> tuple[dict, list, dict]:
+  """({name: [predictions]}, trajectories, {name: stats}) of imagining over the anchors.
+
+  `model_imagining` (graphdef given): the model's stepwise walks from each of
+  the first max_questions targets' k anchors; `copy_anchors` (eval_cfg.baselines):
+  the anchors' own results over every question. A question not answered through
+  its anchors is left out of the predictions, so the table's coverage shows it.
+  """
+  preds, stats, trajectories = {}, {}, []
+  if eval_cfg.baselines:
+    answers, stats["copy_anchors"] = copy_anchor_answers(built_examples, questions, eval_cfg)
+    preds["copy_anchors"] = [answered_predictions(questions, answers)]
+  if graphdef is not None:
+    subset = model_subset(questions, eval_cfg.max_questions)
+    t0 = time.perf_counter()
+    probs, trajectories, st = imagining.imagine(
+        graphdef, params, tokenizer, subset, walk_records(built_examples),
+        k=eval_cfg.imagining_k, how=eval_cfg.aggregate, prompt_len=prompt_len,
+        batch_size=eval_cfg.batch_size, exclude_anchor_ids={q.id for q in questions},
+        exclude_anchor_trials={q.trial_id for q in questions})
+    st["seconds"] = time.perf_counter() - t0
+    stats["model_imagining"] = st
+    answers = [None if np.isnan(p).any() else p for p in scoring.trimmed(probs, subset)]
+    preds["model_imagining"] = [answered_predictions(subset, answers)]
+    io.write_jsonl(out_dir / "trajectories_model_imagining.jsonl",
+                   [t.to_json() for t in trajectories])
+  return preds, trajectories, stats
+
+
+def answered_predictions(questions: Sequence[Example], answers: Sequence) -> dict:
+  """The benchmark's predictions of the questions with an answer (None: left out)."""
+  kept = [(q, a) for q, a in zip(questions, answers) if a is not None]
+  return predictions.predictions_from_probs([q for q, _ in kept], [a for _, a in kept])
+
+
+def imagining_line(name: str, st: dict) -> str:
+  """One line of imagining's coverage and cost (the stats of imagine / copy_anchor_answers)."""
+  line = (f"{name}: answered through anchors {st['imagined']} of {st['targets']} asked "
+          f"(coverage {st['coverage']:.3f}); no usable anchor {st['no_anchors']}, missing "
+          f"{st['missing']}; k={st['k']}, anchors per target {st['anchors_per_target']}")
+  if "walks" in st:
+    line += (f"; walks {st['walks']} by steps {st['walks_by_steps']}, failed "
+             f"{st['walks_failed']}; {st['scoring_calls']} scoring calls, "
+             f"{st['prompts_scored']} prompts, {st['seconds']:.1f} s")
+  return line
+
+
 def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: EvalConfig, *,
              prompt_len: int, workdir: str | os.PathLike,
              metrics_logs: Sequence[str | os.PathLike] = (), seed: int = 0) -> dict:
@@ -214,34 +309,21 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
     io.write_jsonl(out_dir / f"trajectories_{name}.jsonl", [t.to_json() for t in traj])
     trajectories.extend(traj)
 
-    if eval_cfg.imagining:
-      direct = None
-      if eval_cfg.mode == "score":  # reuse the direct scores for the fallback
-        direct = np.zeros((len(subset), scoring.MAX_OPTIONS))
-        for i, t in enumerate(traj):
-          direct[i, :len(t.probs)] = t.probs
-      t0 = time.perf_counter()
-      probs, steps, stats = imagining.imagine(
-          graphdef, params, tokenizer, subset, chains_of(built_examples),
-          k=eval_cfg.imagining_k, how=eval_cfg.aggregate, prompt_len=prompt_len,
-          batch_size=eval_cfg.batch_size, direct_probs=direct,
-          exclude_anchor_ids={q.id for q in questions},
-          exclude_anchor_trials={q.trial_id for q in questions})
-      stats["seconds"] = time.perf_counter() - t0
-      probs_list = scoring.trimmed(probs, subset)
-      extra["imagining"] = stats
-      preds["model_imagining"] = [predictions.predictions_from_probs(subset, probs_list)]
-      io.write_jsonl(out_dir / "trajectories_model_imagining.jsonl", [t.to_json() for t in steps])
-      trajectories.extend(report.Trajectory.chosen(q, p, "imagining")
-                          for q, p in zip(subset, probs_list))
+  if eval_cfg.imagining:
+    im_preds, im_traj, extra["imagining"] = evaluate_imagining(
+        graphdef, params, tokenizer, built_examples, questions, eval_cfg,
+        prompt_len=prompt_len, out_dir=out_dir)
+    preds.update(im_preds)
+    trajectories.extend(im_traj)
 
   results, strict = {}, {}
   for name, runs in preds.items():
     predictions.write_runs(out_dir, name, runs)
     results[name] = predictions.score_predictions(questions, runs)
     strict[name] = predictions.score_predictions(questions, runs, strict=True)
-  if "model_imagining" in results:
-    results["model_imagining"]["overall"]["imagining"] = extra["imagining"]
+  for name in ("model_imagining", "copy_anchors"):
+    if name in results:
+      results[name]["overall"]["imagining"] = extra["imagining"][name]
 
   pair_results, pair_strict = {}, {}
   if eval_cfg.pair_eval:
@@ -263,6 +345,10 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
   failures = {n: r["overall"]["failures"] for n, r in results.items() if r["overall"]["failures"]}
   if failures:
     print(f"Failures (summed over runs): {failures}\n")
+  for name, st in extra.get("imagining", {}).items():
+    print(imagining_line(name, st))
+  if extra.get("imagining"):
+    print()
   if pair_results:
     p = extra["pairs"]
     print(f"Counterfactual pairs (eval split): baselines on all {p['eval_pairs']} pairs "
