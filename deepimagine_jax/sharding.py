@@ -4,6 +4,10 @@ Parameters carry `logical_axes` metadata (model.py). `RULES` maps each logical
 name to a mesh axis (or None = replicated). The mesh uses Auto axis types, so
 XLA propagates shardings through the computation; activations are pinned to
 the batch axes at block boundaries by `constrain_activation`.
+
+Several hosts: `initialize_hosts` (launch/main.py, before any other JAX call) takes
+the coordinator, process count and id from `config.mesh`, else the environment;
+`primary_first` lets process 0 write shared files (the data build) before the rest.
 """
 from __future__ import annotations
 

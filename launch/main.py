@@ -27,6 +27,14 @@ class _QuietLibraries:
     return record.levelno >= py_logging.WARNING and not record.exc_info
 
 
+def _quiet_unraisable(unraisable, default=sys.unraisablehook):
+  """Drops tensorstore's callbacks into Orbax's closed event loop after a failed save or
+  restore (one 6-line traceback per pending write, at exit); reports anything else."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed"):
+    default(unraisable)
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with a bad flag or config override as one line naming it."""
   try:
@@ -44,6 +52,7 @@ def main(argv):
   del argv
   for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_unraisable
   config = _CONFIG.value
   from data_pipeline.data_root import DataRootError
   from deepimagine_jax.checkpoint import CheckpointError
