@@ -1,4 +1,4 @@
-"""The jobs `launch/main.py` runs, one per `config.job` (the JOBS table).
+"""The training, evaluation and data jobs `launch/main.py` runs (its jobs_table).
 
 Each turns the locked ConfigDict into typed dataclasses once (`RunConfig`) and
 calls the library with them; nothing below this file sees a ConfigDict.
@@ -16,6 +16,7 @@ from data_pipeline import build as data_build
 from data_pipeline import grain_pipeline
 from data_pipeline import io
 from deepimagine_jax import hf_import
+from deepimagine_jax import lora
 from deepimagine_jax import rewards
 from deepimagine_jax import rl as rl_lib
 from deepimagine_jax import sft as sft_lib
@@ -76,13 +77,18 @@ def prepare_data(run: RunConfig, workdir: str):
 
 
 def initial_model(run: RunConfig, model_cfg: ModelConfig, mesh):
-  """(graphdef, params): the Hugging Face checkpoint's weights, else a fresh random model."""
+  """(graphdef, params): the Hugging Face checkpoint's weights, else a fresh random model;
+  with LoRA adapters (config.lora.rank > 0) added on top."""
   if run.model.hf_checkpoint:
     _, model = hf_import.load_hf_checkpoint(run.model.hf_checkpoint, mesh,
                                             dtype=run.model.param_dtype,
                                             compute_dtype=run.model.dtype)
-    return nnx.split(model)
-  return train_state.init_params(model_cfg, mesh, run.seed)
+    graphdef, params = nnx.split(model)
+  else:
+    graphdef, params = train_state.init_params(model_cfg, mesh, run.seed)
+  if run.lora is None:
+    return graphdef, params
+  return lora.attach(graphdef, params, run.lora, mesh, run.seed)
 
 
 def run_sft_stage(run: RunConfig, workdir: str, built, tokenizer, mesh):
@@ -99,13 +105,22 @@ def run_sft_stage(run: RunConfig, workdir: str, built, tokenizer, mesh):
       shard_count=jax.process_count())
   graphdef, params = initial_model(run, model_cfg, mesh)
   state = sft_lib.run_sft(cfg, mesh, graphdef, params, batches, workdir, seed=run.seed)
-  export_policy(graphdef, state.params, model_cfg, tokenizer, os.path.join(workdir, POLICY_DIR))
-  return graphdef, state.params
+  params = lora.combine(state.params, params)  # the trained part over the frozen base
+  export_policy(graphdef, params, model_cfg, tokenizer, os.path.join(workdir, POLICY_DIR))
+  return graphdef, params
 
 
 def export_policy(graphdef, params, model_cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str):
-  """Writes the policy as a Hugging Face checkpoint with the tokenizer files it was trained with."""
-  hf_import.export_hf_checkpoint(nnx.merge(graphdef, params), model_cfg, out_dir)
+  """Writes the policy as a Hugging Face checkpoint with the tokenizer files it was trained with.
+
+  With LoRA the weights are merged (the active adapter) and every adapter is also
+  written alone in PEFT's format under `adapters/<name>/`.
+  """
+  model = nnx.merge(graphdef, params)
+  hf_import.export_hf_checkpoint(model, model_cfg, out_dir)
+  for name in model.lora_cfg.adapters if model.lora_cfg is not None else ():
+    hf_import.export_peft_adapter(model, model_cfg, os.path.join(out_dir, "adapters", name),
+                                  adapter=name)
   if jax.process_index() == 0:
     tokenizer.save(out_dir)
   logging.info("policy written to %s", out_dir)
@@ -159,7 +174,11 @@ def run_grpo_stage(run: RunConfig, workdir: str, built, tokenizer, mesh, graphde
                                     [ex.n_options for ex in records])
   logging.info("GRPO class weights (n_options, label) -> weight: %s", balance.weights)
   # The reference is the SFT policy; its handle (dir + step) goes into every RL checkpoint.
+  # With LoRA it is the base with the adapters off.
   ref_handle = {"dir": os.path.join(sft_dir, "checkpoints"), "step": run.sft.loop.steps}
+  if run.lora is not None and run.lora.enabled:
+    ref_handle = {"base": run.model.hf_checkpoint or f"random init, seed {run.seed}",
+                  "adapters": "off"}
   return rl_lib.run_grpo(cfg, mesh, graphdef, params, params if cfg.beta > 0 else None,
                          prompts, tokenizer, os.path.join(workdir, "rl"), seed=run.seed,
                          ref_handle=ref_handle, balance=balance)
@@ -173,9 +192,10 @@ def rl(config, workdir: str):
   sft_dir = os.path.join(workdir, "sft")
   graphdef, params = run_sft_stage(run, sft_dir, built, tokenizer, mesh)
   state = run_grpo_stage(run, workdir, built, tokenizer, mesh, graphdef, params, sft_dir)
-  export_policy(graphdef, state.params, model_config(run.model, tokenizer), tokenizer,
+  params = lora.combine(state.params, params)
+  export_policy(graphdef, params, model_config(run.model, tokenizer), tokenizer,
                 os.path.join(workdir, POLICY_DIR))
-  evaluate(run, workdir, built, tokenizer, graphdef, state.params,
+  evaluate(run, workdir, built, tokenizer, graphdef, params,
            metrics_logs=[os.path.join(sft_dir, "metrics.jsonl"),
                          os.path.join(workdir, "rl", "metrics.jsonl")])
 
@@ -199,5 +219,3 @@ def eval(config, workdir: str):  # noqa: A001 - the job is called "eval" in conf
     logs = [os.path.join(run.eval.checkpoint, sub, "metrics.jsonl") for sub in ("sft", "rl")]
   evaluate(run, workdir, built, tokenizer, graphdef, params, metrics_logs=logs)
 
-
-JOBS = {"sft": sft, "rl": rl, "data": data, "eval": eval}

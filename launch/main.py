@@ -2,7 +2,7 @@
 
 Intentionally short: parse flags, initialise multi-host JAX when the config asks
 (before any other JAX call, as JAX requires), log the devices and the resolved
-config, run the job named by `config.job` from the JOBS table. A bad flag, config
+config, run the job named by `config.job` from `jobs_table()`. A bad flag, config
 key or value, a missing data root, or a failed checkpoint save ends the run with
 one line on stderr (exit status 1), not a traceback.
 """
@@ -48,6 +48,13 @@ def _parse_flags(argv):
              "(every key is declared once, in configs/)")
 
 
+def jobs_table() -> dict:
+  """config.job -> the library function that runs it (imported once JAX may be touched)."""
+  from deepimagine_jax import jobs, serve, traces, world
+  return {"sft": jobs.sft, "rl": jobs.rl, "eval": jobs.eval, "data": jobs.data,
+          "serve": serve.serve, "traces": traces.traces, "world": world.world}
+
+
 def main(argv):
   del argv
   for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
@@ -62,15 +69,14 @@ def main(argv):
       from deepimagine_jax import sharding
       sharding.initialize_hosts(MeshConfig.from_config(config.mesh))
     import jax  # nothing above touched a backend: initialize() had to come first
-    from deepimagine_jax import jobs
-
-    if config.job not in jobs.JOBS:
-      raise ConfigError(f"config.job={config.job!r}: must be one of {sorted(jobs.JOBS)}")
+    jobs = jobs_table()
+    if config.job not in jobs:
+      raise ConfigError(f"config.job={config.job!r}: must be one of {sorted(jobs)}")
     workdir = _WORKDIR.value or config.workdir
     logging.info("JAX %s: %d devices (%s) over %d processes", jax.__version__,
                  jax.device_count(), jax.devices()[0].platform, jax.process_count())
     logging.info("workdir %s\nconfig:\n%s", workdir, config)
-    jobs.JOBS[config.job](config, workdir)
+    jobs[config.job](config, workdir)
   except (ConfigError, DataRootError, CheckpointError) as e:
     sys.exit(f"error: {e}")
 
