@@ -95,6 +95,7 @@ def test_evaluate_score_mode(policy, built, tmp_path, capsys):
   assert [r["answered_by"] for r in rows] == ["anchors"] + ["none"] * (N_MODEL - 1)
   for w in rows[0]["walks"]:
     assert w["steps"][0]["given"] == w["anchor_result"] and w["steps"][0]["factor"] == "dose"
+    assert "Next change (step 1 of 1)" in w["steps"][0]["prompt"]
   # the answer scored is the walks' mean decision, in the prediction files
   mean = np.mean([w["probs"] for w in rows[0]["walks"]], axis=0)
   np.testing.assert_allclose(rows[0]["probs"], mean / mean.sum(), rtol=1e-9)
@@ -120,7 +121,7 @@ def test_evaluate_score_mode(policy, built, tmp_path, capsys):
   for f in report.FILES:
     assert (tmp_path / "report" / f).is_file(), f
   page = (tmp_path / "report" / "trajectories.html").read_text()
-  assert page.count('class="walk"') == 2 and "Next change (step 1 of 1)" in page
+  assert page.count('class="walk"') == 2 and "dose: 10 mg &rarr; 20 mg" in page
   summary = json.loads((tmp_path / "report" / "metrics.json").read_text())
   assert summary["calibration"]["n_trajectories"] == 2 * N_MODEL
   assert saved["imagining"]["model_imagining"]["imagined"] == 1

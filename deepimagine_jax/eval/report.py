@@ -372,13 +372,14 @@ def _probs_text(probs) -> str:
 
 def _walk_html(w: Mapping) -> str:
   """One anchor's walk: the anchor's observed result, then each step's change, the result
-  given, the model's probabilities and its estimate (prompt folded)."""
+  given, the model's probabilities and its estimate. Step prompts (the target question
+  under these lines) stay in the JSON lines: with k walks per answer they would
+  multiply the page's size."""
   rows = "".join(
       f'<tr><td>{s["step"] + 1}</td><td>{_e(s["factor"] or "(no known factor differs)")}'
       + (f': {_e(s["from"])} &rarr; {_e(s["to"])}' if s["factor"] else "")
       + f'</td><td>{_e(s["given"])}</td><td>{_e(_probs_text(s["probs"]))}</td>'
-      f'<td>{_e(s["estimate"])}<details><summary>prompt</summary><pre>{_e(s["prompt"])}'
-      '</pre></details></td></tr>' for s in w["steps"])
+      f'<td>{_e(s["estimate"])}</td></tr>' for s in w["steps"])
   end = (f'failed: {_e(w["failed"])}' if w["failed"]
          else f'decision {_e(_probs_text(w["probs"]))}')
   sim = w["similarity"]
@@ -399,7 +400,9 @@ def _walks_html(t: Trajectory) -> str:
   summary = (f'{len(walks)} anchor walks, answered by {_e(how)}'
              + (f' ({_e(t.details["aggregate"])} of the decisions)' if how == "anchors" else ""))
   return (f'<details><summary>{summary}</summary>'
-          + "".join(_walk_html(w) for w in walks) + '</details>')
+          + "".join(_walk_html(w) for w in walks)
+          + '<div class="meta">step prompts: eval/trajectories_model_imagining.jsonl</div>'
+          '</details>')
 
 
 def trajectories_html(trajectories: Sequence[Trajectory],
@@ -407,7 +410,7 @@ def trajectories_html(trajectories: Sequence[Trajectory],
   """A self-contained page (inline CSS/JS, no network); every text is HTML-escaped.
 
   An imagining answer shows each anchor's walk: the observed result, every step
-  (change, result given, probabilities, estimate, prompt) and the decision.
+  (change, result given, probabilities, estimate) and the decision.
   """
   shown = list(trajectories)[:limit]
   perts = sorted({t.perturbation or "none" for t in shown})
