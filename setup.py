@@ -39,6 +39,7 @@ setup(
             "hypothesis>=6.100",
             "torch==2.13.0",  # CPU wheel; only a test-time reference
             "transformers>=4.50",
+            "peft>=0.21",  # LoRA export parity: peft loads our adapter onto the HF model
         ],
     },
 )

@@ -13,6 +13,17 @@ def model(preset: str = "small") -> ml_collections.ConfigDict:
   return c
 
 
+def lora() -> ml_collections.ConfigDict:
+  """Low-rank adapters (deepimagine_jax/lora.py); rank 0 trains the whole model, as before."""
+  c = ml_collections.ConfigDict()
+  c.rank = 0  # 0: no adapters; the method's recipe uses 64
+  c.alpha = 16.0  # updates scale by alpha / rank (PEFT's convention)
+  c.dropout = 0.0  # on the adapter input, in training only
+  c.targets = ("q", "k", "v", "o", "gate", "up", "down")  # every linear projection
+  c.adapters = ("default",)  # several names: one adapter per factor on one frozen base
+  return c
+
+
 def mesh() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.data = -1  # -1: all devices not used by the other axes

@@ -65,6 +65,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.sft.checkpoint_every = 20
   c.rl = rl_section(steps=60)
   c.eval = common.eval_()
+  c.lora = common.lora()  # rank 0: the whole model trains
   if variant == "tiny":
     c.workdir = "runs/rl_tiny"
     c.model.preset = "tiny"
@@ -80,6 +81,38 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval.imagining = False
     c.eval.baselines = False
     c.eval.max_questions = 16
+  elif variant == "recipe":
+    recipe(c)
   elif variant:
-    raise ValueError(f"configs/rl.py: unknown variant {variant!r} (have: tiny)")
+    raise ValueError(f"configs/rl.py: unknown variant {variant!r} (have: tiny, recipe)")
   return c
+
+
+def recipe(c: ml_collections.ConfigDict) -> None:
+  """The method's own recipe: Gemma-3-12B-it with LoRA (rank 64, alpha 128, dropout 0.1)
+  on every linear layer, peak lr 2e-5 with 640 warm-up steps and a cosine to a 10%
+  floor, in both stages. Sized by bench/memory.py for 8 x 80 GiB (see the docstring)."""
+  c.workdir = "runs/recipe"
+  c.model.preset = "gemma3_12b"  # the shape; the weights come from --config.model.hf_checkpoint
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "bfloat16"  # the frozen base; adapters and their Adam moments are f32
+  c.model.remat = True
+  c.mesh.fsdp = 8
+  c.lora.rank = 64
+  c.lora.alpha = 128.0
+  c.lora.dropout = 0.1
+  c.data.seq_len = 2048
+  c.data.prompt_len = 1536
+  c.sft = common.sft(steps=6400, batch=64)
+  c.sft.kinds = ("question", "natural_pair")
+  c.sft.checkpoint_every = 500
+  c.rl = rl_section(steps=1600)
+  c.rl.prompts_per_step = 64
+  c.rl.group_size = 8
+  c.rl.max_new_tokens = 512
+  c.rl.cache_dtype = "bfloat16"
+  c.rl.checkpoint_every = 100
+  for opt, steps in ((c.sft.optimizer, c.sft.steps), (c.rl.optimizer, c.rl.steps)):
+    opt.update(common.optimizer(lr=2e-5, steps=steps, warmup=640))
+    opt.end_lr_ratio = 0.1  # the cosine's floor
+    opt.weight_decay = 0.0

@@ -3,6 +3,7 @@
   python launch/main.py --config=configs/sft.py --workdir=runs/sft
   python launch/main.py --config=configs/sft.py:tiny --workdir=/tmp/sft_tiny   # seconds
 Override any key: --config.sft.steps=500 --config.model.preset=qwen3_0_6b
+LoRA adapters instead of full training: --config.lora.rank=16 --config.lora.alpha=32
 """
 import ml_collections
 
@@ -18,6 +19,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.mesh = common.mesh()
   c.data = common.data()
   c.sft = common.sft(steps=300, batch=16)
+  c.lora = common.lora()  # rank 0: the whole model trains
   if variant == "tiny":
     c.workdir = "runs/sft_tiny"
     c.model.preset = "tiny"

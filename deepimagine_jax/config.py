@@ -481,6 +481,47 @@ class EvalConfig:
     return _section(cls, section)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the linear projections
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters on the base's linear projections (lora.py); rank 0: none (full training).
+
+  An update is `scale * (dropout(x) @ A) @ B` with scale = alpha / rank, as in PEFT;
+  `adapters` names several on one base (one per factor), chosen per example.
+  """
+  rank: int
+  alpha: float
+  dropout: float  # on the adapter's input, in training only
+  targets: tuple[str, ...]  # of LORA_TARGETS
+  adapters: tuple[str, ...]  # adapter names; index i is adapter i of every projection
+
+  def __post_init__(self):
+    _require(isinstance(self.rank, int) and self.rank >= 0, "lora.rank",
+             "an integer >= 0 (0: no adapters, the whole model trains)", self.rank)
+    if self.rank == 0:
+      return
+    _require(self.alpha > 0, "lora.alpha", "a number > 0", self.alpha)
+    _require(0.0 <= self.dropout < 1.0, "lora.dropout", "a number in [0, 1)", self.dropout)
+    _require(isinstance(self.targets, tuple) and bool(self.targets)
+             and set(self.targets) <= set(LORA_TARGETS) and len(set(self.targets)) == len(
+                 self.targets), "lora.targets", f"a non-empty tuple of distinct {LORA_TARGETS}",
+             self.targets)
+    _require(isinstance(self.adapters, tuple) and bool(self.adapters)
+             and all(isinstance(a, str) and a for a in self.adapters)
+             and len(set(self.adapters)) == len(self.adapters), "lora.adapters",
+             "a non-empty tuple of distinct names, e.g. ('default',)", self.adapters)
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """A whole job config, typed once (jobs.py); a section the job's config lacks is None."""
@@ -493,6 +534,7 @@ class RunConfig:
   sft: SFTConfig | None
   rl: RLConfig | None
   eval: EvalConfig | None
+  lora: LoRAConfig | None
 
   def __post_init__(self):
     """Values that depend on each other, or on the machine, checked before any work."""
@@ -553,7 +595,8 @@ class RunConfig:
     builders = {"data": lambda s: _section(DataConfig, s),
                 "model": lambda s: _section(ModelSection, s),
                 "mesh": MeshConfig.from_config, "sft": SFTConfig.from_config,
-                "rl": RLConfig.from_config, "eval": EvalConfig.from_config}
+                "rl": RLConfig.from_config, "eval": EvalConfig.from_config,
+                "lora": lambda s: _section(LoRAConfig, s)}
     sections = {}
     for name, build in builders.items():
       if name not in config:

@@ -29,6 +29,7 @@ import safetensors.numpy
 from flax import nnx
 from safetensors import safe_open
 
+from deepimagine_jax import lora as lora_lib
 from deepimagine_jax import model as model_lib
 from deepimagine_jax import sharding
 from deepimagine_jax.config import ModelConfig, RopeScaling
@@ -407,13 +408,30 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def _adapter_of(model: nnx.Module, adapter: str | None) -> int:
+  """The index of the adapter to write: the one named, else the model's active one."""
+  if adapter is not None:
+    return lora_lib.adapter_index(model.lora_cfg, adapter)
+  if model.active_adapter < 0:
+    raise HFImportError("the model's adapters are switched off (active_adapter -1): name the "
+                        "adapter to write")
+  return model.active_adapter
+
+
 def export_hf_checkpoint(model: nnx.Module, cfg: ModelConfig, out_dir, *,
-                         max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+                         max_shard_bytes: int = 5 * 2**30,
+                         adapter: str | None = None) -> pathlib.Path:
   """Writes config.json + safetensors (sharded with an index past max_shard_bytes).
 
-  Every process gathers each tensor; only process 0 writes.
+  A model with LoRA adapters is written merged (W + scale * A B) with `adapter`,
+  by default its active one: the function the model computes. Every process
+  gathers each tensor; only process 0 writes.
   """
   out_dir = pathlib.Path(out_dir)
+  if model.lora_cfg is not None:
+    model = lora_lib.merged(model, _adapter_of(model, adapter))
+  elif adapter is not None:
+    raise HFImportError(f"adapter {adapter!r} asked for, but the model has no adapters")
   names = param_name_map(cfg)
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   shards: list[dict[str, np.ndarray]] = [{}]
@@ -444,4 +462,49 @@ def export_hf_checkpoint(model: nnx.Module, cfg: ModelConfig, out_dir, *,
   total = sum(a.nbytes for s in shards for a in s.values())
   (out_dir / INDEX_FILE).write_text(json.dumps(
       {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+  return out_dir
+
+
+# PEFT's names for our LoRA targets (the Hugging Face module names).
+PEFT_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_peft_adapter(model: nnx.Module, cfg: ModelConfig, out_dir, *,
+                        adapter: str | None = None, base_model: str = "") -> pathlib.Path:
+  """Writes one adapter alone as PEFT does: adapter_config.json + adapter_model.safetensors.
+
+  `peft.PeftModel.from_pretrained(<the HF base model>, out_dir)` then computes
+  what our model computes with that adapter. lora_A is [r, in], lora_B [out, r],
+  in HF's flattening of the head axes (the same as the base weights').
+  """
+  if model.lora_cfg is None:
+    raise HFImportError("the model has no LoRA adapters to export")
+  lcfg, e = model.lora_cfg, _adapter_of(model, adapter)
+  names = param_name_map(cfg)
+  tensors = {}
+  for path, module in model.iter_modules():
+    for target, ad in (module.lora.items() if getattr(module, "lora", None) else ()):
+      hf_weight = names[tuple(path) + (ad.weight,)][0]
+      prefix = "base_model.model." + hf_weight.removesuffix(".weight")
+      a_r_in = _to_host(ad.a[...])[e].reshape(-1, lcfg.rank).T
+      b_out_r = _to_host(ad.b[...])[e].reshape(lcfg.rank, -1).T
+      tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a_r_in)
+      tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(b_out_r)
+  out_dir = pathlib.Path(out_dir)
+  if jax.process_index() != 0:
+    return out_dir
+  out_dir.mkdir(parents=True, exist_ok=True)
+  config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank,
+      "lora_alpha": lcfg.alpha, "lora_dropout": lcfg.dropout,
+      "target_modules": sorted(PEFT_MODULES[t] for t in lcfg.targets), "bias": "none",
+      "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+      "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+      "base_model_name_or_path": base_model or None,
+  }
+  (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+  safetensors.numpy.save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
   return out_dir

@@ -14,8 +14,10 @@ Shape letters, one meaning each across the project (tensor names end in them:
   Q distinct prompts (before their rows fan out to samples or options; B = Q * group)
   P prompt slots          C completion tokens       L = P + C buffer / cache slots
   O answer options        n heads of either kind (N or K)     h = H / 2 (RoPE pairs)
+  E named LoRA adapters   r LoRA rank
 Every parameter carries `logical_axes` metadata; sharding.py maps those names to
-mesh axes.
+mesh axes. With a LoRAConfig of rank > 0 every targeted projection also holds a
+lora.Adapter (its own Variable type, so the base's nnx.Param stay frozen apart).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepimagine_jax import lora as lora_lib
 from deepimagine_jax import sharding
-from deepimagine_jax.config import ModelConfig, RopeScaling
+from deepimagine_jax.config import LoRAConfig, ModelConfig, RopeScaling
 
 _NEG_INF = -1e30  # finite, so a row with nothing to attend to stays finite
 
@@ -36,6 +39,31 @@ KVCache = list  # one {"k": [B,S,K,H], "v": [B,S,K,H]} dict per layer
 def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int) -> nnx.Param:
   init = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
   return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+# The logical axis of each shape letter a projection's input or output has.
+_AXES = {"D": "embed", "N": "q_heads", "K": "kv_heads", "H": "head_dim", "F": "mlp"}
+
+
+def _adapters(cfg: ModelConfig, lora: LoRAConfig | None, specs: dict, rngs: nnx.Rngs):
+  """{target: lora.Adapter} for this module's targeted projections; None without LoRA.
+
+  `specs`: target -> (input letters, output letters, name of the base weight).
+  """
+  if lora is None or not lora.enabled:
+    return None
+  sizes = {"D": cfg.d_model, "N": cfg.n_heads, "K": cfg.n_kv_heads, "H": cfg.head_dim,
+           "F": cfg.mlp_dim}
+  return nnx.Dict({t: lora_lib.Adapter(lora, ins, outs, weight, sizes, _AXES, rngs)
+                   for t, (ins, outs, weight) in specs.items() if t in lora.targets})
+
+
+def _project(module, target: str, spec: str, x, w, adapter, rng):
+  """x times the base weight w (einsum `spec`), plus the target's adapter update when on."""
+  y = jnp.einsum(spec, x, w)
+  if adapter is None or module.lora is None or target not in module.lora:
+    return y
+  return y + module.lora[target](x, adapter, rng)
 
 
 class RMSNorm(nnx.Module):
@@ -84,7 +112,7 @@ def apply_rope(x_BTnH, positions_BT, inv_freq_h):
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
     D, N, K, H, w = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.weight_dtype
     self.cfg = cfg
     self.wq_DNH = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), w, D)
@@ -94,12 +122,16 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = RMSNorm(H, cfg, "head_dim")
       self.k_norm = RMSNorm(H, cfg, "head_dim")
+    self.lora = _adapters(cfg, lora, {"q": ("D", "NH", "wq_DNH"), "k": ("D", "KH", "wk_DKH"),
+                                      "v": ("D", "KH", "wv_DKH"), "o": ("NH", "D", "wo_NHD")},
+                          rngs)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, inv_freq, cache=None, cache_index=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, inv_freq, cache=None, cache_index=None,
+               adapter=None, rng=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt))
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt))
+    q_BTNH = _project(self, "q", "BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt), adapter, rng)
+    k_BTKH = _project(self, "k", "BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt), adapter, rng)
+    v_BTKH = _project(self, "v", "BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt), adapter, rng)
     if cfg.qk_norm:
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
@@ -126,8 +158,8 @@ class Attention(nnx.Module):
       logits_BKRTS = jnp.where(mask_BTS[:, None, None], logits_BKRTS, _NEG_INF)
       probs_BKRTS = jax.nn.softmax(logits_BKRTS, axis=-1).astype(dt)
       out_BTKRH = jnp.einsum("BKRTS,BSKH->BTKRH", probs_BKRTS, v_BSKH)
-    out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKRH.reshape(B, T, N, H),
-                         self.wo_NHD[...].astype(dt))
+    out_BTD = _project(self, "o", "BTNH,NHD->BTD", out_BTKRH.reshape(B, T, N, H),
+                       self.wo_NHD[...].astype(dt), adapter, rng)
     return out_BTD, new_cache
 
 
@@ -146,53 +178,64 @@ def _decode_attention(q_B1KRH, k_BSKH, v_BSKH, mask_B1S, scale: float, dt):
 class MLP(nnx.Module):
   """SwiGLU, down(silu(gate(x)) * up(x)), or GeGLU with tanh-approximate GELU (Gemma)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
     D, F, w = cfg.d_model, cfg.mlp_dim, cfg.weight_dtype
     self.dt = cfg.compute_dtype
     self.gelu = cfg.mlp_activation == "gelu_tanh"
     self.gate_DF = _param(rngs, (D, F), ("embed", "mlp"), w, D)
     self.up_DF = _param(rngs, (D, F), ("embed", "mlp"), w, D)
     self.down_FD = _param(rngs, (F, D), ("mlp", "embed"), w, F)
+    self.lora = _adapters(cfg, lora, {"gate": ("D", "F", "gate_DF"), "up": ("D", "F", "up_DF"),
+                                      "down": ("F", "D", "down_FD")}, rngs)
 
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, adapter=None, rng=None):
     dt = self.dt
-    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
-    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
+    gate_BTF = _project(self, "gate", "BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt),
+                        adapter, rng)
+    up_BTF = _project(self, "up", "BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt), adapter, rng)
     act_BTF = jax.nn.gelu(gate_BTF, approximate=True) if self.gelu else jax.nn.silu(gate_BTF)
-    return jnp.einsum("BTF,FD->BTD", act_BTF * up_BTF, self.down_FD[...].astype(dt))
+    return _project(self, "down", "BTF,FD->BTD", act_BTF * up_BTF, self.down_FD[...].astype(dt),
+                    adapter, rng)
 
 
 class Block(nnx.Module):
   """Pre-norm residual block; with `post_norms` the sublayer outputs are normed too (Gemma)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
     self.attn_norm = RMSNorm(cfg.d_model, cfg)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, lora)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = MLP(cfg, rngs, lora)
     self.post_norms = cfg.post_norms
     if cfg.post_norms:
       self.post_attn_norm = RMSNorm(cfg.d_model, cfg)
       self.post_mlp_norm = RMSNorm(cfg.d_model, cfg)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, inv_freq, cache=None, cache_index=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, inv_freq, cache=None, cache_index=None,
+               adapter=None, rng=None):
     h_BTD, new_cache = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS, inv_freq,
-                                 cache, cache_index)
+                                 cache, cache_index, adapter, rng)
     if self.post_norms:
       h_BTD = self.post_attn_norm(h_BTD)
     x_BTD = sharding.constrain_activation(x_BTD + h_BTD)
-    h_BTD = self.mlp(self.mlp_norm(x_BTD))
+    h_BTD = self.mlp(self.mlp_norm(x_BTD), adapter, rng)
     if self.post_norms:
       h_BTD = self.post_mlp_norm(h_BTD)
     x_BTD = sharding.constrain_activation(x_BTD + h_BTD)
     return x_BTD, new_cache
 
 
-def _block_forward(block, x_BTD, positions_BT, mask_BTS, inv_freq, cache, cache_index):
-  return block(x_BTD, positions_BT, mask_BTS, inv_freq, cache, cache_index)
+def _block_forward(block, x_BTD, positions_BT, mask_BTS, inv_freq, cache, cache_index, adapter,
+                   rng):
+  return block(x_BTD, positions_BT, mask_BTS, inv_freq, cache, cache_index, adapter, rng)
 
 
-_remat_block_forward = nnx.remat(_block_forward)
+def _remat_block_forward(block, *args):
+  """_block_forward under jax.checkpoint, on the block's state as a pure argument (nnx.remat
+  refuses a block whose frozen base and trained adapters come from different traces)."""
+  graphdef, state = nnx.split(block)
+  return jax.checkpoint(lambda state, *a: _block_forward(nnx.merge(graphdef, state), *a))(
+      state, *args)
 
 
 def attention_mask(T: int, segment_ids_BT=None, *, cache_index=None, kv_valid_BS=None,
@@ -223,25 +266,36 @@ def attention_mask(T: int, segment_ids_BT=None, *, cache_index=None, kv_valid_BS
 
 
 class Transformer(nnx.Module):
-  """Token ids in, float32 logits out; optional KV cache for decoding."""
+  """Token ids in, float32 logits out; optional KV cache for decoding.
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  With `lora` of rank > 0 the projections carry adapters; `active_adapter` (static:
+  part of the graphdef, see lora.py) is the one a call without `adapter_B` uses,
+  -1 for none (the base alone: GRPO's reference).
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
     self.cfg = cfg
+    self.lora_cfg = lora if lora is not None and lora.enabled else None
+    self.active_adapter = 0 if self.lora_cfg is not None else -1
     # std 1/sqrt(D): with a tied head the initial logits then have unit scale.
     self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            cfg.weight_dtype, cfg.d_model)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.layers = nnx.List([Block(cfg, rngs, self.lora_cfg) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg)
     if not cfg.tie_embeddings:
       self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                cfg.weight_dtype, cfg.d_model)
 
   def __call__(self, tokens_BT, positions_BT, *, segment_ids_BT=None, cache: KVCache | None = None,
-               cache_index=None, kv_valid_BS=None, return_hidden: bool = False):
+               cache_index=None, kv_valid_BS=None, return_hidden: bool = False,
+               adapter_B=None, dropout_rng=None):
     """Returns (logits_BTV, cache), or (hidden_BTD, cache) with `return_hidden`.
 
     Callers that need logits at a few positions only (the last prompt token,
     the completion) take the hidden states and call `logits` on a slice.
+    `adapter_B` [B] int picks each row's adapter (-1: the base alone), else
+    `active_adapter` serves every row; `dropout_rng` (training only) turns on the
+    adapters' input dropout. Both are ignored by a model without adapters.
     """
     cfg, dt = self.cfg, self.cfg.compute_dtype
     T = tokens_BT.shape[1]
@@ -261,13 +315,21 @@ class Transformer(nnx.Module):
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), dt)
     x_BTD = sharding.constrain_activation(x_BTD)
     forward = _remat_block_forward if cfg.remat else _block_forward
+    adapter = None  # None: no adapter path at all
+    if self.lora_cfg is not None:
+      adapter = adapter_B if adapter_B is not None else (
+          None if self.active_adapter < 0 else jnp.asarray(self.active_adapter, jnp.int32))
+    if adapter is None or not self.lora_cfg.dropout:
+      dropout_rng = None
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
       local = cfg.is_local(i)
       x_BTD, layer_cache = forward(block, x_BTD, positions_BT,
                                    local_mask_BTS if local else mask_BTS,
                                    local_inv_freq if local else inv_freq,
-                                   None if cache is None else cache[i], cache_index)
+                                   None if cache is None else cache[i], cache_index, adapter,
+                                   None if dropout_rng is None else jax.random.fold_in(
+                                       dropout_rng, i))
       if cache is not None:
         new_cache.append(layer_cache)
     x_BTD = self.final_norm(x_BTD)

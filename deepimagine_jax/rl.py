@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from data_pipeline import grain_pipeline
 from deepimagine_jax import grpo
+from deepimagine_jax import lora
 from deepimagine_jax import loop
 from deepimagine_jax import prefix
 from deepimagine_jax import rewards as rewards_lib
@@ -42,11 +43,15 @@ from deepimagine_jax.train_state import TrainState
 PROMPT_KEYS = ("prompt_tokens", "prompt_mask")
 
 
-def rl_update(state: TrainState, batch, *, graphdef, tx, cfg: RLConfig):
-  """One optimizer update on a rollout batch (pure; jitted by GRPOTrainer)."""
+def rl_update(state: TrainState, batch, frozen=None, *, graphdef, tx, cfg: RLConfig):
+  """One optimizer update on a rollout batch (pure; jitted by GRPOTrainer).
+
+  `frozen`: the base when `state.params` are LoRA adapters. No adapter dropout
+  here: the forward is the sampler's (prefix.py), so the first update's ratio is 1.
+  """
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]))
     logits_BCV = prefix.continuation_logits(
         model, batch["prompt_tokens"], batch["prompt_mask"], batch["completions"],
         group_size=cfg.group_size, temperature=cfg.temperature)
@@ -104,26 +109,37 @@ class GRPOTrainer:
   """The jitted pieces of one run (built once): rollout and update."""
 
   def __init__(self, graphdef, tx, cfg: RLConfig, mesh, state_sh, ref_params,
-               balance: rewards_lib.ClassBalance):
+               balance: rewards_lib.ClassBalance, frozen=None):
     self.graphdef, self.cfg, self.balance = graphdef, cfg, balance
+    # With LoRA the state holds the adapters; the base is an argument, never donated.
+    self.frozen = nnx.State({}) if frozen is None else frozen
     rows = sharding.batch_sharding(mesh)
     self.prompt_sh = {k: rows for k in PROMPT_KEYS}
     self.batch_sh = {"prompt_tokens": rows, "prompt_mask": rows, "completions": rows,
                      "old_logprobs": rows, "advantages": sharding.batch_sharding(mesh, 1),
                      "completion_mask": rows, "ref_logprobs": rows}
-    self.update = jax.jit(
+    update = jax.jit(
         functools.partial(rl_update, graphdef=graphdef, tx=tx, cfg=cfg),
-        in_shardings=(state_sh, self.batch_sh), out_shardings=(state_sh, None),
-        donate_argnums=0)
+        in_shardings=(state_sh, self.batch_sh, jax.tree.map(lambda x: x.sharding, self.frozen)),
+        out_shardings=(state_sh, None), donate_argnums=0)
+    self.update = lambda state, batch: update(state, batch, self.frozen)
     self.logprobs = jax.jit(functools.partial(
         completion_logprobs, graphdef=graphdef, group_size=cfg.group_size,
         temperature=cfg.temperature))
-    # The policy state is donated at every update; the reference must own its buffers.
-    self.ref_params = None if ref_params is None else jax.tree.map(jnp.copy, ref_params)
+    # With LoRA the reference is the base with adapters off, run on the policy's own
+    # arrays (no copy). Otherwise the policy state is donated at every update, so the
+    # reference must own its buffers.
+    lora_ref = ref_params is not None and bool(jax.tree.leaves(self.frozen))
+    self.ref_params = None if ref_params is None or lora_ref else jax.tree.map(jnp.copy,
+                                                                               ref_params)
+    self.ref_logprobs = jax.jit(functools.partial(
+        completion_logprobs, graphdef=lora.reference_graphdef(graphdef, ref_params)
+        if lora_ref else graphdef, group_size=cfg.group_size, temperature=cfg.temperature))
 
   def rollout(self, params, prompt_batch, rng, tokenizer):
     """Samples, scores and builds the update batch. Returns (batch, host metrics, texts)."""
     cfg, G = self.cfg, self.cfg.group_size
+    params = lora.combine(params, self.frozen)  # the one tree the sampler and prefix take
     prompts = grain_pipeline.to_global_arrays(
         {k: prompt_batch[k] for k in PROMPT_KEYS}, self.prompt_sh)
     prompt_QP, pmask_QP = prompts["prompt_tokens"], prompts["prompt_mask"]
@@ -132,7 +148,8 @@ class GRPOTrainer:
                          top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eos_id,
                          pad_id=tokenizer.pad_id, cache_dtype=cfg.cache_dtype, group_size=G)
     if cfg.beta > 0:  # dispatched before the host round trip below, so they overlap
-      ref = self.logprobs(self.ref_params, prompt_QP, pmask_QP, out.tokens)
+      ref = self.ref_logprobs(params if self.ref_params is None else self.ref_params,
+                              prompt_QP, pmask_QP, out.tokens)
     else:
       ref = jnp.zeros_like(out.logprobs)
     old = out.logprobs
@@ -194,14 +211,17 @@ def run_grpo(cfg: RLConfig, mesh, graphdef, params, ref_params, prompts: Iterato
              balance: rewards_lib.ClassBalance, stop_after: int | None = None):
   """GRPO from `params` (e.g. the SFT warm start) with `ref_params` frozen (None: beta 0).
 
-  `balance` weighs the rewards by class (built from the labels of every RL prompt).
-  Resumes policy, optimizer, rng and prompt position from `workdir/checkpoints`.
-  Returns the final TrainState.
+  With LoRA adapters in `params` only they train and the reference is the base
+  with adapters off (`ref_params` then only says beta > 0). `balance` weighs the
+  rewards by class (built from the labels of every RL prompt). Resumes policy,
+  optimizer, rng and prompt position from `workdir/checkpoints`. Returns the
+  final TrainState (its params: the trained part, lora.combine with the base).
   """
   check_prompts_per_step(cfg.prompts_per_step, mesh)
   tx, _ = make_optimizer(cfg.optimizer)
-  state, state_sh = train_state.state_from_params(params, tx, mesh, seed)
-  trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, ref_params, balance)
+  trainable, frozen = lora.partition(params)  # with adapters, only they train
+  state, state_sh = train_state.state_from_params(trainable, tx, mesh, seed)
+  trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, ref_params, balance, frozen)
 
   def summarize(step, metrics, seconds):
     del step

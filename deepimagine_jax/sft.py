@@ -2,7 +2,9 @@
 
 The step is a module-level pure function jitted once per run with explicit
 in/out shardings and state donation; the run around it (resume, metrics,
-checkpoints) is loop.py, shared with GRPO.
+checkpoints) is loop.py, shared with GRPO. With LoRA the state holds the adapters
+only and the frozen base is passed beside it (lora.partition); without, the base
+argument is empty and the step is the full fine-tune it always was.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from flax import nnx
 
 from data_pipeline import grain_pipeline
 from deepimagine_jax import grpo
+from deepimagine_jax import lora
 from deepimagine_jax import loop
 from deepimagine_jax import sharding
 from deepimagine_jax import train_state
@@ -25,6 +28,7 @@ from deepimagine_jax.optimizer import make_optimizer
 from deepimagine_jax.train_state import TrainState
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+ADAPTER_KEY = "adapter"  # optional [B] int batch key: each row's LoRA adapter (-1: the base)
 
 
 def token_nll(logits_BTV, targets_BT):
@@ -32,32 +36,43 @@ def token_nll(logits_BTV, targets_BT):
   return -grpo.logprobs_from_logits(logits_BTV, targets_BT)
 
 
-def masked_nll_sum(params, graphdef, batch):
-  """Sum of completion-token NLL and the number of completion tokens."""
-  model = nnx.merge(graphdef, params)
-  logits_BTV, _ = model(batch["inputs"], batch["positions"], segment_ids_BT=batch["segment_ids"])
+def masked_nll_sum(params, graphdef, batch, frozen=None, rng=None):
+  """Sum of completion-token NLL and the number of completion tokens.
+
+  `frozen`: the base beside trainable adapters; `rng` turns on adapter dropout.
+  """
+  model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]))
+  logits_BTV, _ = model(batch["inputs"], batch["positions"], segment_ids_BT=batch["segment_ids"],
+                        adapter_B=batch[ADAPTER_KEY] if ADAPTER_KEY in batch else None,
+                        dropout_rng=rng)
   nll_BT = token_nll(logits_BTV, batch["targets"])
   mask_BT = batch["loss_mask"].astype(jnp.float32)
   return jnp.sum(jnp.where(mask_BT > 0, nll_BT, 0.0)), jnp.sum(mask_BT)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, accum_steps: int):
+def train_step(state: TrainState, batch, frozen=None, *, graphdef, tx, accum_steps: int):
   """One optimizer update over a global batch split into `accum_steps` micro-batches.
 
   Gradients of the summed loss are accumulated and divided by the total number
   of completion tokens, so the update equals the one of a single big batch.
+  `frozen` is the base when `state.params` are LoRA adapters; their dropout
+  draws a key per step and micro-batch from `state.rng`.
   """
   micro = jax.tree.map(
       lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
   grad_fn = jax.value_and_grad(masked_nll_sum, has_aux=True)
+  step_rng = jax.random.fold_in(state.rng, state.step)
 
-  def body(carry, mb):
+  def body(carry, mb_i):
+    mb, i = mb_i
     g_acc, loss_acc, n_acc = carry
-    (loss_sum, n), g = grad_fn(state.params, graphdef, mb)
+    (loss_sum, n), g = grad_fn(state.params, graphdef, mb, frozen,
+                               jax.random.fold_in(step_rng, i))
     return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_sum, n_acc + n), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (g_sum, loss_sum, n_tok), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+  (g_sum, loss_sum, n_tok), _ = jax.lax.scan(body, (zeros, 0.0, 0.0),
+                                             (micro, jnp.arange(accum_steps)))
   denom = jnp.maximum(n_tok, 1.0)
   grads = jax.tree.map(lambda g: g / denom, g_sum)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -77,11 +92,14 @@ def check_batch(global_batch_size: int, accum_steps: int, mesh):
         f"({accum_steps}) x data*fsdp mesh size ({shards})")
 
 
-def make_jitted_step(graphdef, tx, accum_steps: int, state_sh, batch_sh):
-  """The train step, jitted once for this run with shardings and state donation."""
+def make_jitted_step(graphdef, tx, accum_steps: int, state_sh, batch_sh, frozen_sh=None):
+  """The train step, jitted once for this run with shardings and state donation.
+
+  The frozen base (an argument, `frozen_sh` its shardings) is never donated.
+  """
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, accum_steps=accum_steps)
-  return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                 donate_argnums=0)
+  return jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh),
+                 out_shardings=(state_sh, None), donate_argnums=0)
 
 
 def run_sft(cfg: SFTConfig, mesh, graphdef, params, batches: Iterator[dict], workdir: str, *,
@@ -89,21 +107,25 @@ def run_sft(cfg: SFTConfig, mesh, graphdef, params, batches: Iterator[dict], wor
   """Trains `params` for `cfg.loop.steps` updates; resumes model, optimizer and data position.
 
   `graphdef, params` are the model to train (train_state.init_params for a
-  fresh one, or imported weights), already sharded on `mesh`. `batches` is a
-  checkpointable Grain iterator of host-local numpy batches (design.md "Token
-  batches"). Returns the final TrainState.
+  fresh one, or imported weights), already sharded on `mesh`; with adapters
+  (lora.attach) only they train. `batches` is a checkpointable Grain iterator of
+  host-local numpy batches (design.md "Token batches"). Returns the final
+  TrainState, whose params are the trained part (lora.combine with the base).
   """
   check_batch(cfg.global_batch_size, cfg.optimizer.grad_accum_steps, mesh)
   tx, schedule = make_optimizer(cfg.optimizer)
-  state, state_sh = train_state.state_from_params(params, tx, mesh, seed)
+  trainable, frozen = lora.partition(params)
+  state, state_sh = train_state.state_from_params(trainable, tx, mesh, seed)
   batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
-  jitted = make_jitted_step(graphdef, tx, cfg.optimizer.grad_accum_steps, state_sh, batch_sh)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  jitted = make_jitted_step(graphdef, tx, cfg.optimizer.grad_accum_steps, state_sh, batch_sh,
+                            frozen_sh)
 
   def step_fn(state, step, host_batch):
     del step
     tokens = float(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
     batch = grain_pipeline.to_global_arrays({k: host_batch[k] for k in BATCH_KEYS}, batch_sh)
-    state, metrics = jitted(state, batch)
+    state, metrics = jitted(state, batch, frozen)
     return state, {**metrics, "tokens": tokens}
 
   def summarize(step, metrics, seconds):

@@ -1,0 +1,69 @@
+"""bench/memory.py: its per-device bytes against live arrays' shards and a hand count."""
+import importlib.util
+
+import jax
+import numpy as np
+
+from configs import rl as rl_config
+from deepimagine_jax import lora
+from deepimagine_jax import sharding
+from deepimagine_jax import train_state
+from deepimagine_jax.config import RunConfig
+from deepimagine_jax.optimizer import make_optimizer
+from conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("memory_plan", REPO / "bench" / "memory.py")
+memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory)
+
+
+def _run(**lora_kw):
+  c = rl_config.get_config("tiny")
+  c.mesh.fsdp, c.mesh.tensor = 2, 2
+  c.lora.update(lora_kw)
+  return RunConfig.from_config(c)
+
+
+def _live_bytes(tree) -> int:
+  return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_parameter_and_optimizer_bytes_are_the_live_shards():
+  run = _run(rank=4, alpha=8.0)
+  mesh = sharding.mesh_from_config(run.mesh)
+  cfg = memory.model_config(run)
+  _, trainable, frozen = memory.abstract_params(cfg, run, mesh)
+  graphdef, params = train_state.init_params(cfg, mesh, 0)
+  live_trainable, live_frozen = lora.partition(lora.attach(graphdef, params, run.lora, mesh, 0)[1])
+  assert memory.device_bytes(frozen) == _live_bytes(live_frozen) > 0
+  assert memory.device_bytes(trainable) == _live_bytes(live_trainable) > 0
+  tx, _ = make_optimizer(run.sft.optimizer)
+  state, _ = train_state.state_from_params(live_trainable, tx, mesh, 0)
+  opt = memory.optimizer_state(trainable, run.sft.optimizer, mesh)[1]
+  assert memory.device_bytes(opt) == _live_bytes(state.opt_state)
+
+
+def test_kv_cache_by_hand():
+  run = _run()
+  mesh = sharding.mesh_from_config(run.mesh)  # data 2 x fsdp 2 x tensor 2
+  cfg = memory.model_config(run)
+  r = run.rl
+  L = run.data.prompt_len + r.max_new_tokens
+  # Rows over data*fsdp (4); the tiny model's 2 kv heads over tensor (2); float32 k and v.
+  per_row = 2 * cfg.n_layers * L * cfg.n_kv_heads * cfg.head_dim * 4 // 2
+  rows = r.prompts_per_step * r.group_size + r.prompts_per_step
+  assert memory.kv_cache_bytes(cfg, run, mesh) == per_row * rows // 4
+
+
+def test_plan_peak_is_the_largest_phase():
+  run = _run(rank=4, alpha=8.0)
+  p = memory.plan(run, sharding.mesh_from_config(run.mesh), None)
+  resident = p["params_frozen"] + p["params_trained"] + p["optimizer"]
+  phases = {"sft": p["activations_sft"], "rl_update": p["activations_rl_update"],
+            "rl_rollout": p["kv_cache"]}
+  assert min(phases.values()) > 0
+  assert p["peak"] == resident + max(phases.values())
+  assert p["peak_phase"] == max(phases, key=phases.get)
+  text = memory.table(p, [1e-9, 16])
+  assert "fits (peak <= 90%): 1e-09 GiB NO, 16 GiB yes" in text
+  np.testing.assert_equal(p["devices"], 8)
