@@ -23,6 +23,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "scikit-learn>=1.5",
+        "scipy>=1.11",  # sparse features of the baselines; the trial world's Welch tests
         "safetensors>=0.4",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
