@@ -103,7 +103,7 @@ def eval_() -> ml_collections.ConfigDict:
   c.batch_size = 32
   c.max_questions = 0  # 0 = all
   c.imagining = True  # also successive imagining over retrieved anchors
-  c.imagining_k = 2
+  c.imagining_k = 7  # anchors walked per target (the method uses 7; <= data.anchors_k)
   c.aggregate = "mean"  # how the k anchors' final distributions combine: mean | geometric
   c.baselines = True
   c.rf_seeds = (0, 1, 2)

@@ -71,6 +71,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.sft.checkpoint_every = 20
   c.rl = rl_section(steps=60)
   c.eval = common.eval_()
+  c.eval.imagining_k = 2  # the CPU demo walks 2 of the 7 anchors per target (time)
   c.lora = common.lora()  # rank 0: the whole model trains
   if variant == "tiny":
     c.workdir = "runs/rl_tiny"

@@ -543,6 +543,9 @@ class RunConfig:
     if self.rl is not None or self.eval is not None:  # the jobs that read prompt_len
       _require(1 <= d.prompt_len <= d.seq_len, "data.prompt_len",
                f"an integer in [1, data.seq_len={d.seq_len}]", d.prompt_len)
+    if self.eval is not None and self.eval.imagining:
+      _require(1 <= self.eval.imagining_k <= d.anchors_k, "eval.imagining_k",
+               f"an integer in [1, data.anchors_k={d.anchors_k}]", self.eval.imagining_k)
     _require(not d.root or os.path.isdir(os.path.expanduser(d.root)), "data.root",
              "'' (the default places) or an existing folder", d.root)
     if self.model is not None:

@@ -127,7 +127,7 @@ def nearest_pairs(targets: Sequence[Example], pairs: Sequence[Example]) -> dict[
   for p in pairs:
     if p.kind not in CROSS_TRIAL:
       continue
-    target_id = imagining.chain_target_id(p.replace(id="chain:" + p.id.split(":", 1)[1]))
+    target_id = imagining.chain_target_id(p)
     if target_id not in out and not baselines.pair_problem(p):
       out[target_id] = p
   return {t.id: out[t.id] for t in targets if t.id in out}
@@ -248,9 +248,9 @@ def world(config, workdir: str):
             batch_size=run.eval.batch_size)
         probs[arm][s].append(scoring.trimmed(direct, targets[s]))
         if arm == "grpo":
-          chains = [ex for ex in split_examples[s] if ex.kind == "chain"]
+          walks = [ex for ex in split_examples[s] if ex.kind in CROSS_TRIAL]
           p, _, stats = imagining.imagine(
-              graphdef, params, tokenizer, targets[s], chains, k=run.eval.imagining_k,
+              graphdef, params, tokenizer, targets[s], walks, k=run.eval.imagining_k,
               how=run.eval.aggregate, prompt_len=run.data.prompt_len,
               batch_size=run.eval.batch_size, direct_probs=direct,
               exclude_anchor_ids={t.id for t in targets[s]},
