@@ -335,7 +335,7 @@ def format_report(r: dict) -> str:
                                 range(v))
       d = {f: per[f] for f in r["anchors"]["factor_order"] if per[f]}
     lines.append(f"  {kind:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in d.items()))
-  lines.append(f"pairs by split / kind / number of differing factors:")
+  lines.append("pairs by split / kind / number of differing factors:")
   for s, d in r["pairs_by_split_kind_and_n_factors"].items():
     for kind, c in d.items():
       lines.append(f"  {s:<6} {kind:<17} " + ", ".join(

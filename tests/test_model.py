@@ -1,5 +1,4 @@
 """The decoder: shapes, causality, sharding, and a plain NumPy reference."""
-import math
 
 import jax
 import jax.numpy as jnp

@@ -185,7 +185,7 @@ def test_two_updates_per_rollout_log_all_updates(two_updates):
   assert metrics["logprob_gap"] == float(auxes[0]["logprob_gap"]) < 1e-5
 
 
-def test_recompute_old_logprobs(two_updates):
+def test_recompute_old_logprobs_in_the_update_batch(two_updates):
   """The old log-probs are the trainer's own at the sampling params, not the sampler's."""
   mesh, trainer, state, batch = two_updates
   cfg = trainer.cfg

@@ -4,9 +4,7 @@ import collections
 import dataclasses
 import json
 
-import jax
 import numpy as np
-import pytest
 
 import tiny_policy
 from configs import common
