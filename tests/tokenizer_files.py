@@ -150,20 +150,26 @@ def byte_level_bpe(out: pathlib.Path, texts, style: str, vocab_size: int = 1000,
   return out
 
 
-def gemma_sentencepiece(out: pathlib.Path, texts, vocab_size: int = 1000,
-                        template: bool = True) -> pathlib.Path:
-  """A Gemma-shaped tokenizer.model (pad 0, eos 1, bos 2, unk 3, mask 4) + its configs."""
-  out.mkdir(parents=True, exist_ok=True)
+def _train_bpe(texts, vocab_size: int, **ids) -> io.BytesIO:
+  """A byte-fallback SentencePiece BPE over the texts' lines, with the given special ids."""
   proto = io.BytesIO()
   lines = sorted(line for t in texts for line in t.split("\n") if line.strip())
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
-      model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-      pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-      user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>", "\n"],
-      add_dummy_prefix=False, normalization_rule_name="identity",
+      model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
       remove_extra_whitespaces=False, split_digits=True, character_coverage=1.0,
-      num_threads=1, minloglevel=2)
+      num_threads=1, minloglevel=2, **ids)
+  return proto
+
+
+def gemma_sentencepiece(out: pathlib.Path, texts, vocab_size: int = 1000,
+                        template: bool = True) -> pathlib.Path:
+  """A Gemma-shaped tokenizer.model (pad 0, eos 1, bos 2, unk 3, mask 4) + its configs."""
+  out.mkdir(parents=True, exist_ok=True)
+  proto = _train_bpe(texts, vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                     pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+                     user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>", "\n"],
+                     add_dummy_prefix=False)
   (out / "tokenizer.model").write_bytes(proto.getvalue())
   sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
   names = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
@@ -186,13 +192,7 @@ def llama2_sentencepiece(out: pathlib.Path, texts, vocab_size: int = 1000,
                          template: bool = True) -> pathlib.Path:
   """A Llama-2-shaped tokenizer.model (unk 0, bos 1, eos 2, no pad, dummy prefix, non-legacy)."""
   out.mkdir(parents=True, exist_ok=True)
-  proto = io.BytesIO()
-  lines = sorted(line for t in texts for line in t.split("\n") if line.strip())
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
-      model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-      character_coverage=1.0, num_threads=1, minloglevel=2)
+  proto = _train_bpe(texts, vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
   (out / "tokenizer.model").write_bytes(proto.getvalue())
   config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
             "unk_token": "<unk>", "pad_token": None, "add_bos_token": True,
