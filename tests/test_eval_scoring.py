@@ -96,6 +96,44 @@ def test_scoring_matches_per_candidate_loop(policy, tok, questions):
   assert np.all(probs >= 0) and np.allclose(probs.sum(1), 1)
 
 
+def test_option_logprobs_match_one_forward_per_option(policy):
+  """Array level: left-padded prompts of different lengths (one unpadded), 2- and
+  3-option questions, candidates of different lengths right-padded; each real
+  (question, option) against its own unpadded sequence, log-softmax in float64."""
+  _, graphdef, params = policy
+  rng = np.random.default_rng(0)
+  V = params["embed_VD"].shape[0]
+  P, O, C = 24, scoring.MAX_OPTIONS, 7
+  prompt_len = [24, 9, 17, 1, 20]
+  n_options = [2, 3, 3, 2, 3]
+  cand_len = [[3, 7], [1, 5, 2], [7, 7, 4], [2, 6], [4, 1, 6]]
+  Q = len(prompt_len)
+  prompt, pmask = np.zeros((Q, P), np.int32), np.zeros((Q, P), np.int32)
+  cand, cmask = np.zeros((Q, O, C), np.int32), np.zeros((Q, O, C), np.int32)
+  for q in range(Q):
+    prompt[q, P - prompt_len[q]:] = rng.integers(1, V, prompt_len[q])
+    pmask[q, P - prompt_len[q]:] = 1
+    prompt[q, :P - prompt_len[q]] = rng.integers(1, V, P - prompt_len[q])  # masked: inert
+    for o, c in enumerate(cand_len[q]):
+      cand[q, o] = rng.integers(1, V, C)  # tokens past the end are masked out: inert
+      cmask[q, o, :c] = 1
+  logp_QO = np.asarray(scoring.option_logprobs(graphdef, params, *map(
+      jnp.asarray, (prompt, pmask, cand, cmask))))
+  assert logp_QO.shape == (Q, O)
+  for q in range(Q):
+    assert np.all(logp_QO[q, n_options[q]:] == 0)  # an empty slot scores 0
+    for o, c in enumerate(cand_len[q]):
+      seq = list(prompt[q, P - prompt_len[q]:]) + list(cand[q, o, :c])
+      padded = np.zeros((1, 160), np.int32)
+      padded[0, :len(seq)] = seq
+      logits = np.asarray(_forward(graphdef, params, jnp.asarray(padded)), np.float64)
+      logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+      ref = sum(logp[t - 1, seq[t]] for t in range(prompt_len[q], len(seq)))
+      np.testing.assert_allclose(logp_QO[q, o], ref, rtol=1e-5, atol=1e-4)
+  # different candidates of one prompt get different scores (the fan-out is not a copy of row 0)
+  assert len(set(np.round(logp_QO[1], 3))) == 3
+
+
 def test_scoring_batch_size_does_not_matter(policy, tok, questions):
   _, graphdef, params = policy
   a = scoring.option_probs_by_scoring(graphdef, params, tok, questions,

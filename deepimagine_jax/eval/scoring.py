@@ -74,7 +74,7 @@ def _fill_rows(arrays, rows: int, bos_id: int):
 # Scoring -----------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _option_logprobs(graphdef, params, prompt_QP, prompt_mask_QP, candidates_QOC,
+def option_logprobs(graphdef, params, prompt_QP, prompt_mask_QP, candidates_QOC,
                      candidate_mask_QOC):
   """log p(candidate o | prompt) for every question and option slot: [Q, O] float32.
 
@@ -120,7 +120,7 @@ def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Exam
   pending = []
   for s in range(0, len(examples), batch_size):
     batch = _fill_rows([x[s:s + batch_size] for x in arrays], batch_size, tokenizer.bos_id)
-    pending.append((s, _option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
+    pending.append((s, option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
   probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
   for s, logp_QO in pending:
     logp_QO = np.asarray(logp_QO, np.float64)
