@@ -90,6 +90,9 @@ def sft(steps: int = 300, batch: int = 16) -> ml_collections.ConfigDict:
   c.log_every = 10
   c.resume = True
   c.kinds = ("question", "natural_pair")  # which example kinds train the SFT stage
+  c.traces = ()  # trace files (configs/traces.py): completions become reasoning + DECISION
+  c.trace_order = "reasoning_first"  # or "decision_first"
+  c.imagined = ()  # imagined_step example files (configs/traces.py:imagine), added to SFT
   c.optimizer = optimizer(lr=1e-3, steps=steps, warmup=min(20, steps))
   return c
 

@@ -211,6 +211,37 @@ def render_chain_step(ex: Example, step_index: int, current_result: str,
   return prompt, (_completion(ex) if last else "")
 
 
+_IMAGINE_INSTRUCTION = (
+    "Imagine the known trial with the changes above made and nothing else. Explain in a few "
+    "sentences how the last change moves the result, then end with one line DECISION: "
+    "({slots}): the probability of each option, numbers in [0, 1] that sum to 1.")
+
+
+def render_imagine_request(ex: Example, step_index: int, current_result: str,
+                           budget: int = PROMPT_CHAR_BUDGET) -> str:
+  """The teacher's question for the result a walk reaches after step `step_index`: the
+  anchor with its observed result, the changes already made, the result so far, the
+  one new change and the target's options. The registry never ran that trial, so
+  the teacher imagines it (deepimagine_jax/imagined.py)."""
+  factors = ex.factors
+  if ex.anchor is None or not 0 <= step_index < len(factors):
+    raise ValueError(f"example {ex.id}: step {step_index} of {len(factors)} needs an anchor")
+
+  def build(f):
+    lines = _anchor_lines(ex.anchor, f)
+    if step_index:
+      lines.append("Changes already made:")
+      lines.extend(_factor_line(x, i, f) for i, x in enumerate(factors[:step_index]))
+    lines.append("Result so far: " + f("current", current_result))
+    lines.append("New change:")
+    lines.append(_factor_line(factors[step_index], step_index, f))
+    lines.extend(_question_lines(ex, f, header="The question, for the changed trial:"))
+    lines.append(_IMAGINE_INSTRUCTION.format(slots=_slots(ex.n_options)))
+    return lines
+
+  return fit(build, budget, f"example {ex.id} imagined step {step_index}")[0]
+
+
 def render_synthetic(ex: Example, budget: int) -> tuple[str, str, int]:
   """The controlled dose task: few, repeated words so a tiny model can learn it."""
   f = ex.synthetic

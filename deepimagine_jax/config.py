@@ -377,9 +377,23 @@ class SFTConfig:
   global_batch_size: int
   kinds: tuple[str, ...]  # example kinds of the train split
   optimizer: OptimizerConfig
+  traces: tuple[str, ...]  # trace JSON-lines files joined into completions (traces.augment)
+  trace_order: str  # "reasoning_first" | "decision_first"
+  imagined: tuple[str, ...]  # imagined_step example files added to the train split
 
   def __post_init__(self):
     _check_kinds("sft.kinds", self.kinds)
+    for key in ("traces", "imagined"):
+      paths = getattr(self, key)
+      if not isinstance(paths, tuple) or not all(isinstance(p, str) and p for p in paths):
+        raise ValueError(f"sft.{key} must be a tuple of file paths, got {paths!r}; on the "
+                         f"command line: --config.sft.{key}=\"('runs/traces/traces.jsonl',)\"")
+      missing = [p for p in paths if not os.path.isfile(p)]
+      if missing:
+        raise ValueError(f"sft.{key}: no such file {missing[0]!r}")
+    if self.trace_order not in ("reasoning_first", "decision_first"):
+      raise ValueError("sft.trace_order must be 'reasoning_first' or 'decision_first', got "
+                       f"{self.trace_order!r}")
 
   @classmethod
   def from_config(cls, section) -> "SFTConfig":

@@ -22,6 +22,7 @@ from deepimagine_jax import rl as rl_lib
 from deepimagine_jax import sft as sft_lib
 from deepimagine_jax import sharding
 from deepimagine_jax import train_state
+from deepimagine_jax import traces as traces_lib
 from deepimagine_jax.config import ModelConfig, ModelSection, RunConfig
 from deepimagine_jax.embed import Embedder
 from deepimagine_jax.eval import run as eval_run
@@ -98,6 +99,8 @@ def run_sft_stage(run: RunConfig, workdir: str, built, tokenizer, mesh):
   records = built.examples("train", kinds=cfg.kinds)
   if not records:
     raise ValueError(f"sft.kinds: no training examples of kinds {cfg.kinds} in {built.dir}")
+  # sft.imagined / sft.traces: imagined steps added, traces joined (counts: sft_traces.json)
+  records = traces_lib.sft_records(cfg, records, tokenizer, run.data.seq_len, workdir)
   logging.info("SFT on %d examples (%s)", len(records), ", ".join(cfg.kinds))
   batches = grain_pipeline.make_sft_iterator(
       records, tokenizer, seq_len=run.data.seq_len, global_batch_size=cfg.global_batch_size,

@@ -37,7 +37,8 @@ def run(workdir: str, *, rl_steps: int = 160, sft_steps: int = 60, seed: int = 0
   no_checkpoints = dict(checkpoint_every=10_000, keep_checkpoints=1, resume=True)
   sft_cfg = SFTConfig(
       loop=LoopConfig(steps=sft_steps, log_every=20, **no_checkpoints), global_batch_size=32,
-      kinds=("synthetic",), optimizer=_adamw(3e-3, warmup_steps=5, steps=sft_steps))
+      kinds=("synthetic",), optimizer=_adamw(3e-3, warmup_steps=5, steps=sft_steps), traces=(),
+      trace_order="reasoning_first", imagined=())
   graphdef, params = train_state.init_params(cfg, mesh, seed)
   state = sft.run_sft(sft_cfg, mesh, graphdef, params, batches, os.path.join(workdir, "sft"),
                       seed=seed)

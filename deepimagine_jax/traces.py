@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -28,17 +28,19 @@ import numpy as np
 from data_pipeline import grain_pipeline
 from data_pipeline import io
 from data_pipeline.build_report import BuildReport
-from data_pipeline.example import Example
+from data_pipeline.example import Example, ExampleError
 from deepimagine_jax import rewards
 from deepimagine_jax import sampler
 from deepimagine_jax import sharding
 from deepimagine_jax import teacher
-from deepimagine_jax.config import RunConfig
+from deepimagine_jax.config import RunConfig, SFTConfig
 from deepimagine_jax.serve_config import TeacherConfig, TracesConfig, typed
 
 FIELDS = {"example_id": str, "trace": str, "decision": str, "model": str, "created": int}
 SOURCE = "traces"  # report source of trace rows
 JOIN = "trace_join"  # report source of examples that got no trace
+IMAGINED = "imagined"  # report source of imagined_step examples read for SFT
+TRACES_REPORT = "sft_traces.json"  # under the SFT stage's workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +144,50 @@ def self_traces(graphdef, params, tokenizer, examples: Sequence[Example], cfg: T
   return rows, {"examples": len(examples), "traces": len(rows), **counts}
 
 
-def sft_examples(records: Sequence[Example], path: str | os.PathLike, order: str
-                 ) -> tuple[list[Example], BuildReport]:
-  """The SFT stage's examples with the traces of `path` joined in (see `augment`); a line
-  that is not JSON is counted under "traces"/bad_json and skipped."""
+def imagined_examples(paths: Sequence[str], known_ids: set, report: BuildReport
+                      ) -> list[Example]:
+  """The imagined_step Examples of `paths` (imagined.py); a line that is not an Example, an
+  id already taken or a record outside the train split is counted under "imagined"."""
+  out = []
+  for path in paths:
+    for r in io.read_jsonl(path, report, IMAGINED):
+      try:
+        ex = Example.from_json(r)
+      except ExampleError as e:
+        report.add_skip(IMAGINED, "malformed", str(e)[:80])
+        continue
+      reason = ("not_train" if ex.split != "train" else "duplicate" if ex.id in known_ids
+                else "")
+      if reason:
+        report.add_skip(IMAGINED, reason, ex.id)
+        continue
+      known_ids.add(ex.id)
+      report.add_read(IMAGINED)
+      out.append(ex)
+  return out
+
+
+def sft_records(cfg: SFTConfig, records: Sequence[Example], tokenizer, seq_len: int,
+                workdir: str) -> list[Example]:
+  """The SFT stage's examples: the build's, the imagined steps of `sft.imagined`, each
+  with the traces of `sft.traces` joined in (`augment`, in `sft.trace_order`). A trace
+  too long for seq_len is dropped and counted (the example stays untraced), never cut.
+  The counts are logged and written to <workdir>/sft_traces.json."""
+  if not cfg.traces and not cfg.imagined:
+    return list(records)
   report = BuildReport()
-  out = augment(records, io.read_jsonl(path, report, SOURCE), order, report)
-  logging.info("traces from %s: %s", path, json.dumps(report.to_dict()))
-  return out, report
+  records = list(records) + imagined_examples(cfg.imagined, {ex.id for ex in records}, report)
+
+  def fits(ex: Example) -> bool:
+    head, body = tokenizer.prompt_ids(ex.prompt)
+    return len(head) + len(body) + len(tokenizer.completion_ids(ex.completion)) <= seq_len + 1
+
+  rows = [r for path in cfg.traces for r in io.read_jsonl(path, report, SOURCE)]
+  out = augment(records, rows, cfg.trace_order, report, fits=fits)
+  io.write_json(os.path.join(workdir, TRACES_REPORT), report.to_dict())
+  logging.info("SFT examples with traces (%s, %s): %d; counts %s", ", ".join(cfg.traces),
+               ", ".join(cfg.imagined), len(out), json.dumps(report.to_dict()))
+  return out
 
 
 def _problem(r) -> str:
@@ -160,16 +198,16 @@ def _problem(r) -> str:
   return ""
 
 
-def augment(examples: Iterable[Example], rows: Iterable, order: str,
-            report: BuildReport) -> list[Example]:
+def augment(examples: Iterable[Example], rows: Iterable, order: str, report: BuildReport,
+            *, fits: Callable[[Example], bool] | None = None) -> list[Example]:
   """SFT examples: each trace of an example becomes a copy whose completion is the reasoning
   and the DECISION line (`order`: reasoning_first | decision_first); an example without
   one stays as it is, counted under "trace_join"/no_trace. Dropped rows are counted under
   "traces" by reason (malformed, unknown_example, bad_decision:<code>, contradicts_label,
-  duplicate); used rows are its "traces" reads."""
+  duplicate, too_long: a traced copy `fits` refuses); used rows are its "traces" reads."""
   examples = list(examples)
   by_id = {ex.id: ex for ex in examples}
-  traces = collections.defaultdict(list)
+  traced = collections.defaultdict(list)
   for r in rows:
     reason = _problem(r)
     ex = by_id.get(r["example_id"]) if not reason else None
@@ -179,28 +217,34 @@ def augment(examples: Iterable[Example], rows: Iterable, order: str,
       t = split_answer(r["trace"] + "\n" + r["decision"], ex.n_options)
       reason = (f"bad_decision:{t}" if isinstance(t, str) else
                 "contradicts_label" if t.choice != ex.label else
-                "duplicate" if t in traces[ex.id] else "")
+                "duplicate" if any(t == u for u, _ in traced[ex.id]) else "")
+    if not reason:
+      parts = (t.reasoning, t.decision) if order == "reasoning_first" else (t.decision,
+                                                                            t.reasoning)
+      copy = ex.replace(id=f"{ex.id}#trace{len(traced[ex.id])}", completion="\n".join(parts))
+      reason = "too_long" if fits is not None and not fits(copy) else ""
     if reason:
       report.add_skip(SOURCE, reason, r["example_id"] if isinstance(r, dict) and
                       isinstance(r.get("example_id"), str) else "")
       continue
     report.add_read(SOURCE)
-    traces[ex.id].append(t)
+    traced[ex.id].append((t, copy))
   out = []
   for ex in examples:
-    for k, t in enumerate(traces[ex.id]):
-      parts = (t.reasoning, t.decision) if order == "reasoning_first" else (t.decision,
-                                                                            t.reasoning)
-      out.append(ex.replace(id=f"{ex.id}#trace{k}", completion="\n".join(parts)))
-    if not traces[ex.id]:
+    out.extend(copy for _, copy in traced[ex.id])
+    if not traced[ex.id]:
       report.add_skip(JOIN, "no_trace", ex.id)  # counted; the example stays as it is
       out.append(ex)
   return out
 
 
 def traces(config, workdir: str):
-  """The traces job: writes <traces.path> from the teacher endpoint or the run's own policy."""
-  from deepimagine_jax import jobs  # jobs lists this job: imported at call time
+  """The traces job: writes <traces.path> from the teacher endpoint or the run's own policy;
+  with an `imagine` section (configs/traces.py:imagine), the teacher's imagined steps."""
+  from deepimagine_jax import imagined, jobs  # they import this module: imported at call time
+  if "imagine" in config:
+    imagined.imagine_job(config, workdir)
+    return
   run = RunConfig.from_config(config)
   cfg = typed(TracesConfig, config.traces)
   built, tokenizer = jobs.prepare_data(run, workdir)

@@ -19,7 +19,9 @@ from starlette.routing import Route
 
 import tiny_policy
 from configs import common
-from deepimagine_jax import jobs, serve, sharding, teacher, traces
+from data_pipeline import templates
+from data_pipeline.example import Example, Factor
+from deepimagine_jax import imagined, jobs, rewards, serve, sharding, teacher, traces
 from deepimagine_jax.serve_config import ServeConfig, TeacherConfig, typed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -179,3 +181,79 @@ def test_traces_from_the_projects_own_server(tmp_path):
     assert set(r) == {"example_id", "trace", "decision", "model", "created"}
     assert r["trace"] == tiny_policy.REASONING and r["model"] == "deepimagine-policy"
     assert r["decision"] in ("DECISION: (1, 0)", "DECISION: (0, 1)", "DECISION: (0.5, 0.5)")
+
+
+def _chain(name, factors, kind="chain"):
+  """A rendered chain whose anchor and target are named `name` (the handler keys on it)."""
+  def q(qid, label):
+    return Example(id=qid, source="ctgov_xml", kind="question", trial_id=f"NCT-{qid}",
+                   title=f"Trial {name}", endpoint="Pain at 4 weeks", split="train",
+                   options=(f"{name} beat placebo.", f"{name} did not beat placebo."), label=label)
+  steps = [Factor(f, f"{f} A", f"{f} B") for f in factors]
+  pair = Example.pair(q(f"{name}-a", 0), q(f"{name}-t", 1), kind, steps)
+  return templates.render(pair).replace(split="train")
+
+
+class Imaginer:
+  """Answers an imagined-step request by its trial name and step, as `plan` says."""
+
+  def __init__(self, plan):
+    self.plan = plan  # (name, step) -> answer text
+    self.requests = []
+
+  async def chat(self, request):
+    body = await request.json()
+    prompt = body["messages"][0]["content"]
+    self.requests.append(prompt)
+    name = prompt.split("Trial: Trial ", 1)[1].split("\n", 1)[0]
+    step = prompt.count("\n- ") - 1  # the changes already made, then the new one
+    return JSONResponse({"id": "x", "object": "chat.completion", "created": 1700000000,
+                         "model": body["model"], "choices": [{"index": 0, "message": {
+                             "role": "assistant", "content": self.plan[(name, step)]}}]})
+
+  def app(self):
+    return Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"])])
+
+
+def test_imagined_steps_validated_counted_per_factor_and_cached(tmp_path):
+  c1 = _chain("c1", ("population", "country", "dose"))  # steps 0 and 1 imagined
+  c2 = _chain("c2", ("dose", "population"))  # a dose step first: nothing to imagine
+  c3 = _chain("c3", ("country", "phase"))  # step 0 imagined, its answer out of range
+  c4 = _chain("c4", ("masking", "phase", "country"))  # step 0 a tie: the walk ends there
+  c5 = _chain("c5", ("phase",), kind="approximate_pair")  # one step: it lands on the target
+  plan = {("c1", 0): "Older people respond less.\nDECISION: (0.2, 0.8)",
+          ("c1", 1): "Another region, same biology.\n**DECISION:** (0.6, 0.4)",
+          ("c3", 0): "It helps.\nDECISION: (70, 30)",
+          ("c4", 0): "Unclear.\nDECISION: (0.5, 0.5)"}
+  handler = Imaginer(plan)
+  words = lambda text: len(text.split())
+  factors = ("population", "condition", "phase", "allocation", "masking", "country")
+  with serve.ServerThread(handler.app()) as server:
+    cfg = _cfg(server.base_url)
+    run = lambda: imagined.imagine(cfg, [c1, c2, c3, c4, c5], factors, str(tmp_path / "c.jsonl"),
+                                   n_tokens=words, max_tokens=400, progress=False)
+    exs, rows, report = run()
+    assert len(handler.requests) == 4
+    exs2, rows2, report2 = run()
+  assert len(handler.requests) == 4  # the re-run sent nothing
+  assert (exs2, rows2) == (exs, rows) and report2["per_factor"] == report["per_factor"]
+  assert report2["teacher"]["cached"] == 4 and report2["teacher"]["sent_ok"] == 0
+  assert report["per_factor"] == {
+      "population": {"asked": 1, "valid": 1, "rejected": {}},
+      "country": {"asked": 2, "valid": 1, "rejected": {"out_of_range": 1}},
+      "masking": {"asked": 1, "valid": 0, "rejected": {"tie": 1}}}
+  assert report["chains"] == 5 and report["walked"] == 3 and report["examples"] == 2
+  # step 1 is asked from the result the teacher chose at step 0 (option 2 of c1)
+  step1 = [p for p in handler.requests if "Changes already made" in p]
+  assert len(step1) == 1 and "Result so far: c1 did not beat placebo." in step1[0]
+  e0, e1 = exs
+  assert (e0.id, e0.kind, e0.perturbation, e0.label) == (
+      "imagined_step:0:" + c1.id, "imagined_step", "population", 1)
+  assert (e1.perturbation, e1.label, e1.split) == ("country", 0, "train")
+  assert e0.prompt == templates.render_chain_step(c1, 0, "c1 beat placebo.")[0]
+  assert e1.prompt == templates.render_chain_step(c1, 1, "c1 did not beat placebo.")[0]
+  assert (e0.completion, e1.completion) == ("DECISION: (0.2, 0.8)", "DECISION: (0.6, 0.4)")
+  assert [r["example_id"] for r in rows] == [e0.id, e1.id]
+  assert rows[1]["trace"] == "Another region, same biology." and rows[1]["model"] == cfg.model
+  for ex in exs:  # the decisions read back, by the benchmark's parser, as the labels
+    assert rewards.parse_decision(ex.completion, ex.n_options).choice == ex.label

@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 import tiny_policy
 from configs import common
@@ -64,14 +65,45 @@ def test_augment_joins_and_counts_what_it_drops():
   assert rewards.parse_decision(out[0].completion, 2).choice == a.label
 
 
-def test_sft_examples_reads_the_file_and_counts_bad_lines(tmp_path):
-  a, b = tiny_policy.examples(2, seed=1)
-  p = tmp_path / "t.jsonl"
-  p.write_text(json.dumps(_row(a.id, "why", templates.decision_line(2, a.label))) + "\n{broken\n")
-  out, report = traces.sft_examples([a, b], p, "reasoning_first")
-  assert [e.id for e in out] == [a.id + "#trace0", b.id]
-  assert report.n_skipped("traces", "bad_json") == 1 and report.n_read("traces") == 1
-  assert report.n_skipped("trace_join", "no_trace") == 1
+def _sft_cfg(**overrides) -> SFTConfig:
+  return dataclasses.replace(SFTConfig.from_config(common.sft(steps=2, batch=8)), **overrides)
+
+
+def test_sft_records_join_files_add_imagined_steps_and_count_what_they_drop(tmp_path):
+  a, b, c = tiny_policy.examples(3, seed=1)
+  line = lambda ex, why: _row(ex.id, why, templates.decision_line(2, ex.label))
+  step = c.replace(id="imagined_step:0:chain:x->y", kind="imagined_step", perturbation="country",
+                   completion=templates.decision_line(2, c.label))
+  imagined = tmp_path / "imagined.jsonl"
+  imagined.write_text("".join(json.dumps(r) + "\n" for r in (
+      step.to_json(), step.to_json(), step.replace(id="held out", split="dev").to_json(),
+      {**a.to_json(), "label": "one"})) + "{torn\n")
+  t1, t2 = tmp_path / "t1.jsonl", tmp_path / "t2.jsonl"
+  t1.write_text(json.dumps(line(a, "why")) + "\n{broken\n" + json.dumps(line(b, "w " * 200)) + "\n")
+  t2.write_text(json.dumps(line(step, "another region")) + "\n" + json.dumps(_row("gone")) + "\n")
+  tok = _tokenizer()
+  cfg = _sft_cfg(traces=(str(t1), str(t2)), imagined=(str(imagined),))
+  out = traces.sft_records(cfg, [a, b], tok, 96, str(tmp_path))
+  assert [e.id for e in out] == [a.id + "#trace0", b.id, step.id + "#trace0"]
+  assert out[2].completion == "another region\n" + step.completion
+  report = json.loads((tmp_path / traces.TRACES_REPORT).read_text())
+  assert report["imagined"]["read"] == 1 and {r: v["count"] for r, v in report["imagined"][
+      "skipped"].items()} == {"duplicate": 1, "not_train": 1, "malformed": 1, "bad_json": 1}
+  assert report["traces"]["read"] == 2 and {r: v["count"] for r, v in report["traces"][
+      "skipped"].items()} == {"bad_json": 1, "too_long": 1, "unknown_example": 1}
+  assert report["trace_join"]["skipped"]["no_trace"]["count"] == 1  # b: its trace was too long
+  head, body = tok.prompt_ids(b.prompt)  # too long: b's traced sequence is over seq_len
+  assert len(head + body + tok.completion_ids("w " * 200 + "\n" + b.completion)) > 97
+  assert traces.sft_records(_sft_cfg(), [a, b], tok, 96, str(tmp_path / "none")) == [a, b]
+
+
+def test_sft_config_refuses_missing_files_and_bad_order(tmp_path):
+  with pytest.raises(ValueError, match="sft.traces: no such file"):
+    _sft_cfg(traces=(str(tmp_path / "nope.jsonl"),))
+  with pytest.raises(ValueError, match="sft.imagined must be a tuple"):
+    _sft_cfg(imagined="a.jsonl")
+  with pytest.raises(ValueError, match="sft.trace_order"):
+    _sft_cfg(trace_order="interleaved")
 
 
 def test_sft_step_on_traced_examples_trains_on_the_completion_only(tmp_path):
@@ -100,7 +132,8 @@ def test_sft_step_on_traced_examples_trains_on_the_completion_only(tmp_path):
                         grad_accum_steps=1)
   sft_cfg = SFTConfig(loop=LoopConfig(steps=2, checkpoint_every=100, keep_checkpoints=1,
                                       log_every=1, resume=False),
-                      global_batch_size=8, kinds=("synthetic",), optimizer=opt)
+                      global_batch_size=8, kinds=("synthetic",), optimizer=opt, traces=(),
+                      trace_order="reasoning_first", imagined=())
   it = grain_pipeline.make_sft_iterator(traced, tok, seq_len=96, global_batch_size=8, seed=0)
   sft.run_sft(sft_cfg, mesh, graphdef, params, it, str(tmp_path / "sft"), seed=0)
   metrics = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]

@@ -41,7 +41,8 @@ def run_dir() -> str:
                         grad_accum_steps=1)
   sft_cfg = SFTConfig(loop=LoopConfig(steps=STEPS, checkpoint_every=10_000, keep_checkpoints=1,
                                       log_every=STEPS, resume=False),
-                      global_batch_size=32, kinds=("synthetic",), optimizer=opt)
+                      global_batch_size=32, kinds=("synthetic",), optimizer=opt, traces=(),
+                      trace_order="reasoning_first", imagined=())
   batches = grain_pipeline.make_sft_iterator(exs, tok, seq_len=64, global_batch_size=32, seed=0)
   graphdef, params = train_state.init_params(cfg, mesh, 0)
   state = sft.run_sft(sft_cfg, mesh, graphdef, params, batches, os.path.join(d, "sft"), seed=0)
