@@ -190,6 +190,20 @@ def sft_records(cfg: SFTConfig, records: Sequence[Example], tokenizer, seq_len: 
   return out
 
 
+def rows_by_example(paths: Sequence[str], report: BuildReport) -> dict[str, list[dict]]:
+  """The well-formed trace rows of `paths` by example id (the eval report shows them beside
+  the answers); a bad line or malformed row is counted under "traces"."""
+  out = collections.defaultdict(list)
+  for path in paths:
+    for r in io.read_jsonl(path, report, SOURCE):
+      if _problem(r):
+        report.add_skip(SOURCE, _problem(r), f"{path}")
+        continue
+      report.add_read(SOURCE)
+      out[r["example_id"]].append(r)
+  return dict(out)
+
+
 def _problem(r) -> str:
   if not isinstance(r, dict) or set(r) != set(FIELDS):
     return "malformed"

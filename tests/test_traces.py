@@ -12,6 +12,7 @@ from configs import common
 from data_pipeline import grain_pipeline, templates
 from data_pipeline.build_report import BuildReport
 from deepimagine_jax import jobs, rewards, sft, sharding, traces, train_state
+from deepimagine_jax.eval import report
 from deepimagine_jax.config import LoopConfig, ModelConfig, OptimizerConfig, SFTConfig
 from deepimagine_jax.serve_config import TracesConfig, typed
 
@@ -165,3 +166,28 @@ def test_self_traces_keep_only_right_decisions():
     ex = labels[r["example_id"]]
     assert rewards.parse_decision(r["decision"], ex.n_options).choice == ex.label
     assert r["model"] == "self:tiny"
+
+
+def test_report_shows_traces_beside_the_answers(tmp_path):
+  exs = [e.replace(category=cat) for e, cat in zip(tiny_policy.examples(6, seed=3),
+                                                    ["2-way/explicit"] * 5 + ["3-way"])]
+  trajs = [report.Trajectory.chosen(e, (0.3, 0.7), "direct") for e in exs]
+  rows = [_row(e.id, f"<step> {i}\nso it moves", templates.decision_line(2, e.label))
+          for i, e in enumerate(exs[:5])]
+  p = tmp_path / "t.jsonl"
+  p.write_text("".join(json.dumps(r) + "\n" for r in rows + [_row("elsewhere"), {"x": 1}])
+               + "{torn\n")
+  paths = report.write_report(tmp_path / "r", {}, trajectories=trajs, traces_files=[str(p)])
+  page = paths["trajectories.html"].read_text()
+  assert page.count('class="side"') == 5 and "&lt;step&gt; 3\nso it moves" in page
+  assert "<step>" not in page  # escaped
+  md = paths["report.md"].read_text()
+  section = md.split("## Traces beside decisions", 1)[1]
+  assert [e.id in section for e in exs] == [True] * 3 + [False] * 3  # 3 per category
+  assert "    > <step> 0\n    > so it moves" in section
+  notes = json.loads(paths["metrics.json"].read_text())["notes"]
+  assert notes == [f"traces: 6 rows for 6 examples from {p} ({{'bad_json': 1, 'malformed': 1}} "
+                   "skipped); 5 of 6 answers have one"]
+  plain = report.write_report(tmp_path / "plain", {}, trajectories=trajs)
+  assert 'class="side"' not in plain["trajectories.html"].read_text()
+  assert "Traces beside" not in plain["report.md"].read_text()

@@ -7,6 +7,7 @@ files in a report directory does not depend on what the run logged.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import html
@@ -21,8 +22,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from data_pipeline import io, templates
+from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Example
-from deepimagine_jax import metrics_log
+from deepimagine_jax import metrics_log, traces as traces_lib
 from deepimagine_jax.eval import metrics
 
 FILES = ("metrics.json", "report.md", "loss.png", "reward.png",
@@ -30,6 +32,7 @@ FILES = ("metrics.json", "report.md", "loss.png", "reward.png",
 N_BINS = 10
 MAX_HTML_TRAJECTORIES = 2000
 PAIR_PREFIX = "pairs/"  # result names of the counterfactual-pair evaluation
+TRACES_PER_CATEGORY = 3  # report.md: answers shown with their trace, per category
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +339,7 @@ body{font-family:sans-serif;margin:1em;max-width:1100px}
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.4em;max-height:22em;overflow:auto}
 .meta{color:#444;font-size:.9em} details summary{cursor:pointer}
 .walk{margin:.4em 0 .4em 1em;padding-left:.5em;border-left:3px solid #88a}
+.side{display:flex;gap:.6em} .side>div{flex:1;min-width:0}
 table.steps{border-collapse:collapse;font-size:.9em} .steps td,.steps th{border:1px solid #ddd;
 padding:.2em .4em;vertical-align:top}
 """
@@ -405,13 +409,28 @@ def _walks_html(t: Trajectory) -> str:
           '</details>')
 
 
+def _answer_html(t: Trajectory, traces: Mapping[str, Sequence[Mapping]]) -> str:
+  """The answer's text; with the example's traces (teacher or self) beside it."""
+  answer = f'<pre>{_e(t.completion)}</pre>'
+  rows = traces.get(t.id, ())
+  if not rows:
+    return answer
+  side = "".join(f'<div class="meta">trace by {_e(r["model"])} &middot; {_e(r["decision"])}'
+                 f'</div><pre>{_e(r["trace"])}</pre>' for r in rows)
+  return (f'<div class="side"><div><div class="meta">answer</div>{answer}</div>'
+          f'<div>{side}</div></div>')
+
+
 def trajectories_html(trajectories: Sequence[Trajectory],
-                      limit: int = MAX_HTML_TRAJECTORIES) -> str:
+                      limit: int = MAX_HTML_TRAJECTORIES,
+                      traces: Mapping[str, Sequence[Mapping]] | None = None) -> str:
   """A self-contained page (inline CSS/JS, no network); every text is HTML-escaped.
 
   An imagining answer shows each anchor's walk: the observed result, every step
-  (change, result given, probabilities, estimate) and the decision.
+  (change, result given, probabilities, estimate) and the decision. An answer
+  whose example has traces (`traces`: example id -> trace rows) shows them beside it.
   """
+  traces = traces or {}
   shown = list(trajectories)[:limit]
   perts = sorted({t.perturbation or "none" for t in shown})
   opts = "".join(f'<option value="{_e(p)}">{_e(p)}</option>' for p in perts)
@@ -431,7 +450,7 @@ def trajectories_html(trajectories: Sequence[Trajectory],
         f'perturbation: {_e(pert)} &middot; category: {_e(t.category)} &middot; '
         f'label: {_e(t.label)} &middot; probs: {_e(probs_txt)}</div>'
         f'<details><summary>prompt</summary><pre>{_e(t.prompt)}</pre></details>'
-        f'{_walks_html(t)}<pre>{_e(t.completion)}</pre></div>')
+        f'{_walks_html(t)}{_answer_html(t, traces)}</div>')
   note = (f" (first {limit} of {len(trajectories)})" if len(trajectories) > limit else "")
   return (
       "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Trajectories</title>"
@@ -447,16 +466,40 @@ def trajectories_html(trajectories: Sequence[Trajectory],
       + "\n".join(items) + "</body></html>\n")
 
 
+def traced_examples_md(trajectories: Sequence[Trajectory],
+                       traces: Mapping[str, Sequence[Mapping]],
+                       per_category: int = TRACES_PER_CATEGORY) -> list[str]:
+  """report.md lines: the first `per_category` answers of each category that have a trace,
+  the answer's decision beside the trace's (whole, quoted)."""
+  shown = collections.defaultdict(list)
+  for t in trajectories:
+    if t.id in traces and len(shown[t.category]) < per_category:
+      shown[t.category].append(t)
+  lines = []
+  for category in sorted(shown, key=metrics.category_order):
+    lines += [f"### {category or '(no category)'}", ""]
+    for t in shown[category]:
+      lines.append(f"- `{t.id}` ({t.method}, label {t.label + 1}): answer "
+                   f"{_probs_text(t.probs)}, {'correct' if t.correct else 'incorrect'}")
+      for r in traces[t.id]:
+        lines.append(f"  - trace by {r['model']}: {r['decision']}")
+        lines.extend("    > " + line for line in r["trace"].split("\n"))
+    lines.append("")
+  return lines
+
+
 def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
                  metrics_logs: Sequence[str | os.PathLike] = (),
                  trajectories: Sequence[Trajectory] = (), *,
-                 strict: Mapping[str, Mapping] | None = None) -> dict:
+                 strict: Mapping[str, Mapping] | None = None,
+                 traces_files: Sequence[str | os.PathLike] = ()) -> dict:
   """Writes every file in FILES into report_dir; returns name -> path.
 
   results: model name -> CT Open metrics dict (the benchmark's table); strict:
   the same names scored by the strict table (shown beside it); metrics_logs:
   JSON-lines training logs (missing files are noted and skipped); trajectories:
-  the answers behind the calibration plot and the page.
+  the answers behind the calibration plot and the page; traces_files: trace
+  JSON lines (traces.py) shown beside the answers of their examples.
   """
   out = pathlib.Path(report_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -479,7 +522,17 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
   conf, corr = _confidences(trajectories)
   bins = reliability_bins(conf, corr)
   plot_reliability(bins, paths["reliability.png"])
-  io.atomic_write(paths["trajectories.html"], trajectories_html(trajectories))
+  trace_report = BuildReport()
+  traces = traces_lib.rows_by_example([str(p) for p in traces_files], trace_report)
+  with_trace = sum(t.id in traces for t in trajectories)
+  if traces_files:
+    skipped = dict(sorted(trace_report.skipped.get(traces_lib.SOURCE, {}).items()))
+    notes.append(f"traces: {trace_report.n_read(traces_lib.SOURCE)} rows for {len(traces)} "
+                 f"examples from {', '.join(map(str, traces_files))}"
+                 + (f" ({skipped} skipped)" if skipped else "")
+                 + f"; {with_trace} of {len(trajectories)} answers have one")
+  io.atomic_write(paths["trajectories.html"],
+                  trajectories_html(trajectories, traces=traces))
   n_traj = len(trajectories)
   summary = {
       "results": results,
@@ -507,6 +560,10 @@ def write_report(report_dir: str | os.PathLike, results: Mapping[str, Mapping],
         f"expected calibration error {bins['ece']:.4f} ({N_BINS} equal-width bins).", "",
         "![reliability](reliability.png)", "",
         "Browse the examples in [trajectories.html](trajectories.html).", ""]
+  if traces_files:
+    md += ["## Traces beside decisions", "",
+           f"Up to {TRACES_PER_CATEGORY} answers per category whose example has a trace; "
+           "every one is on the page.", ""] + traced_examples_md(trajectories, traces)
   if notes:
     md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
   io.atomic_write(paths["report.md"], "\n".join(md))
