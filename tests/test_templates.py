@@ -169,3 +169,25 @@ def test_chain_step_fits_tokens_when_asked():
   assert words(p_chars) > 150
   p_tok, c = templates.render_chain_step(ex, 0, "A beat B.", n_tokens=words, max_tokens=100)
   assert words(p_tok) <= 100 and "dose: 10 mg -> 20 mg" in p_tok and c == "DECISION: (0, 1)"
+
+
+def test_imagine_request_shows_the_walk_so_far_and_asks_for_a_distribution():
+  ex = _question(kind="chain", anchor=Anchor.of(_question(label=0, title="Anchor trial")),
+                 factors=(Factor("population", "adult", "older adult"),
+                          Factor("country", "Europe", "East Asia"),
+                          Factor("dose", "10 mg", "20 mg")))
+  p0 = templates.render_imagine_request(ex, 0, "A beat B.")
+  p1 = templates.render_imagine_request(ex, 1, "A did not beat B.")
+  assert "Changes already made" not in p0 and "- population: adult -> older adult" in p0
+  assert p0.index("Observed: A beat B.") < p0.index("Result so far: A beat B.") < p0.index(
+      "New change:") < p0.index("1. A beat B.") < p0.index("DECISION: (s1, s2)")
+  assert p1.index("Changes already made:\n- population: adult -> older adult") < p1.index(
+      "Result so far: A did not beat B.") < p1.index("New change:\n- country: Europe -> East Asia")
+  assert "dose" not in p1 and "numbers in [0, 1] that sum to 1" in p1
+  long = "word " * 3000
+  tight = templates.render_imagine_request(ex.replace(title=long, endpoint=long), 1, long)
+  assert len(tight) <= templates.PROMPT_CHAR_BUDGET and "New change:" in tight
+  with pytest.raises(ValueError, match="step 3 of 3"):
+    templates.render_imagine_request(ex, 3, "x")
+  with pytest.raises(ValueError, match="needs an anchor"):
+    templates.render_imagine_request(ex.replace(anchor=None), 0, "x")
