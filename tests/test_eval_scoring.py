@@ -143,6 +143,29 @@ def test_scoring_batch_size_does_not_matter(policy, tok, questions):
   np.testing.assert_allclose(a, b[::-1], rtol=1e-5, atol=1e-7)
 
 
+def test_scoring_trims_shared_left_padding(monkeypatch, policy, tok, questions):
+  """Batches of 2, longest prompt first: the short prompt's batch runs on fewer
+  slots (a multiple of PROMPT_BUCKET) and gives the same probabilities."""
+  _, graphdef, params = policy
+  questions = list(questions)
+  questions[3] = questions[3].replace(prompt=questions[3].prompt[-60:])
+  full = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
+                                         prompt_len=PROMPT_LEN, batch_size=8)
+  widths, original = [], scoring.option_logprobs
+
+  def spy(graphdef, params, prompt_QP, *rest):
+    widths.append(prompt_QP.shape[1])
+    return original(graphdef, params, prompt_QP, *rest)
+
+  monkeypatch.setattr(scoring, "option_logprobs", spy)
+  short = len(tok.encode(questions[3].prompt)) + 1
+  assert short <= scoring.PROMPT_BUCKET < PROMPT_LEN
+  trimmed = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
+                                            prompt_len=PROMPT_LEN, batch_size=2)
+  assert widths == [PROMPT_LEN, PROMPT_LEN, scoring.PROMPT_BUCKET]
+  np.testing.assert_allclose(trimmed, full, rtol=1e-5, atol=1e-7)
+
+
 def test_scoring_rejects_unrendered(policy, tok, questions):
   _, graphdef, params = policy
   with pytest.raises(ValueError, match="prompt"):

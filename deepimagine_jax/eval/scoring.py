@@ -34,6 +34,7 @@ from deepimagine_jax.eval import predictions
 from deepimagine_jax.eval.report import Trajectory
 
 MAX_OPTIONS = 3
+PROMPT_BUCKET = 64  # scoring trims a batch's shared left padding to a multiple of this
 
 
 # Prompts -----------------------------------------------------------------------
@@ -75,7 +76,7 @@ def _fill_rows(arrays, rows: int, bos_id: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def option_logprobs(graphdef, params, prompt_QP, prompt_mask_QP, candidates_QOC,
-                     candidate_mask_QOC):
+                    candidate_mask_QOC):
   """log p(candidate o | prompt) for every question and option slot: [Q, O] float32.
 
   The shared-prefix forward (prefix.py): each prompt runs once into a KV cache,
@@ -113,20 +114,32 @@ def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Exam
   """[Q, O] option probabilities (softmax of candidate log-likelihoods), 0 past n_options.
 
   batch_size counts questions; every batch is dispatched before any is read back.
+  Questions go longest prompt first and each batch drops the left padding all its
+  rows share (kept to a multiple of PROMPT_BUCKET slots: a few compiled shapes),
+  so short prompts do not pay for prompt_len slots. Exact: padding is masked and
+  positions count real tokens only.
   """
   _check_examples(examples)
   arrays = (*prompt_arrays(tokenizer, examples, prompt_len),
             *candidate_arrays(tokenizer, examples))
+  order = np.argsort(-arrays[1].sum(axis=1), kind="stable")
+  arrays = [x[order] for x in arrays]
   pending = []
   for s in range(0, len(examples), batch_size):
-    batch = _fill_rows([x[s:s + batch_size] for x in arrays], batch_size, tokenizer.bos_id)
-    pending.append((s, option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
+    batch = list(_fill_rows([x[s:s + batch_size] for x in arrays], batch_size,
+                            tokenizer.bos_id))
+    longest = int(batch[1].sum(axis=1).max())
+    keep = min(prompt_len, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
+    batch[0], batch[1] = batch[0][:, -keep:], batch[1][:, -keep:]
+    pending.append((order[s:s + batch_size],
+                    option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
+  logp_QO = np.zeros((len(examples), MAX_OPTIONS), np.float64)
+  for rows, logp_BO in pending:
+    logp_QO[rows] = np.asarray(logp_BO, np.float64)[:len(rows)]
   probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
-  for s, logp_QO in pending:
-    logp_QO = np.asarray(logp_QO, np.float64)
-    for b, ex in enumerate(examples[s:s + batch_size]):
-      logp = logp_QO[b, :ex.n_options]
-      probs[s + b, :ex.n_options] = np.exp(logp - np.logaddexp.reduce(logp))
+  for q, ex in enumerate(examples):
+    logp = logp_QO[q, :ex.n_options]
+    probs[q, :ex.n_options] = np.exp(logp - np.logaddexp.reduce(logp))
   return probs
 
 
