@@ -7,7 +7,7 @@ setup(
     description="Counterfactual imagining for clinical-trial outcome prediction, in JAX.",
     python_requires=">=3.11",
     packages=find_packages(include=["deepimagine_jax*", "data_pipeline*", "configs"]),
-    package_data={"data_pipeline": ["tfds_pairs/*"]},
+    package_data={"data_pipeline": ["tfds_pairs/*", "embedded/*"]},  # embedded: the CT.gov sample
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -11,14 +11,22 @@ from data_pipeline.readers import ct_open
 
 @pytest.mark.parametrize("name,n_trials,n_questions", [
     ("Winter_2025", 314, 605), ("Summer_2025", 240, 857)])
-def test_counts_match_raw(data_root, name, n_trials, n_questions):
+def test_real_counts(full_data, name, n_trials, n_questions):
+  path = full_data / "ct_open" / f"{name}.pickle"
+  r = BuildReport()
+  assert len(ct_open.read_questions(path, r)) == n_questions
+  assert len(ct_open.read_trials(path, r)) == n_trials
+
+
+@pytest.mark.parametrize("name", ["Winter_2025", "Summer_2025"])
+def test_counts_match_raw(data_root, name):
   path = data_root / "ct_open" / f"{name}.pickle"
   raw = safe_pickle.load(path)
   r = BuildReport()
   qs = ct_open.read_questions(path, r)
   trials = ct_open.read_trials(path, r)
-  assert len(qs) == n_questions == sum(len(v["question_list_of_lists"]) for v in raw.values())
-  assert len(trials) == n_trials == len({k[0] for k in raw})
+  assert len(qs) == sum(len(v["question_list_of_lists"]) for v in raw.values()) > 10
+  assert len(trials) == len({k[0] for k in raw})
   assert r.n_skipped("ct_open") == r.n_skipped("ct_open", "dose_unknown_unit")
   assert len({q.id for q in qs}) == len(qs)
   for q in qs:  # independent check of label and category against the raw entry
@@ -35,8 +43,8 @@ def test_counts_match_raw(data_root, name, n_trials, n_questions):
   assert set(cats) <= {"2-way/explicit", "2-way/implicit", "3-way/explicit", "3-way/implicit"}
 
 
-def test_telitacicept(data_root):
-  path = data_root / "ct_open" / "Winter_2025.pickle"
+def test_telitacicept(full_data):
+  path = full_data / "ct_open" / "Winter_2025.pickle"
   r = BuildReport()
   q = next(q for q in ct_open.read_questions(path, r, split="eval")
            if q.nct_id == "NCT05799287" and "UPCR" in q.endpoint_str)

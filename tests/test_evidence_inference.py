@@ -13,8 +13,8 @@ def test_majority():
   assert majority([]) is None
 
 
-def test_real_files(data_root):
-  root = data_root / "evidence_inference"
+def test_real_files(full_data):
+  root = full_data / "evidence_inference"
   r = BuildReport()
   ex = read_evidence_inference(root, r)
   assert len(ex) == r.n_read("evidence_inference") > 2000
@@ -37,3 +37,16 @@ def test_evidence_inference_question():
                 "comparator": "placebo", "outcome": "pain", "label": "significantly decreased"})
   assert q.options[q.label] == "drug A significantly decreased pain compared with placebo."
   assert q.trial_id == "PMC123" and len(q.options) == 3
+
+
+def test_files_in_the_release_layout(data_root):
+  """The reader on files written in Evidence Inference 2.0's layout (tests/data_files.py)."""
+  import data_files
+  r = BuildReport()
+  ex = read_evidence_inference(data_root / "evidence_inference", r)
+  want = {pid: (pmc, iv, comp, out, label)
+          for pid, pmc, iv, comp, out, label in data_files.EVIDENCE_ROWS}
+  assert {e["prompt_id"]: (e["pmcid"], e["intervention"], e["comparator"], e["outcome"],
+                           e["label"]) for e in ex} == want
+  assert {e["prompt_id"]: e["split"] for e in ex} == {
+      "1": "train", "2": "train", "3": "train", "4": "train", "5": "train", "6": "validation"}

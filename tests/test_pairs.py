@@ -153,11 +153,11 @@ def test_cross_trial_pairs_list_exactly_the_differing_factors_in_order():
   assert one[0].kind == "chain" and "1 phase: PHASE2 -> PHASE3" in one[0].prompt
 
 
-def test_real_ct_open_pairs(data_root):
+def test_real_ct_open_pairs(full_data):
   r = BuildReport()
   qs, trials = [], {}
   for name in ("Winter_2025", "Summer_2025"):
-    path = data_root / "ct_open" / f"{name}.pickle"
+    path = full_data / "ct_open" / f"{name}.pickle"
     qs += ct_open.read_questions(path, r)
     for t in ct_open.read_trials(path, r):
       trials.setdefault(t.id, t)

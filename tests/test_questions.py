@@ -62,8 +62,8 @@ def test_xml_labels_match_raw_p_values(data_root):
   assert labels == {0, 1}  # both outcomes occur in these trials
 
 
-def test_options_copy_ct_open_wording(data_root):
-  qs = ct_open.read_questions(data_root / "ct_open" / "Winter_2025.pickle", BuildReport())
+def test_options_copy_ct_open_wording(full_data):
+  qs = ct_open.read_questions(full_data / "ct_open" / "Winter_2025.pickle", BuildReport())
   n2 = n3 = 0
   for q in qs:
     arms = questions.arms_from_options(q.options)

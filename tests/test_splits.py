@@ -100,7 +100,7 @@ def test_ct_open_time_order(data_root):
   out = splits.assign_splits(win + summ, seed=0, eval_trial_ids=eval_ids)
   summer_ids = {q.id for q in summ}
   assert {x.id for x in out["eval"]} == summer_ids
-  assert set(out) <= {"train", "dev", "rl", "eval"} and len(out["train"]) > len(out["dev"])
+  assert set(out) <= {"train", "dev", "rl", "eval"} and len(out["train"]) > len(out.get("dev", ()))
   splits.assert_no_leakage(out)
 
 

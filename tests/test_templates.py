@@ -99,8 +99,8 @@ def test_bad_examples_name_the_field():
     templates.render(_question(options=("only one",), label=0))
 
 
-def test_real_ct_open_questions_fit(data_root):
-  qs = ct_open.read_questions(data_root / "ct_open" / "Winter_2025.pickle", BuildReport())
+def test_real_ct_open_questions_fit(full_data):
+  qs = ct_open.read_questions(full_data / "ct_open" / "Winter_2025.pickle", BuildReport())
   assert len(qs) > 500
   for q in qs:
     ex = templates.render(q)

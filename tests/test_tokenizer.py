@@ -5,6 +5,8 @@ import pickle
 import pytest
 
 from data_pipeline import safe_pickle
+from data_pipeline.build_report import BuildReport
+from data_pipeline.readers.ctgov_xml import read_ctgov_xml
 from deepimagine_jax.tokenizer import Tokenizer
 
 
@@ -15,6 +17,8 @@ def corpus(data_root):
   for v in d.values():
     texts.append(v["brief_title"])
     texts.append(str(v["endpoint"]))
+  for t in read_ctgov_xml(data_root / "ctgov_xml", BuildReport()):  # enough text for 1000 pieces
+    texts += [t.title] + [f"{o.title}. {o.description}" for o in t.outcomes]
   return texts
 
 
