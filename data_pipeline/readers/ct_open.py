@@ -66,6 +66,14 @@ def _str(x) -> str:
   return clean_text(x) if isinstance(x, str) else ""
 
 
+def _key_id(key) -> str:
+  """A short id for the report: the NCT id and endpoint of a well-formed key, else the
+  key's type (repr of a malformed key can be huge: items shared through the memo)."""
+  if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key):
+    return f"{key[0][:20]}:{key[1][:40]}"
+  return f"<{type(key).__name__} key>"
+
+
 def _arm_dicts(value: dict) -> list[dict]:
   arms = value.get("arms")
   if not isinstance(arms, list) or not all(isinstance(a, dict) for a in arms):
@@ -90,7 +98,7 @@ def arm_line(arm: dict) -> str:
 def parse_questions(key, value, split: str) -> list[Example]:
   """One pickle entry -> its question Examples; raises SkipRecord for a bad entry."""
   if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
-    raise SkipRecord("bad_key", repr(key)[:80])
+    raise SkipRecord("bad_key", _key_id(key))
   if not isinstance(value, dict):
     raise SkipRecord("wrong_type", f"value is {type(value).__name__}")
   nct_id, endpoint_str = key
@@ -126,7 +134,7 @@ def read_questions(path, report: BuildReport, split: str = "") -> list[Example]:
   """All questions of CT Open pickles (a file, or a folder of them), in file order;
   a bad entry skips its questions. `split` defaults to each file's stem."""
   def entries(data: dict, path_: pathlib.Path):
-    return ((repr(key)[:60], (key, value, split or path_.stem)) for key, value in data.items())
+    return ((_key_id(key), (key, value, split or path_.stem)) for key, value in data.items())
 
   return read_files(path, ".pickle", SOURCE, report, load=load, records=entries,
                     parse=lambda entry, _: parse_questions(*entry))
@@ -141,7 +149,7 @@ def _by_trial(data: dict, path: pathlib.Path):
         and isinstance(value, dict)):
       by_id[key[0]].append(value)
     else:
-      yield repr(key)[:60], None
+      yield _key_id(key), None
   yield from ((nct_id, (nct_id, values)) for nct_id, values in by_id.items())
 
 
@@ -154,7 +162,7 @@ def _parse_trial(entry: tuple[str, list[dict]] | None, report: BuildReport) -> l
     e = parse_endpoint(v.get("endpoint"))
     title, desc = _str(e.get("measure")), _str(e.get("description"))
     outcomes.append(S.Outcome(
-        title, desc, _OUTCOME_TYPES.get(e.get("outcome_type"), "other"),
+        title, desc, _OUTCOME_TYPES.get(_str(e.get("outcome_type")), "other"),
         _str(e.get("timeFrame")), "", "", (), (), infer_polarity(title, desc)))
   arms = []
   for a in _arm_dicts(values[0]):

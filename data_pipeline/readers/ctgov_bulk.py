@@ -7,7 +7,6 @@ reason under SOURCE, never fatal. Member names in the report are `<zip>:<member>
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import zipfile
 import zlib
@@ -15,7 +14,7 @@ import zlib
 from data_pipeline import schema as S
 from data_pipeline.build_report import BuildReport
 from data_pipeline.readers import ctgov_json
-from data_pipeline.readers.loop import SkipRecord, read_files
+from data_pipeline.readers.loop import SkipRecord, check_record, read_files
 
 SOURCE = "ctgov_bulk"  # counts of the archive's members; Trials keep source ctgov_json
 MAX_MEMBER_BYTES = 64 << 20  # a registry study is well under 5 MB; guards a zip bomb
@@ -45,11 +44,11 @@ def _parse_member(member: tuple[zipfile.ZipFile, zipfile.ZipInfo], report: Build
     raise SkipRecord("member_too_large", f"{info.file_size} bytes")
   try:
     with zf.open(info) as f:
-      study = json.load(f)
+      data = f.read()  # never more than info.file_size: zipfile stops there
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
     raise SkipRecord("unreadable_member", type(e).__name__) from e
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise SkipRecord("bad_json") from e
+  study = ctgov_json.decode(data)
+  check_record(study)
   return [ctgov_json.parse_study(study, report)]
 
 

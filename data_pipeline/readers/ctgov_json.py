@@ -11,10 +11,16 @@ title (dose groups of one arm share arm_label). Arm.id is the participant-flow g
 ("FG000") whose title matches the arm, else the arm label. A measure with several
 classes/categories becomes one Outcome per row ("title [class / category]"); its
 analyses are attached only when the measure has a single row.
+
+A document of the retired API v1 (top-level `FullStudiesResponse`) is skipped as
+`api_v1_unsupported`, with a logged line naming the file: its fields differ throughout.
+JSON nested too deep for the decoder, or holding an integer over Python's 4,300-digit
+limit, is `bad_json`; the read loop's check_record refuses the rest (loop.py).
 """
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 from data_pipeline import schema as S
@@ -24,6 +30,7 @@ from data_pipeline.readers import parts
 from data_pipeline.readers.loop import SkipRecord, read_files
 
 SOURCE = "ctgov_json"
+API_V1_KEY = "FullStudiesResponse"
 _OUTCOME_TYPES = {"PRIMARY": "primary", "SECONDARY": "secondary"}
 
 
@@ -115,6 +122,8 @@ def parse_study(study, report: BuildReport) -> S.Trial:
   """One API v2 study object -> Trial; raises SkipRecord(reason) for a bad record."""
   if not isinstance(study, dict):
     raise SkipRecord("wrong_type", f"study is {type(study).__name__}, not an object")
+  if API_V1_KEY in study:
+    raise SkipRecord("api_v1_unsupported", API_V1_KEY)
   ps = _dict(study.get("protocolSection"), "protocolSection")
   ident = _dict(ps.get("identificationModule"), "identificationModule")
   rid = _str(ident.get("nctId"))
@@ -165,9 +174,13 @@ def _parse(study, report: BuildReport) -> list[S.Trial]:
   return [parse_study(study, report)]
 
 
-def _studies(doc, where: str):
+def _studies(doc, path: pathlib.Path):
   """(record id, study) of a decoded document: a page's studies, or the one study.
   A malformed document is passed on as one record, which parse_study rejects."""
+  where = path.stem
+  if isinstance(doc, dict) and API_V1_KEY in doc:
+    logging.warning("%s: ClinicalTrials.gov API v1 (%s) is retired and not read; "
+                    "download API v2 JSON", path, API_V1_KEY)
   if isinstance(doc, dict) and "studies" in doc:
     studies = doc["studies"]
     if not isinstance(studies, list):
@@ -185,15 +198,24 @@ def _studies(doc, where: str):
     yield rid, st
 
 
-def _load(path: pathlib.Path):
+def decode(data: bytes) -> object:
+  """The JSON document in `data`; raises SkipRecord('bad_json') for text that is not
+  UTF-8 JSON, nests deeper than the decoder recurses, or holds an over-long integer."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise SkipRecord("bad_json") from e
+    return json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise SkipRecord("bad_json", "not UTF-8") from e
+  except RecursionError as e:
+    raise SkipRecord("bad_json", "nested too deep") from e
+  except ValueError as e:  # JSONDecodeError, and ints over sys.get_int_max_str_digits()
+    raise SkipRecord("bad_json", str(e)[:80]) from e
+
+
+def _load(path: pathlib.Path):
+  return decode(path.read_bytes())
 
 
 def read_ctgov_json(path_or_paths, report: BuildReport) -> list[S.Trial]:
   """Reads .json files (or folders of them); unreadable files are counted, not fatal."""
   return read_files(path_or_paths, ".json", SOURCE, report, load=_load,
-                    records=lambda doc, path: _studies(doc, path.stem), parse=_parse)
+                    records=_studies, parse=_parse)

@@ -1,9 +1,10 @@
 """Legacy ClinicalTrials.gov AllPublicXML reader (`<clinical_study>` records).
 
 Uses the standard library ElementTree: defusedxml is not installed here. Python's
-expat does not fetch external entities, so the remaining risk is an entity
-expansion bomb; these files come from the registry's own export, and a file that
-fails to parse is counted as `bad_xml` and skipped.
+expat does not fetch external entities, and the registry's records declare no
+entities of their own, so a record with an `<!ENTITY` declaration (the entity
+expansion bomb) is skipped as `xml_entity_declared` before it is parsed; a file that
+fails to parse is counted as `bad_xml`.
 
 Group ids follow ctgov_json: ArmValue.arm_id is the outcome's group id ("O1"),
 arm_label the protocol arm label its title matches (else the group title) and
@@ -95,6 +96,8 @@ def _outcomes(root, arms, report, rid) -> tuple[S.Outcome, ...]:
 def parse_study(root, report: BuildReport) -> S.Trial:
   """One `<clinical_study>` element (or its XML text) -> Trial; raises SkipRecord."""
   if isinstance(root, (str, bytes)):
+    if (b"<!ENTITY" if isinstance(root, bytes) else "<!ENTITY") in root:
+      raise SkipRecord("xml_entity_declared")
     try:
       root = ET.fromstring(root)
     except ET.ParseError as e:
