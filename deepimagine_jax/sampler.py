@@ -20,6 +20,7 @@ refuses truncation and T = 0 (config.RLConfig).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -103,18 +104,55 @@ def truncate_logits(logits_BV, top_k: int, top_p: float):
   return logits_BV
 
 
+def _last_positive(x_BW):
+  """Index of the last entry > 0 in each row (0 if none)."""
+  idx_W = jnp.arange(x_BW.shape[-1], dtype=jnp.int32)
+  return jnp.max(jnp.where(x_BW > 0, idx_W, 0), axis=-1)
+
+
+def draw_categorical(logits_BV, key):
+  """One token per row from softmax(logits) by inverting its CDF: (token [B], log-prob [B]).
+
+  Why not Gumbel-max (jax.random.categorical): that draws B x V random numbers and
+  two logs per step, which cost more than the rest of a small model's decode step
+  on CPU (a cheaper bit generator, rbg, was slower still there). This draws one
+  uniform per row. The CDF is walked in two levels (blocks of about sqrt(V)
+  tokens, then inside the chosen block), so no length-V scan is needed. Float
+  rounding between the two levels can only push a draw past the end of its
+  block: it is clamped to the last token of positive probability, never onto a
+  truncated (-inf) one. The log-prob comes from the same exp and sum.
+  """
+  B, V = logits_BV.shape
+  W = math.isqrt(V - 1) + 1  # tokens per block
+  n_blocks = -(-V // W)
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  e_BV = jnp.exp(logits_BV - max_B1)  # 0 where truncated; the max gives 1, so total >= 1
+  e_BnW = jnp.pad(e_BV, ((0, 0), (0, n_blocks * W - V))).reshape(B, n_blocks, W)
+  block_Bn = jnp.sum(e_BnW, axis=-1)
+  upto_Bn = jnp.cumsum(block_Bn, axis=-1)
+  total_B = upto_Bn[:, -1]
+  u_B = jax.random.uniform(key, (B,), jnp.float32) * total_B
+  blk_B = jnp.minimum(jnp.sum(upto_Bn <= u_B[:, None], axis=-1), _last_positive(block_Bn))
+  pick = lambda x_Bn: jnp.take_along_axis(x_Bn, blk_B[:, None], axis=1)[:, 0]
+  rest_B = u_B - (pick(upto_Bn) - pick(block_Bn))
+  e_BW = jnp.take_along_axis(e_BnW, blk_B[:, None, None], axis=1)[:, 0]
+  j_B = jnp.minimum(jnp.sum(jnp.cumsum(e_BW, axis=-1) <= rest_B[:, None], axis=-1),
+                    _last_positive(e_BW))
+  tok_B = (blk_B * W + j_B).astype(jnp.int32)
+  logit_B = jnp.take_along_axis(logits_BV, tok_B[:, None], axis=-1)[:, 0]
+  return tok_B, logit_B - max_B1[:, 0] - jnp.log(total_B)
+
+
 def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float):
   """(token [B] int32, its log-prob [B] float32) for one step; greedy at temperature 0."""
   logits_BV = logits_BV.astype(jnp.float32)
   if temperature == 0.0:
     tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-  else:
-    kept_BV = truncate_logits(logits_BV / temperature, top_k, top_p)
-    logp_BV = jax.nn.log_softmax(kept_BV, axis=-1)  # the distribution the token is drawn from
-    tok_B = jax.random.categorical(key, kept_BV, axis=-1).astype(jnp.int32)
-  logp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
-  return tok_B, logp_B
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), tok_B[:, None],
+                                 axis=-1)[:, 0]
+    return tok_B, logp_B
+  # The distribution the token is drawn from, and its log-prob under it.
+  return draw_categorical(truncate_logits(logits_BV / temperature, top_k, top_p), key)
 
 
 # The two jitted stages --------------------------------------------------------

@@ -253,3 +253,51 @@ def test_all_padding_filler_row_is_harmless(tiny, greedy):
   np.testing.assert_array_equal(np.asarray(out.tokens)[:3], np.asarray(greedy.tokens)[:3])
   assert bool(jnp.all(jnp.isfinite(out.logprobs)))
 
+
+
+def _np_probs(logits, temperature, top_k, top_p):
+  """softmax of the truncated logits / T, by the NumPy reference truncation above."""
+  kept = _np_truncate((logits / temperature)[None], top_k, top_p)[0]
+  p = np.exp(kept - kept.max())
+  return p / p.sum()
+
+
+# (V, temperature, top_k, top_p); V = 37 and 1000 are not squares, so the sampler's
+# two-level CDF walk has a padded last block.
+FREQ_CASES = [(37, 1.0, 0, 1.0), (37, 0.7, 5, 1.0), (37, 1.3, 0, 0.8), (37, 0.9, 8, 0.9),
+              (1000, 1.0, 0, 1.0), (1000, 0.5, 3, 1.0)]
+
+
+def _draw_counts(logits, temperature, top_k, top_p, n, seed):
+  logits_NV = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, logits.shape[0]))
+  tok, logp = jax.jit(lambda l, k: S.choose_token(l, k, temperature=temperature, top_k=top_k,
+                                                  top_p=top_p))(logits_NV, jax.random.key(seed))
+  tok, logp = np.asarray(tok), np.asarray(logp)
+  return np.bincount(tok, minlength=logits.shape[0]), tok, logp
+
+
+@pytest.mark.parametrize("V,temperature,top_k,top_p", FREQ_CASES)
+def test_sampled_token_frequencies_match_softmax(V, temperature, top_k, top_p):
+  """Chi-square goodness of fit of 40,000 draws against softmax(truncated logits / T).
+
+  Level: the test fails when p < 1e-3 (fixed seed, so the outcome is deterministic).
+  Tokens outside the top-k / nucleus must never be drawn, and each draw's log-prob
+  is the reference's.
+  """
+  from scipy import stats
+  logits = np.random.RandomState(V).normal(size=V) * 1.5
+  probs = _np_probs(logits, temperature, top_k, top_p)
+  n = 40_000
+  counts, tok, logp = _draw_counts(logits, temperature, top_k, top_p, n, seed=0)
+  assert counts[probs == 0].sum() == 0
+  live = probs > 0
+  assert stats.chisquare(counts[live], n * probs[live]).pvalue > 1e-3
+  np.testing.assert_allclose(logp, np.log(probs[tok]), atol=1e-5)
+
+
+def test_frequency_test_detects_a_wrong_temperature():
+  """The same check rejects draws from T = 1 judged against T = 0.8 (it can fail)."""
+  from scipy import stats
+  logits = np.random.RandomState(37).normal(size=37) * 1.5
+  counts, _, _ = _draw_counts(logits, 1.0, 0, 1.0, 40_000, seed=0)
+  assert stats.chisquare(counts, 40_000 * _np_probs(logits, 0.8, 0, 1.0)).pvalue < 1e-3
