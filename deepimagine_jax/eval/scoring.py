@@ -109,33 +109,45 @@ def candidate_arrays(tokenizer, examples: Sequence[Example]):
   return candidates, masks
 
 
-def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Example], *,
-                            prompt_len: int, batch_size: int) -> np.ndarray:
-  """[Q, O] option probabilities (softmax of candidate log-likelihoods), 0 past n_options.
+def batched_option_logprobs(graphdef, params, arrays, *, batch_size: int,
+                            bos_id: int) -> np.ndarray:
+  """[Q, O] float64 log p(candidate | prompt) of (prompts, prompt masks, candidates,
+  candidate masks) as prompt_arrays and candidate_arrays give them.
 
   batch_size counts questions; every batch is dispatched before any is read back.
   Questions go longest prompt first and each batch drops the left padding all its
   rows share (kept to a multiple of PROMPT_BUCKET slots: a few compiled shapes),
-  so short prompts do not pay for prompt_len slots. Exact: padding is masked and
+  so short prompts do not pay for every prompt slot. Exact: padding is masked and
   positions count real tokens only.
   """
-  _check_examples(examples)
-  arrays = (*prompt_arrays(tokenizer, examples, prompt_len),
-            *candidate_arrays(tokenizer, examples))
+  Q, P = arrays[0].shape
   order = np.argsort(-arrays[1].sum(axis=1), kind="stable")
   arrays = [x[order] for x in arrays]
   pending = []
-  for s in range(0, len(examples), batch_size):
-    batch = list(_fill_rows([x[s:s + batch_size] for x in arrays], batch_size,
-                            tokenizer.bos_id))
+  for s in range(0, Q, batch_size):
+    batch = list(_fill_rows([x[s:s + batch_size] for x in arrays], batch_size, bos_id))
     longest = int(batch[1].sum(axis=1).max())
-    keep = min(prompt_len, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
+    keep = min(P, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
     batch[0], batch[1] = batch[0][:, -keep:], batch[1][:, -keep:]
     pending.append((order[s:s + batch_size],
                     option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
-  logp_QO = np.zeros((len(examples), MAX_OPTIONS), np.float64)
+  logp_QO = np.zeros((Q, arrays[2].shape[1]), np.float64)
   for rows, logp_BO in pending:
     logp_QO[rows] = np.asarray(logp_BO, np.float64)[:len(rows)]
+  return logp_QO
+
+
+def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Example], *,
+                            prompt_len: int, batch_size: int) -> np.ndarray:
+  """[Q, O] option probabilities (softmax of candidate log-likelihoods), 0 past n_options.
+
+  batch_size counts questions (batched_option_logprobs).
+  """
+  _check_examples(examples)
+  logp_QO = batched_option_logprobs(
+      graphdef, params, (*prompt_arrays(tokenizer, examples, prompt_len),
+                         *candidate_arrays(tokenizer, examples)),
+      batch_size=batch_size, bos_id=tokenizer.bos_id)
   probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
   for q, ex in enumerate(examples):
     logp = logp_QO[q, :ex.n_options]
