@@ -9,7 +9,8 @@ From the run's own policy by rejection sampling (8 samples, at most 2 right ones
     --config.traces.source=self --config.traces.self_checkpoint=runs/rl
 Writes <workdir>/traces.jsonl (example_id, trace, decision, model, created) and its counts.
 
-Imagined intermediate results of the training chains' trial-level steps (variant imagine):
+Imagined intermediate results of the training chains, walked up to their last trial-level
+intermediate step (variant imagine):
   python launch/main.py --config=configs/traces.py:imagine --workdir=runs/imagine \\
     --config.teacher.base_url=https://api.openai.com/v1 --config.teacher.model=gpt-4o-mini
 writes <workdir>/imagined.jsonl (imagined_step examples), imagined_traces.jsonl and

@@ -3,11 +3,13 @@
 Natural pairs change a dose, a comparator or an outcome inside one trial. The
 trial-level factors (population, condition, design, geography, size) change only
 between trials, so a walk from a retrieved anchor to its target (a `chain`,
-pairs.cross_trial_pairs) passes through trials nobody ran. For each chain whose
-first steps change only the configured factors, the teacher is asked, step by
-step, for the result after each intermediate step and its reasoning
+pairs.cross_trial_pairs) passes through trials nobody ran. For each chain with an
+intermediate step of a configured factor, the teacher is asked, step by step up
+to the last such step, for the result after the step and its reasoning
 (templates.render_imagine_request); the option it picks is the next step's result
-so far. The last step lands on the target, whose result is observed: never asked.
+so far. Steps of other factors on the way are asked too (the walk needs their
+result) and kept as examples of their own factor. The last step lands on the
+target, whose result is observed: never asked.
 
 An answer is kept when its DECISION line parses by the benchmark's rules
 (traces.split_answer), picks one option (no tie) and is a distribution: every
@@ -43,7 +45,7 @@ EXAMPLES_FILE, TRACES_FILE, REPORT_FILE = "imagined.jsonl", "imagined_traces.jso
 @dataclasses.dataclass(frozen=True)
 class ImagineConfig:
   """`config.imagine` (configs/traces.py:imagine): which steps the teacher imagines."""
-  factors: tuple[str, ...]  # a walk is imagined while its steps change only these
+  factors: tuple[str, ...]  # a chain is walked up to its last intermediate step of these
   splits: tuple[str, ...]  # the chains' splits (training splits only)
   max_walks: int  # chains walked, in file order (0 = all)
 
@@ -82,12 +84,10 @@ def check_answer(text: str, n_options: int) -> traces.Trace | str:
 
 
 def walkable(chain: Example, factors: Sequence[str]) -> int:
-  """How many intermediate steps of `chain` are imagined: the leading steps (the last
-  excluded) whose factor is in `factors`."""
-  n = 0
-  while n < len(chain.factors) - 1 and chain.factors[n].factor in factors:
-    n += 1
-  return n
+  """How many steps of `chain` the teacher imagines: up to its last intermediate step (the
+  last step excluded: it lands on the target) whose factor is in `factors`; 0 if none."""
+  steps = [f.factor for f in chain.factors[:-1]]
+  return max((i + 1 for i, f in enumerate(steps) if f in factors), default=0)
 
 
 def step_example(chain: Example, step: int, prompt: str, t: traces.Trace) -> Example:

@@ -9,8 +9,9 @@ example, only those whose decision picks the label, at most m distinct ones.
 `augment` turns examples + rows into SFT examples whose completion is the
 reasoning and the DECISION line (in the configured order); the loss still covers
 only the completion (grain_pipeline). Rows that contradict the label, repeat, name
-no known example or are malformed are dropped and counted; examples with no
-trace stay as they are.
+no known example, are malformed or would not fit seq_len are dropped and counted;
+examples with no trace stay as they are. The SFT stage joins them through
+`sft_records` (sft.traces, sft.trace_order, and sft.imagined: imagined.py's steps).
 """
 from __future__ import annotations
 

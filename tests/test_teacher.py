@@ -221,39 +221,44 @@ def test_imagined_steps_validated_counted_per_factor_and_cached(tmp_path):
   c3 = _chain("c3", ("country", "phase"))  # step 0 imagined, its answer out of range
   c4 = _chain("c4", ("masking", "phase", "country"))  # step 0 a tie: the walk ends there
   c5 = _chain("c5", ("phase",), kind="approximate_pair")  # one step: it lands on the target
+  c6 = _chain("c6", ("dose", "country", "phase"))  # dose asked on the way to country
   plan = {("c1", 0): "Older people respond less.\nDECISION: (0.2, 0.8)",
           ("c1", 1): "Another region, same biology.\n**DECISION:** (0.6, 0.4)",
           ("c3", 0): "It helps.\nDECISION: (70, 30)",
-          ("c4", 0): "Unclear.\nDECISION: (0.5, 0.5)"}
+          ("c4", 0): "Unclear.\nDECISION: (0.5, 0.5)",
+          ("c6", 0): "Twice the dose.\nDECISION: (1, 0)", ("c6", 1): "Hard to say."}
   handler = Imaginer(plan)
   words = lambda text: len(text.split())
   factors = ("population", "condition", "phase", "allocation", "masking", "country")
   with serve.ServerThread(handler.app()) as server:
     cfg = _cfg(server.base_url)
-    run = lambda: imagined.imagine(cfg, [c1, c2, c3, c4, c5], factors, str(tmp_path / "c.jsonl"),
+    run = lambda: imagined.imagine(cfg, [c1, c2, c3, c4, c5, c6], factors, str(tmp_path / "c.jsonl"),
                                    n_tokens=words, max_tokens=400, progress=False)
     exs, rows, report = run()
-    assert len(handler.requests) == 4
+    assert len(handler.requests) == 6
     exs2, rows2, report2 = run()
-  assert len(handler.requests) == 4  # the re-run sent nothing
+  assert len(handler.requests) == 6  # the re-run sent nothing
   assert (exs2, rows2) == (exs, rows) and report2["per_factor"] == report["per_factor"]
-  assert report2["teacher"]["cached"] == 4 and report2["teacher"]["sent_ok"] == 0
+  assert report2["teacher"]["cached"] == 6 and report2["teacher"]["sent_ok"] == 0
   assert report["per_factor"] == {
       "population": {"asked": 1, "valid": 1, "rejected": {}},
-      "country": {"asked": 2, "valid": 1, "rejected": {"out_of_range": 1}},
-      "masking": {"asked": 1, "valid": 0, "rejected": {"tie": 1}}}
-  assert report["chains"] == 5 and report["walked"] == 3 and report["examples"] == 2
+      "country": {"asked": 3, "valid": 1,
+                  "rejected": {"out_of_range": 1, "no_decision_line": 1}},
+      "masking": {"asked": 1, "valid": 0, "rejected": {"tie": 1}},
+      "dose": {"asked": 1, "valid": 1, "rejected": {}}}
+  assert report["chains"] == 6 and report["walked"] == 4 and report["examples"] == 3
   # step 1 is asked from the result the teacher chose at step 0 (option 2 of c1)
   step1 = [p for p in handler.requests if "Changes already made" in p]
-  assert len(step1) == 1 and "Result so far: c1 did not beat placebo." in step1[0]
-  e0, e1 = exs
+  assert len(step1) == 2 and "Result so far: c1 did not beat placebo." in step1[0]
+  e0, e_dose, e1 = exs
+  assert (e_dose.perturbation, e_dose.label) == ("dose", 0)
   assert (e0.id, e0.kind, e0.perturbation, e0.label) == (
       "imagined_step:0:" + c1.id, "imagined_step", "population", 1)
   assert (e1.perturbation, e1.label, e1.split) == ("country", 0, "train")
   assert e0.prompt == templates.render_chain_step(c1, 0, "c1 beat placebo.")[0]
   assert e1.prompt == templates.render_chain_step(c1, 1, "c1 did not beat placebo.")[0]
   assert (e0.completion, e1.completion) == ("DECISION: (0.2, 0.8)", "DECISION: (0.6, 0.4)")
-  assert [r["example_id"] for r in rows] == [e0.id, e1.id]
-  assert rows[1]["trace"] == "Another region, same biology." and rows[1]["model"] == cfg.model
+  assert [r["example_id"] for r in rows] == [e0.id, e_dose.id, e1.id]
+  assert rows[2]["trace"] == "Another region, same biology." and rows[2]["model"] == cfg.model
   for ex in exs:  # the decisions read back, by the benchmark's parser, as the labels
     assert rewards.parse_decision(ex.completion, ex.n_options).choice == ex.label

@@ -11,7 +11,8 @@ import tiny_policy
 from configs import common
 from data_pipeline import grain_pipeline, templates
 from data_pipeline.build_report import BuildReport
-from deepimagine_jax import jobs, rewards, sft, sharding, traces, train_state
+from data_pipeline.example import Factor
+from deepimagine_jax import imagined, jobs, rewards, sft, sharding, traces, train_state
 from deepimagine_jax.eval import report
 from deepimagine_jax.config import LoopConfig, ModelConfig, OptimizerConfig, SFTConfig
 from deepimagine_jax.serve_config import TracesConfig, typed
@@ -191,3 +192,27 @@ def test_report_shows_traces_beside_the_answers(tmp_path):
   plain = report.write_report(tmp_path / "plain", {}, trajectories=trajs)
   assert 'class="side"' not in plain["trajectories.html"].read_text()
   assert "Traces beside" not in plain["report.md"].read_text()
+
+
+def test_imagined_answer_checks_and_walk_length():
+  check = imagined.check_answer
+  assert check("Older.\n**DECISION:** (0.25, 0.75)", 2) == traces.Trace(
+      "Older.", "DECISION: (0.25, 0.75)", 1)
+  assert check("a\nDECISION: (0.2, 0.3, 0.5)", 3).choice == 2
+  assert check("a\nDECISION: (0.5, 0.5)", 2) == "tie"
+  assert check("a\nDECISION: (70, 30)", 2) == "out_of_range"
+  assert check("a\nDECISION: (0.7, 0.6)", 2) == "not_a_distribution"
+  assert check("a\nDECISION: (0.505, 0.485)", 2).choice == 0  # within SUM_TOLERANCE of 1
+  assert check("a\nDECISION: (-0.1, 1.1)", 2) == "negative"  # the parser's own code
+  assert check("DECISION: (0.1, 0.9)", 2) == "no_reasoning"
+  chain = lambda *fs: tiny_policy.examples(1)[0].replace(
+      factors=tuple(Factor(f, "a", "b") for f in fs))
+  trial_level = ("population", "country", "phase")
+  assert [imagined.walkable(chain(*fs), trial_level) for fs in (
+      ("population", "dose"), ("dose", "country"), ("dose", "country", "outcome"),
+      ("country",), ("dose", "outcome", "phase"), ("phase", "dose", "outcome"))] == [
+          1, 0, 2, 0, 0, 1]
+  with pytest.raises(ValueError, match="imagine.splits"):
+    imagined.ImagineConfig(factors=trial_level, splits=("eval",), max_walks=0)
+  with pytest.raises(ValueError, match="imagine.factors"):
+    imagined.ImagineConfig(factors=("weather",), splits=("train",), max_walks=0)
