@@ -62,6 +62,9 @@ def data() -> ml_collections.ConfigDict:
   c.registry_randomised = True
   c.registry_min_enrollment = 50
   c.registry_results_posted = True
+  # without CT Open's Summer 2025 release (offline, embedded sample): the share of registry
+  # trials, those whose results were posted last, held out as eval (registry-derived questions)
+  c.registry_eval_fraction = 0.2
   c.tfds = False  # also write a TFDS (ArrayRecord) copy of the examples
   return c
 
