@@ -54,6 +54,7 @@ from data_pipeline.schema import Trial
 
 BUILD_VERSION = 4  # bump when the build's code changes what it writes
 SPLITS = ("train", "dev", "rl", "eval")
+REGISTRY_SOURCES = ("ctgov_xml", "ctgov_json")
 CT_OPEN_RELEASES = ("Train_2025", "Winter_2025", "Summer_2025")  # Train: three files, merged
 EVAL_RELEASE = "Summer_2025"
 # The config keys that change what a build writes (pack does not; seq_len and
@@ -61,7 +62,7 @@ EVAL_RELEASE = "Summer_2025"
 FINGERPRINT_KEYS = ("sources", "seed", "vocab_size", "dev_fraction", "rl_fraction",
                     "max_anchors", "anchors_k", "retriever", "factor_order", "seq_len",
                     "prompt_len", "tfds", "registry_randomised", "registry_min_enrollment",
-                    "registry_results_posted")
+                    "registry_results_posted", "registry_eval_fraction")
 TRIAL_FILTER = "trial_filter"  # the report's counts of registry trials the filter drops
 SYNTHETIC_EXAMPLES = 2000
 
@@ -275,6 +276,17 @@ def fit_prompts(by_split: dict, tok: TrainedTokenizer, cfg: DataConfig, report: 
   return out, counts
 
 
+def eval_source(eval_examples: Sequence[Example]) -> str:
+  """What the eval split's questions are, as the report and the eval table name them."""
+  sources = {ex.source for ex in eval_examples if ex.kind == "question"}
+  if not sources:
+    return "none"
+  if sources == {"ct_open"}:
+    return f"CT Open {EVAL_RELEASE.replace('_', ' ')}"
+  return (f"Registry-derived questions (not CT Open; {', '.join(sorted(sources))} trials "
+          f"whose results were posted last)")
+
+
 def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: float,
                 tok_vocab: int, fp: dict, found: anchors.AnchorSet, index: dict | None,
                 prompts: dict) -> dict:
@@ -306,6 +318,7 @@ def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: 
                               for s, exs in by_split.items()},
       "label_balance": {s: label_balance(exs) for s, exs in by_split.items()},
       "eval_trials": eval_trials,
+      "eval_source": eval_source(by_split.get("eval", ())),
       "tokenizer_vocab_size": tok_vocab,
       "reused": False,  # True when build_dataset returns an existing build
   }
@@ -358,7 +371,8 @@ def format_report(r: dict) -> str:
     bal = "; ".join(f"{k}-way n={v['n']} {v['fractions']}"
                     for k, v in r["label_balance"][s].items())
     lines.append(f"  {s:<6} {n:>6}  {bal}")
-  lines.append(f"eval trials: {r['eval_trials']}  tokenizer vocab: {r['tokenizer_vocab_size']}")
+  lines.append(f"eval trials: {r['eval_trials']} ({r['eval_source']})  tokenizer vocab: "
+               f"{r['tokenizer_vocab_size']}")
   return "\n".join(lines)
 
 
@@ -370,6 +384,34 @@ def _write_examples(path: pathlib.Path, examples: Sequence[Example]) -> None:
 
 # --- the build ----------------------------------------------------------------
 
+def registry_eval(qs: Sequence[Example], trials: dict, fraction: float, report: BuildReport
+                  ) -> tuple[list[Example], set[str]]:
+  """Without CT Open's held-out release: the registry trials whose results were posted
+  last (`fraction` of those with benchmark-type questions) become the eval split, and
+  every registry question of a benchmark type gets CT Open's key and category
+  (questions.benchmark_form) so the eval scores them, and the baselines train on the
+  rest, with the benchmark's code. Labelled in the report (`eval_source`); the neutral
+  questions of eval trials are dropped (counted)."""
+  registry = [q for q in qs if q.source in REGISTRY_SOURCES]  # ctgov_xml / _json / bulk
+  keyed = {q.id: q for q in questions.benchmark_form(registry)}
+  dated = sorted({q.trial_id for q in keyed.values()},
+                 key=lambda t: (trials[t].results_posted, t))
+  eval_ids = set(dated[len(dated) - round(fraction * len(dated)):]) if dated else set()
+  out = []
+  for q in qs:
+    if q.source not in REGISTRY_SOURCES:
+      out.append(q)
+    elif q.id in keyed:
+      out.append(keyed[q.id])
+    elif q.trial_id in eval_ids:
+      report.add_skip("splits", "registry_eval_not_benchmark_type", q.id)
+    else:
+      out.append(q)
+  logging.info("data build: no CT Open %s release; eval = %d registry trials posted last",
+               EVAL_RELEASE, len(eval_ids))
+  return out, eval_ids
+
+
 def make_examples(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
                   embed: retrieval.Embed | None = None
                   ) -> tuple[dict[str, list[Example]], anchors.AnchorSet, set[str]]:
@@ -380,6 +422,8 @@ def make_examples(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
   """
   qs, trials, ready = read_sources(root, cfg, report)
   eval_ids = splits.ct_open_eval_ids(qs, EVAL_RELEASE)
+  if not eval_ids and cfg.registry_eval_fraction > 0:
+    qs, eval_ids = registry_eval(qs, trials, cfg.registry_eval_fraction, report)
   kept = []
   for q in qs:  # a Winter question about a Summer trial is neither benchmark nor trainable
     if q.source == "ct_open" and q.trial_id in eval_ids and q.split != EVAL_RELEASE:

@@ -34,6 +34,7 @@ class DataConfig:
   registry_randomised: bool  # keep randomised trials only
   registry_min_enrollment: int  # keep trials enrolling at least this many (0: any, unknown too)
   registry_results_posted: bool  # keep trials with a results-first-posted date only
+  registry_eval_fraction: float  # no CT Open eval release: the latest-posted registry share
   tfds: bool  # also write a TFDS (ArrayRecord) copy of the examples
 
   def __post_init__(self):
@@ -52,5 +53,8 @@ class DataConfig:
     if not isinstance(self.registry_min_enrollment, int) or self.registry_min_enrollment < 0:
       raise ValueError(f"data.registry_min_enrollment: expected an int >= 0, got "
                        f"{self.registry_min_enrollment!r}")
+    if not 0 <= self.registry_eval_fraction < 1:
+      raise ValueError(f"data.registry_eval_fraction: expected a share in [0, 1), got "
+                       f"{self.registry_eval_fraction!r}")
     if self.anchors_k < 1:
       raise ValueError(f"data.anchors_k: need at least 1 anchor per target, got {self.anchors_k}")

@@ -68,7 +68,6 @@ def resolve_data_root(root: str | None, allow_download: bool = True,
          f"public-domain ClinicalTrials.gov sample at {path} (evaluation questions are "
          f"derived from the registry, not CT Open's)")
   logging.warning(msg)
-  print(msg)
   return path
 
 

@@ -20,6 +20,7 @@ several groups share one label (dose groups of one arm: "GSK189075 250 mg QD").
 """
 from __future__ import annotations
 
+import collections
 import re
 
 from typing import Sequence
@@ -223,6 +224,31 @@ def derive_questions(trial: Trial, report: BuildReport | None = None,
         out.append(q("endpoint_met", ENDPOINT_OPTIONS, 0 if sig and a_better else 1))
   if report is not None:
     report.add_read(source)
+  return out
+
+
+# CT Open's meta label of each derived question type that is a benchmark type (the neutral
+# "which value is higher" question is not).
+BENCHMARK_META = {"superiority": "distinguishable_arm", "comparative": "distinguishable_arm",
+                  "endpoint_met": "no_arm"}
+
+
+def benchmark_form(qs: Sequence[Example]) -> list[Example]:
+  """Derived questions of benchmark types given CT Open's key and category, so the eval
+  scores them with the benchmark's code when CT Open itself is absent: key (trial id,
+  "o<k>: <outcome title>", index within that endpoint), category from the meta label.
+  Questions of other types are left out (the caller counts them)."""
+  out, seen = [], collections.Counter()
+  for q in qs:
+    meta = BENCHMARK_META.get(q.question_type)
+    if meta is None:
+      continue
+    endpoint_str = f"o{q.outcome_index}: {q.outcome_title}"
+    qi = seen[(q.trial_id, endpoint_str)]
+    seen[(q.trial_id, endpoint_str)] += 1
+    out.append(q.replace(nct_id=q.trial_id, endpoint_str=endpoint_str, question_index=qi,
+                         meta_label=meta, category=f"{q.n_options}-way/" + (
+                             "implicit" if meta == "no_arm" else "explicit")))
   return out
 
 

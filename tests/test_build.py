@@ -271,3 +271,37 @@ def test_no_prompt_is_left_for_a_consumer_to_cut(built):
     counts = built.report["prompts"][s]
     assert counts["shortened"] == sum(ex.prompt_fields_cut > 0 for ex in exs)
     assert counts["examples"] == len(exs) and counts["max_tokens"] <= cfg.prompt_len
+
+
+def test_without_ct_open_the_registry_trials_posted_last_are_eval(data_root, tmp_path):
+  """Offline on the embedded sample: eval = the latest-posted registry trials, their questions
+  in benchmark form (key, category), never an anchor, and the report says what eval is."""
+  from data_pipeline import questions
+  from data_pipeline.build_report import BuildReport
+  from data_pipeline.readers import ctgov_xml
+  shutil.copytree(data_root / "ctgov_xml", tmp_path / "ctgov_xml")
+  cfg = _cfg(tmp_path, tmp_path / "build", sources=("ct_open", "ctgov_xml"))
+  report = BuildReport()
+  by_split, _, eval_ids = build.make_examples(cfg, tmp_path, report)
+  assert report.n_skipped("ct_open", "missing_file") == sum(
+      len(build.ct_open_files(tmp_path, rel)) for rel in build.CT_OPEN_RELEASES)
+  trials = {t.id: t for t in ctgov_xml.read_ctgov_xml(tmp_path / "ctgov_xml", BuildReport())}
+  kept = {t.id for t in build.filter_registry(list(trials.values()), cfg, BuildReport())}
+  with_q = sorted({q.trial_id for q in questions.derive_all([trials[i] for i in kept])
+                   if q.question_type in questions.BENCHMARK_META},
+                  key=lambda i: (trials[i].results_posted, i))
+  n_eval = round(cfg.registry_eval_fraction * len(with_q))
+  assert n_eval > 0 and eval_ids == set(with_q[-n_eval:])
+  latest_other = max(trials[i].results_posted for i in with_q[:-n_eval])
+  assert all(trials[i].results_posted >= latest_other for i in eval_ids)
+  eval_qs = [ex for ex in by_split["eval"] if ex.kind == "question"]
+  assert eval_qs and {ex.trial_id for ex in eval_qs} <= eval_ids
+  assert all(ex.nct_id == ex.trial_id and ex.question_index >= 0 and ex.category
+             and ex.question_type in questions.BENCHMARK_META for ex in eval_qs)
+  keys = [(ex.nct_id, ex.endpoint_str, ex.question_index) for ex in eval_qs]
+  assert len(set(keys)) == len(keys)
+  for exs in by_split.values():
+    assert not any(ex.anchor is not None and ex.anchor.trial_id in eval_ids for ex in exs)
+  assert build.eval_source(by_split["eval"]).startswith("Registry-derived questions (not CT")
+  off = dataclasses.replace(cfg, registry_eval_fraction=0.0)
+  assert build.make_examples(off, tmp_path, BuildReport())[2] == set()

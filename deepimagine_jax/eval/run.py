@@ -1,7 +1,9 @@
 """The evaluation entry: baselines, the model's direct answers, successive imagining, one report.
 
 Everything is scored by the same code (metrics.py) over the same questions: CT
-Open Summer 2025 (the questions of split "eval" that carry the benchmark's key).
+Open Summer 2025 (the questions of split "eval" that carry the benchmark's key), or,
+when CT Open is absent (the embedded sample), the registry-derived questions of the
+trials posted last, given the benchmark's key by the build and named as such.
 Each result is written as the benchmark's prediction files and scored from
 those texts, twice: the benchmark's rules (answered questions only, coverage
 beside every score) and the strict table (every question; failures and ties
@@ -41,7 +43,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from data_pipeline import io, templates
+from data_pipeline import build, io, templates
 from data_pipeline.example import Example
 from deepimagine_jax.config import EvalConfig
 from deepimagine_jax.eval import baselines, imagining, metrics, predictions, report, scoring
@@ -282,8 +284,10 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
   out_dir.mkdir(parents=True, exist_ok=True)
   questions = eval_questions(built_examples)
   if not questions:
-    raise ValueError(f"no CT Open questions in split {EVAL_SPLIT!r} of the built examples "
-                     f"(splits: {sorted(built_examples)})")
+    raise ValueError(f"no benchmark questions (CT Open's, or registry-derived ones when CT Open "
+                     f"is absent: data.registry_eval_fraction) in split {EVAL_SPLIT!r} of the "
+                     f"built examples (splits: {sorted(built_examples)})")
+  source = build.eval_source(questions)  # CT Open Summer 2025, or registry-derived: say which
   preds: dict = {}  # name -> prediction dicts, one per run
   extra: dict = {"notes": []}
   if eval_cfg.baselines:
@@ -333,11 +337,11 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
 
   io.write_json(out_dir / "results.json",
                 {"results": {**results, **pair_results}, "strict": {**strict, **pair_strict},
-                 **extra}, indent=2, sort_keys=True)
+                 "eval_source": source, **extra}, indent=2, sort_keys=True)
   report.write_report(workdir / "report", report.pairs_apart({**results, **pair_results}),
                       metrics_logs, trajectories,
                       strict=report.pairs_apart({**strict, **pair_strict}))
-  print(f"CT Open Summer 2025, the benchmark's scoring ({len(questions)} questions; "
+  print(f"{source}, the benchmark's scoring ({len(questions)} questions; "
         f"prediction files in {out_dir}):\n")
   print(report.format_table(results))
   print("Strict: every question; a missing or unparseable answer or a tie is wrong:\n")
