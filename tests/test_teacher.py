@@ -249,7 +249,8 @@ def test_imagined_steps_validated_counted_per_factor_and_cached(tmp_path):
   assert report["chains"] == 6 and report["walked"] == 4 and report["examples"] == 3
   # step 1 is asked from the result the teacher chose at step 0 (option 2 of c1)
   step1 = [p for p in handler.requests if "Changes already made" in p]
-  assert len(step1) == 2 and "Result so far: c1 did not beat placebo." in step1[0]
+  c1_step1 = [p for p in step1 if "Trial: Trial c1" in p]  # a round's requests run concurrently
+  assert len(step1) == 2 and "Result so far: c1 did not beat placebo." in c1_step1[0]
   e0, e_dose, e1 = exs
   assert (e_dose.perturbation, e_dose.label) == ("dose", 0)
   assert (e0.id, e0.kind, e0.perturbation, e0.label) == (
