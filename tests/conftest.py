@@ -44,3 +44,10 @@ def full_data() -> pathlib.Path:
   if not (root / "ct_open" / "Summer_2025.pickle").is_file():
     pytest.skip(f"needs the full data (CT Open) at {root}")
   return root
+
+
+def pytest_collection_modifyitems(items):
+  """Tests that read the full data carry the marker `full_data` (.ci/run selects them)."""
+  for item in items:
+    if "full_data" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.full_data)
