@@ -117,6 +117,7 @@ def eval_() -> ml_collections.ConfigDict:
   c.pair_eval = True  # also the eval split's counterfactual pairs ("pairs/" results)
   c.max_pairs = 300  # pairs the model scores, evenly spread (0 = all); baselines use all
   c.checkpoint = ""  # eval job: a finished run's workdir, whose exported policy/ is evaluated
+  c.traces = ()  # trace files (JSON lines: teacher / self-generated) shown beside the answers
   return c
 
 

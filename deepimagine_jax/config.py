@@ -483,8 +483,12 @@ class EvalConfig:
   pair_eval: bool
   max_pairs: int  # pairs the model scores, evenly spread (0 = all)
   checkpoint: str  # a finished run's workdir whose exported policy is evaluated (eval job)
+  traces: tuple[str, ...]  # trace files shown beside each answer in the report's pages
 
   def __post_init__(self):
+    missing = [t for t in self.traces if not os.path.isfile(t)]
+    if missing:
+      raise ValueError(f"eval.traces: no such file(s) {missing}")
     if self.mode not in ("score", "sample"):
       raise ValueError(f"eval.mode must be 'score' or 'sample', got {self.mode!r}")
     if self.cv_folds < 2:
