@@ -10,7 +10,8 @@ Fields (defaults in brackets; "" / -1 / () / None mean "does not apply"):
   id               unique, deterministic ("ct_open:Winter_2025:NCT..:<hash>:0",
                    "ctgov_xml:NCT..:o0:a0:superiority", "natural_pair:<anchor id>-><target id>")
   source           one of SOURCES: ct_open | ctgov_xml | ctgov_json | evidence_inference | synthetic
-  kind             one of KINDS: question | natural_pair | approximate_pair | chain | synthetic
+  kind             one of KINDS: question | natural_pair | approximate_pair | chain | synthetic |
+                   imagined_step (a teacher-imagined intermediate result, deepimagine_jax/imagined.py)
   trial_id         the target trial (NCT id; "PMC<id>" for Evidence Inference)
   options          tuple[str, ...], 2 or 3 option sentences
   label            index of the true option in `options`
@@ -67,7 +68,7 @@ from typing import Any, Mapping
 
 SOURCES = ("ct_open", "ctgov_xml", "ctgov_json", "evidence_inference", "synthetic")
 PAIR_KINDS = ("natural_pair", "approximate_pair", "chain")
-KINDS = ("question",) + PAIR_KINDS + ("synthetic",)
+KINDS = ("question",) + PAIR_KINDS + ("synthetic", "imagined_step")
 
 
 class ExampleError(ValueError):

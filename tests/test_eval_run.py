@@ -220,7 +220,8 @@ def test_evaluate_pairs(policy, built_pairs, tmp_path, capsys):
     assert 0.0 <= overall["balanced_accuracy"] <= 1.0 and overall["cross_entropy"] > 0
     want_n = N_MODEL_PAIRS if "model" in name else len(eval_p)
     assert overall["n"] == want_n and overall["asked"] == len(eval_p), name
-  assert "2-way/pair" in results["pairs/logreg_tfidf"]
+  assert f"{eval_p[1].n_options}-way/pair" in results["pairs/logreg_tfidf"], (
+      eval_p[1].category, eval_p[1].id, list(results["pairs/logreg_tfidf"]))
 
   # the baselines: trained on train + rl pairs only (dev held out, neutral pair skipped)
   expect_eval = run.pair_examples({"eval": eval_p}, ["eval"])

@@ -340,7 +340,8 @@ def evaluate(graphdef, params, tokenizer, built_examples: Splits, eval_cfg: Eval
                  "eval_source": source, **extra}, indent=2, sort_keys=True)
   report.write_report(workdir / "report", report.pairs_apart({**results, **pair_results}),
                       metrics_logs, trajectories,
-                      strict=report.pairs_apart({**strict, **pair_strict}))
+                      strict=report.pairs_apart({**strict, **pair_strict}),
+                      traces_files=eval_cfg.traces)
   print(f"{source}, the benchmark's scoring ({len(questions)} questions; "
         f"prediction files in {out_dir}):\n")
   print(report.format_table(results))
