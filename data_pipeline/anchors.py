@@ -35,7 +35,7 @@ CT_OPEN_CUTOFFS = {"Train_2025": "2025-01-31", "Winter_2025": "2025-02-01",
                    "Summer_2025": "2025-09-01"}
 OPTION_COUNTS = (2, 3)
 _NEVER = np.iinfo(np.int64).max // 2  # a day after every date
-QUERY_CHUNK = 4096  # target groups scored at once (bounds memory at scale)
+QUERY_CHUNK = 1024  # target groups scored at once: [chunk, pool] scores bound memory
 
 
 def public_date_of(q: Example, trials: Mapping[str, Trial]) -> str:
@@ -119,19 +119,26 @@ def find_anchors(questions: Sequence[Example], trials: Mapping[str, Trial],
     keys = sorted(groups)
     for start in range(0, len(keys), QUERY_CHUNK):
       chunk = keys[start:start + QUERY_CHUNK]
-      scores_GN = fitted.scores([retrieval.trial_text(trials[tid]) for tid, _, _ in chunk])
+      query_ids = sorted({tid for tid, _, _ in chunk})  # one query per trial, not per group
+      query_of = {tid: i for i, tid in enumerate(query_ids)}
+      scores_QN = fitted.scores([retrieval.trial_text(trials[tid]) for tid in query_ids])
+      scores_GN = scores_QN[[query_of[tid] for tid, _, _ in chunk]]
       day_G = np.array([_days(d) for _, d, _ in chunk])
       opt_G = np.array([OPTION_COUNTS.index(n) for _, _, n in chunk])
       own_G = np.array([row_of.get(tid, -1) for tid, _, _ in chunk])
-      allowed_GN = ((first_day_NO[:, opt_G].T < day_G[:, None])
+      allowed_GN = ((first_day_NO.T[opt_G] < day_G[:, None])
                     & (np.arange(len(pool_ids))[None, :] != own_G[:, None]))
       best_GK, rows_GK, valid_GK = retrieval.top_k(scores_GN, allowed_GN, k)
       for g, key in enumerate(chunk):
         hits = [(pool_ids[r], float(s)) for s, r, v in
                 zip(best_GK[g], rows_GK[g], valid_GK[g]) if v]
+        chosen: dict[tuple, list[Retrieved]] = {}  # the targets' fields _closest reads
         for target in groups[key]:
-          found[target.id] = [Retrieved(_closest(target, pool_by_trial[tid]), round(s, 4))
-                              for tid, s in hits]
+          like = (target.question_type, target.outcome_title or target.endpoint)
+          if like not in chosen:
+            chosen[like] = [Retrieved(_closest(target, pool_by_trial[tid]), round(s, 4))
+                            for tid, s in hits]
+          found[target.id] = chosen[like]
   for q in questions:
     n = len(found.get(q.id, ()))
     cov = coverage[split_of(q.trial_id)]

@@ -8,6 +8,7 @@ COUNTRY_REGION) and its size (an enrollment bucket). A value is "" when unknown.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable, Mapping, Sequence
 
@@ -183,10 +184,13 @@ def attach_facts(questions: Iterable[Example], trials: Mapping[str, Trial]) -> l
   return [q.replace(facts=facts_of(q, trials.get(q.trial_id))) for q in questions]
 
 
-def _words(text: str) -> set[str]:
-  return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
+@functools.lru_cache(maxsize=1 << 16)
+def _words(text: str) -> frozenset[str]:
+  """Cached: anchor choice compares the same few outcome titles millions of times."""
+  return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def text_overlap(a: str, b: str) -> float:
   """Word Jaccard of two outcome (or condition) texts, stop words and time words aside."""
   wa, wb = _words(a), _words(b)

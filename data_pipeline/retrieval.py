@@ -20,6 +20,7 @@ from typing import Callable, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import sparse
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
 from data_pipeline import io
@@ -29,6 +30,11 @@ RETRIEVERS = ("tfidf", "bm25", "dense")
 QUERY_BATCH = 256  # queries per top_k call: one compiled shape
 _TOKENS = r"(?u)\b[a-zA-Z][a-zA-Z0-9\-]+\b"
 BM25_K1, BM25_B = 1.5, 0.75
+# Terms in at least this share of the pool (at most DENSE_TERMS of them) are scored by a
+# dense matmul: a sparse product pays per (query term, document) and such terms are in
+# nearly every document, so they made sparse scoring cost ~queries x pool x their number.
+DENSE_DF_FRACTION = 1 / 16
+DENSE_TERMS = 256
 
 # embed(texts) -> float array [len(texts), D]: one row per text (e.g. mean-pooled hidden
 # states); the dense retriever normalises rows, so a dot product is the cosine.
@@ -64,10 +70,10 @@ class TfidfRetriever:
     self.vectorizer = TfidfVectorizer(lowercase=True, stop_words="english", sublinear_tf=True,
                                       token_pattern=_TOKENS)
     self.matrix_NV = self.vectorizer.fit_transform(texts)
+    self.split = _SplitWeights(self.matrix_NV)
 
   def scores(self, texts: Sequence[str]) -> np.ndarray:
-    query_QV = self.vectorizer.transform(texts)
-    return (query_QV @ self.matrix_NV.T).toarray().astype(np.float32)
+    return self.split.scores(self.vectorizer.transform(texts))
 
   def arrays(self) -> dict[str, np.ndarray]:
     return {"vocabulary": self.vectorizer.get_feature_names_out().astype(str),
@@ -92,15 +98,40 @@ class Bm25Retriever:
     tf = tf_NV.data
     self.weights_NV = tf_NV.copy()
     self.weights_NV.data = self.idf_V[tf_NV.indices] * tf * (BM25_K1 + 1) / (tf + norm_N[rows_nnz])
+    self.split = _SplitWeights(self.weights_NV)
 
   def scores(self, texts: Sequence[str]) -> np.ndarray:
     query_QV = self.vectorizer.transform(texts)
     query_QV.data[:] = 1.0  # distinct query terms
-    return (query_QV @ self.weights_NV.T).toarray().astype(np.float32)
+    return self.split.scores(query_QV)
 
   def arrays(self) -> dict[str, np.ndarray]:
     return {"vocabulary": self.vectorizer.get_feature_names_out().astype(str),
             "idf": self.idf_V, **_sparse_arrays(self.weights_NV)}
+
+
+class _SplitWeights:
+  """`query_QV @ weights_NV.T` (float64, as float32) with the common terms' columns as a
+  dense [common terms, N] block (BLAS) and the rest sparse, so the cost grows with the rare terms'
+  document frequencies rather than queries x pool x common terms."""
+
+  def __init__(self, weights_NV):
+    weights_NV = weights_NV.tocsc()
+    df_V = np.diff(weights_NV.indptr)
+    by_df = np.argsort(-df_V, kind="stable")[:DENSE_TERMS]
+    self.common = np.sort(by_df[df_V[by_df] >= DENSE_DF_FRACTION * weights_NV.shape[0]])
+    self.common_weights = weights_NV[:, self.common].toarray().T
+    rare_V = np.ones(weights_NV.shape[1])
+    rare_V[self.common] = 0.0
+    rare_NV = weights_NV @ sparse.diags(rare_V)
+    rare_NV.eliminate_zeros()
+    self.rare_VN = rare_NV.T.tocsr()
+
+  def scores(self, query_QV) -> np.ndarray:
+    query_QV = query_QV.tocsr()
+    scores_QN = (query_QV @ self.rare_VN).toarray()
+    scores_QN += query_QV[:, self.common].toarray() @ self.common_weights
+    return scores_QN.astype(np.float32)
 
 
 class DenseRetriever:

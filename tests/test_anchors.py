@@ -1,9 +1,13 @@
 """anchors: the time rule, the training-only pool, one anchor per trial, coverage."""
+import numpy as np
 import pytest
 
-from data_pipeline import anchors
+from configs import world as world_config
+from data_pipeline import anchors, facts, retrieval, splits, world_build
+from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Anchor, Example, Facts
 from data_pipeline.schema import Trial
+from data_pipeline.world import WorldConfig, generate_world
 
 TITLE = "Drug X for chronic pain in adults"
 SPLIT = {"SUM1": "eval", "SUM2": "eval", "WIN1": "train", "WIN2": "rl", "REG1": "train",
@@ -102,3 +106,57 @@ def test_assert_time_respecting_names_the_pair():
   bad = Example.pair(late, target, "approximate_pair", [])
   with pytest.raises(AssertionError, match="approximate_pair:b->t"):
     anchors.assert_time_respecting([ok, bad])
+
+
+def _reference_anchors(qs, trials, split_of, k):
+  """find_anchors one target at a time, as plainly as it can be said: score the target's
+  trial against every pool trial (sklearn's TF-IDF, one query), keep the pool trials
+  with a question of the same option count public before the target, not its own
+  trial, scoring > 0; best k by (-score, trial id); from each, the closest question."""
+  pool = {}
+  for q in qs:
+    if q.public_date and q.trial_id in trials and split_of(q.trial_id) in splits.TRAINING:
+      pool.setdefault(q.trial_id, []).append(q)
+  ids = sorted(pool)
+  vec = retrieval.TfidfRetriever(ids, [retrieval.trial_text(trials[t]) for t in ids])
+  out = {}
+  for q in qs:
+    if not q.public_date or q.trial_id not in trials:
+      continue
+    s = (vec.vectorizer.transform([retrieval.trial_text(trials[q.trial_id])])
+         @ vec.matrix_NV.T).toarray()[0].astype(np.float32)
+    ok = [i for i, t in enumerate(ids) if t != q.trial_id and s[i] > 0 and any(
+        a.n_options == q.n_options and anchors.time_respecting(a.public_date, q.public_date)
+        for a in pool[t])]
+    best = sorted(ok, key=lambda i: (-s[i], i))[:k]
+    out[q.id] = []
+    for i in best:
+      cands = [a for a in pool[ids[i]] if a.n_options == q.n_options
+               and anchors.time_respecting(a.public_date, q.public_date)]
+      best_q = min(cands, key=lambda a, q=q: (a.question_type != q.question_type,
+                                             -facts.text_overlap(a.outcome_title or a.endpoint,
+                                                                 q.outcome_title or q.endpoint),
+                                             a.id))
+      out[q.id].append((best_q.id, round(float(s[i]), 4)))
+  return out
+
+
+def test_anchors_of_a_small_world_match_a_one_target_at_a_time_reference(monkeypatch):
+  """Pins the batched find_anchors (queries per trial, chunks, common terms scored
+  densely, the closest question shared by like targets) to the plain per-target rule."""
+  cfg = WorldConfig(**dict(world_config.get_config("quick").world))
+  world = generate_world(cfg)
+  trials = {t.id: t for t in world.trials}
+  qs = anchors.with_public_dates(facts.attach_facts(
+      world_build.world_questions(world, BuildReport()), trials), trials)
+  split_of = splits.TrialSplits(cfg.seed, dev_fraction=cfg.dev_fraction,
+                                rl_fraction=cfg.rl_fraction,
+                                eval_trial_ids=world_build.heldout_split_of(world))
+  monkeypatch.setattr(anchors, "QUERY_CHUNK", 5)  # several chunks, a short last one
+  monkeypatch.setattr(retrieval, "QUERY_BATCH", 8)
+  found = anchors.find_anchors(qs, trials, split_of, k=3, retriever="tfidf")
+  assert len(found.retriever.split.common) > 0  # the dense block is exercised
+  got = {qid: [(r.question.id, r.similarity) for r in rs] for qid, rs in found.anchors.items()}
+  ref = _reference_anchors(qs, trials, split_of, k=3)
+  assert got == ref
+  assert sum(len(v) == 3 for v in ref.values()) > len(ref) // 2  # most targets have k

@@ -121,3 +121,25 @@ def test_trial_text_and_saved_index(tmp_path):
     assert tuple(z["ids"]) == IDS and list(z["vocabulary"]) == list(
         r.vectorizer.get_feature_names_out())
     np.testing.assert_array_equal(z["indptr"], r.matrix_NV.indptr)
+
+
+@pytest.mark.parametrize("name", ["tfidf", "bm25"])
+@pytest.mark.parametrize("fraction, cap", [(0.3, 256), (0.3, 2), (2.0, 256)])
+def test_common_terms_scored_densely_give_the_plain_sparse_product(monkeypatch, name,
+                                                                  fraction, cap):
+  """The dense block for common terms (retrieval._SplitWeights) is only a faster order of
+  the same sum: query @ weights.T, whatever the split (all sparse, capped, none)."""
+  monkeypatch.setattr(retrieval, "DENSE_DF_FRACTION", fraction)
+  monkeypatch.setattr(retrieval, "DENSE_TERMS", cap)
+  r = retrieval.make_retriever(name, IDS, DOCS)
+  weights = r.matrix_NV if name == "tfidf" else r.weights_NV
+  query = r.vectorizer.transform(QUERIES)
+  if name == "bm25":
+    query.data[:] = 1.0
+  ref = (query @ weights.T).toarray()
+  got = r.scores(QUERIES)
+  df = [sum(w in _words(d) for d in DOCS) for w in {w for d in DOCS for w in _words(d)}]
+  assert len(r.split.common) == min(cap, sum(x >= fraction * len(DOCS) for x in df))
+  np.testing.assert_allclose(got, ref.astype(np.float32), rtol=1e-6, atol=0)
+  assert (np.argsort(-got, axis=1, kind="stable")
+          == np.argsort(-ref.astype(np.float32), axis=1, kind="stable")).all()
