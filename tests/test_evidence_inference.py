@@ -50,3 +50,14 @@ def test_files_in_the_release_layout(data_root):
                            e["label"]) for e in ex} == want
   assert {e["prompt_id"]: e["split"] for e in ex} == {
       "1": "train", "2": "train", "3": "train", "4": "train", "5": "train", "6": "validation"}
+
+
+def test_an_unreadable_split_file_is_counted(data_root, tmp_path):
+  import shutil
+  root = tmp_path / "ei"
+  shutil.copytree(data_root / "evidence_inference", root)
+  (root / "ev2_train_article_ids.txt").write_bytes(b"PMC100\n\xff\xfe\xfa\n")
+  r = BuildReport()
+  ex = read_evidence_inference(root, r)
+  assert r.n_skipped("evidence_inference", "bad_split_file") == 1
+  assert len(ex) == 6 and {e["prompt_id"]: e["split"] for e in ex}["6"] == "validation"

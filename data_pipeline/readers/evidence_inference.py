@@ -70,13 +70,21 @@ def _annotation(row: dict, _) -> list[tuple[str, str, str]]:
   return [(clean_text(row["PromptID"]), label, (row.get("Annotations") or "").strip())]
 
 
-def _splits(root: pathlib.Path) -> dict[str, str]:
+def _splits(root: pathlib.Path, report: BuildReport) -> dict[str, str]:
+  """PMCID -> split from the ev2_*_article_ids.txt files; an unreadable file (bad bytes, a
+  folder in its place) is counted under `bad_split_file` and its articles get no split."""
   out = {}
   for split in ("train", "validation", "test"):
     f = root / f"ev2_{split}_article_ids.txt"
-    if f.exists():
-      for line in f.read_text(encoding="utf-8").split():
-        out[line.strip()] = split
+    if not f.exists():
+      continue
+    try:
+      ids = f.read_text(encoding="utf-8").split()
+    except (UnicodeDecodeError, OSError) as e:
+      report.add_skip(SOURCE, "bad_split_file", f"{f.name}: {type(e).__name__}")
+      continue
+    for line in ids:
+      out[line.strip()] = split
   return out
 
 
@@ -96,7 +104,7 @@ def read_evidence_inference(root, report: BuildReport) -> list[dict]:
       root / "v2_annotations.csv", ".csv", SOURCE, report, count_read=False,
       load=_csv_loader(ANNOT_FIELDS, "annotation", "prompt"), records=_rows, parse=_annotation):
     by_prompt[pid].append((label, evidence))
-  splits = _splits(root)
+  splits = _splits(root, report)
   seen: set[str] = set()
 
   def prompt(row: dict, _) -> list[dict]:
