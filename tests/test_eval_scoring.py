@@ -144,13 +144,13 @@ def test_scoring_batch_size_does_not_matter(policy, tok, questions):
 
 
 def test_scoring_trims_shared_left_padding(monkeypatch, policy, tok, questions):
-  """Batches of 2, longest prompt first: the short prompt's batch runs on fewer
-  slots (a multiple of PROMPT_BUCKET) and gives the same probabilities."""
+  """Ten questions, five of them cut short, in batches of 8, longest prompt first:
+  the batch of short prompts runs on PROMPT_BUCKET slots, and every question
+  still matches its own unpadded forward."""
   _, graphdef, params = policy
-  questions = list(questions)
-  questions[3] = questions[3].replace(prompt=questions[3].prompt[-60:])
-  full = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
-                                         prompt_len=PROMPT_LEN, batch_size=8)
+  qs = list(questions) + [q.replace(id=q.id + "-short", prompt=q.prompt[-60:])
+                          for q in questions]
+  assert max(len(tok.encode(q.prompt)) + 1 for q in qs[5:]) <= scoring.PROMPT_BUCKET
   widths, original = [], scoring.option_logprobs
 
   def spy(graphdef, params, prompt_QP, *rest):
@@ -158,12 +158,14 @@ def test_scoring_trims_shared_left_padding(monkeypatch, policy, tok, questions):
     return original(graphdef, params, prompt_QP, *rest)
 
   monkeypatch.setattr(scoring, "option_logprobs", spy)
-  short = len(tok.encode(questions[3].prompt)) + 1
-  assert short <= scoring.PROMPT_BUCKET < PROMPT_LEN
-  trimmed = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
-                                            prompt_len=PROMPT_LEN, batch_size=2)
-  assert widths == [PROMPT_LEN, PROMPT_LEN, scoring.PROMPT_BUCKET]
-  np.testing.assert_allclose(trimmed, full, rtol=1e-5, atol=1e-7)
+  probs = scoring.option_probs_by_scoring(graphdef, params, tok, qs, prompt_len=PROMPT_LEN,
+                                          batch_size=8)
+  assert widths == [PROMPT_LEN, scoring.PROMPT_BUCKET]
+  for q, p in zip(qs, probs):
+    n = q.n_options
+    lp = np.array([_reference_logp(graphdef, params, tok, q.prompt, templates.decision_line(n, i))
+                   for i in range(n)])
+    np.testing.assert_allclose(p[:n], np.exp(lp - np.logaddexp.reduce(lp)), rtol=2e-4, atol=1e-6)
 
 
 def test_scoring_rejects_unrendered(policy, tok, questions):
