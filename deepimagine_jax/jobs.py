@@ -139,6 +139,18 @@ def load_policy(run_dir: str, mesh, dtype: str):
   return graphdef, params, Tokenizer.load(d)
 
 
+def require_eval_questions(run: RunConfig, built) -> None:
+  """Stops before any training when the build has nothing to evaluate on (CT Open absent
+  and no registry source to derive eval questions from), naming the keys to change."""
+  if "eval" in built.splits and eval_run.eval_questions({"eval": built.examples("eval")}):
+    return
+  raise ValueError(
+      f"data.sources={run.data.sources}: the build has no eval questions (CT Open's Summer "
+      f"release was not found, and no registry source gives registry-derived ones): add "
+      f"'ctgov_xml' to data.sources (data.registry_eval_fraction > 0) or set data.root / "
+      f"$DEEPIMAGINE_DATA to a folder holding ct_open/Summer_2025.pickle")
+
+
 def evaluate(run: RunConfig, workdir: str, built, tokenizer, graphdef, params,
              metrics_logs=()):
   """Evaluation and report under workdir; {name: metrics}, also written to summary.json."""
@@ -192,6 +204,7 @@ def rl(config, workdir: str):
   run = RunConfig.from_config(config)
   mesh = sharding.mesh_from_config(run.mesh)
   built, tokenizer = prepare_data(run, workdir)
+  require_eval_questions(run, built)
   sft_dir = os.path.join(workdir, "sft")
   graphdef, params = run_sft_stage(run, sft_dir, built, tokenizer, mesh)
   state = run_grpo_stage(run, workdir, built, tokenizer, mesh, graphdef, params, sft_dir)

@@ -1,0 +1,31 @@
+"""The main job stops before any training when the build has nothing to evaluate on."""
+import types
+
+import pytest
+
+from data_pipeline.example import Example
+from deepimagine_jax import jobs
+
+
+class _Built:
+  def __init__(self, eval_examples):
+    self.splits = ("train", "eval")
+    self._eval = eval_examples
+
+  def examples(self, split, kinds=None):
+    return self._eval if split == "eval" else []
+
+
+def _question(**kw):
+  return Example(id="q", source="ctgov_xml", kind="question", trial_id="NCT1",
+                 options=("a", "b"), label=0, **kw)
+
+
+def test_no_eval_questions_is_one_clear_error_naming_the_keys():
+  run = types.SimpleNamespace(data=types.SimpleNamespace(sources=("synthetic", "ct_open")))
+  for built in (_Built([]), _Built([_question()])):  # nothing, or questions without a key
+    with pytest.raises(ValueError, match=r"data.sources=\('synthetic', 'ct_open'\).*ctgov_xml"):
+      jobs.require_eval_questions(run, built)
+  keyed = _question(nct_id="NCT1", endpoint_str="o0: x", question_index=0,
+                    category="2-way/explicit", title="t", endpoint="e", arms=("A", "B"))
+  jobs.require_eval_questions(run, _Built([keyed]))  # a benchmark-form question: fine
