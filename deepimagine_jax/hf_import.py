@@ -14,6 +14,7 @@ writes Gemma3ForCausalLM.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,6 +45,9 @@ _TEXT_PREFIXES = (("language_model.model.", "language_model.lm_head."),
                   ("model.language_model.", "lm_head."))
 _VISION_RE = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
 _LAYER_TYPES_HF = {"local": "sliding_attention", "global": "full_attention"}
+# A checkpoint this deep runs its layers under lax.scan (ModelConfig.scan_layers): the
+# presets that scan have 26 or more; unrolled, 8 layers already compile slower.
+SCAN_FROM_LAYERS = 8
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -162,7 +166,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-      **fields)
+      scan_layers=hf["num_hidden_layers"] >= SCAN_FROM_LAYERS, **fields)
 
 
 def _hf_family(cfg: ModelConfig) -> str:
@@ -274,6 +278,20 @@ def param_name_map(cfg: ModelConfig) -> dict[tuple, tuple[str, _Layout]]:
   return out
 
 
+def tensor_slots(cfg: ModelConfig) -> dict[tuple, list[tuple[str, _Layout]]]:
+  """Our nnx state path -> its HF tensors: one, or one per layer for a stacked parameter.
+
+  In the scanned layout (cfg.scan_layers) ("layers", "attn", "wq_DNH") holds every
+  layer's q_proj on its leading axis, in layer order.
+  """
+  out: dict[tuple, list] = {}
+  for path, hf in param_name_map(cfg).items():
+    if cfg.scan_layers and path[0] == "layers":
+      path = ("layers",) + path[2:]
+    out.setdefault(path, []).append(hf)
+  return out
+
+
 # Reading --------------------------------------------------------------------
 
 
@@ -340,11 +358,12 @@ def _place(arr: np.ndarray, target) -> jax.Array:
 
 
 def load_hf_checkpoint(model_dir, mesh: jax.sharding.Mesh | None = None, *,
-                       dtype: str = "float32", compute_dtype: str | None = None
-                       ) -> tuple[ModelConfig, nnx.Module]:
+                       dtype: str = "float32", compute_dtype: str | None = None,
+                       scan_layers: bool | None = None) -> tuple[ModelConfig, nnx.Module]:
   """Reads config.json + safetensors into a Transformer, sharded over `mesh` if given.
 
   `dtype` is the parameter dtype; `compute_dtype` (default: the same) the activations'.
+  `scan_layers` picks the layer layout (None: config_from_hf's choice by depth).
   """
   model_dir = pathlib.Path(model_dir)
   config_path = model_dir / "config.json"
@@ -352,6 +371,8 @@ def load_hf_checkpoint(model_dir, mesh: jax.sharding.Mesh | None = None, *,
     raise HFImportError(f"{config_path} does not exist")
   cfg = config_from_hf(json.loads(config_path.read_text())).replace(
       param_dtype=dtype, dtype=compute_dtype or dtype)
+  if scan_layers is not None:
+    cfg = cfg.replace(scan_layers=scan_layers)
   np_dtype = _NP_DTYPES[cfg.param_dtype]
 
   abstract = nnx.eval_shape(lambda: model_lib.Transformer(cfg, nnx.Rngs(0)))
@@ -360,39 +381,42 @@ def load_hf_checkpoint(model_dir, mesh: jax.sharding.Mesh | None = None, *,
   targets = dict.fromkeys((p for p, _ in flat), None)
   if mesh is not None:
     targets = {p: v.get_value() for p, v in nnx.to_flat_state(sharding.state_shardings(state, mesh))}
-  names = param_name_map(cfg)
-  unmapped = [p for p, _ in flat if p not in names]
+  slots = tensor_slots(cfg)
+  unmapped = [p for p, _ in flat if p not in slots]
   if unmapped:
     raise HFImportError(f"no HF name known for our parameters {unmapped}")
 
   files = _text_tensors(_tensor_files(model_dir))
   where = f"{model_dir} (config.json + {len({f for f, _ in files.values()})} safetensors file(s))"
-  missing = sorted(hf for hf, _ in names.values() if hf not in files)
+  wanted = {hf for tensors in slots.values() for hf, _ in tensors}
+  missing = sorted(hf for hf in wanted if hf not in files)
   if missing:
     raise HFImportError(f"{where} lacks tensors: {', '.join(missing[:8])}"
                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-  wanted = {hf for hf, _ in names.values()}
   unexpected = sorted(n for n in files if n not in wanted and not _IGNORED_RE.match(n)
                       and not (cfg.tie_embeddings and n == "lm_head.weight"))
   if unexpected:
     raise HFImportError(f"{where} has tensors our {cfg.n_layers}-layer model has no place for "
                         f"(biases? more layers?): {', '.join(unexpected[:8])}")
 
-  by_file: dict[pathlib.Path, list] = {}
-  for path, var in flat:
-    by_file.setdefault(files[names[path][0]][0], []).append((path, var))
-  for file, items in sorted(by_file.items()):
-    with safe_open(str(file), framework="flax") as handle:
-      for path, var in items:
-        hf_name, layout = names[path]
-        stored = files[hf_name][1]
-        want = layout.hf_shape(tuple(var.shape))
-        got = tuple(handle.get_slice(stored).get_shape())
-        if got != want:
-          raise HFImportError(f"{file}: tensor {stored!r} has shape {list(got)}, expected "
-                              f"{list(want)} from config.json")
-        arr = np.ascontiguousarray(layout.to_ours(_read(handle, stored), tuple(var.shape)))
-        var.set_value(_place(arr.astype(np_dtype), targets[path]))
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(safe_open(str(f), framework="flax"))
+               for f in sorted({f for f, _ in files.values()})}
+
+    def read(hf_name: str, layout: _Layout, shape: tuple) -> np.ndarray:
+      file, stored = files[hf_name]
+      want, got = layout.hf_shape(shape), tuple(handles[file].get_slice(stored).get_shape())
+      if got != want:
+        raise HFImportError(f"{file}: tensor {stored!r} has shape {list(got)}, expected "
+                            f"{list(want)} from config.json")
+      return layout.to_ours(_read(handles[file], stored), shape).astype(np_dtype)
+
+    for path, var in flat:
+      if cfg.scan_layers and path[0] == "layers":  # stacked: one HF tensor per layer
+        arr = np.stack([read(hf, layout, tuple(var.shape[1:])) for hf, layout in slots[path]])
+      else:
+        arr = read(*slots[path][0], tuple(var.shape))
+      var.set_value(_place(np.ascontiguousarray(arr), targets[path]))
   logging.info("loaded %s: %d tensors, %.1fM parameters", model_dir, len(flat),
                sum(math.prod(v.shape) for _, v in flat) / 1e6)
   return cfg, nnx.merge(graphdef, state)
@@ -432,20 +456,22 @@ def export_hf_checkpoint(model: nnx.Module, cfg: ModelConfig, out_dir, *,
     model = lora_lib.merged(model, _adapter_of(model, adapter))
   elif adapter is not None:
     raise HFImportError(f"adapter {adapter!r} asked for, but the model has no adapters")
-  names = param_name_map(cfg)
+  slots = tensor_slots(cfg)
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for path, var in flat:
-    if path not in names:
+    if path not in slots:
       raise HFImportError(f"no HF name known for our parameter {path}")
-    hf_name, layout = names[path]
-    arr = np.ascontiguousarray(layout.to_hf(_to_host(var.get_value())))
-    if shards[-1] and size + arr.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][hf_name] = arr
-    size += arr.nbytes
+    value = _to_host(var.get_value())
+    stacked = cfg.scan_layers and path[0] == "layers"
+    for i, (hf_name, layout) in enumerate(slots[path]):
+      arr = np.ascontiguousarray(layout.to_hf(value[i] if stacked else value))
+      if shards[-1] and size + arr.nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][hf_name] = arr
+      size += arr.nbytes
   if jax.process_index() != 0:
     return out_dir
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -483,16 +509,20 @@ def export_peft_adapter(model: nnx.Module, cfg: ModelConfig, out_dir, *,
   if model.lora_cfg is None:
     raise HFImportError("the model has no LoRA adapters to export")
   lcfg, e = model.lora_cfg, _adapter_of(model, adapter)
-  names = param_name_map(cfg)
+  slots = tensor_slots(cfg)
   tensors = {}
   for path, module in model.iter_modules():
+    stacked = cfg.scan_layers and tuple(path[:1]) == ("layers",)
     for target, ad in (module.lora.items() if getattr(module, "lora", None) else ()):
-      hf_weight = names[tuple(path) + (ad.weight,)][0]
-      prefix = "base_model.model." + hf_weight.removesuffix(".weight")
-      a_r_in = _to_host(ad.a[...])[e].reshape(-1, lcfg.rank).T
-      b_out_r = _to_host(ad.b[...])[e].reshape(lcfg.rank, -1).T
-      tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a_r_in)
-      tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(b_out_r)
+      a, b = _to_host(ad.a[...]), _to_host(ad.b[...])
+      if not stacked:  # one layer: the same code path as a stack of one
+        a, b = a[None], b[None]
+      for i, (hf_weight, _) in enumerate(slots[tuple(path) + (ad.weight,)]):
+        prefix = "base_model.model." + hf_weight.removesuffix(".weight")
+        a_r_in = a[i, e].reshape(-1, lcfg.rank).T
+        b_out_r = b[i, e].reshape(lcfg.rank, -1).T
+        tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a_r_in)
+        tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(b_out_r)
   out_dir = pathlib.Path(out_dir)
   if jax.process_index() != 0:
     return out_dir

@@ -126,19 +126,23 @@ def reference_graphdef(graphdef, params):
 def merged(model, adapter: int):
   """A model without adapters whose projections are W + scale * A_e B_e (e = `adapter`).
 
-  Computed in one jit that keeps each weight's sharding, in the weights' dtype.
+  In the scanned layout, per layer of the stack. Computed in one jit that keeps each weight's sharding, in the weights' dtype.
   """
   _, adapters, base = nnx.split(model, LoRAParam, ...)
   plain_graphdef = nnx.split(nnx.eval_shape(lambda: type(model)(model.cfg, nnx.Rngs(0))))[0]
   graphdef = nnx.graphdef(model)
 
+  def delta(a, b):  # one layer's A [E, *in, r] and B [E, r, *out]
+    return jnp.tensordot(a[adapter], b[adapter], axes=1)
+
   def fold(base, adapters):
     m = nnx.merge(graphdef, base, adapters)
-    for _, module in m.iter_modules():
+    for path, module in m.iter_modules():
+      stacked = model.cfg.scan_layers and path[:1] == ("layers",)  # a leading layer axis
       for ad in (getattr(module, "lora", None) or {}).values():
         w = getattr(module, ad.weight)
-        delta = jnp.tensordot(ad.a[adapter], ad.b[adapter], axes=1) * ad.scale
-        w.set_value((w[...].astype(jnp.float32) + delta).astype(w.dtype))
+        d = (jax.vmap(delta) if stacked else delta)(ad.a[...], ad.b[...]) * ad.scale
+        w.set_value((w[...].astype(jnp.float32) + d).astype(w.dtype))
     return nnx.state(m, nnx.Param)
 
   out_sh = jax.tree.map(lambda x: getattr(x, "sharding", None), base)

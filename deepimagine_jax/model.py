@@ -3,8 +3,13 @@
 Gemma 3 is the same block with switches from ModelConfig: GeGLU, RMSNorm by
 (1 + w), norms on the attention and MLP outputs too, embeddings times
 sqrt(D), its own query scale, and local layers that see a sliding window of
-keys with their own RoPE base (the mask and the base are picked per layer
-here, in one unrolled loop: no per-layer recompiles).
+keys with their own RoPE base (the mask and the base are picked per layer).
+
+Two layouts of the layers (`cfg.scan_layers`): a list of blocks run in an
+unrolled loop, or one block whose parameters carry a leading layer axis (Y), run
+by `lax.scan` so compile time stays flat in depth. Both compute the same function
+from the same seed; the per-layer differences (local or global mask, RoPE
+frequencies) enter the scan as per-layer arrays.
 
 Shape letters, one meaning each across the project (tensor names end in them:
 `x_BTD`; einsum strings use them too):
@@ -14,7 +19,7 @@ Shape letters, one meaning each across the project (tensor names end in them:
   Q distinct prompts (before their rows fan out to samples or options; B = Q * group)
   P prompt slots          C completion tokens       L = P + C buffer / cache slots
   O answer options        n heads of either kind (N or K)     h = H / 2 (RoPE pairs)
-  E named LoRA adapters   r LoRA rank
+  E named LoRA adapters   r LoRA rank        Y layers (a stacked, scanned layout)
 Every parameter carries `logical_axes` metadata; sharding.py maps those names to
 mesh axes. With a LoRAConfig of rank > 0 every targeted projection also holds a
 lora.Adapter (its own Variable type, so the base's nnx.Param stay frozen apart).
@@ -25,7 +30,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from deepimagine_jax import lora as lora_lib
 from deepimagine_jax import sharding
@@ -33,7 +38,28 @@ from deepimagine_jax.config import LoRAConfig, ModelConfig, RopeScaling
 
 _NEG_INF = -1e30  # finite, so a row with nothing to attend to stays finite
 
-KVCache = list  # one {"k": [B,S,K,H], "v": [B,S,K,H]} dict per layer
+
+@struct.dataclass
+class StackedCache:
+  """The scanned layout's KV cache: every layer's keys and values in one array each.
+
+  The layer axis sits after the kv heads, so axis 0 is the batch and axis 2 the
+  kv heads in both layouts: fanning rows out (prefix.fan_out) and the sampler's
+  cache sharding apply unchanged. `cache[i]` is layer i's {"k", "v"} [B, S, K, H],
+  as in the unrolled layout's list.
+  """
+  k_BSKYH: jax.Array
+  v_BSKYH: jax.Array
+
+  def __getitem__(self, layer):
+    return {"k": self.k_BSKYH[:, :, :, layer], "v": self.v_BSKYH[:, :, :, layer]}
+
+  def __len__(self):
+    return self.k_BSKYH.shape[3]
+
+
+# Unrolled: one {"k": [B,S,K,H], "v": [B,S,K,H]} dict per layer; scanned: StackedCache.
+KVCache = list | StackedCache
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int) -> nnx.Param:
@@ -139,10 +165,7 @@ class Attention(nnx.Module):
 
     new_cache = None
     if cache is not None:
-      idx = (0, cache_index, 0, 0)
-      k_BSKH = jax.lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype), idx)
-      v_BSKH = jax.lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype), idx)
-      new_cache = {"k": k_BSKH, "v": v_BSKH}
+      new_cache, k_BSKH, v_BSKH = _write_cache(cache, k_BTKH, v_BTKH, cache_index)
       k_BSKH, v_BSKH = k_BSKH.astype(dt), v_BSKH.astype(dt)
     else:
       k_BSKH, v_BSKH = k_BTKH, v_BTKH
@@ -161,6 +184,29 @@ class Attention(nnx.Module):
     out_BTD = _project(self, "o", "BTNH,NHD->BTD", out_BTKRH.reshape(B, T, N, H),
                        self.wo_NHD[...].astype(dt), adapter, rng)
     return out_BTD, new_cache
+
+
+def _write_cache(cache, k_BTKH, v_BTKH, cache_index):
+  """Writes this call's keys and values from slot `cache_index`.
+
+  `cache` is a layer's {"k", "v"} (unrolled) or (StackedCache, layer) inside the
+  scan, where only the new slots are written into the stack (the scan carries it,
+  so XLA updates it in place). Returns (new cache, this layer's k and v [B, S, K, H]).
+  """
+  if isinstance(cache, dict):
+    idx = (0, cache_index, 0, 0)
+    k_BSKH = jax.lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype), idx)
+    v_BSKH = jax.lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype), idx)
+    return {"k": k_BSKH, "v": v_BSKH}, k_BSKH, v_BSKH
+  stack, layer = cache
+  idx = (0, cache_index, 0, layer, 0)
+  k_BSKYH = jax.lax.dynamic_update_slice(
+      stack.k_BSKYH, k_BTKH[:, :, :, None].astype(stack.k_BSKYH.dtype), idx)
+  v_BSKYH = jax.lax.dynamic_update_slice(
+      stack.v_BSKYH, v_BTKH[:, :, :, None].astype(stack.v_BSKYH.dtype), idx)
+  return (StackedCache(k_BSKYH, v_BSKYH),
+          jax.lax.dynamic_index_in_dim(k_BSKYH, layer, axis=3, keepdims=False),
+          jax.lax.dynamic_index_in_dim(v_BSKYH, layer, axis=3, keepdims=False))
 
 
 def _decode_attention(q_B1KRH, k_BSKH, v_BSKH, mask_B1S, scale: float, dt):
@@ -238,6 +284,23 @@ def _remat_block_forward(block, *args):
       state, *args)
 
 
+def _stack_blocks(blocks: list[Block]) -> Block:
+  """One Block whose parameters are those of `blocks` on a leading layer axis ("layers").
+
+  The blocks are made one by one, as the unrolled layout makes them, so a seed
+  gives the same weights in both layouts.
+  """
+  graphdef, state = nnx.split(blocks[0])
+
+  def stack(*vs):
+    axes = vs[0].get_metadata()["logical_axes"]
+    return vs[0].replace(jnp.stack([v[...] for v in vs]), logical_axes=("layers", *axes))
+
+  state = jax.tree.map(stack, state, *(nnx.split(b)[1] for b in blocks[1:]),
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
 def attention_mask(T: int, segment_ids_BT=None, *, cache_index=None, kv_valid_BS=None,
                    window: int = 0):
   """Boolean [B, T, S] mask: causal, within a segment, or over valid cache slots.
@@ -280,7 +343,8 @@ class Transformer(nnx.Module):
     # std 1/sqrt(D): with a tied head the initial logits then have unit scale.
     self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                            cfg.weight_dtype, cfg.d_model)
-    self.layers = nnx.List([Block(cfg, rngs, self.lora_cfg) for _ in range(cfg.n_layers)])
+    blocks = [Block(cfg, rngs, self.lora_cfg) for _ in range(cfg.n_layers)]
+    self.layers = _stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, cfg)
     if not cfg.tie_embeddings:
       self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
@@ -306,6 +370,7 @@ class Transformer(nnx.Module):
     kv_valid_BS = kv_valid_BS if cache is not None else None
     mask_BTS = attention_mask(T, segment_ids_BT, cache_index=cache_index, kv_valid_BS=kv_valid_BS)
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+    local_mask_BTS = local_inv_freq = None
     if "local" in cfg.layer_types:
       local_mask_BTS = attention_mask(T, segment_ids_BT, cache_index=cache_index,
                                       kv_valid_BS=kv_valid_BS, window=cfg.sliding_window)
@@ -314,28 +379,62 @@ class Transformer(nnx.Module):
     if cfg.embed_scale:  # the factor rounded to the compute dtype first, as transformers does
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), dt)
     x_BTD = sharding.constrain_activation(x_BTD)
-    forward = _remat_block_forward if cfg.remat else _block_forward
     adapter = None  # None: no adapter path at all
     if self.lora_cfg is not None:
       adapter = adapter_B if adapter_B is not None else (
           None if self.active_adapter < 0 else jnp.asarray(self.active_adapter, jnp.int32))
     if adapter is None or not self.lora_cfg.dropout:
       dropout_rng = None
-    new_cache = [] if cache is not None else None
-    for i, block in enumerate(self.layers):
-      local = cfg.is_local(i)
-      x_BTD, layer_cache = forward(block, x_BTD, positions_BT,
-                                   local_mask_BTS if local else mask_BTS,
-                                   local_inv_freq if local else inv_freq,
-                                   None if cache is None else cache[i], cache_index, adapter,
-                                   None if dropout_rng is None else jax.random.fold_in(
-                                       dropout_rng, i))
-      if cache is not None:
-        new_cache.append(layer_cache)
+    if cfg.scan_layers:
+      x_BTD, new_cache = self._scan_layers(
+          x_BTD, positions_BT, mask_BTS, inv_freq, local_mask_BTS, local_inv_freq, cache,
+          cache_index, adapter, dropout_rng)
+    else:
+      forward = _remat_block_forward if cfg.remat else _block_forward
+      new_cache = [] if cache is not None else None
+      for i, block in enumerate(self.layers):
+        local = cfg.is_local(i)
+        x_BTD, layer_cache = forward(block, x_BTD, positions_BT,
+                                     local_mask_BTS if local else mask_BTS,
+                                     local_inv_freq if local else inv_freq,
+                                     None if cache is None else cache[i], cache_index, adapter,
+                                     None if dropout_rng is None else jax.random.fold_in(
+                                         dropout_rng, i))
+        if cache is not None:
+          new_cache.append(layer_cache)
     x_BTD = self.final_norm(x_BTD)
     if return_hidden:
       return x_BTD, new_cache
     return self.logits(x_BTD), new_cache
+
+  def _scan_layers(self, x_BTD, positions_BT, mask_BTS, inv_freq_h, local_mask_BTS,
+                   local_inv_freq_h, cache, cache_index, adapter, dropout_rng):
+    """The stacked layers under lax.scan (remat per layer with cfg.remat).
+
+    Each step gets its layer's parameters, index, local flag and RoPE frequencies
+    from per-layer arrays; the cache (a StackedCache) rides in the carry.
+    """
+    cfg = self.cfg
+    graphdef, state = nnx.split(self.layers)
+    local_Y = jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)])
+    inv_freq_Yh = jnp.stack([local_inv_freq_h if cfg.is_local(i) else inv_freq_h
+                             for i in range(cfg.n_layers)])
+
+    def layer(carry, xs):
+      x_BTD, stack = carry
+      state, i, local, inv_freq_h = xs
+      mask = mask_BTS if local_mask_BTS is None else jnp.where(local, local_mask_BTS, mask_BTS)
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      x_BTD, stack = nnx.merge(graphdef, state)(
+          x_BTD, positions_BT, mask, inv_freq_h, None if stack is None else (stack, i),
+          cache_index, adapter, rng)
+      return (x_BTD, stack), None
+
+    if cfg.remat:
+      layer = jax.checkpoint(layer, prevent_cse=False)
+    xs = (state, jnp.arange(cfg.n_layers), local_Y, inv_freq_Yh)
+    (x_BTD, cache), _ = jax.lax.scan(layer, (x_BTD, cache), xs)
+    return x_BTD, cache
 
   def logits(self, x_BTD):
     """float32 logits from final hidden states (after the final norm), soft-capped if set."""
@@ -352,7 +451,10 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-  """A zeroed cache with `max_len` slots per sequence."""
+  """A zeroed cache with `max_len` slots per sequence, in the layout of cfg.scan_layers."""
+  if cfg.scan_layers:
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.n_layers, cfg.head_dim)
+    return StackedCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
   shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for _ in range(cfg.n_layers)]

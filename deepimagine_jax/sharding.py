@@ -38,6 +38,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the scanned layout's stacked layer axis: each device holds every layer
 )
 
 

@@ -136,6 +136,21 @@ def test_logits_match_transformers(saved):
   assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero numbers
 
 
+def test_scanned_layout_matches_transformers_and_exports_back(saved, tmp_path):
+  """Stacked layers (lax.scan): the same parity, and an export transformers reads back."""
+  case, hf, path = saved
+  cfg, model = H.load_hf_checkpoint(path, scan_layers=True)
+  assert cfg.scan_layers and model.layers.attn.wq_DNH.shape[0] == cfg.n_layers
+  tok = _tokens()
+  ref = _hf_logits(hf, tok)
+  diff = np.abs(_ours(model, tok) - ref).max()
+  print(f"{case} scanned: max |logit diff| {diff:.2e}")
+  assert diff < ATOL
+  H.export_hf_checkpoint(model, cfg, tmp_path, max_shard_bytes=20_000)
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+  np.testing.assert_array_equal(_hf_logits(back, tok), ref)
+
+
 def _as(model, cfg):
   """The same parameters under another config."""
   return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: M.Transformer(cfg, nnx.Rngs(0)))),
@@ -420,13 +435,18 @@ def test_config_no_hf_architecture_has_is_refused():
     H.config_to_hf(ModelConfig.tiny().replace(embed_scale=True))
 
 
-def test_sharded_load_matches_transformers(checkpoints):
+@pytest.mark.parametrize("scan", [False, True])
+def test_sharded_load_matches_transformers(checkpoints, scan):
   case = "qwen3_untied"
   hf, path = checkpoints[case]
   mesh = S.make_mesh(2, 2, 2)
-  _, model = H.load_hf_checkpoint(path, mesh)
-  wq = model.layers[0].attn.wq_DNH.get_value()
-  assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  _, model = H.load_hf_checkpoint(path, mesh, scan_layers=scan)
+  if scan:  # the stacked layer axis stays whole on every device
+    wq = model.layers.attn.wq_DNH.get_value()
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  else:
+    wq = model.layers[0].attn.wq_DNH.get_value()
+    assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   assert model.lm_head_DV.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
   tok = _tokens(B=4)
@@ -438,7 +458,7 @@ def test_sharded_load_matches_transformers(checkpoints):
   print(f"{case} on mesh (2,2,2): max |logit diff| {diff:.2e}")
   assert diff < ATOL
   # Export gathers the shards back into HF's layout, bit for bit.
-  out_dir = path.parent / (path.name + "_export")
+  out_dir = path.parent / (path.name + f"_export_{scan}")
   H.export_hf_checkpoint(model, model.cfg, out_dir)
   sd = hf.state_dict()
   with safe_open(str(out_dir / "model.safetensors"), framework="numpy") as f:

@@ -293,8 +293,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_merged_and_peft_exports_match_transformers(case, tmp_path):
+@pytest.mark.parametrize("case,scan", [(c, False) for c in CASES] + [("gemma3", True)])
+def test_merged_and_peft_exports_match_transformers(case, scan, tmp_path):
   import peft
   torch.manual_seed(0)
   hf = transformers.AutoModelForCausalLM.from_config(CASES[case]()).float().eval()
@@ -304,7 +304,7 @@ def test_merged_and_peft_exports_match_transformers(case, tmp_path):
         p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
   hf.save_pretrained(tmp_path / "base")
   mesh = sharding.make_mesh(-1, 2, 2)
-  cfg, model = hf_import.load_hf_checkpoint(tmp_path / "base", mesh)
+  cfg, model = hf_import.load_hf_checkpoint(tmp_path / "base", mesh, scan_layers=scan)
   lcfg = lora_cfg(targets=ALL if case != "llama" else ("q", "v", "down"),
                   adapters=("first", "second"))
   graphdef, params = lora.attach(*nnx.split(model), lcfg, mesh, 0)

@@ -314,3 +314,104 @@ def test_gemma3_presets(name):
   assert sum(p.numel() for p in hf.parameters()) == cfg.num_params()
   assert hf_cfg.layer_types.count("full_attention") == cfg.n_layers // 6
   assert hf_cfg.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
+
+
+# The scanned layout (cfg.scan_layers): the same function as the unrolled one ---------
+
+
+def _stacked(model_unrolled):
+  """The unrolled model's layer parameters stacked on a leading axis, by path below a layer."""
+  flat = nnx.to_flat_state(nnx.state(model_unrolled.layers, nnx.Param))
+  by_path = {}
+  for path, var in flat:
+    by_path.setdefault(path[1:], []).append(np.asarray(var.get_value()))
+  return {p: np.stack(vs) for p, vs in by_path.items()}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_scanned_layers_equal_unrolled(arch):
+  """Same seed, same weights in both layouts; logits (full and cached decode) and
+  gradients (through remat) agree in float32. Gemma's local / global layers (window 3,
+  two RoPE bases) reach the scan as per-layer arrays."""
+  cfg = _tiny_gemma3(remat=True) if arch == "gemma3" else ModelConfig.tiny().replace(
+      n_layers=3, remat=True)
+  unrolled = M.Transformer(cfg, nnx.Rngs(3))
+  scanned = M.Transformer(cfg.replace(scan_layers=True), nnx.Rngs(3))
+  want = _stacked(unrolled)
+  for path, var in nnx.to_flat_state(nnx.state(scanned.layers, nnx.Param)):
+    np.testing.assert_array_equal(np.asarray(var.get_value()), want[path], err_msg=str(path))
+    assert var.get_metadata()["logical_axes"][0] == "layers"
+  if arch == "gemma3":  # norms away from 0 (Gemma's start at 0), copied into the stack
+    _randomize_norms(unrolled)
+    scanned.final_norm.scale.set_value(unrolled.final_norm.scale.get_value())
+    want = _stacked(unrolled)
+    for path, var in nnx.to_flat_state(nnx.state(scanned.layers, nnx.Param)):
+      var.set_value(jnp.asarray(want[path]))
+
+  tok, pos = _inputs(cfg, B=2, T=10)
+  outs = {}
+  for name, model in (("unrolled", unrolled), ("scanned", scanned)):
+    full, _ = model(tok, pos)
+    cache = M.init_cache(model.cfg, 2, 10)
+    valid = jnp.ones((2, 10), bool)
+    _, cache = model(tok[:, :8], pos[:, :8], cache=cache, cache_index=0, kv_valid_BS=valid)
+    step, cache = model(tok[:, 8:9], pos[:, 8:9], cache=cache, cache_index=8, kv_valid_BS=valid)
+    grads = nnx.grad(lambda m: jnp.mean(m(tok, pos)[0] ** 2))(model)
+    outs[name] = full, step, cache, grads
+  (full_u, step_u, cache_u, grads_u), (full_s, step_s, cache_s, grads_s) = (
+      outs["unrolled"], outs["scanned"])
+  assert isinstance(cache_s, M.StackedCache) and len(cache_s) == cfg.n_layers
+  np.testing.assert_allclose(np.asarray(full_s), np.asarray(full_u), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(step_s), np.asarray(step_u), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(step_s[:, 0]), np.asarray(full_u[:, 8]), atol=1e-5)
+  for i in range(cfg.n_layers):  # cache[i] is layer i's keys in both layouts
+    np.testing.assert_allclose(np.asarray(cache_s[i]["k"]), np.asarray(cache_u[i]["k"]),
+                               atol=1e-5)
+  grads_u_stacked = _stacked(nnx.merge(nnx.graphdef(unrolled), grads_u))
+  for path, g in nnx.to_flat_state(grads_s["layers"]):
+    np.testing.assert_allclose(np.asarray(g.get_value()), grads_u_stacked[path], atol=1e-5,
+                               rtol=1e-4, err_msg=str(path))
+
+
+def test_scanned_layers_on_a_mesh_keep_the_layer_axis_whole():
+  """The stacked layer axis is replicated (every device scans every layer); the sharded
+  forward equals the single-device one."""
+  cfg = ModelConfig.tiny().replace(scan_layers=True)
+  mesh = S.make_mesh(2, 2, 2)
+  model = S.create_sharded(lambda: M.Transformer(cfg, nnx.Rngs(0)), mesh)
+  wq = model.layers.attn.wq_DNH.get_value()
+  assert wq.shape[0] == cfg.n_layers
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  tok, pos = _inputs(cfg, B=4)
+  want, _ = M.Transformer(cfg, nnx.Rngs(0))(tok, pos)
+  with jax.set_mesh(mesh):
+    got, _ = nnx.jit(lambda m, t, p: m(t, p))(model, jax.device_put(tok, S.batch_sharding(mesh)),
+                                               jax.device_put(pos, S.batch_sharding(mesh)))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_deep_presets_scan_and_small_ones_unroll():
+  assert not any(getattr(ModelConfig, n)().scan_layers for n in ("tiny", "mini", "small"))
+  assert all(getattr(ModelConfig, n)().scan_layers for n in (
+      "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "llama3_8b", "gemma3_1b",
+      "gemma3_4b", "gemma3_12b", "gemma3_27b"))
+
+
+def test_sampler_on_a_mesh_gives_the_same_tokens_in_both_layouts():
+  """The sampler (prefill, cache fanned out to 2 samples, sharded decode loop) runs the
+  scanned layout's StackedCache through the same public API: greedy tokens and their
+  log-probs equal the unrolled model's."""
+  cfg = _tiny_gemma3()
+  mesh = S.make_mesh(2, 2, 2)
+  tok, _ = _inputs(cfg, B=2, T=5, seed=7)
+  mask = jnp.array([[1] * 5, [0, 0, 1, 1, 1]], bool)
+  outs = []
+  for scan in (False, True):
+    model = S.create_sharded(lambda: M.Transformer(cfg.replace(scan_layers=scan), nnx.Rngs(2)),
+                             mesh)
+    with jax.set_mesh(mesh):
+      outs.append(sampler.sample(*nnx.split(model), tok, mask, jax.random.key(0),
+                                 max_new_tokens=6, temperature=0.0, group_size=2))
+  np.testing.assert_array_equal(np.asarray(outs[1].tokens), np.asarray(outs[0].tokens))
+  np.testing.assert_allclose(np.asarray(outs[1].logprobs), np.asarray(outs[0].logprobs),
+                             atol=1e-5)
