@@ -9,6 +9,9 @@ def model(preset: str = "small") -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
   c.param_dtype = "float32"
   c.remat = False
+  # lax.scan over stacked layers (compile time flat in depth); None: the preset's choice
+  # (the presets of 26+ layers scan) or, for hf_checkpoint, scan from 8 layers up.
+  c.scan_layers = ml_collections.config_dict.placeholder(bool)
   c.hf_checkpoint = ""  # a Hugging Face folder (config.json + *.safetensors) to start from
   return c
 

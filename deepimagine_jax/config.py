@@ -62,6 +62,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of activations and matmuls
   remat: bool = False  # jax.checkpoint each layer
+  # Layers stacked on a leading axis and run by lax.scan: compile time flat in depth. The
+  # deep presets scan; the 2-4 layer ones compile in seconds unrolled and keep the layout
+  # (and so the checkpoints) they always had.
+  scan_layers: bool = False
   max_seq_len: int = 2048
   mlp_activation: str = "silu"  # gate activation: "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
   norm_unit_offset: bool = False  # RMSNorm scales by (1 + w), w starting at 0 (Gemma)
@@ -160,32 +164,32 @@ class ModelConfig:
   def qwen3_0_6b(cls) -> "ModelConfig":
     return cls(vocab_size=151_936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
                head_dim=128, mlp_dim=3072, rope_base=1_000_000.0, qk_norm=True,
-               tie_embeddings=True, max_seq_len=40_960)
+               tie_embeddings=True, max_seq_len=40_960, scan_layers=True)
 
   @classmethod
   def qwen3_1_7b(cls) -> "ModelConfig":
     return cls(vocab_size=151_936, d_model=2048, n_layers=28, n_heads=16, n_kv_heads=8,
                head_dim=128, mlp_dim=6144, rope_base=1_000_000.0, qk_norm=True,
-               tie_embeddings=True, max_seq_len=40_960)
+               tie_embeddings=True, max_seq_len=40_960, scan_layers=True)
 
   @classmethod
   def qwen3_4b(cls) -> "ModelConfig":
     return cls(vocab_size=151_936, d_model=2560, n_layers=36, n_heads=32, n_kv_heads=8,
                head_dim=128, mlp_dim=9728, rope_base=1_000_000.0, qk_norm=True,
-               tie_embeddings=True, max_seq_len=40_960)
+               tie_embeddings=True, max_seq_len=40_960, scan_layers=True)
 
   @classmethod
   def qwen3_8b(cls) -> "ModelConfig":
     return cls(vocab_size=151_936, d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8,
                head_dim=128, mlp_dim=12288, rope_base=1_000_000.0, qk_norm=True,
-               tie_embeddings=False, max_seq_len=40_960)
+               tie_embeddings=False, max_seq_len=40_960, scan_layers=True)
 
   @classmethod
   def llama3_8b(cls) -> "ModelConfig":
     return cls(vocab_size=128_256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                head_dim=128, mlp_dim=14336, rope_base=500_000.0,
                rope_scaling=RopeScaling(), qk_norm=False, tie_embeddings=False,
-               norm_eps=1e-5, max_seq_len=131_072)
+               norm_eps=1e-5, max_seq_len=131_072, scan_layers=True)
 
   # Gemma 3 (google/gemma-3-*): transformers' convert_gemma3_weights.py variants and the
   # published config.json. 4b / 12b / 27b are the text part of the multimodal checkpoints,
@@ -203,7 +207,7 @@ class ModelConfig:
                embed_scale=True, query_pre_attn_scalar=query_pre_attn_scalar,
                layer_types=tuple("global" if (i + 1) % 6 == 0 else "local"
                                  for i in range(n_layers)),
-               sliding_window=sliding_window, rope_local_base=10_000.0)
+               sliding_window=sliding_window, rope_local_base=10_000.0, scan_layers=True)
 
   @classmethod
   def gemma3_1b(cls) -> "ModelConfig":
@@ -313,6 +317,7 @@ class ModelSection:
   dtype: str
   param_dtype: str
   remat: bool
+  scan_layers: bool | None  # None: the preset's choice (a checkpoint's: by its depth)
   hf_checkpoint: str  # a Hugging Face folder (config.json + *.safetensors) to start from
 
 
