@@ -9,7 +9,10 @@ Jitted functions, all module level (compiled once per shape and setting):
 `_prefill` builds the `SamplerState` and samples the first token; `_decode` takes
 the state (donated: the returned state aliases it, so the cache is updated in
 place) and loops one T=1 model call per token until every row is done or C
-tokens exist; `_finish` slices out the completion. No host round trip per token.
+tokens exist; `_finish` slices out the completion. No host round trip per token,
+and no random-number work per token: `_prefill` draws one uniform per (row,
+completion token), and each token is the inverse CDF of its distribution at its
+uniform (`draw_categorical`; tests/test_sampler.py checks the frequencies).
 
 Log-probs: the log-prob of each sampled token under the distribution that drew
 it, log_softmax of the truncated logits / T (top-k / top-p renormalised). Greedy
@@ -43,7 +46,7 @@ class SamplerState:
   done_B: jax.Array         # bool, row has emitted EOS
   logprobs_BC: jax.Array    # float32, 0 where completion_mask is 0
   mask_BC: jax.Array        # bool completion mask (EOS included)
-  rng: jax.Array
+  uniforms_BC: jax.Array    # float32 in [0, 1): completion token n is drawn at uniforms_BC[:, n]
   lengths_B: jax.Array      # int32 number of completion tokens (EOS included)
 
 
@@ -110,17 +113,17 @@ def _last_positive(x_BW):
   return jnp.max(jnp.where(x_BW > 0, idx_W, 0), axis=-1)
 
 
-def draw_categorical(logits_BV, key):
-  """One token per row from softmax(logits) by inverting its CDF: (token [B], log-prob [B]).
+def draw_categorical(logits_BV, u_B):
+  """One token per row from softmax(logits), the inverse CDF at u_B in [0, 1): (token, log-prob).
 
   Why not Gumbel-max (jax.random.categorical): that draws B x V random numbers and
   two logs per step, which cost more than the rest of a small model's decode step
-  on CPU (a cheaper bit generator, rbg, was slower still there). This draws one
-  uniform per row. The CDF is walked in two levels (blocks of about sqrt(V)
-  tokens, then inside the chosen block), so no length-V scan is needed. Float
-  rounding between the two levels can only push a draw past the end of its
-  block: it is clamped to the last token of positive probability, never onto a
-  truncated (-inf) one. The log-prob comes from the same exp and sum.
+  on CPU (a cheaper bit generator, rbg, was slower still there). This needs one
+  uniform per row, and the sampler draws all of them before its loop. The CDF is
+  walked in two levels (blocks of about sqrt(V) tokens, then inside the chosen
+  block), so no length-V scan is needed. Float rounding between the two levels is
+  clamped so that a zero-probability (truncated or underflowed) token is never
+  chosen. The log-prob comes from the same exp and sum.
   """
   B, V = logits_BV.shape
   W = math.isqrt(V - 1) + 1  # tokens per block
@@ -131,10 +134,10 @@ def draw_categorical(logits_BV, key):
   block_Bn = jnp.sum(e_BnW, axis=-1)
   upto_Bn = jnp.cumsum(block_Bn, axis=-1)
   total_B = upto_Bn[:, -1]
-  u_B = jax.random.uniform(key, (B,), jnp.float32) * total_B
+  u_B = u_B.astype(jnp.float32) * total_B
   blk_B = jnp.minimum(jnp.sum(upto_Bn <= u_B[:, None], axis=-1), _last_positive(block_Bn))
   pick = lambda x_Bn: jnp.take_along_axis(x_Bn, blk_B[:, None], axis=1)[:, 0]
-  rest_B = u_B - (pick(upto_Bn) - pick(block_Bn))
+  rest_B = jnp.maximum(u_B - (pick(upto_Bn) - pick(block_Bn)), 0.0)  # >= 0: skips leading 0s
   e_BW = jnp.take_along_axis(e_BnW, blk_B[:, None, None], axis=1)[:, 0]
   j_B = jnp.minimum(jnp.sum(jnp.cumsum(e_BW, axis=-1) <= rest_B[:, None], axis=-1),
                     _last_positive(e_BW))
@@ -143,8 +146,10 @@ def draw_categorical(logits_BV, key):
   return tok_B, logit_B - max_B1[:, 0] - jnp.log(total_B)
 
 
-def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float):
-  """(token [B] int32, its log-prob [B] float32) for one step; greedy at temperature 0."""
+def choose_token(logits_BV, u_B, *, temperature: float, top_k: int, top_p: float):
+  """(token [B] int32, its log-prob [B] float32) for one step; greedy at temperature 0.
+
+  u_B: one uniform in [0, 1) per row (unused when greedy)."""
   logits_BV = logits_BV.astype(jnp.float32)
   if temperature == 0.0:
     tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -152,7 +157,7 @@ def choose_token(logits_BV, key, *, temperature: float, top_k: int, top_p: float
                                  axis=-1)[:, 0]
     return tok_B, logp_B
   # The distribution the token is drawn from, and its log-prob under it.
-  return draw_categorical(truncate_logits(logits_BV / temperature, top_k, top_p), key)
+  return draw_categorical(truncate_logits(logits_BV / temperature, top_k, top_p), u_B)
 
 
 # The two jitted stages --------------------------------------------------------
@@ -181,8 +186,9 @@ def _prefill(graphdef, params, prompt_QP, mask_QP, rng, eos_id, pad_id, *, max_n
   cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP = prefix.fan_out(
       (cache, logits_QV, kv_valid_QL, prompt_QP, mask_QP), group_size)
   cache = _constrain_cache(cache)
-  rng, key = jax.random.split(rng)
-  tok_B, logp_B = choose_token(logits_BV, key, temperature=temperature,
+  # Every uniform of the run in one draw: no random-number work inside the decode loop.
+  uniforms_BC = jax.random.uniform(rng, (B, C), jnp.float32)
+  tok_B, logp_B = choose_token(logits_BV, uniforms_BC[:, 0], temperature=temperature,
                                top_k=top_k, top_p=top_p)
   tokens_BL = jnp.concatenate([prompt_BP, jnp.full((B, C), pad_id, jnp.int32)], axis=1)
   tokens_BL = tokens_BL.at[:, P].set(tok_B)
@@ -195,7 +201,7 @@ def _prefill(graphdef, params, prompt_QP, mask_QP, rng, eos_id, pad_id, *, max_n
       done_B=tok_B == eos_id,
       logprobs_BC=jnp.zeros((B, C), jnp.float32).at[:, 0].set(logp_B),
       mask_BC=jnp.zeros((B, C), bool).at[:, 0].set(True),
-      rng=rng,
+      uniforms_BC=uniforms_BC,
       lengths_B=jnp.ones((B,), jnp.int32),
   )
 
@@ -219,13 +225,13 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
         s.kv_valid_BL, jnp.ones((B, 1), bool), slot, axis=1)
     logits_B1V, cache = model(tok_B1, s.positions_B[:, None], cache=s.cache,
                               cache_index=slot, kv_valid_BS=kv_valid_BL)
-    rng, key = jax.random.split(s.rng)
-    tok_B, logp_B = choose_token(logits_B1V[:, 0], key, temperature=temperature,
+    n = slot + 1 - P  # index of the new token in the completion arrays
+    u_B = jax.lax.dynamic_index_in_dim(s.uniforms_BC, n, axis=1, keepdims=False)
+    tok_B, logp_B = choose_token(logits_B1V[:, 0], u_B, temperature=temperature,
                                  top_k=top_k, top_p=top_p)
     live_B = ~s.done_B
     tok_B = jnp.where(live_B, tok_B, pad_id)
     logp_B = jnp.where(live_B, logp_B, 0.0)
-    n = slot + 1 - P  # index of the new token in the completion arrays
     put = lambda buf, col, i: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], i, axis=1)
     return SamplerState(
         tokens_BL=put(s.tokens_BL, tok_B, slot + 1),
@@ -236,7 +242,7 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
         done_B=s.done_B | (live_B & (tok_B == eos_id)),
         logprobs_BC=put(s.logprobs_BC, logp_B, n),
         mask_BC=put(s.mask_BC, live_B, n),
-        rng=rng,
+        uniforms_BC=s.uniforms_BC,
         lengths_B=s.lengths_B + live_B.astype(jnp.int32),
     )
 

@@ -270,8 +270,9 @@ FREQ_CASES = [(37, 1.0, 0, 1.0), (37, 0.7, 5, 1.0), (37, 1.3, 0, 0.8), (37, 0.9,
 
 def _draw_counts(logits, temperature, top_k, top_p, n, seed):
   logits_NV = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, logits.shape[0]))
-  tok, logp = jax.jit(lambda l, k: S.choose_token(l, k, temperature=temperature, top_k=top_k,
-                                                  top_p=top_p))(logits_NV, jax.random.key(seed))
+  u_N = jax.random.uniform(jax.random.key(seed), (n,))
+  tok, logp = jax.jit(lambda l, u: S.choose_token(l, u, temperature=temperature, top_k=top_k,
+                                                  top_p=top_p))(logits_NV, u_N)
   tok, logp = np.asarray(tok), np.asarray(logp)
   return np.bincount(tok, minlength=logits.shape[0]), tok, logp
 
@@ -301,3 +302,20 @@ def test_frequency_test_detects_a_wrong_temperature():
   logits = np.random.RandomState(37).normal(size=37) * 1.5
   counts, _, _ = _draw_counts(logits, 1.0, 0, 1.0, 40_000, seed=0)
   assert stats.chisquare(counts, 40_000 * _np_probs(logits, 0.8, 0, 1.0)).pvalue < 1e-3
+
+
+def test_inverse_cdf_never_draws_a_zero_probability_token():
+  """Uniforms at 0, near 1 and at every block edge, with -inf runs at both ends and inside."""
+  V = 37  # blocks of 7
+  logits = np.random.RandomState(0).normal(size=V).astype(np.float32)
+  logits[:9] = logits[-9:] = logits[15:22] = -np.inf
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  edges = np.cumsum(p)
+  u = np.clip(np.concatenate([[0.0, 1 - 2**-24], edges, np.nextafter(edges, 0),
+                              np.nextafter(edges, 1)]), 0, 1 - 2**-24).astype(np.float32)
+  tok, logp = S.draw_categorical(jnp.broadcast_to(jnp.asarray(logits), (len(u), V)),
+                                 jnp.asarray(u))
+  tok = np.asarray(tok)
+  assert np.all(np.isfinite(logits[tok])), tok[~np.isfinite(logits[tok])]
+  np.testing.assert_allclose(np.asarray(logp), np.log(p[tok]), atol=1e-5)
