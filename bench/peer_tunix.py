@@ -26,8 +26,6 @@ class IdTokenizer:
   """Text is space-separated token ids, so the peer sees exactly our prompt ids."""
 
   def encode(self, text, **_):
-    if isinstance(text, np.ndarray):  # tunix may hand over the prompt as a string array
-      text = " ".join(np.ravel(text).tolist())
     return [int(t) for t in text.split()]
 
   def decode(self, ids, **_):
@@ -80,7 +78,8 @@ def main():
   cfg = qwen3.ModelConfig(num_layers=4, vocab_size=vocab, embed_dim=256, hidden_dim=768,
                           num_heads=4, head_dim=64, num_kv_heads=2, rope_theta=1_000_000,
                           norm_eps=1e-6, use_tied_embedding=True)
-  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as tunix's examples
   with jax.set_mesh(mesh):
     reference = qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(reference)
@@ -113,7 +112,7 @@ def main():
   learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=[reward])
   prompt_ids = bench_prompts(args.prompts, args.prompt_len, vocab)
   texts = [" ".join(map(str, row)) for row in prompt_ids.tolist()]
-  learner.train([{"prompts": texts}] * steps)
+  learner.train([{"prompts": np.array(texts)}] * steps)
   gaps = np.diff(stamps).tolist()
   print(json.dumps({"s_per_step": statistics.median(gaps), "steps": len(gaps)}))
 
