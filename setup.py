@@ -42,5 +42,10 @@ setup(
             "transformers>=4.50",
             "peft>=0.21",  # LoRA export parity: peft loads our adapter onto the HF model
         ],
+        # bench/rl_step.py --peer=tunix: google-tunix's GRPO learner on the same shape. It
+        # upgrades transformers / tokenizers / safetensors, so a separate venv is safer:
+        # python -m venv --system-site-packages /tmp/peer-venv &&
+        # /tmp/peer-venv/bin/pip install google-tunix==0.1.7
+        "peer": ["google-tunix==0.1.7"],
     },
 )
