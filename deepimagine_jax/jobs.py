@@ -171,9 +171,12 @@ def sft(config, workdir: str):
   run_sft_stage(run, workdir, built, tokenizer, mesh)
 
 
-def run_grpo_stage(run: RunConfig, workdir: str, built, tokenizer, mesh, graphdef, params,
-                   sft_dir: str):
-  """GRPO (`<workdir>/rl`) from the SFT policy, which is also its reference; the final state."""
+def grpo_prompts(run: RunConfig, built, tokenizer, *, shard_index: int, shard_count: int):
+  """(prompt iterator, class balance): host `shard_index` of `shard_count`'s rows of each
+  step's `rl.prompts_per_step`; the balance is over every RL prompt, the same on all hosts.
+
+  The hosts' rows, in process order, are the global batch (tests feed them to one
+  process to check a multi-host run against it)."""
   cfg = run.rl
   records = [ex for split in cfg.splits for ex in built.examples(split, cfg.kinds)]
   if not records:
@@ -183,10 +186,19 @@ def run_grpo_stage(run: RunConfig, workdir: str, built, tokenizer, mesh, graphde
                ", ".join(cfg.splits))
   prompts = grain_pipeline.make_prompt_iterator(
       records, tokenizer, prompt_len=run.data.prompt_len, batch_size=cfg.prompts_per_step,
-      seed=run.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+      seed=run.seed, shard_index=shard_index, shard_count=shard_count)
   # Rewards are class-balanced over the labels of the prompts GRPO draws from.
   balance = rewards.ClassBalance.of([ex.label for ex in records],
                                     [ex.n_options for ex in records])
+  return prompts, balance
+
+
+def run_grpo_stage(run: RunConfig, workdir: str, built, tokenizer, mesh, graphdef, params,
+                   sft_dir: str):
+  """GRPO (`<workdir>/rl`) from the SFT policy, which is also its reference; the final state."""
+  cfg = run.rl
+  prompts, balance = grpo_prompts(run, built, tokenizer, shard_index=jax.process_index(),
+                                  shard_count=jax.process_count())
   logging.info("GRPO class weights (n_options, label) -> weight: %s", balance.weights)
   # The reference is the SFT policy; its handle (dir + step) goes into every RL checkpoint.
   # With LoRA it is the base with the adapters off.
