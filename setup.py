@@ -37,6 +37,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",  # pytest.ini runs the suite on 2 workers (one per core)
             "hypothesis>=6.100",
             "torch==2.13.0",  # CPU wheel; only a test-time reference
             "transformers>=4.50",

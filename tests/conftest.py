@@ -13,6 +13,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="deepimagine-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The xdist workers and the entry tests' subprocesses inherit this environment, so they all
+# share the one cache. JAX writes an entry in place; with a size limit set it takes a file
+# lock around every read and write, so no process reads another's half-written entry.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 import pathlib  # noqa: E402
 
@@ -51,3 +55,7 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if "full_data" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.full_data)
+  # Files holding a `slow` test first (stable sort): under xdist (pytest.ini) the long files
+  # start at once rather than leaving one worker busy at the end while the other waits.
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)

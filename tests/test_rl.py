@@ -79,8 +79,10 @@ def test_trainer_logprobs_equal_sampler_logprobs(temperature):
   out = sampler.sample(graphdef, params, prompts, mask, jax.random.key(1), max_new_tokens=6,
                        temperature=temperature, eos_id=5, group_size=3)
   assert out.tokens.shape == (12, 6)
-  logits = prefix.continuation_logits(model, prompts, mask, out.tokens, group_size=3,
-                                      temperature=temperature)
+  # Jitted as the trainer runs it (op by op, this forward took most of the test's time).
+  logits = jax.jit(lambda p, t: prefix.continuation_logits(
+      nnx.merge(graphdef, p), prompts, mask, t, group_size=3, temperature=temperature))(
+          params, out.tokens)
   logp = grpo.logprobs_from_logits(logits, out.tokens)
   m = np.asarray(out.completion_mask) > 0
   np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-4)
@@ -101,9 +103,11 @@ def test_shared_prefix_forward_and_grads_equal_full_sequences():
   shared = lambda p: jnp.sum(weights * rl.completion_logprobs(
       p, prompts, mask, comps, graphdef=graphdef, group_size=2, temperature=0.9))
   naive = lambda p: jnp.sum(weights * _naive_logprobs(p, graphdef, prompts, mask, comps, 2, 0.9))
-  np.testing.assert_allclose(float(shared(params)), float(naive(params)), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(jax.grad(shared)(params)),
-                  jax.tree.leaves(jax.grad(naive)(params))):
+  # Jitted, as the trainer runs them: op by op, the two gradients took about a minute.
+  (got, got_grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f))(params)
+                                          for f in (shared, naive))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
