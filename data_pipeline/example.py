@@ -75,7 +75,7 @@ class ExampleError(ValueError):
   """A JSON record that is not an Example; the message names the record id and field."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Facts:
   """The factor values of one question, "" where unknown (see facts.facts_of)."""
   country: str = ""  # '+'-joined regions of the trial's countries
@@ -95,7 +95,7 @@ class Facts:
   sample_size: str = ""  # enrollment bucket ("100-299"), facts.size_bucket
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Factor:
   """One changed factor of a pair or one step of a chain."""
   factor: str
@@ -103,7 +103,7 @@ class Factor:
   target_value: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class SyntheticTask:
   """The controlled dose task (synthetic.py): the label follows from rule and doses."""
   anchor_dose: int
@@ -112,7 +112,7 @@ class SyntheticTask:
   anchor_response: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Anchor:
   """The anchor question of a pair or chain, shown with its observed answer."""
   id: str
@@ -135,7 +135,7 @@ class Anchor:
     return self.options[self.label]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Example:
   """One question, pair, chain or synthetic example (fields: see the module docstring)."""
   id: str
