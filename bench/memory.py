@@ -75,7 +75,8 @@ def model_config(run: RunConfig) -> ModelConfig:
       cfg = hf_import.config_from_hf(json.load(f))
   else:
     cfg = getattr(ModelConfig, m.preset)()
-  return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+  layout = {} if m.scan_layers is None else {"scan_layers": m.scan_layers}
+  return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **layout)
 
 
 def device_bytes(tree) -> int:

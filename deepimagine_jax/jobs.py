@@ -32,14 +32,17 @@ POLICY_DIR = "policy"  # under a stage's workdir: HF-format weights + the tokeni
 
 
 def model_config(model: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
-  """The model shape: the checkpoint's, or the preset's with the vocabulary sized to the tokenizer."""
+  """The model shape: the checkpoint's, or the preset's with the vocabulary sized to the
+  tokenizer; model.scan_layers None keeps the preset's (or the checkpoint depth's) layout."""
+  layout = {} if model.scan_layers is None else {"scan_layers": model.scan_layers}
   if model.hf_checkpoint:
     with open(os.path.join(model.hf_checkpoint, "config.json")) as f:
       cfg = hf_import.config_from_hf(json.load(f))
-    return cfg.replace(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat)
+    return cfg.replace(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
+                       **layout)
   cfg = getattr(ModelConfig, model.preset)()
   return cfg.replace(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
-                     vocab_size=tokenizer.vocab_size)
+                     vocab_size=tokenizer.vocab_size, **layout)
 
 
 def build_data(run: RunConfig, workdir: str):
@@ -59,7 +62,8 @@ def dense_embedder(run: RunConfig) -> Embedder:
   path = run.model.hf_checkpoint
   _, model = hf_import.load_hf_checkpoint(path, sharding.mesh_from_config(run.mesh),
                                           dtype=run.model.param_dtype,
-                                          compute_dtype=run.model.dtype)
+                                          compute_dtype=run.model.dtype,
+                                          scan_layers=run.model.scan_layers)
   graphdef, params = nnx.split(model)
   return Embedder(graphdef, params, Tokenizer.load(path), name=os.path.abspath(path),
                   max_len=run.data.embed_max_len, batch_size=run.data.embed_batch_size)
@@ -83,7 +87,8 @@ def initial_model(run: RunConfig, model_cfg: ModelConfig, mesh):
   if run.model.hf_checkpoint:
     _, model = hf_import.load_hf_checkpoint(run.model.hf_checkpoint, mesh,
                                             dtype=run.model.param_dtype,
-                                            compute_dtype=run.model.dtype)
+                                            compute_dtype=run.model.dtype,
+                                            scan_layers=run.model.scan_layers)
     graphdef, params = nnx.split(model)
   else:
     graphdef, params = train_state.init_params(model_cfg, mesh, run.seed)

@@ -1,4 +1,4 @@
-"""The main job stops before any training when the build has nothing to evaluate on."""
+"""jobs.py: the model shape a run asks for; the main job stops before training with no eval set."""
 import types
 
 import pytest
@@ -29,3 +29,17 @@ def test_no_eval_questions_is_one_clear_error_naming_the_keys():
   keyed = _question(nct_id="NCT1", endpoint_str="o0: x", question_index=0,
                     category="2-way/explicit", title="t", endpoint="e", arms=("A", "B"))
   jobs.require_eval_questions(run, _Built([keyed]))  # a benchmark-form question: fine
+
+
+def test_model_config_honours_scan_layers_and_keeps_the_preset_layout_by_default():
+  from configs import common
+  from deepimagine_jax.config import ModelConfig, ModelSection
+  tok = types.SimpleNamespace(vocab_size=512)
+  for preset in ("small", "qwen3_8b"):
+    c = common.model(preset)
+    section = ModelSection(**c.to_dict())
+    assert jobs.model_config(section, tok).scan_layers == getattr(ModelConfig, preset)().scan_layers
+    for scan in (True, False):
+      c.scan_layers = scan
+      assert jobs.model_config(ModelSection(**c.to_dict()), tok).scan_layers is scan
+  assert ModelConfig.qwen3_8b().scan_layers and not ModelConfig.small().scan_layers
