@@ -66,7 +66,8 @@ class CheckpointDamagedError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-  """An intact checkpoint this run cannot resume (another number of processes)."""
+  """An intact checkpoint this run cannot resume (another number of processes, or a state
+  of another structure: a changed model shape or layer layout)."""
 
 
 def _encode_json(x):
@@ -295,6 +296,17 @@ class Checkpointer:
       raise FileNotFoundError(
           f"checkpoint: step {step} not in {self.directory} (have {self.all_steps()})")
     stored = jax.tree.map(lambda s: _abstract_key_data(s) if _is_typed_key(s) else s, abstract_state)
+    saved_leaves = set(self._mgr.restore(step, args=ocp.args.Composite(
+        checksums=ocp.args.JsonRestore())).checksums["leaves"])
+    want = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    if saved_leaves != want:
+      only_saved, only_run = sorted(saved_leaves - want), sorted(want - saved_leaves)
+      raise CheckpointMismatchError(
+          f"checkpoint: {self.directory}/{step} holds a state of another structure than this "
+          f"run's ({len(only_saved)} leaves only in the checkpoint, e.g. {only_saved[:2]}; "
+          f"{len(only_run)} only in the run, e.g. {only_run[:2]}): the model shape or layer "
+          f"layout changed (model.preset, model.scan_layers, lora.*); resume with the config "
+          f"it was written with, or start in a new workdir")
     out = self._mgr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(stored),
         data=ocp.args.JsonRestore(),

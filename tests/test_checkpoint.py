@@ -340,6 +340,19 @@ def test_other_process_count_is_not_damage(tmp_path, two_steps):
     assert ck.all_steps() == [1, 2]
 
 
+def test_a_state_of_another_structure_is_a_mismatch_not_damage(tmp_path, two_steps):
+  """A changed model layout (e.g. model.scan_layers) is one clear error; nothing is deleted."""
+  d = tmp_path / "ck"
+  shutil.copytree(two_steps, d)
+  other = dict(_random_state(0), extra=jnp.zeros((3,), jnp.float32))
+  with Checkpointer(d, max_to_keep=3, save_every=1) as ck:
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"another structure.*only in the run, e.g. \[\"\['extra'\]\"\].*"
+                             r"model.scan_layers"):
+      ck.restore_latest(abstract_state(other))
+    assert ck.all_steps() == [1, 2]
+
+
 def test_full_disk_is_one_save_error_and_keeps_earlier_steps(tmp_path):
   zeros = {"w": jnp.zeros((512, 512), jnp.float32)}  # compresses to almost nothing
   noise = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(512, 512)).astype(np.float32))}
