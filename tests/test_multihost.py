@@ -1,8 +1,8 @@
 """Two processes on 127.0.0.1 (CPU devices, gloo collectives) through the real launcher.
 
-Each process has one device and its own shard of the examples; together they make
-the global batch. The losses must equal a one-process run (two devices, in this
-test's process) fed the same global batch: both shards' rows, in process order.
+Each process has its own shard of the examples (SFT) or prompts (GRPO); together they
+make the global batch. The metrics must equal a one-process run on as many devices, in
+this test's process, fed the same global batch: the shards' rows, in process order.
 """
 import json
 import socket
@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import rl as rl_config
 from configs import sft as sft_config
@@ -123,6 +124,7 @@ EXACT = ("reward_mean", "reward_std", "reward_correctness", "reward_format", "ac
 CLOSE = ("loss", "kl", "grad_norm", "entropy", "ratio_mean", "logprob_gap")
 
 
+@pytest.mark.slow  # about 2 CPU-minutes: 2 launcher processes (compiles, SFT, GRPO, eval)
 def test_two_processes_grpo_equals_one_process(tmp_path):
   """Samples, rewards and GRPO metrics of 2 hosts x 2 devices equal 1 host x 4 devices.
 
