@@ -138,6 +138,8 @@ def test_two_processes_grpo_equals_one_process(tmp_path):
   assert [r["step"] for r in two] == [1, 2]
   # The comparison means something: rewards differ inside some groups, the policy moved.
   assert min(r["zero_spread_groups"] for r in two) < 8 and two[1]["kl"] > 0, two
+  data_item = tmp_path / "two" / "rl" / "checkpoints" / "2" / "data" / "metadata"
+  assert len(json.loads(data_item.read_text())["per_process"]) == 2  # each host's prompt position
 
   config = rl_config.get_config("tiny")
   config.update_from_flattened_dict(GRPO_OVERRIDES)
