@@ -17,6 +17,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # share the one cache. JAX writes an entry in place; with a size limit set it takes a file
 # lock around every read and write, so no process reads another's half-written entry.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
+# Things built once per test run and shared by the xdist workers (tests/tiny_policy.py).
+os.environ.setdefault("DEEPIMAGINE_TEST_SHARED", tempfile.mkdtemp(prefix="deepimagine-tests-"))
 
 import pathlib  # noqa: E402
 

@@ -169,7 +169,10 @@ def test_traces_from_the_projects_own_server(tmp_path):
   engine = serve.Engine(graphdef, params, tok, typed(ServeConfig, c), mesh)
   examples = tiny_policy.examples(6, seed=11)
   with serve.ServerThread(serve.make_app(engine)) as server:
-    cfg = _cfg(server.base_url, instruction="", temperature=0.0, max_tokens=32)
+    # The declared 120 s timeout: the first answer compiles the sampler, which on a loaded
+    # 2-core machine (two xdist workers and more) can take longer than the 5 s of _cfg.
+    cfg = _cfg(server.base_url, instruction="", temperature=0.0, max_tokens=32,
+               timeout_s=common.teacher().timeout_s)
     rows, counts = traces.teacher_traces(cfg, examples, str(tmp_path / "c.jsonl"), progress=False)
     calls = engine.calls
     rows2, counts2 = traces.teacher_traces(cfg, examples, str(tmp_path / "c.jsonl"),

@@ -1,10 +1,11 @@
 """A tiny policy that writes a short reasoning line then a DECISION line, for the
-serving and trace tests: trained once per test process (a few seconds) and exported
-like a finished run (`<run dir>/policy/`), so `jobs.load_policy` loads it.
+serving and trace tests: trained once per test run (a few seconds; xdist workers share it)
+and exported like a finished run (`<run dir>/policy/`), so `jobs.load_policy` loads it.
 
 Its labels are shuffled, so it answers at chance: some of its decisions are right,
 some wrong, which is what rejection sampling needs.
 """
+import fcntl
 import functools
 import os
 import random
@@ -29,8 +30,25 @@ def examples(n: int = 400, seed: int = 0):
 
 @functools.lru_cache(maxsize=1)
 def run_dir() -> str:
-  """A run directory holding the trained tiny policy (built once per process)."""
-  d = tempfile.mkdtemp(prefix="tiny-policy-")
+  """A run directory holding the trained tiny policy, built once per test run: the first
+  xdist worker to ask trains it under a file lock in the run's shared folder (set in
+  tests/conftest.py); the others wait for it. A failed build leaves no pointer, so the
+  next caller builds afresh in a new folder."""
+  shared = os.environ["DEEPIMAGINE_TEST_SHARED"]
+  pointer = os.path.join(shared, "tiny-policy")
+  with open(os.path.join(shared, "tiny-policy.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(pointer):
+      d = _train(tempfile.mkdtemp(prefix="tiny-policy-", dir=shared))
+      with open(pointer + ".tmp", "w") as f:
+        f.write(d)
+      os.replace(pointer + ".tmp", pointer)
+    with open(pointer) as f:
+      return f.read()
+
+
+def _train(d: str) -> str:
+  """Trains and exports the policy into the run directory `d`."""
   exs = examples()
   tok = Tokenizer.train([e.prompt + "\n" + e.completion for e in exs],
                         os.path.join(d, "tokenizer"), vocab_size=320)
