@@ -11,11 +11,13 @@ The recipe, and why (measured over seeds 0-2, 8 fake devices):
   word predicts it; even supervised SFT on the true labels is at chance after 60
   steps. Until GRPO has built that feature, the gradient's biggest component is
   each batch's class imbalance, and with 16 prompts per step and beta 0 that noise
-  drove seeds 1 and 2 to one constant answer within about 20 steps (entropy near 0,
-  15 of 16 groups of zero spread, accuracy = the batch's class share), from which
-  zero-spread groups give no gradient to escape: last-20 accuracy 0.48 and 0.53.
-- PROMPTS_PER_STEP = 32 halves that imbalance noise relative to the signal.
-- BETA > 0: the k3 KL to the format-only SFT policy (answering at chance) pulls a
+  drove seeds 1 and 2 to near-deterministic answers unrelated to the label within
+  about 20 steps (entropy near 0, 14-15 of 16 groups of zero spread; seed 1's 0.476
+  was the same under both samplers: one constant answer scoring the batches' class
+  share), from which zero-spread groups give no gradient to escape. lr 3e-4 or an
+  SFT on both labels of every prompt (exact 50/50 start) did not help (<= 0.56).
+- PROMPTS_PER_STEP = 32 cuts that imbalance noise by sqrt(2) relative to the signal.
+- BETA > 0 (measured only together with 32 prompts): the k3 KL to the format-only SFT policy (answering at chance) pulls a
   collapsing policy back to spread groups, so a seed that starts to collapse
   recovers and then learns (seed 1: 15 of 32 groups of zero spread over steps
   1-20, 1.4 over steps 41-60, then learning).
