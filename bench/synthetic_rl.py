@@ -1,4 +1,4 @@
-"""GRPO's learning curves on the synthetic dose-response task, one per seed (docs/synthetic_reward.png).
+"""GRPO's learning curves on the synthetic dose task, one per seed (docs/synthetic_reward.png).
 
   python bench/synthetic_rl.py
 Runs synthetic_rl.SEEDS one after another in this process and prints one line: each
