@@ -19,8 +19,8 @@ The recipe, and why (measured over seeds 0-2, 8 fake devices):
 - PROMPTS_PER_STEP = 32 cuts that imbalance noise by sqrt(2) relative to the signal.
 - BETA > 0 (measured only together with 32 prompts): the k3 KL to the format-only
   SFT policy (answering at chance) pulls a collapsing policy back to spread groups,
-  so a seed that starts to collapse recovers and then learns (seed 1: 15 of 32 groups of zero spread over steps
-  1-20, 1.4 over steps 41-60, then learning).
+  so a seed that starts to collapse recovers and then learns (seed 1: 15 of 32
+  groups of zero spread over steps 1-20, 1.4 over steps 41-60, then learning).
 - RL_STEPS = 200: seed 1 starts learning near step 60 and is at 0.854 by step 160.
 Measured with these constants (first-20 -> last-20 accuracy over 200 steps): seed 0
 0.543 -> 0.991, seed 1 0.473 -> 0.870, seed 2 0.469 -> 0.991. Seed 1 plateaus just
