@@ -212,9 +212,10 @@ def test_rate_limit_spaces_requests(server, studies, tmp_path):
   rec = _serve(server, studies)
   _fetch(server, tmp_path, min_interval_s=0.25)
   times = [t for t, _ in rec.log]
-  # spaced at the client; arrival at the server may shift each by a few milliseconds
-  assert len(times) == 3 and min(b - a for a, b in zip(times, times[1:])) >= 0.2
-  assert times[-1] - times[0] >= 0.48
+  # spaced at the client; arrival at the server may shift each (by up to ~0.1 s on a loaded
+  # machine), so the bounds leave that much slack below the 0.25 s interval
+  assert len(times) == 3 and min(b - a for a, b in zip(times, times[1:])) >= 0.15
+  assert times[-1] - times[0] >= 0.4
 
 
 def test_studies_without_a_usable_nct_id_are_counted_not_written(server, studies, tmp_path):

@@ -36,10 +36,11 @@ def _q(options, label, category=""):
 
 
 @pytest.fixture(scope="module")
-def ct_open(data_root):
+def ct_open(full_data):
+  """The real Winter -> Summer questions: the published figures are checked on them."""
   report = BuildReport()
-  train = read_questions(data_root / "ct_open" / "Winter_2025.pickle", report, split="train")
-  evals = read_questions(data_root / "ct_open" / "Summer_2025.pickle", report, split="eval")
+  train = read_questions(full_data / "ct_open" / "Winter_2025.pickle", report, split="train")
+  evals = read_questions(full_data / "ct_open" / "Summer_2025.pickle", report, split="eval")
   assert (len(train), len(evals)) == (605, 857)
   return train, evals
 

@@ -249,7 +249,8 @@ def test_host_shards_are_disjoint_and_cover(tok):
 
 
 def test_prompt_batches_left_padded(records, tok):
-  P_ = 128  # CT Open prompts here run 52..291 tokens: both padding and truncation occur
+  # the median prompt length: both padding and truncation occur, whatever the data's lengths
+  P_ = sorted(len(tok.encode(rec.prompt)) + 1 for rec in records)[len(records) // 2]
   batches = list(gp.make_prompt_iterator(records, tok, prompt_len=P_, batch_size=4, seed=2,
                                          num_epochs=1, shard_index=0, shard_count=1))
   expected = []  # every record once: its kept tokens, label and option count

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 import tokenizer_files as tf
 from deepimagine_jax.tokenizer import Tokenizer
 
-N_PROMPTS = 1000
+N_PROMPTS = 800  # the repo's own benchmark-style prompts (tests/data_files.py) number 812
 # (folder builder, style, end-of-turn token, stop tokens in order)
 KINDS = {
     "qwen3": (tf.byte_level_bpe, "qwen", "<|im_end|>", ("<|im_end|>", "<|endoftext|>")),

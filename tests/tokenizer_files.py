@@ -14,9 +14,9 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from data_pipeline import templates
+from data_pipeline import questions, templates
 from data_pipeline.build_report import BuildReport
-from data_pipeline.readers import ct_open
+from data_pipeline.readers import ct_open, ctgov_xml
 
 QWEN_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
               r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -83,11 +83,13 @@ GEMMA_TEMPLATE = """{{ bos_token }}
 
 
 def ct_open_examples(data_root, n: int):
-  """The first n rendered CT Open questions (Winter then Summer 2025)."""
+  """The first n rendered benchmark-style prompts: the CT Open-format questions (Winter then
+  Summer 2025), then the registry sample's derived questions (CT Open's wording)."""
   exs = []
   for name in ("Winter_2025", "Summer_2025"):
     exs += ct_open.read_questions(data_root / "ct_open" / f"{name}.pickle", BuildReport(),
                                   split=name)
+  exs += questions.derive_all(ctgov_xml.read_ctgov_xml(data_root / "ctgov_xml", BuildReport()))
   return [templates.render(e) for e in exs[:n]]
 
 
