@@ -124,6 +124,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.experiment.steps = 3
     c.experiment.rl_steps = 1
     c.experiment.bootstrap = 20
+    c.eval.cv_folds = 2  # the references' hyper-parameter search: 2 folds for a quick look
     c.rl.max_new_tokens = 12
   elif variant:
     raise ValueError(f"configs/world.py: unknown variant {variant!r} (have: quick)")

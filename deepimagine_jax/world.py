@@ -133,13 +133,13 @@ def nearest_pairs(targets: Sequence[Example], pairs: Sequence[Example]) -> dict[
   return {t.id: out[t.id] for t in targets if t.id in out}
 
 
-def reference_runs(train_q, train_pairs, targets, split_pairs, rf_seeds):
+def reference_runs(train_q, train_pairs, targets, split_pairs, rf_seeds, folds: int):
   """({reference: runs of probabilities over targets}, anchored target count).
 
   The anchor references answer targets that have a usable anchor pair; the rest
   keep the answer of the same learner without anchors (majority for copy_anchor).
   """
-  runs, _ = baselines.baseline_probs(train_q, targets, rf_seeds)
+  runs, _ = baselines.baseline_probs(train_q, targets, rf_seeds, folds)
   near = nearest_pairs(targets, split_pairs)
   anchored = [i for i, t in enumerate(targets) if t.id in near]
   out = {k: runs[k] for k in REFERENCES if k in runs}
@@ -148,7 +148,7 @@ def reference_runs(train_q, train_pairs, targets, split_pairs, rf_seeds):
       out.setdefault(key, runs["majority" if key == "copy_anchor" else key.split("+")[0]])
     return out, 0
   pair_runs, _ = baselines.pair_baselines(train_pairs, [near[targets[i].id] for i in anchored],
-                                          rf_seeds)
+                                          rf_seeds, folds)
   for key in REFERENCES:
     if key in out:
       continue
@@ -264,7 +264,7 @@ def world(config, workdir: str):
   results: dict = {}
   for s in exp.splits:
     refs, anchored = reference_runs(train_q, train_pairs, targets[s], split_examples[s],
-                                    run.eval.rf_seeds)
+                                    run.eval.rf_seeds, run.eval.cv_folds)
     results[s] = {"questions": {"n": len(targets[s]), "anchored": anchored},
                   "imagining": {"stats": imagining_stats[s]}}
     for name, runs in [(a, probs[a][s]) for a in ARMS] + list(refs.items()):
