@@ -475,6 +475,8 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
   root = resolve_data_root(cfg.root)
   build_dir = pathlib.Path(cfg.build_dir or pathlib.Path(workdir) / "data").resolve()
   fp = fingerprint(cfg, root, embed)
+  for line in io.recover_swap(build_dir):
+    logging.warning("data build: %s", line)
   if not force:
     built = _load_if_current(build_dir, fp)
     if built is not None:
@@ -489,7 +491,7 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
   by_split, found, eval_ids = make_examples(cfg, root, report, embed)
 
   build_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{build_dir.name}.staging-",
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=io.staging_prefix(build_dir),
                                           dir=build_dir.parent))
   try:
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would become the build's mode

@@ -101,13 +101,55 @@ def read_jsonl(path: str | os.PathLike, report: BuildReport | None = None,
   return out
 
 
+def staging_prefix(dest: str | os.PathLike) -> str:
+  """The name prefix of a staging folder for `dest` (tempfile.mkdtemp(prefix=...)), holding
+  the writer's pid so a later run can tell a dead writer's leftovers from a live one's."""
+  return f".{pathlib.Path(dest).name}.staging-{os.getpid()}-"
+
+
+def _writer_alive(name: str) -> bool:
+  """Whether the pid in `.x.staging-<pid>-...` / `.x.old-<pid>-...` is a live process."""
+  try:
+    pid = int(name.rsplit(".", 1)[-1].split("-")[1])
+  except (IndexError, ValueError):
+    return False  # no pid in the name: an older format, written by a finished run
+  if pid == os.getpid():
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def recover_swap(dest: str | os.PathLike) -> list[str]:
+  """Repairs what a killed build or swap_in left beside `dest`: when `dest` is missing (a
+  kill between swap_in's two renames), the newest `.<name>.old-*` is put back; staging and
+  old folders of writers that are no longer running are removed. Returns what it did."""
+  dest = pathlib.Path(dest)
+  done = []
+  if not dest.parent.is_dir():
+    return done
+  olds = sorted(dest.parent.glob(f".{dest.name}.old-*"), key=lambda p: p.stat().st_mtime)
+  if not dest.exists() and olds and not _writer_alive(olds[-1].name):
+    os.rename(olds.pop(), dest)
+    done.append(f"restored the previous {dest.name} from a swap a kill interrupted")
+  for p in olds + sorted(dest.parent.glob(f".{dest.name}.staging-*")):
+    if not _writer_alive(p.name):
+      shutil.rmtree(p, ignore_errors=True)
+      done.append(f"removed {p.name}, left by a killed run")
+  return done
+
+
 def swap_in(staging: str | os.PathLike, dest: str | os.PathLike) -> None:
   """Replaces the folder `dest` by `staging` with renames; the old one is removed last,
   so a crash at any point leaves a complete folder at `dest` (or the old one beside it)."""
   staging, dest = pathlib.Path(staging), pathlib.Path(dest)
   old = None
   if dest.exists():
-    old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
     os.rename(dest, old)
   os.rename(staging, dest)
   if old is not None:

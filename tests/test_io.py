@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -50,3 +51,24 @@ def test_swap_in_replaces_a_folder(tmp_path):
     (d / "x").write_text(text)
   io.swap_in(staging, dest)
   assert (dest / "x").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["build"]
+
+
+def test_recover_swap_after_kills(tmp_path):
+  """What SIGKILLs leave: a dead writer's staging folder, and (killed between swap_in's two
+  renames) no dest but the old build beside it. A live writer's folders are left alone."""
+  import subprocess
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  dest = tmp_path / "data"
+  old = tmp_path / f".data.old-{dead.pid}-ab12"
+  old.mkdir()
+  (old / "fingerprint.json").write_text("{}")
+  (tmp_path / f".data.staging-{dead.pid}-x1").mkdir()
+  (tmp_path / ".data.staging-x2").mkdir()  # no pid: an older run's
+  live = tmp_path / f".data.staging-{os.getppid()}-x3"
+  live.mkdir()
+  done = io.recover_swap(dest)
+  assert (dest / "fingerprint.json").read_text() == "{}" and len(done) == 3
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", live.name])
+  assert io.recover_swap(dest) == []  # nothing more to do
+  assert io.staging_prefix(dest) == f".data.staging-{os.getpid()}-"
