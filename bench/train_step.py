@@ -37,22 +37,7 @@ from deepimagine_jax import sharding  # noqa: E402
 from deepimagine_jax import train_state  # noqa: E402
 from deepimagine_jax.config import ModelConfig, OptimizerConfig  # noqa: E402
 from deepimagine_jax.optimizer import make_optimizer  # noqa: E402
-
-
-def make_matmul(n: int):
-  """A compiled, warmed-up float32 n x n matmul; calling it returns its seconds."""
-  ka, kb = jax.random.split(jax.random.key(0))
-  a_NN = jax.random.normal(ka, (n, n), jnp.float32)
-  b_NN = jax.random.normal(kb, (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a_NN, b_NN))
-
-  def timed() -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(dot(a_NN, b_NN))
-    return time.perf_counter() - t0
-
-  return timed
+from bench.rl_step import make_peak  # noqa: E402  (one timed matmul for every bench)
 
 
 def random_batch(batch: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
@@ -102,7 +87,7 @@ def main():
   host = random_batch(args.batch, args.seq_len, cfg.vocab_size, seed=0)
   batch = {k: jax.device_put(host[k], batch_sh[k]) for k in sft.BATCH_KEYS}
 
-  matmul = make_matmul(args.matmul_n)
+  matmul = make_peak(args.matmul_n, jnp.float32)
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)
