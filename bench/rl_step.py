@@ -102,15 +102,12 @@ def run_peer(args) -> str:
   return f"tunix {result['s_per_step']:.2f} s/step (median of {result['steps']})"
 
 
-def main():
-  ap = peer_tunix.shape_args(argparse.ArgumentParser())
-  ap.add_argument("--peer", choices=("none", "tunix"), default="none")
-  ap.add_argument("--peer_python", default=sys.executable,
-                  help="an interpreter that imports tunix (e.g. a separate venv)")
-  ap.add_argument("--matmul_n", type=int, default=1024)
-  args = ap.parse_args()
+def time_stages(cfg: ModelConfig, args, matmul) -> tuple[dict[str, list[float]], list[float]]:
+  """Seconds per stage of `args.steps` GRPO steps after one compiling step, and the
+  matmul's seconds (`make_peak`) run twice after each step so both see the same load.
 
-  cfg = ModelConfig.small()
+  `args` carries the `peer_tunix.shape_args` fields. Raises on a non-finite loss.
+  """
   mesh = sharding.make_mesh(-1, 1, 1)
   P, N, B = args.prompt_len, args.new, args.prompts * args.group
   rcfg = dataclasses.replace(RLConfig.from_config(rl_config.rl_section(args.steps)),
@@ -127,10 +124,6 @@ def main():
   trainer = rl.GRPOTrainer(graphdef, tx, rcfg, mesh, state_sh, None, balance)
   prompts = jax.device_put(peer_tunix.bench_prompts(args.prompts, P, cfg.vocab_size))
   pmask = jax.device_put(np.ones((args.prompts, P), np.int32))
-  on_cpu = jax.devices()[0].platform == "cpu"
-  peak_dtype = jnp.float32 if on_cpu else jnp.bfloat16
-  matmul = make_peak(args.matmul_n, peak_dtype)
-
   times = {k: [] for k in STAGES}
   peak_s = []
   with jax.set_mesh(mesh):
@@ -165,6 +158,23 @@ def main():
         peak_s += [matmul(), matmul()]  # interleaved: the same share of the cores
   if not np.isfinite(float(aux["loss"])):
     raise SystemExit(f"non-finite loss {float(aux['loss'])}")
+  return times, peak_s
+
+
+def main():
+  ap = peer_tunix.shape_args(argparse.ArgumentParser())
+  ap.add_argument("--peer", choices=("none", "tunix"), default="none")
+  ap.add_argument("--peer_python", default=sys.executable,
+                  help="an interpreter that imports tunix (e.g. a separate venv)")
+  ap.add_argument("--matmul_n", type=int, default=1024)
+  args = ap.parse_args()
+
+  cfg = ModelConfig.small()
+  on_cpu = jax.devices()[0].platform == "cpu"
+  peak_dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  matmul = make_peak(args.matmul_n, peak_dtype)
+  times, peak_s = time_stages(cfg, args, matmul)
+  P, N = args.prompt_len, args.new
 
   peak = 2.0 * args.matmul_n**3 / statistics.median(peak_s)
   flops = step_flops(cfg, args.prompts, args.group, P, N, args.beta)

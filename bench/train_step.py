@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import dataclasses  # noqa: E402
 
 from configs import common  # noqa: E402
+from deepimagine_jax import lora  # noqa: E402
 from deepimagine_jax import sft  # noqa: E402
 from deepimagine_jax import sharding  # noqa: E402
 from deepimagine_jax import train_state  # noqa: E402
@@ -55,6 +56,44 @@ def random_batch(batch: int, seq_len: int, vocab: int, seed: int) -> dict[str, n
   }
 
 
+def time_sft(cfg: ModelConfig, batch_size: int, seq_len: int, steps: int, accum: int,
+             matmul, matmul_repeats: int):
+  """(loss, compile + first step s, step seconds, matmul seconds, loss-mask fraction) of
+  `steps` timed SFT steps; the matmul (`make_peak`) runs after each step, same load."""
+  mesh = sharding.make_mesh()
+  sft.check_batch(batch_size, accum, mesh)
+  # A constant positive lr so the update is real work, as in a training run.
+  opt = dataclasses.replace(OptimizerConfig.for_run(common.optimizer(lr=1e-4), 1000),
+                            warmup_steps=0, grad_accum_steps=accum)
+  tx, _ = make_optimizer(opt)
+  graphdef, params = train_state.init_params(cfg, mesh, seed=0)
+  params, frozen = lora.partition(params)  # no adapters: all params train, nothing frozen
+  state, state_sh = train_state.state_from_params(params, tx, mesh, seed=0)
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in sft.BATCH_KEYS}
+  step_fn = sft.make_jitted_step(graphdef, tx, accum, state_sh, batch_sh,
+                                 jax.tree.map(lambda x: x.sharding, frozen))
+  host = random_batch(batch_size, seq_len, cfg.vocab_size, seed=0)
+  batch = {k: jax.device_put(host[k], batch_sh[k]) for k in sft.BATCH_KEYS}
+
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch, frozen)
+    jax.block_until_ready(metrics["loss"])
+    compile_s = time.perf_counter() - t0
+    times, mm_times = [], []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, batch, frozen)
+      jax.block_until_ready(metrics["loss"])
+      times.append(time.perf_counter() - t0)
+      # Interleaved, so the peak sees the same share of the cores as the steps.
+      mm_times += [matmul() for _ in range(matmul_repeats)]
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise SystemExit(f"non-finite loss {loss}")
+  return loss, compile_s, times, mm_times, float(host["loss_mask"].mean())
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", default="small", help="a ModelConfig classmethod")
@@ -74,43 +113,15 @@ def main():
   if args.seq_len > cfg.max_seq_len:
     raise SystemExit(f"--seq_len {args.seq_len} exceeds {args.preset}.max_seq_len "
                      f"{cfg.max_seq_len}")
-  mesh = sharding.make_mesh()
-  sft.check_batch(args.batch, args.accum, mesh)
-  # A constant positive lr so the update is real work, as in a training run.
-  opt = dataclasses.replace(OptimizerConfig.for_run(common.optimizer(lr=1e-4), 1000),
-                            warmup_steps=0, grad_accum_steps=args.accum)
-  tx, _ = make_optimizer(opt)
-  graphdef, params = train_state.init_params(cfg, mesh, seed=0)
-  state, state_sh = train_state.state_from_params(params, tx, mesh, seed=0)
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in sft.BATCH_KEYS}
-  step_fn = sft.make_jitted_step(graphdef, tx, args.accum, state_sh, batch_sh)
-  host = random_batch(args.batch, args.seq_len, cfg.vocab_size, seed=0)
-  batch = {k: jax.device_put(host[k], batch_sh[k]) for k in sft.BATCH_KEYS}
-
   matmul = make_peak(args.matmul_n, jnp.float32)
-  with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics["loss"])
-    compile_s = time.perf_counter() - t0
-    times, mm_times = [], []
-    for _ in range(args.steps):
-      t0 = time.perf_counter()
-      state, metrics = step_fn(state, batch)
-      jax.block_until_ready(metrics["loss"])
-      times.append(time.perf_counter() - t0)
-      # Interleaved, so the peak sees the same share of the cores as the steps.
-      mm_times += [matmul() for _ in range(args.matmul_repeats)]
-  loss = float(metrics["loss"])
-  if not np.isfinite(loss):
-    raise SystemExit(f"non-finite loss {loss}")
+  loss, compile_s, times, mm_times, mask_frac = time_sft(
+      cfg, args.batch, args.seq_len, args.steps, args.accum, matmul, args.matmul_repeats)
 
   peak = 2.0 * args.matmul_n**3 / statistics.median(mm_times)
   load1 = os.getloadavg()
   step_s = statistics.median(times)
   tokens_s = args.batch * args.seq_len / step_s
   flops_s = cfg.flops_per_token(args.seq_len) * tokens_s
-  mask_frac = float(host["loss_mask"].mean())
   dev = jax.devices()[0]
   print(f"train_step {args.preset} ({cfg.num_params() / 1e6:.1f}M) "
         f"devices={jax.device_count()}x{dev.platform} T={args.seq_len} B={args.batch} "
