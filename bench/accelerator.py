@@ -25,7 +25,6 @@ where printed as such.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import re
@@ -66,9 +65,12 @@ SIZES = {
                 grpo_prompt=64, grpo_new=32, grpo_steps=2, matmul_n=1024),
 }
 # bf16 keeps 8 significant bits (relative rounding 2^-9 per operation), which compounds
-# over the layers: logits may differ by a few percent of their range, and an argmax may
-# flip only where the top two logits are that close.
-TOLERANCE = dict(max_rel=0.05, agree=0.95)
+# over the layers: logits may differ by a few percent of their range. An argmax flips
+# where the top two f32 logits are that close, and a random model's are often close (the
+# gap between the top two of V Gaussians shrinks like 1 / sqrt(2 ln V)): on CPU the
+# qwen3_0_6b shape gave max |diff| 0.116 (2.1% of max |logit| 5.53), agreement 0.961 of
+# 128 positions. A wrong cast or an overflow gives far more than either bound.
+TOLERANCE = dict(max_rel=0.05, agree=0.90)
 BETA = 0.04  # the GRPO step's KL weight, as rl_step's default
 
 

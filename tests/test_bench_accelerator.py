@@ -38,6 +38,7 @@ def test_parity_stats_against_numpy():
   assert s["agree"] == pytest.approx(np.mean(got.argmax(-1) == ref.argmax(-1)))
 
 
+@pytest.mark.slow  # about 40 s on 2 loaded cores: it compiles each of the script's programs
 def test_reduced_cpu_run_prints_five_parsable_lines(capsys):
   accelerator.main(["--preset=tiny", "--parity_len=32", "--batch=8", "--seq_len=32",
                     "--steps=1", "--batches=1", "--prompt=8", "--new=4", "--prompts=8",
@@ -52,7 +53,7 @@ def test_reduced_cpu_run_prints_five_parsable_lines(capsys):
   max_diff, mean_diff, max_ref, agree = map(float, m.groups()[:4])
   assert all(math.isfinite(v) for v in (max_diff, mean_diff, max_ref, agree))
   assert 0 < mean_diff <= max_diff  # bf16 really ran: the logits differ
-  assert max_diff <= 0.05 * max_ref and agree >= 0.95
+  assert max_diff <= 0.05 * max_ref and agree >= 0.95  # tighter than the script's 0.90: 2 layers
   assert lines[1].endswith("since start") and ": pass |" in lines[1]
 
   for line, pattern in ((lines[2], rf"B=1: {NUMBER} tok/s \(decode {NUMBER}\)"),
