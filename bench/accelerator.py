@@ -10,17 +10,24 @@ Prints five lines, every figure from this one run:
                pass at matmul precision "highest", so neither TF32 nor bf16 passes slip
                in) over random tokens: max and mean |logit diff|, argmax agreement and the
                stated tolerance;
+  sampler      bench/sampler.time_cache's end-to-end and decode tokens/s per batch size;
   sft          train_step.time_sft's tokens/s, and model FLOP/s (ModelConfig.flops_per_token)
                as MFU against the device kind's published dense bf16 peak (PEAKS) and
                against a large matmul in the step's dtype timed after each step;
-  sampler      bench/sampler.time_cache's end-to-end and decode tokens/s per batch size;
-  grpo         rl_step.time_stages's seconds per stage and, at the same measured peak, the
-               fraction of each stage's limit (rl_step.step_flops / peak / seconds).
-The accelerator sizes are chosen to fit a 16 GB device (float32 parameters and Adam:
-about 9.6 GB for 0.6B parameters; remat on); not yet run on one. On CPU bf16 matmuls
-are emulated, so the reduced run's SFT and GRPO compute in float32 against a float32
-peak; its parity line is bf16 as on an accelerator. Compile time is excluded except
-where printed as such.
+  grpo         rl_step.time_stages's seconds per stage and, at the matmul peak timed after
+               each of its steps, the fraction of each stage's limit (rl_step.step_flops /
+               peak / seconds).
+Compile time is excluded except where printed as such; each line ends with the wall time
+since the start (compiles included). On CPU bf16 matmuls are emulated, so the reduced
+run's sampler, SFT and GRPO compute in float32 against a float32 peak; its parity line is
+bf16 as on an accelerator.
+
+The accelerator sizes aim at a 16 GB device (not yet run on one). bench/memory.py's plan
+(a CPU compile: an estimate) for qwen3_0_6b, bf16 compute, remat: the SFT step 12.0 GiB
+(float32 parameters 2.2 + Adam 4.4 + temporaries 5.4); the GRPO update at 2 x 4 prompts,
+128 + 64 tokens, 14.3 GiB with float32 parameters, plus rl_step's float32 reference copy
+(2.2 GiB, which the plan leaves out): over 16, so GRPO keeps its parameters, Adam state
+and reference in bfloat16: 12.1 GiB planned + 1.1 for the reference.
 """
 from __future__ import annotations
 
@@ -58,11 +65,12 @@ PEAKS = (
 SIZES = {
     "accelerator": dict(preset="qwen3_0_6b", parity_batch=2, parity_len=512, batch=4,
                         seq_len=512, accum=1, steps=5, batches="1,32,128", prompt=128,
-                        new=128, prompts=4, group=4, grpo_prompt=256, grpo_new=64,
-                        grpo_steps=3, matmul_n=8192),
+                        new=128, prompts=2, group=4, grpo_prompt=128, grpo_new=64,
+                        grpo_steps=3, grpo_param_dtype="bfloat16", matmul_n=8192),
     "cpu": dict(preset="small", parity_batch=2, parity_len=128, batch=8, seq_len=256,
                 accum=1, steps=2, batches="1,4,8", prompt=64, new=32, prompts=2, group=4,
-                grpo_prompt=64, grpo_new=32, grpo_steps=2, matmul_n=1024),
+                grpo_prompt=64, grpo_new=32, grpo_steps=2, grpo_param_dtype="float32",
+                matmul_n=1024),
 }
 # bf16 keeps 8 significant bits (relative rounding 2^-9 per operation), which compounds
 # over the layers: logits may differ by a few percent of their range. An argmax flips
@@ -171,13 +179,15 @@ def main(argv=None):
   grpo_args = argparse.Namespace(prompts=args.prompts, group=args.group,
                                  prompt_len=args.grpo_prompt, new=args.grpo_new,
                                  steps=args.grpo_steps, beta=BETA, lr=1e-5)
-  stage_s, grpo_mm = time_stages(cfg, grpo_args, matmul)
+  grpo_cfg = cfg.replace(param_dtype=args.grpo_param_dtype)
+  stage_s, grpo_mm = time_stages(grpo_cfg, grpo_args, matmul)
   peak = matmul_flops / statistics.median(grpo_mm)
   flops = step_flops(cfg, args.prompts, args.group, args.grpo_prompt, args.grpo_new, BETA)
   med = {k: statistics.median(v) for k, v in stage_s.items()}
   total_s, total_f = sum(med.values()), sum(flops.values())
   print(f"grpo {args.preset} {args.prompts}x{args.group} prompt={args.grpo_prompt} "
-        f"new={args.grpo_new} beta={BETA} (median of {args.grpo_steps}) | {total_s:.3f} s/step"
+        f"new={args.grpo_new} beta={BETA} params={args.grpo_param_dtype} "
+        f"(median of {args.grpo_steps}) | {total_s:.3f} s/step"
         f" = {total_f / peak / total_s:.0%} of the {total_f / peak:.3f} s limit at the "
         f"{peak_dtype.name} matmul peak measured after each step, {peak / 1e12:.4f} TFLOP/s | "
         + ", ".join(f"{k} {med[k]:.3f} s ({med[k] / total_s:.0%} of the step"
