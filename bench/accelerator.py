@@ -61,7 +61,7 @@ PEAKS = (
     (r"TPU v6 ?lite|TPU v6e", 918.0),
 )
 
-# Sizes per mode. The accelerator's fit 16 GB; the CPU's run in minutes on 2 cores.
+# Sizes per mode. The accelerator's fit 16 GB per chip; the CPU's run in minutes on 2 cores.
 SIZES = {
     "accelerator": dict(preset="qwen3_0_6b", parity_batch=2, parity_len=512, batch=4,
                         seq_len=512, accum=1, steps=5, batches="1,32,128", prompt=128,
@@ -72,6 +72,9 @@ SIZES = {
                 grpo_prompt=64, grpo_new=32, grpo_steps=2, grpo_param_dtype="float32",
                 matmul_n=1024),
 }
+# Sharded over the batch axis of a mesh of all devices: the accelerator defaults are per
+# device (SFT sequences, GRPO prompts), so a host with several chips runs the same per chip.
+PER_DEVICE = ("batch", "prompts")
 # bf16 keeps 8 significant bits (relative rounding 2^-9 per operation), which compounds
 # over the layers: logits may differ by a few percent of their range. An argmax flips
 # where the top two f32 logits are that close, and a random model's are often close (the
@@ -131,12 +134,15 @@ def main(argv=None):
   mode = "cpu" if on_cpu else "accelerator"
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   for key, value in SIZES[mode].items():
-    ap.add_argument(f"--{key}", type=type(value), default=value)
+    scale = jax.device_count() if mode == "accelerator" and key in PER_DEVICE else 1
+    ap.add_argument(f"--{key}", type=type(value), default=value * scale)
   args = ap.parse_args(argv)
   start = time.perf_counter()
   wall = lambda: f" | wall {time.perf_counter() - start:.0f} s since start"
   dev = jax.devices()[0]
   kind, table = dev.device_kind, table_peak(dev.device_kind)
+  # Peaks are per chip; the steps run on all of them (fake CPU devices share one machine).
+  chips = 1 if on_cpu else jax.device_count()
   compute = "float32" if on_cpu else "bfloat16"
   cfg32 = getattr(ModelConfig, args.preset)().replace(
       dtype="float32", param_dtype="float32", scan_layers=True)
@@ -165,15 +171,16 @@ def main(argv=None):
   step_s = statistics.median(times)
   tokens_s = args.batch * args.seq_len / step_s
   flops_s = cfg.flops_per_token(args.seq_len) * tokens_s
-  peak = matmul_flops / statistics.median(mm_times)
-  table_part = (f"{flops_s / table:.1%} of {kind}'s table bf16 peak {table / 1e12:.0f} TFLOP/s"
+  peak = chips * matmul_flops / statistics.median(mm_times)
+  table_part = (f"{flops_s / (chips * table):.1%} of {chips} x {kind}'s table bf16 peak "
+                f"{table / 1e12:.0f} TFLOP/s"
                 if table else f"no table peak for {kind!r}")
   print(f"sft {args.preset} T={args.seq_len} B={args.batch} accum={args.accum} "
         f"dtype={compute} remat={cfg.remat} | {tokens_s:.0f} tokens/s, step "
         f"{step_s * 1e3:.1f} ms (median of {args.steps}) | model {flops_s / 1e12:.4f} TFLOP/s"
         f" = MFU {table_part}; {flops_s / peak:.1%} of the {peak_dtype.name} matmul peak "
-        f"measured after each step, {peak / 1e12:.4f} TFLOP/s (n={args.matmul_n})"
-        + (f" = {peak / table:.0%} of the table's" if table else "")
+        f"measured after each step, {chips} x {peak / chips / 1e12:.4f} TFLOP/s (n="
+        f"{args.matmul_n})" + (f" = {peak / chips / table:.0%} of the table's" if table else "")
         + f" | compile+1st step {compile_s:.1f} s, loss {loss:.3f}" + wall(), flush=True)
 
   grpo_args = argparse.Namespace(prompts=args.prompts, group=args.group,
@@ -181,7 +188,7 @@ def main(argv=None):
                                  steps=args.grpo_steps, beta=BETA, lr=1e-5)
   grpo_cfg = cfg.replace(param_dtype=args.grpo_param_dtype)
   stage_s, grpo_mm = time_stages(grpo_cfg, grpo_args, matmul)
-  peak = matmul_flops / statistics.median(grpo_mm)
+  peak = chips * matmul_flops / statistics.median(grpo_mm)
   flops = step_flops(cfg, args.prompts, args.group, args.grpo_prompt, args.grpo_new, BETA)
   med = {k: statistics.median(v) for k, v in stage_s.items()}
   total_s, total_f = sum(med.values()), sum(flops.values())
@@ -189,7 +196,8 @@ def main(argv=None):
         f"new={args.grpo_new} beta={BETA} params={args.grpo_param_dtype} "
         f"(median of {args.grpo_steps}) | {total_s:.3f} s/step"
         f" = {total_f / peak / total_s:.0%} of the {total_f / peak:.3f} s limit at the "
-        f"{peak_dtype.name} matmul peak measured after each step, {peak / 1e12:.4f} TFLOP/s | "
+        f"{peak_dtype.name} matmul peak measured after each step, {chips} x "
+        f"{peak / chips / 1e12:.4f} TFLOP/s | "
         + ", ".join(f"{k} {med[k]:.3f} s ({med[k] / total_s:.0%} of the step"
                     + (f", {flops[k] / peak / med[k]:.0%} of its limit)" if flops[k] else ")")
                     for k in STAGES) + wall(), flush=True)
