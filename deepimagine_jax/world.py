@@ -138,6 +138,8 @@ def reference_runs(train_q, train_pairs, targets, split_pairs, rf_seeds, folds: 
 
   The anchor references answer targets that have a usable anchor pair; the rest
   keep the answer of the same learner without anchors (majority for copy_anchor).
+  Every learner is chosen (cross-validated) and fitted once on the training data,
+  whatever the targets: pass all scored splits' targets together and slice.
   """
   runs, _ = baselines.baseline_probs(train_q, targets, rf_seeds, folds)
   near = nearest_pairs(targets, split_pairs)
@@ -261,10 +263,18 @@ def world(config, workdir: str):
   train_q = [ex for s in world_build.TRAINING for ex in built.examples(s, ("question",))]
   train_pairs = [ex for s in world_build.TRAINING for ex in built.examples(s, CROSS_TRIAL)
                  if not baselines.pair_problem(ex)]
+  # The references are fitted once on the training data and answer every split's targets.
+  every_target = [t for s in exp.splits for t in targets[s]]
+  all_refs, _ = reference_runs(train_q, train_pairs, every_target,
+                               [ex for s in exp.splits for ex in split_examples[s]],
+                               run.eval.rf_seeds, run.eval.cv_folds)
   results: dict = {}
+  start = 0
   for s in exp.splits:
-    refs, anchored = reference_runs(train_q, train_pairs, targets[s], split_examples[s],
-                                    run.eval.rf_seeds, run.eval.cv_folds)
+    part = slice(start, start + len(targets[s]))
+    start = part.stop
+    refs = {name: [list(r[part]) for r in runs] for name, runs in all_refs.items()}
+    anchored = len(nearest_pairs(targets[s], split_examples[s]))
     results[s] = {"questions": {"n": len(targets[s]), "anchored": anchored},
                   "imagining": {"stats": imagining_stats[s]}}
     for name, runs in [(a, probs[a][s]) for a in ARMS] + list(refs.items()):
