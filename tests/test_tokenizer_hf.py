@@ -1,7 +1,8 @@
 """Checkpoint tokenizers against transformers' own classes on the same files.
 
 Qwen3-, Llama-3-, Llama-2- and Gemma-shaped folders are built locally (tokenizer_files.py);
-over 1,000 CT Open prompts the ids of encode, of the chat-rendered prompt and of
+over 800 benchmark-style prompts (the repo's own; with the full data also 1,000 real CT Open
+prompts) the ids of encode, of the chat-rendered prompt and of
 decode must be exactly what transformers' AutoTokenizer gives.
 """
 import json
@@ -48,6 +49,14 @@ def pair(request, examples, tmp_path_factory):
 
 
 def test_encode_and_decode_match_transformers(pair, examples):
+  check_encode_and_decode(pair, examples)
+
+
+def test_chat_prompts_match_transformers(pair, examples):
+  check_chat_prompts(pair, examples)
+
+
+def check_encode_and_decode(pair, examples):
   _, tok, hf = pair
   for ex in examples:
     for text in (ex.prompt, ex.completion):
@@ -56,7 +65,7 @@ def test_encode_and_decode_match_transformers(pair, examples):
       assert tok.decode(ids) == hf.decode(ids, clean_up_tokenization_spaces=False) == text
 
 
-def test_chat_prompts_match_transformers(pair, examples):
+def check_chat_prompts(pair, examples):
   _, tok, hf = pair
   for ex in examples:
     messages = [{"role": "user", "content": ex.prompt}]
@@ -68,6 +77,17 @@ def test_chat_prompts_match_transformers(pair, examples):
     assert head + body == want, ex.id
     # The head is the template's opening only: the prompt text starts the body.
     assert ex.prompt.startswith(tok.decode(body)[:20])
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_real_ct_open_prompts_match_transformers(kind, full_data, tmp_path):
+  """The same comparison over 1,000 real CT Open prompts (the full data's Winter 2025)."""
+  exs = tf.ct_open_examples(full_data, 1000)
+  assert len(exs) == 1000 and all(e.source == "ct_open" for e in exs)
+  folder = _build(kind, tmp_path, [e.prompt + "\n" + e.completion for e in exs[:300]])
+  pair = (kind, Tokenizer.load(folder), AutoTokenizer.from_pretrained(str(folder)))
+  check_encode_and_decode(pair, exs)
+  check_chat_prompts(pair, exs)
 
 
 def test_special_ids_and_end_of_turn(pair):

@@ -89,7 +89,8 @@ def ct_open_examples(data_root, n: int):
   for name in ("Winter_2025", "Summer_2025"):
     exs += ct_open.read_questions(data_root / "ct_open" / f"{name}.pickle", BuildReport(),
                                   split=name)
-  exs += questions.derive_all(ctgov_xml.read_ctgov_xml(data_root / "ctgov_xml", BuildReport()))
+  if len(exs) < n:  # the full data's registry is large: read it only when needed
+    exs += questions.derive_all(ctgov_xml.read_ctgov_xml(data_root / "ctgov_xml", BuildReport()))
   return [templates.render(e) for e in exs[:n]]
 
 
