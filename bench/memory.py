@@ -10,7 +10,9 @@ project's own sharding rules (sharding.state_shardings, train_state's optimizer
 shardings), so parameter and optimizer bytes are each device's shard sizes. The
 KV cache is the GRPO rollout's: prompts_per_step x group_size rows of
 prompt_len + max_new_tokens slots per layer, sharded as the sampler shards it
-(sampler.cache_spec), plus the prompts' own cache before it fans out. Activations
+(sampler.cache_spec), plus the prompts' own cache before it fans out. GRPO with
+beta > 0 and no LoRA also holds its reference, a copy of the policy's parameters
+(with LoRA the reference is the base with adapters off: nothing more). Activations
 are the temporary bytes of the compiled SFT step and GRPO update
 (`compiled.memory_analysis()`, XLA's buffer assignment for one device of the
 SPMD program; on the CPU backend, so an estimate of what an accelerator
@@ -171,6 +173,13 @@ def step_temp_bytes(cfg: ModelConfig, run: RunConfig, mesh) -> dict:
   return out
 
 
+def reference_bytes(run: RunConfig, trainable) -> int:
+  """GRPO with a KL term keeps a frozen copy of the policy as its reference (rl.GRPOTrainer),
+  except with LoRA, where the reference is the base with the adapters off: no copy."""
+  full_copy = run.rl is not None and run.rl.beta > 0 and not (run.lora and run.lora.rank)
+  return device_bytes(trainable) if full_copy else 0
+
+
 def plan(run: RunConfig, mesh, probe_layers: tuple[int, int] | None) -> dict:
   cfg = model_config(run)
   _, trainable, frozen = abstract_params(cfg, run, mesh)
@@ -180,6 +189,7 @@ def plan(run: RunConfig, mesh, probe_layers: tuple[int, int] | None) -> dict:
   opt_cfg = (run.sft or run.rl).optimizer
   out["optimizer"] = device_bytes(optimizer_state(trainable, opt_cfg, mesh)[1])
   out["kv_cache"] = kv_cache_bytes(cfg, run, mesh) if run.rl is not None else 0
+  out["params_reference"] = reference_bytes(run, trainable)
   if probe_layers is None:
     temps = step_temp_bytes(cfg, run, mesh)
   else:  # linear in layers: remat keeps one residual per layer, the rest is per-layer work
@@ -190,9 +200,10 @@ def plan(run: RunConfig, mesh, probe_layers: tuple[int, int] | None) -> dict:
     out["activations_extrapolated_from_layers"] = [a, b]
   out.update({f"activations_{k}": v for k, v in temps.items()})
   resident = out["params_frozen"] + out["params_trained"] + out["optimizer"]
-  phases = {k: resident + v for k, v in temps.items()}
+  phases = {k: resident + v + (out["params_reference"] if k.startswith("rl") else 0)
+            for k, v in temps.items()}
   if run.rl is not None:
-    phases["rl_rollout"] = resident + out["kv_cache"]
+    phases["rl_rollout"] = resident + out["params_reference"] + out["kv_cache"]
   out["peak_phase"], out["peak"] = max(phases.items(), key=lambda kv: kv[1])
   return out
 
@@ -204,7 +215,9 @@ def _layers(cfg: ModelConfig, n: int) -> ModelConfig:
 
 def table(p: dict, hbm_gib) -> str:
   rows = [("parameters, frozen base", p["params_frozen"]),
-          ("parameters, trained", p["params_trained"]), ("optimizer state", p["optimizer"]),
+          ("parameters, trained", p["params_trained"]),
+          ("parameters, GRPO reference copy", p["params_reference"]),
+          ("optimizer state", p["optimizer"]),
           ("KV cache (GRPO rollout)", p["kv_cache"])]
   rows += [(f"activations, {k[len('activations_'):]} (temporaries)", v) for k, v in p.items()
            if k.startswith("activations_") and isinstance(v, int)]

@@ -1,4 +1,5 @@
 """bench/memory.py: its per-device bytes against live arrays' shards and a hand count."""
+import dataclasses
 import importlib.util
 
 import jax
@@ -55,10 +56,24 @@ def test_kv_cache_by_hand():
   assert memory.kv_cache_bytes(cfg, run, mesh) == per_row * rows // 4
 
 
+def test_reference_copy_only_without_lora_and_with_kl():
+  full = _run()
+  mesh = sharding.mesh_from_config(full.mesh)
+  _, trainable, _ = memory.abstract_params(memory.model_config(full), full, mesh)
+  assert full.rl.beta > 0 and not full.lora.rank
+  assert memory.reference_bytes(full, trainable) == memory.device_bytes(trainable) > 0
+  no_kl = dataclasses.replace(full, rl=dataclasses.replace(full.rl, beta=0.0))
+  assert memory.reference_bytes(no_kl, trainable) == 0
+  adapters = _run(rank=4, alpha=8.0)
+  _, trainable, _ = memory.abstract_params(memory.model_config(adapters), adapters, mesh)
+  assert memory.reference_bytes(adapters, trainable) == 0
+
+
 def test_plan_peak_is_the_largest_phase():
   run = _run(rank=4, alpha=8.0)
   p = memory.plan(run, sharding.mesh_from_config(run.mesh), None)
   resident = p["params_frozen"] + p["params_trained"] + p["optimizer"]
+  assert p["params_reference"] == 0  # LoRA: the reference is the base, adapters off
   phases = {"sft": p["activations_sft"], "rl_update": p["activations_rl_update"],
             "rl_rollout": p["kv_cache"]}
   assert min(phases.values()) > 0
