@@ -1,8 +1,13 @@
 """Test setup: 8 fake CPU devices, set once before JAX is imported."""
 import os
 
+# The tests' programs are tiny, so compiling them costs far more than running them: LLVM at
+# optimisation level 0 without its expensive passes compiles about a third faster (the RL job
+# test on a Gemma 3 checkpoint: 58 -> 39 s). What a program computes is unchanged; only how
+# fast the machine code runs. The benches and real runs keep XLA's defaults.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the entry tests' subprocesses) compile the same programs: a

@@ -10,8 +10,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def launch_env(devices: int) -> dict:
   """The launcher's environment: this checkout's packages first (not another editable
-  install's), `devices` CPU devices."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  install's), `devices` CPU devices, the session's other XLA flags (tests/conftest.py)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count=")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, XLA_FLAGS=" ".join(flags),
               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                   [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH", "")] if p]))
 

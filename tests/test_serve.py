@@ -2,7 +2,6 @@
 serving the tiny policy, checked against the sampler called directly."""
 import concurrent.futures
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+import test_entry
 import tiny_policy
 from configs import common
 from configs import serve as serve_config
@@ -215,8 +215,7 @@ def test_serve_job_answers_over_http():
           f"cfg.serve.checkpoint = {tiny_policy.run_dir()!r}; cfg.serve.port = {port}; "
           "cfg.serve.batch_size = 1; "  # one row bucket: the start-up compiles once
           "serve.serve(cfg, '')")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
+  env = test_entry.launch_env(1)
   proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
