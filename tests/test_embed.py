@@ -1,4 +1,6 @@
 """embed.Embedder: mean-pooled hidden states, checked against each text run alone."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -25,13 +27,18 @@ def test_mean_of_real_tokens_matches_each_text_alone(setup):
   tok, graphdef, params = setup
   emb = Embedder(graphdef, params, tok, name="tiny", max_len=24, batch_size=3)
   got_ND = emb(TEXTS)
-  model = nnx.merge(graphdef, params)
-  assert got_ND.shape == (len(TEXTS), model.cfg.d_model)
+  assert got_ND.shape == (len(TEXTS), nnx.merge(graphdef, params).cfg.d_model)
+
+  @jax.jit  # one text alone, unpadded (jitted: op-by-op dispatch compiles every op per length)
+  def mean_hidden(params, ids):
+    hidden, _ = nnx.merge(graphdef, params)(ids, jnp.arange(ids.shape[1])[None],
+                                            return_hidden=True)
+    return hidden[0].mean(0)
+
   for i, text in enumerate(TEXTS):
     head, body = tok.prompt_ids(text)
     ids = np.asarray((head + body)[:24], np.int32)[None]
-    hidden, _ = model(ids, np.arange(ids.shape[1], dtype=np.int32)[None], return_hidden=True)
-    np.testing.assert_allclose(got_ND[i], np.asarray(hidden[0]).mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_ND[i], mean_hidden(params, ids), rtol=1e-4, atol=1e-5)
   # Batch padding and batch size change nothing; the cut text is the long one.
   np.testing.assert_allclose(Embedder(graphdef, params, tok, name="tiny", max_len=24,
                                       batch_size=1)(TEXTS), got_ND, rtol=1e-5, atol=1e-6)

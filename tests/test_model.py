@@ -279,7 +279,7 @@ def test_bf16_compute_and_remat_run():
   def loss(m):
     return jnp.mean(m(tok, pos)[0])
 
-  grads = nnx.grad(loss)(model)
+  grads = nnx.jit(nnx.grad(loss))(model)  # jitted: remat's eager dispatch is slow
   leaves = jax.tree.leaves(grads)
   assert leaves and all(bool(jnp.isfinite(g).all()) for g in leaves)
 
@@ -349,15 +349,18 @@ def test_scanned_layers_equal_unrolled(arch):
       var.set_value(jnp.asarray(want[path]))
 
   tok, pos = _inputs(cfg, B=2, T=10)
-  outs = {}
-  for name, model in (("unrolled", unrolled), ("scanned", scanned)):
+
+  @nnx.jit  # one program per layout (eager dispatch would compile every op of every layer)
+  def run(model):
     full, _ = model(tok, pos)
     cache = M.init_cache(model.cfg, 2, 10)
     valid = jnp.ones((2, 10), bool)
     _, cache = model(tok[:, :8], pos[:, :8], cache=cache, cache_index=0, kv_valid_BS=valid)
     step, cache = model(tok[:, 8:9], pos[:, 8:9], cache=cache, cache_index=8, kv_valid_BS=valid)
     grads = nnx.grad(lambda m: jnp.mean(m(tok, pos)[0] ** 2))(model)
-    outs[name] = full, step, cache, grads
+    return full, step, cache, grads
+
+  outs = {name: run(model) for name, model in (("unrolled", unrolled), ("scanned", scanned))}
   (full_u, step_u, cache_u, grads_u), (full_s, step_s, cache_s, grads_s) = (
       outs["unrolled"], outs["scanned"])
   assert isinstance(cache_s, M.StackedCache) and len(cache_s) == cfg.n_layers
