@@ -38,6 +38,12 @@ def _inputs(cfg, B=3, T=12, seed=1):
   return tok, pos
 
 
+@nnx.jit
+def _call(model, *args, **kwargs):
+  """model(*args, **kwargs) as one compiled program (eager dispatch compiles every op)."""
+  return model(*args, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   cfg = ModelConfig.tiny()
@@ -47,7 +53,7 @@ def tiny():
 def test_shapes_and_finite(tiny):
   cfg, model = tiny
   tok, pos = _inputs(cfg)
-  logits, cache = model(tok, pos)
+  logits, cache = _call(model, tok, pos)
   assert logits.shape == (3, 12, cfg.vocab_size) and logits.dtype == jnp.float32
   assert cache is None
   assert bool(jnp.isfinite(logits).all())
@@ -58,8 +64,8 @@ def test_causal(tiny):
   tok, pos = _inputs(cfg)
   t = 7
   tok2 = tok.at[:, t].set((tok[:, t] + 1) % cfg.vocab_size)
-  a, _ = model(tok, pos)
-  b, _ = model(tok2, pos)
+  a, _ = _call(model, tok, pos)
+  b, _ = _call(model, tok2, pos)
   np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
   assert not np.allclose(np.asarray(a[:, t]), np.asarray(b[:, t]))
 
@@ -70,15 +76,15 @@ def test_segments_are_isolated(tiny):
   tok, _ = _inputs(cfg, B=1, T=10)
   seg = jnp.array([[1] * 4 + [2] * 6])
   pos = jnp.array([list(range(4)) + list(range(6))])
-  packed, _ = model(tok, pos, segment_ids_BT=seg)
-  alone, _ = model(tok[:, 4:], pos[:, 4:])
+  packed, _ = _call(model, tok, pos, segment_ids_BT=seg)
+  alone, _ = _call(model, tok[:, 4:], pos[:, 4:])
   np.testing.assert_allclose(np.asarray(packed[:, 4:]), np.asarray(alone), atol=1e-5)
 
 
 def test_sharded_forward_equals_single_device(tiny):
   cfg, model = tiny
   tok, pos = _inputs(cfg, B=4)
-  ref, _ = model(tok, pos)
+  ref, _ = _call(model, tok, pos)
   mesh = S.make_mesh(2, 2, 2)
   sharded = S.create_sharded(lambda: M.Transformer(cfg, nnx.Rngs(0)), mesh)
   wq = sharded.layers[0].attn.wq_DNH[...]
@@ -200,7 +206,7 @@ def test_matches_numpy_reference(variant):
     _randomize_norms(model)
   tok, _ = _inputs(cfg, B=2, T=9)
   pos = jnp.array([np.arange(9) + 5, np.arange(9) + 100])  # offsets exercise RoPE
-  got, _ = model(tok, pos)
+  got, _ = _call(model, tok, pos)
   want = _np_forward(model, cfg, tok, pos)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-4)
 
@@ -214,8 +220,8 @@ def test_left_padded_prompt_matches_unpadded(tiny):
   valid = jnp.array([[False] * pad + [True] * 6])
   pos = jnp.maximum(jnp.cumsum(valid, 1) - 1, 0)
   cache = M.init_cache(cfg, 1, pad + 6)
-  got, _ = model(padded, pos, cache=cache, cache_index=0, kv_valid_BS=valid)
-  want, _ = model(tok, jnp.arange(6)[None])
+  got, _ = _call(model, padded, pos, cache=cache, cache_index=0, kv_valid_BS=valid)
+  want, _ = _call(model, tok, jnp.arange(6)[None])
   np.testing.assert_allclose(np.asarray(got[:, pad:]), np.asarray(want), atol=1e-5)
 
 
@@ -228,19 +234,19 @@ def test_cache_step_matches_full_forward(tiny, arch):
     model = M.Transformer(cfg, nnx.Rngs(1))
     _randomize_norms(model)
   tok, pos = _inputs(cfg, B=2, T=10)
-  full, _ = model(tok, pos)
+  full, _ = _call(model, tok, pos)
   cache = M.init_cache(cfg, 2, 10)
   valid = jnp.ones((2, 10), bool)
-  pre, cache = model(tok[:, :6], pos[:, :6], cache=cache, cache_index=0, kv_valid_BS=valid)
+  pre, cache = _call(model, tok[:, :6], pos[:, :6], cache=cache, cache_index=0, kv_valid_BS=valid)
   np.testing.assert_allclose(np.asarray(pre), np.asarray(full[:, :6]), atol=1e-5)
   for t in range(6, 10):
-    step, cache = model(tok[:, t:t + 1], pos[:, t:t + 1], cache=cache, cache_index=t,
+    step, cache = _call(model, tok[:, t:t + 1], pos[:, t:t + 1], cache=cache, cache_index=t,
                         kv_valid_BS=valid)
     np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, t]), atol=1e-5)
   if arch == "gemma3":  # the window matters: without it the same cache gives other logits
     unwindowed = nnx.merge(nnx.graphdef(M.Transformer(cfg.replace(
         layer_types=("global",) * 3), nnx.Rngs(1))), nnx.state(model))
-    other, _ = unwindowed(tok, pos)
+    other, _ = _call(unwindowed, tok, pos)
     assert np.abs(np.asarray(other[:, 3:]) - np.asarray(full[:, 3:])).max() > 1e-2
 
 
@@ -266,7 +272,7 @@ def test_greedy_sampler_past_the_window_matches_a_full_forward():
                        temperature=0.0)
   seq_mask = out.sequence_mask.astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(seq_mask, 1) - 1, 0)
-  logits, _ = model(out.sequences, positions, segment_ids_BT=seq_mask)
+  logits, _ = _call(model, out.sequences, positions, segment_ids_BT=seq_mask)
   greedy = np.asarray(jnp.argmax(logits[:, 4:-1], -1))
   np.testing.assert_array_equal(np.asarray(out.tokens), greedy)
 
