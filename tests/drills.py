@@ -1,6 +1,6 @@
 """Drills through the real launcher, too slow for CI; prints one line of figures per drill.
 
-  python tests/drills.py [--only kill,disk,damage,config] [--kills 3]
+  python tests/drills.py [--only kill,disk,damage,config,imagine] [--kills 3]
 
 kill    SFT (tiny, a checkpoint every step) killed with SIGKILL while a save is in
         flight, `--kills` times, then rerun: the exported policy and every metric
@@ -13,6 +13,10 @@ damage  each kind of damage of tests/test_checkpoint.py to the newest checkpoint
         step, and end bit-identical to an undamaged run.
 config  the bad values of issue 14: each must end the launcher with one line (no
         traceback) before the data build.
+imagine configs/traces.py:imagine with the project's own endpoint as the teacher (a
+        `mini` policy after 20 SFT steps on the tests' data root, served by
+        configs/serve.py): every answer is validated and counted; run twice, the
+        second run must send nothing (all from the cache).
 The CI-sized versions are tests/test_checkpoint.py, test_loop.py, test_config.py, test_entry.py.
 """
 import argparse
@@ -146,15 +150,65 @@ def drill_config(root):
     shutil.rmtree(work, ignore_errors=True)
 
 
+def drill_imagine(root):
+  import collections
+  import socket
+
+  import httpx
+
+  import data_files
+  data = data_files.make_data_root(root / "imagine_data")
+  common = [f"--config.data.root={data}"]
+  rc, _, err = launch(root / "im_sft", *common, "--config.model.preset=mini",
+                      "--config.sft.steps=20", "--config.sft.global_batch_size=8",
+                      "--config.data.seq_len=448", "--config.data.prompt_len=448",
+                      config="configs/sft.py")
+  assert rc == 0, err[-3000:]
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  server = launch(root / "im_serve", f"--config.serve.checkpoint={root / 'im_sft'}",
+                  f"--config.serve.port={port}", "--config.serve.prompt_len=448",
+                  "--config.serve.max_new_tokens=64", config="configs/serve.py", wait=False)
+  try:
+    deadline = time.monotonic() + 300
+    while True:
+      try:
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).raise_for_status()
+        break
+      except httpx.HTTPError:
+        if time.monotonic() > deadline or server.poll() is not None:
+          raise SystemExit(f"imagine: the server did not come up:\n{server.stderr.read()[-3000:]}")
+        time.sleep(1)
+    os.environ.setdefault("OPENAI_API_KEY", "unused")  # the teacher reads the named variable
+    for attempt in ("first", "rerun"):
+      rc, _, err = launch(root / "im_run", *common,
+                          f"--config.teacher.base_url=http://127.0.0.1:{port}/v1",
+                          "--config.teacher.max_tokens=64", "--config.imagine.max_walks=16",
+                          config="configs/traces.py:imagine")
+      assert rc == 0, err[-3000:]
+      report = json.loads((root / "im_run" / "imagined_report.json").read_text())
+      t, rejected = report["teacher"], collections.Counter()
+      for f in report["per_factor"].values():
+        rejected.update(f["rejected"])
+      print(f"imagine ({attempt}): walks {report['walked']}, requests {t['requests']}, sent "
+            f"{t['sent_ok']}, from cache {t['cached']}, valid {report['examples']}, rejected "
+            f"{sum(rejected.values())} {dict(rejected.most_common())}", flush=True)
+  finally:
+    server.terminate()
+    server.communicate(timeout=60)
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--only", default="kill,disk,damage,config")
+  parser.add_argument("--only", default="kill,disk,damage,config,imagine")
   parser.add_argument("--kills", type=int, default=3)
   args = parser.parse_args()
   root = pathlib.Path(tempfile.mkdtemp(prefix="drills-"))
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
   drills = {"kill": lambda: drill_kill(root, args.kills), "disk": lambda: drill_disk(root),
-            "damage": lambda: drill_damage(root), "config": lambda: drill_config(root)}
+            "damage": lambda: drill_damage(root), "config": lambda: drill_config(root),
+            "imagine": lambda: drill_imagine(root)}
   for name in args.only.split(","):
     t0 = time.time()
     drills[name]()
