@@ -27,6 +27,7 @@ lora.Adapter (its own Variable type, so the base's nnx.Param stay frozen apart).
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,24 @@ class StackedCache:
 
 # Unrolled: one {"k": [B,S,K,H], "v": [B,S,K,H]} dict per layer; scanned: StackedCache.
 KVCache = list | StackedCache
+
+
+@struct.dataclass
+class SharedPrefixCache:
+  """A decoding cache whose first P slots are Q prompts' keys and values, each shared
+  by its G = B / Q rows (row p*G + g continues prompt p), and whose other C slots are
+  the rows' own. A decode step is bound by reading the cache: this way each prompt's
+  keys are read once per step, not G times (prefix.py fans out no copies). Slots and
+  `cache_index` count from the prompt's first slot, as in one [B, P + C] cache.
+  """
+  rows: KVCache    # B rows, C slots
+  prefix: KVCache  # Q prompts, P slots
+
+
+class _SharedLayer(NamedTuple):
+  """One layer's view of a SharedPrefixCache: each part a dict or (StackedCache, layer)."""
+  rows: Any
+  prefix: Any
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int) -> nnx.Param:
@@ -163,16 +182,25 @@ class Attention(nnx.Module):
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
 
+    B, T, N, H = q_BTNH.shape
+    K = cfg.n_kv_heads
+    q_BTKRH = q_BTNH.reshape(B, T, K, N // K, H)
     new_cache = None
+    if isinstance(cache, _SharedLayer):
+      pk_QPKH, pv_QPKH = (x.astype(dt) for x in _layer_kv(cache.prefix))
+      P = pk_QPKH.shape[1]
+      new_cache, k_BCKH, v_BCKH = _write_cache(cache.rows, k_BTKH, v_BTKH, cache_index - P)
+      out_BTKRH = _shared_decode_attention(q_BTKRH, pk_QPKH, pv_QPKH, k_BCKH.astype(dt),
+                                           v_BCKH.astype(dt), mask_BTS, cfg.query_scale, dt)
+      out_BTD = _project(self, "o", "BTNH,NHD->BTD", out_BTKRH.reshape(B, T, N, H),
+                         self.wo_NHD[...].astype(dt), adapter, rng)
+      return out_BTD, new_cache
     if cache is not None:
       new_cache, k_BSKH, v_BSKH = _write_cache(cache, k_BTKH, v_BTKH, cache_index)
       k_BSKH, v_BSKH = k_BSKH.astype(dt), v_BSKH.astype(dt)
     else:
       k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
-    B, T, N, H = q_BTNH.shape
-    K = cfg.n_kv_heads
-    q_BTKRH = q_BTNH.reshape(B, T, K, N // K, H)
     if T == 1:
       out_BTKRH = _decode_attention(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg.query_scale, dt)
     else:
@@ -207,6 +235,47 @@ def _write_cache(cache, k_BTKH, v_BTKH, cache_index):
   return (StackedCache(k_BSKYH, v_BSKYH),
           jax.lax.dynamic_index_in_dim(k_BSKYH, layer, axis=3, keepdims=False),
           jax.lax.dynamic_index_in_dim(v_BSKYH, layer, axis=3, keepdims=False))
+
+
+def _layer_kv(cache):
+  """(k, v) [B, S, K, H] of one layer: a dict, or (StackedCache, layer) inside the scan."""
+  if isinstance(cache, dict):
+    return cache["k"], cache["v"]
+  stack, layer = cache
+  return (jax.lax.dynamic_index_in_dim(stack.k_BSKYH, layer, axis=3, keepdims=False),
+          jax.lax.dynamic_index_in_dim(stack.v_BSKYH, layer, axis=3, keepdims=False))
+
+
+def _shared_decode_attention(q_B1KRH, pk_QPKH, pv_QPKH, k_BCKH, v_BCKH, mask_B1S, scale: float,
+                             dt):
+  """_decode_attention over a SharedPrefixCache: the P prompt slots are scored once per
+  prompt for all its G rows' queries (M = G x R of them per kv head), the C row slots
+  per row, and one softmax runs over both. The same function as _decode_attention on
+  the fanned-out [B, P + C] cache, up to float rounding."""
+  B, _, K, R, H = q_B1KRH.shape
+  Q, P = pk_QPKH.shape[:2]
+  G = B // Q
+  to_QKGR = lambda x_BKR: x_BKR.reshape(Q, G, K, R).transpose(0, 2, 1, 3)
+  to_BKR = lambda x_QKGR: x_QKGR.transpose(0, 2, 1, 3).reshape(B, K, R)
+  q_BKRH = q_B1KRH[:, 0]
+  q_QKGRH = q_BKRH.reshape(Q, G, K, R, H).transpose(0, 2, 1, 3, 4)
+  pre_QPKGR = jnp.sum(q_QKGRH[:, None] * pk_QPKH[:, :, :, None, None, :], axis=-1,
+                      dtype=jnp.float32) * scale
+  pre_mask_QPG = jnp.swapaxes(mask_B1S[:, 0, :P].reshape(Q, G, P), 1, 2)
+  pre_QPKGR = jnp.where(pre_mask_QPG[:, :, None, :, None], pre_QPKGR, _NEG_INF)
+  rows_BCKR = jnp.sum(q_BKRH[:, None] * k_BCKH[:, :, :, None, :], axis=-1,
+                      dtype=jnp.float32) * scale
+  rows_BCKR = jnp.where(mask_B1S[:, 0, P:, None, None], rows_BCKR, _NEG_INF)
+  max_QKGR = jnp.maximum(jnp.max(pre_QPKGR, axis=1), to_QKGR(jnp.max(rows_BCKR, axis=1)))
+  e_pre_QPKGR = jnp.exp(pre_QPKGR - max_QKGR[:, None])
+  e_rows_BCKR = jnp.exp(rows_BCKR - to_BKR(max_QKGR)[:, None])
+  total_QKGR = jnp.sum(e_pre_QPKGR, axis=1) + to_QKGR(jnp.sum(e_rows_BCKR, axis=1))
+  p_pre_QPKGR = (e_pre_QPKGR / total_QKGR[:, None]).astype(dt)
+  p_rows_BCKR = (e_rows_BCKR / to_BKR(total_QKGR)[:, None]).astype(dt)
+  pre_QKGRH = jnp.sum(p_pre_QPKGR[..., None] * pv_QPKH[:, :, :, None, None, :], axis=1)
+  out_BKRH = pre_QKGRH.transpose(0, 2, 1, 3, 4).reshape(B, K, R, H) + jnp.sum(
+      p_rows_BCKR[..., None] * v_BCKH[:, :, :, None, :], axis=1)
+  return out_BKRH[:, None]
 
 
 def _decode_attention(q_B1KRH, k_BSKH, v_BSKH, mask_B1S, scale: float, dt):
@@ -350,9 +419,9 @@ class Transformer(nnx.Module):
       self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                cfg.weight_dtype, cfg.d_model)
 
-  def __call__(self, tokens_BT, positions_BT, *, segment_ids_BT=None, cache: KVCache | None = None,
-               cache_index=None, kv_valid_BS=None, return_hidden: bool = False,
-               adapter_B=None, dropout_rng=None):
+  def __call__(self, tokens_BT, positions_BT, *, segment_ids_BT=None,
+               cache: KVCache | SharedPrefixCache | None = None, cache_index=None,
+               kv_valid_BS=None, return_hidden: bool = False, adapter_B=None, dropout_rng=None):
     """Returns (logits_BTV, cache), or (hidden_BTD, cache) with `return_hidden`.
 
     Callers that need logits at a few positions only (the last prompt token,
@@ -365,6 +434,11 @@ class Transformer(nnx.Module):
     T = tokens_BT.shape[1]
     if cache is not None and (cache_index is None or kv_valid_BS is None):
       raise ValueError("decoding with a cache needs cache_index and kv_valid_BS")
+    shared = cache.prefix if isinstance(cache, SharedPrefixCache) else None
+    if shared is not None:
+      if T != 1:
+        raise ValueError(f"a SharedPrefixCache serves decoding (one token per row), got T={T}")
+      cache = cache.rows
     if cache is None and kv_valid_BS is not None:
       raise ValueError("kv_valid_BS applies to cached decoding; pass segment_ids_BT instead")
     kv_valid_BS = kv_valid_BS if cache is not None else None
@@ -388,7 +462,7 @@ class Transformer(nnx.Module):
     if cfg.scan_layers:
       x_BTD, new_cache = self._scan_layers(
           x_BTD, positions_BT, mask_BTS, inv_freq, local_mask_BTS, local_inv_freq, cache,
-          cache_index, adapter, dropout_rng)
+          shared, cache_index, adapter, dropout_rng)
     else:
       forward = _remat_block_forward if cfg.remat else _block_forward
       new_cache = [] if cache is not None else None
@@ -397,22 +471,26 @@ class Transformer(nnx.Module):
         x_BTD, layer_cache = forward(block, x_BTD, positions_BT,
                                      local_mask_BTS if local else mask_BTS,
                                      local_inv_freq if local else inv_freq,
-                                     None if cache is None else cache[i], cache_index, adapter,
+                                     None if cache is None else cache[i] if shared is None
+                                     else _SharedLayer(cache[i], shared[i]), cache_index, adapter,
                                      None if dropout_rng is None else jax.random.fold_in(
                                          dropout_rng, i))
         if cache is not None:
           new_cache.append(layer_cache)
+    if shared is not None:
+      new_cache = SharedPrefixCache(new_cache, shared)
     x_BTD = self.final_norm(x_BTD)
     if return_hidden:
       return x_BTD, new_cache
     return self.logits(x_BTD), new_cache
 
   def _scan_layers(self, x_BTD, positions_BT, mask_BTS, inv_freq_h, local_mask_BTS,
-                   local_inv_freq_h, cache, cache_index, adapter, dropout_rng):
+                   local_inv_freq_h, cache, shared, cache_index, adapter, dropout_rng):
     """The stacked layers under lax.scan (remat per layer with cfg.remat).
 
     Each step gets its layer's parameters, index, local flag and RoPE frequencies
-    from per-layer arrays; the cache (a StackedCache) rides in the carry.
+    from per-layer arrays; the cache (a StackedCache) rides in the carry, a shared
+    prefix (SharedPrefixCache.prefix, read only) is indexed per layer.
     """
     cfg = self.cfg
     graphdef, state = nnx.split(self.layers)
@@ -425,9 +503,10 @@ class Transformer(nnx.Module):
       state, i, local, inv_freq_h = xs
       mask = mask_BTS if local_mask_BTS is None else jnp.where(local, local_mask_BTS, mask_BTS)
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      layer_cache = None if stack is None else (stack, i) if shared is None else _SharedLayer(
+          (stack, i), (shared, i))
       x_BTD, stack = nnx.merge(graphdef, state)(
-          x_BTD, positions_BT, mask, inv_freq_h, None if stack is None else (stack, i),
-          cache_index, adapter, rng)
+          x_BTD, positions_BT, mask, inv_freq_h, layer_cache, cache_index, adapter, rng)
       return (x_BTD, stack), None
 
     if cfg.remat:

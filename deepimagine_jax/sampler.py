@@ -3,7 +3,10 @@
 The prompt arrives left-padded ([Q, P] tokens + mask). Buffers hold L = P + C
 slots (C = max_new_tokens): slot s of the token buffer and of the KV cache is
 the same sequence position, prompt first, generated tokens after. Positions are
-`cumsum(mask) - 1`, so a left-padded row behaves like the bare prompt.
+`cumsum(mask) - 1`, so a left-padded row behaves like the bare prompt. The cache
+is a model.SharedPrefixCache: the Q prompts' P slots once, read by all G rows of
+a prompt, and the B rows' own C slots (a decode step is bound by reading the
+cache, and a fanned-out prompt cache is read G times).
 
 Jitted functions, all module level (compiled once per shape and setting):
 `_prefill` builds the `SamplerState` and samples the first token; `_decode` takes
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
+from deepimagine_jax import model as model_lib
 from deepimagine_jax import prefix
 from deepimagine_jax import sharding
 
@@ -39,7 +43,7 @@ from deepimagine_jax import sharding
 class SamplerState:
   """The while_loop carry. C = max_new_tokens, L = P + C slots."""
   tokens_BL: jax.Array      # int32, prompt then generated (pad after a row stops)
-  cache: list               # per layer {"k","v"} [B, L, K, H]
+  cache: model_lib.SharedPrefixCache  # the Q prompts' P slots, the B rows' C slots
   kv_valid_BL: jax.Array    # bool, slots the next query may attend to
   cur_index: jax.Array      # int32 scalar: slot of the last sampled token (fed next)
   positions_B: jax.Array    # int32 RoPE position of the token at cur_index
@@ -76,13 +80,17 @@ def _active_mesh():
   return mesh
 
 
-def _constrain_cache(cache):
+def _constrain_cache(cache: model_lib.SharedPrefixCache) -> model_lib.SharedPrefixCache:
   mesh = _active_mesh()
   if mesh is None:
     return cache
-  k = cache[0]["k"]
-  spec = cache_spec(k.shape[2], k.shape[0], mesh)
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), cache)
+
+  def constrain(part):
+    k = part[0]["k"]
+    spec = cache_spec(k.shape[2], k.shape[0], mesh)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), part)
+
+  return model_lib.SharedPrefixCache(constrain(cache.rows), constrain(cache.prefix))
 
 
 # Token choice ----------------------------------------------------------------
@@ -180,12 +188,14 @@ def _prefill(graphdef, params, prompt_QP, mask_QP, rng, eos_id, pad_id, *, max_n
                      f"max_seq_len {cfg.max_seq_len}")
   mask_QP = mask_QP.astype(bool)
   prompt_QP = prompt_QP.astype(jnp.int32)
-  last_Q1D, cache, kv_valid_QL = prefix.prefill(model, prompt_QP, mask_QP, extra_slots=C,
-                                                cache_dtype=jnp.dtype(cache_dtype))
+  # The prompts' cache is not fanned out: the G rows of a prompt read its one copy.
+  last_Q1D, prompt_cache, _ = prefix.prefill(model, prompt_QP, mask_QP, extra_slots=0,
+                                             cache_dtype=jnp.dtype(cache_dtype))
   logits_QV = model.logits(last_Q1D)[:, 0]  # the head only where it is needed
-  cache, logits_BV, kv_valid_BL, prompt_BP, mask_BP = prefix.fan_out(
-      (cache, logits_QV, kv_valid_QL, prompt_QP, mask_QP), group_size)
-  cache = _constrain_cache(cache)
+  logits_BV, prompt_BP, mask_BP = prefix.fan_out((logits_QV, prompt_QP, mask_QP), group_size)
+  kv_valid_BL = jnp.concatenate([mask_BP, jnp.zeros((B, C), bool)], axis=1)
+  cache = _constrain_cache(model_lib.SharedPrefixCache(
+      model_lib.init_cache(cfg, B, C, jnp.dtype(cache_dtype)), prompt_cache))
   # Every uniform of the run in one draw: no random-number work inside the decode loop.
   uniforms_BC = jax.random.uniform(rng, (B, C), jnp.float32)
   tok_B, logp_B = choose_token(logits_BV, uniforms_BC[:, 0], temperature=temperature,

@@ -424,3 +424,39 @@ def test_sampler_on_a_mesh_gives_the_same_tokens_in_both_layouts():
   np.testing.assert_array_equal(np.asarray(outs[1].tokens), np.asarray(outs[0].tokens))
   np.testing.assert_allclose(np.asarray(outs[1].logprobs), np.asarray(outs[0].logprobs),
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,scan", [("qwen3", False), ("gemma3", False), ("gemma3", True)])
+def test_shared_prefix_cache_decodes_like_the_fanned_out_cache(arch, scan):
+  """Decoding over a SharedPrefixCache (each prompt's slots once, its G rows' own slots
+  apart) gives the logits of decoding over the prompt cache fanned out to every row:
+  left padding, Gemma's window (3 slots, so a local layer's keys straddle the prompt /
+  rows boundary) and both layer layouts."""
+  from deepimagine_jax import prefix
+  cfg = (_tiny_gemma3() if arch == "gemma3" else ModelConfig.tiny()).replace(scan_layers=scan)
+  model = M.Transformer(cfg, nnx.Rngs(5))
+  Q, G, P, C = 2, 3, 5, 3
+  B = Q * G
+  prompt, _ = _inputs(cfg, B=Q, T=P, seed=2)
+  mask_QP = jnp.array([[1] * P, [0, 0, 1, 1, 1]], bool)
+  new_BC = jax.random.randint(jax.random.key(9), (B, C), 0, cfg.vocab_size)
+  pos_B = jnp.sum(prefix.fan_out(mask_QP, G), axis=1).astype(jnp.int32)
+  valid_BL = jnp.concatenate([prefix.fan_out(mask_QP, G), jnp.zeros((B, C), bool)], axis=1)
+  _, full, _ = prefix.prefill(model, prompt, mask_QP, extra_slots=C, cache_dtype=jnp.float32)
+  _, own, _ = prefix.prefill(model, prompt, mask_QP, extra_slots=0, cache_dtype=jnp.float32)
+  caches = {"fanned": prefix.fan_out(full, G),
+            "shared": M.SharedPrefixCache(M.init_cache(cfg, B, C), own)}
+  logits = {}
+  for name, cache in caches.items():
+    valid, out = valid_BL, []
+    for t in range(C):
+      valid = valid.at[:, P + t].set(True)
+      step, cache = _call(model, new_BC[:, t:t + 1], (pos_B + t)[:, None], cache=cache,
+                          cache_index=P + t, kv_valid_BS=valid)
+      out.append(step[:, 0])
+    logits[name] = np.stack(out, axis=1)
+  assert isinstance(cache, M.SharedPrefixCache)
+  np.testing.assert_allclose(logits["shared"], logits["fanned"], atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="SharedPrefixCache serves decoding"):
+    model(new_BC[:, :2], jnp.zeros((B, 2), jnp.int32), cache=caches["shared"], cache_index=P,
+          kv_valid_BS=valid_BL)

@@ -200,10 +200,10 @@ def test_sharded_mesh_gives_same_greedy_tokens(greedy):
     greedy_kw = dict(temperature=0.0, top_k=0, top_p=1.0)
     st = S._prefill(graphdef, state, tok, mask, jax.random.key(0), eos, pad,
                     max_new_tokens=N_NEW, cache_dtype="float32", group_size=1, **greedy_kw)
-    k = st.cache[0]["k"]
+    k = st.cache.rows[0]["k"]
     want = jax.sharding.NamedSharding(mesh, S.cache_spec(CFG.n_kv_heads, 4, mesh))
     assert k.sharding.is_equivalent_to(want, k.ndim)
-    assert k.addressable_shards[0].data.shape == (1, 10 + N_NEW, 1, CFG.head_dim)
+    assert k.addressable_shards[0].data.shape == (1, N_NEW, 1, CFG.head_dim)
     st = S._decode(graphdef, state, st, eos, pad, **greedy_kw)
     out = S._finish(st.tokens_BL, st.mask_BC, st.logprobs_BC, st.lengths_B, mask)
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
