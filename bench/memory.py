@@ -8,9 +8,9 @@ Nothing is allocated: on `--devices` fake CPU devices (set before JAX starts) th
 model, adapters and optimizer state are `jax.eval_shape`d and placed by the
 project's own sharding rules (sharding.state_shardings, train_state's optimizer
 shardings), so parameter and optimizer bytes are each device's shard sizes. The
-KV cache is the GRPO rollout's: prompts_per_step x group_size rows of
-prompt_len + max_new_tokens slots per layer, sharded as the sampler shards it
-(sampler.cache_spec), plus the prompts' own cache before it fans out. GRPO with
+KV cache is the GRPO rollout's: each prompt's prompt_len slots once (read by all
+group_size samples of it) and prompts_per_step x group_size rows of max_new_tokens
+slots per layer, sharded as the sampler shards it (sampler.cache_spec). GRPO with
 beta > 0 and no LoRA also holds its reference, a copy of the policy's parameters
 (with LoRA the reference is the base with adapters off: nothing more). Activations
 are the temporary bytes of the compiled SFT step and GRPO update
@@ -114,16 +114,17 @@ def optimizer_state(trainable, opt_cfg, mesh):
 
 
 def kv_cache_bytes(cfg: ModelConfig, run: RunConfig, mesh) -> int:
-  """The rollout's fanned-out cache (B rows) and the prompts' cache (Q rows) it came from."""
+  """The rollout's cache (sampler: a model.SharedPrefixCache): the Q prompts' P slots once,
+  read by all G rows of a prompt, and the B = Q x G rows' own C new slots."""
   r = run.rl
-  L = run.data.prompt_len + r.max_new_tokens
   item = jnp.dtype(r.cache_dtype).itemsize
   total = 0
-  for rows in (r.prompts_per_step * r.group_size, r.prompts_per_step):
+  for rows, slots in ((r.prompts_per_step * r.group_size, r.max_new_tokens),
+                      (r.prompts_per_step, run.data.prompt_len)):
     spec = sampler.cache_spec(cfg.n_kv_heads, rows, mesh)
     div = (mesh.shape["data"] * mesh.shape["fsdp"] if spec[0] else 1) * (
         mesh.shape["tensor"] if spec[2] else 1)
-    total += 2 * cfg.n_layers * rows * L * cfg.n_kv_heads * cfg.head_dim * item // div
+    total += 2 * cfg.n_layers * rows * slots * cfg.n_kv_heads * cfg.head_dim * item // div
   return total
 
 

@@ -49,11 +49,12 @@ def test_kv_cache_by_hand():
   mesh = sharding.mesh_from_config(run.mesh)  # data 2 x fsdp 2 x tensor 2
   cfg = memory.model_config(run)
   r = run.rl
-  L = run.data.prompt_len + r.max_new_tokens
   # Rows over data*fsdp (4); the tiny model's 2 kv heads over tensor (2); float32 k and v.
-  per_row = 2 * cfg.n_layers * L * cfg.n_kv_heads * cfg.head_dim * 4 // 2
-  rows = r.prompts_per_step * r.group_size + r.prompts_per_step
-  assert memory.kv_cache_bytes(cfg, run, mesh) == per_row * rows // 4
+  per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 // 2
+  # The samples' own new slots, and each prompt's slots once (sampler's SharedPrefixCache).
+  slots = (r.prompts_per_step * r.group_size * r.max_new_tokens
+           + r.prompts_per_step * run.data.prompt_len)
+  assert memory.kv_cache_bytes(cfg, run, mesh) == per_slot * slots // 4
 
 
 def test_reference_copy_only_without_lora_and_with_kl():
