@@ -11,7 +11,7 @@ from deepimagine_jax.world import ARMS, REFERENCES
 @pytest.mark.slow
 def test_world_quick_end_to_end(tmp_path):
   c = world_config.get_config("quick")
-  # tiny compiles in seconds; its 256-token context cuts pair prompts (the default uses small)
+  # tiny compiles in seconds; its 256-token context cuts pair prompts (the default uses mini)
   c.model.preset = "tiny"
   c.data.seq_len = 256
   c.data.prompt_len = 240
