@@ -25,9 +25,9 @@ bf16 as on an accelerator.
 The accelerator sizes aim at a 16 GB device (not yet run on one). bench/memory.py's plan
 (a CPU compile: an estimate) for qwen3_0_6b, bf16 compute, remat: the SFT step 12.0 GiB
 (float32 parameters 2.2 + Adam 4.4 + temporaries 5.4); the GRPO update at 2 x 4 prompts,
-128 + 64 tokens, 14.3 GiB with float32 parameters, plus rl_step's float32 reference copy
-(2.2 GiB, which the plan leaves out): over 16, so GRPO keeps its parameters, Adam state
-and reference in bfloat16: 12.1 GiB planned + 1.1 for the reference.
+128 + 64 tokens, 14.3 GiB with float32 parameters, plus the float32 reference copy
+(2.2 GiB; the plan's `parameters, GRPO reference copy` row): over 16, so GRPO keeps its
+parameters, Adam state and reference in bfloat16: 12.1 GiB + 1.1 for the reference.
 """
 from __future__ import annotations
 

@@ -201,8 +201,9 @@ def plan(run: RunConfig, mesh, probe_layers: tuple[int, int] | None) -> dict:
     out["activations_extrapolated_from_layers"] = [a, b]
   out.update({f"activations_{k}": v for k, v in temps.items()})
   resident = out["params_frozen"] + out["params_trained"] + out["optimizer"]
-  phases = {k: resident + v + (out["params_reference"] if k.startswith("rl") else 0)
-            for k, v in temps.items()}
+  phases = {k: resident + v for k, v in temps.items()}
+  if "rl_update" in phases:  # the GRPO update reads its reference's log-probs
+    phases["rl_update"] += out["params_reference"]
   if run.rl is not None:
     phases["rl_rollout"] = resident + out["params_reference"] + out["kv_cache"]
   out["peak_phase"], out["peak"] = max(phases.items(), key=lambda kv: kv[1])

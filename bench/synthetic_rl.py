@@ -18,9 +18,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from deepimagine_jax import synthetic_rl  # noqa: E402
 
-BAR = 0.85  # tests/test_synthetic_rl.py
-
-
 def main():
   out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                      "synthetic_reward.png")
@@ -38,7 +35,7 @@ def main():
     s = synthetic_rl.summary(rows)
     figures.append(f"seed {seed} {s['first']:.3f} -> {s['last']:.3f}")
   ax.axhline(0.5, color="grey", ls=":", label="chance")
-  ax.axhline(BAR, color="green", ls="--", lw=0.8, label=f"bar {BAR}")
+  ax.axhline(synthetic_rl.BAR, color="green", ls="--", lw=0.8, label=f"bar {synthetic_rl.BAR}")
   ax.set_xlabel("GRPO step")
   ax.set_ylabel("accuracy of the sampled answers")
   ax.set_ylim(0, 1.05)

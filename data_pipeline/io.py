@@ -120,7 +120,7 @@ def _writer_alive(name: str) -> bool:
   except ProcessLookupError:
     return False
   except PermissionError:
-    return True
+    pass  # a live process of another user
   return True
 
 

@@ -186,29 +186,26 @@ class Attention(nnx.Module):
     K = cfg.n_kv_heads
     q_BTKRH = q_BTNH.reshape(B, T, K, N // K, H)
     new_cache = None
-    if isinstance(cache, _SharedLayer):
+    if isinstance(cache, _SharedLayer):  # decoding over the prompts' shared slots and the rows'
       pk_QPKH, pv_QPKH = (x.astype(dt) for x in _layer_kv(cache.prefix))
       P = pk_QPKH.shape[1]
       new_cache, k_BCKH, v_BCKH = _write_cache(cache.rows, k_BTKH, v_BTKH, cache_index - P)
       out_BTKRH = _shared_decode_attention(q_BTKRH, pk_QPKH, pv_QPKH, k_BCKH.astype(dt),
                                            v_BCKH.astype(dt), mask_BTS, cfg.query_scale, dt)
-      out_BTD = _project(self, "o", "BTNH,NHD->BTD", out_BTKRH.reshape(B, T, N, H),
-                         self.wo_NHD[...].astype(dt), adapter, rng)
-      return out_BTD, new_cache
-    if cache is not None:
-      new_cache, k_BSKH, v_BSKH = _write_cache(cache, k_BTKH, v_BTKH, cache_index)
-      k_BSKH, v_BSKH = k_BSKH.astype(dt), v_BSKH.astype(dt)
     else:
-      k_BSKH, v_BSKH = k_BTKH, v_BTKH
-
-    if T == 1:
-      out_BTKRH = _decode_attention(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg.query_scale, dt)
-    else:
-      logits_BKRTS = jnp.einsum("BTKRH,BSKH->BKRTS", q_BTKRH, k_BSKH,
-                                preferred_element_type=jnp.float32) * cfg.query_scale
-      logits_BKRTS = jnp.where(mask_BTS[:, None, None], logits_BKRTS, _NEG_INF)
-      probs_BKRTS = jax.nn.softmax(logits_BKRTS, axis=-1).astype(dt)
-      out_BTKRH = jnp.einsum("BKRTS,BSKH->BTKRH", probs_BKRTS, v_BSKH)
+      if cache is not None:
+        new_cache, k_BSKH, v_BSKH = _write_cache(cache, k_BTKH, v_BTKH, cache_index)
+        k_BSKH, v_BSKH = k_BSKH.astype(dt), v_BSKH.astype(dt)
+      else:
+        k_BSKH, v_BSKH = k_BTKH, v_BTKH
+      if T == 1:
+        out_BTKRH = _decode_attention(q_BTKRH, k_BSKH, v_BSKH, mask_BTS, cfg.query_scale, dt)
+      else:
+        logits_BKRTS = jnp.einsum("BTKRH,BSKH->BKRTS", q_BTKRH, k_BSKH,
+                                  preferred_element_type=jnp.float32) * cfg.query_scale
+        logits_BKRTS = jnp.where(mask_BTS[:, None, None], logits_BKRTS, _NEG_INF)
+        probs_BKRTS = jax.nn.softmax(logits_BKRTS, axis=-1).astype(dt)
+        out_BTKRH = jnp.einsum("BKRTS,BSKH->BTKRH", probs_BKRTS, v_BSKH)
     out_BTD = _project(self, "o", "BTNH,NHD->BTD", out_BTKRH.reshape(B, T, N, H),
                        self.wo_NHD[...].astype(dt), adapter, rng)
     return out_BTD, new_cache
@@ -232,9 +229,8 @@ def _write_cache(cache, k_BTKH, v_BTKH, cache_index):
       stack.k_BSKYH, k_BTKH[:, :, :, None].astype(stack.k_BSKYH.dtype), idx)
   v_BSKYH = jax.lax.dynamic_update_slice(
       stack.v_BSKYH, v_BTKH[:, :, :, None].astype(stack.v_BSKYH.dtype), idx)
-  return (StackedCache(k_BSKYH, v_BSKYH),
-          jax.lax.dynamic_index_in_dim(k_BSKYH, layer, axis=3, keepdims=False),
-          jax.lax.dynamic_index_in_dim(v_BSKYH, layer, axis=3, keepdims=False))
+  new_stack = StackedCache(k_BSKYH, v_BSKYH)
+  return (new_stack, *_layer_kv((new_stack, layer)))
 
 
 def _layer_kv(cache):

@@ -134,7 +134,7 @@ def nearest_pairs(targets: Sequence[Example], pairs: Sequence[Example]) -> dict[
 
 
 def reference_runs(train_q, train_pairs, targets, split_pairs, rf_seeds, folds: int):
-  """({reference: runs of probabilities over targets}, anchored target count).
+  """{reference: runs of probabilities over targets}.
 
   The anchor references answer targets that have a usable anchor pair; the rest
   keep the answer of the same learner without anchors (majority for copy_anchor).
@@ -148,7 +148,7 @@ def reference_runs(train_q, train_pairs, targets, split_pairs, rf_seeds, folds: 
   if not anchored:
     for key in REFERENCES:
       out.setdefault(key, runs["majority" if key == "copy_anchor" else key.split("+")[0]])
-    return out, 0
+    return out
   pair_runs, _ = baselines.pair_baselines(train_pairs, [near[targets[i].id] for i in anchored],
                                           rf_seeds, folds)
   for key in REFERENCES:
@@ -162,7 +162,7 @@ def reference_runs(train_q, train_pairs, targets, split_pairs, rf_seeds, folds: 
         probs[i] = p
       merged.append(probs)
     out[key] = merged
-  return out, len(anchored)
+  return out
 
 
 def score(targets: Sequence[Example], runs: Sequence[Sequence[np.ndarray]]) -> dict:
@@ -265,7 +265,7 @@ def world(config, workdir: str):
                  if not baselines.pair_problem(ex)]
   # The references are fitted once on the training data and answer every split's targets.
   every_target = [t for s in exp.splits for t in targets[s]]
-  all_refs, _ = reference_runs(train_q, train_pairs, every_target,
+  all_refs = reference_runs(train_q, train_pairs, every_target,
                                [ex for s in exp.splits for ex in split_examples[s]],
                                run.eval.rf_seeds, run.eval.cv_folds)
   results: dict = {}

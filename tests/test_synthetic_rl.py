@@ -17,5 +17,5 @@ def test_grpo_learns_dose_response_rule(tmp_path):
   rows = synthetic_rl.run(str(tmp_path), seed=0)
   s = synthetic_rl.summary(rows)
   assert s["first"] < 0.7, s  # starts near chance: SFT taught the format, not the answer
-  assert s["last"] >= 0.85, s
+  assert s["last"] >= synthetic_rl.BAR, s  # 0.85
   assert s["last"] > s["first"] + 0.2, s
