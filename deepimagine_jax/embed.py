@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepimagine_jax import sharding
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def mean_hidden(graphdef, params, tokens_BT, mask_BT):
@@ -73,6 +75,7 @@ class Embedder:
     pad = (-n) % B  # fixed batch shape: one compile per run
     tokens_NT = np.concatenate([tokens_NT, np.zeros((pad, self.max_len), np.int32)])
     mask_NT = np.concatenate([mask_NT, np.zeros((pad, self.max_len), np.int32)])
-    out = [mean_hidden(self.graphdef, self.params, jnp.asarray(tokens_NT[s:s + B]),
-                       jnp.asarray(mask_NT[s:s + B])) for s in range(0, n + pad, B)]
+    with sharding.on_params_mesh(self.params):  # each batch split over the devices
+      out = [mean_hidden(self.graphdef, self.params, jnp.asarray(tokens_NT[s:s + B]),
+                         jnp.asarray(mask_NT[s:s + B])) for s in range(0, n + pad, B)]
     return np.concatenate([np.asarray(x) for x in out])[:n] if out else np.zeros((0, 0))

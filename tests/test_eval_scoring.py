@@ -258,3 +258,28 @@ def test_evaluate_policy_sample(policy, tok, questions):
   with pytest.raises(ValueError, match="mode"):
     scoring.evaluate_policy(graphdef, params, tok, questions, _cfg("beam"),
                             prompt_len=PROMPT_LEN)
+
+
+def test_scoring_shards_over_the_mesh_the_parameters_live_on(monkeypatch, policy, tok,
+                                                             questions):
+  """Parameters on the 8-device mesh: scoring runs under that mesh (each batch split over the
+  devices, not computed whole on every device) and answers as on one device."""
+  from deepimagine_jax import sharding
+  _, graphdef, params = policy
+  mesh = sharding.make_mesh(-1, 1, 1)
+  on_mesh = jax.device_put(params, sharding.replicated(mesh))
+  seen = []
+  real = scoring.option_logprobs
+  monkeypatch.setattr(scoring, "option_logprobs",
+                      lambda *a: seen.append(jax.sharding.get_abstract_mesh()) or real(*a))
+  sharded = scoring.option_probs_by_scoring(graphdef, on_mesh, tok, questions,
+                                            prompt_len=PROMPT_LEN, batch_size=8)
+  assert seen and all(m == mesh.abstract_mesh for m in seen)
+  single = scoring.option_probs_by_scoring(graphdef, params, tok, questions,
+                                           prompt_len=PROMPT_LEN, batch_size=8)
+  np.testing.assert_allclose(sharded, single, atol=1e-5)
+  with sharding.on_params_mesh(params):  # one device: no mesh
+    assert jax.sharding.get_abstract_mesh().empty
+  other = sharding.make_mesh(2, 4, 1)
+  with jax.set_mesh(other), sharding.on_params_mesh(on_mesh):  # a mesh already set stays
+    assert jax.sharding.get_abstract_mesh() == other.abstract_mesh

@@ -28,7 +28,7 @@ from flax import nnx
 from data_pipeline import templates
 from data_pipeline.example import Example
 from data_pipeline.grain_pipeline import rl_prompt
-from deepimagine_jax import prefix, rewards, sampler
+from deepimagine_jax import prefix, rewards, sampler, sharding
 from deepimagine_jax.config import EvalConfig
 from deepimagine_jax.eval import predictions
 from deepimagine_jax.eval.report import Trajectory
@@ -124,13 +124,14 @@ def batched_option_logprobs(graphdef, params, arrays, *, batch_size: int,
   order = np.argsort(-arrays[1].sum(axis=1), kind="stable")
   arrays = [x[order] for x in arrays]
   pending = []
-  for s in range(0, Q, batch_size):
-    batch = list(_fill_rows([x[s:s + batch_size] for x in arrays], batch_size, bos_id))
-    longest = int(batch[1].sum(axis=1).max())
-    keep = min(P, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
-    batch[0], batch[1] = batch[0][:, -keep:], batch[1][:, -keep:]
-    pending.append((order[s:s + batch_size],
-                    option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
+  with sharding.on_params_mesh(params):  # each batch split over the devices
+    for s in range(0, Q, batch_size):
+      batch = list(_fill_rows([x[s:s + batch_size] for x in arrays], batch_size, bos_id))
+      longest = int(batch[1].sum(axis=1).max())
+      keep = min(P, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
+      batch[0], batch[1] = batch[0][:, -keep:], batch[1][:, -keep:]
+      pending.append((order[s:s + batch_size],
+                      option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
   logp_QO = np.zeros((Q, arrays[2].shape[1]), np.float64)
   for rows, logp_BO in pending:
     logp_QO[rows] = np.asarray(logp_BO, np.float64)[:len(rows)]
@@ -184,9 +185,10 @@ def sample_texts(graphdef, params, tokenizer, examples: Sequence[Example], *, ru
       prompt_BP, mask_BP = _fill_rows([x[s:s + batch_size] for x in prompts], batch_size,
                                       tokenizer.bos_id)
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), r), s)
-      out = sampler.sample(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(mask_BP), key,
-                           max_new_tokens=max_new_tokens, temperature=temperature,
-                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+      with sharding.on_params_mesh(params):
+        out = sampler.sample(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(mask_BP),
+                             key, max_new_tokens=max_new_tokens, temperature=temperature,
+                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
       tokens_BC, lengths_B = np.asarray(out.tokens), np.asarray(out.lengths)
       texts += [decode_completion(tokenizer, tokens_BC[b], int(lengths_B[b]))
                 for b in range(len(examples[s:s + batch_size]))]
