@@ -78,4 +78,5 @@ class Embedder:
     with sharding.on_params_mesh(self.params):  # each batch split over the devices
       out = [mean_hidden(self.graphdef, self.params, jnp.asarray(tokens_NT[s:s + B]),
                          jnp.asarray(mask_NT[s:s + B])) for s in range(0, n + pad, B)]
-    return np.concatenate([np.asarray(x) for x in out])[:n] if out else np.zeros((0, 0))
+    return (np.concatenate([sharding.host_array(x) for x in out])[:n] if out
+            else np.zeros((0, 0)))

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from data_pipeline import grain_pipeline
 from deepimagine_jax import grpo
@@ -83,13 +82,6 @@ def completion_logprobs(params, prompt_QP, prompt_mask_QP, completions_BC, *, gr
   return prefix.continuation_logprobs(nnx.merge(graphdef, params), prompt_QP, prompt_mask_QP,
                                       completions_BC, group_size=group_size,
                                       temperature=temperature)
-
-
-def _all_hosts(x):
-  """Every row of a global jax.Array, in its global order, on every host (rewards are text)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # Update metrics averaged over all `updates_per_rollout` updates of a step.
@@ -155,7 +147,8 @@ class GRPOTrainer:
     old = out.logprobs
     if cfg.recompute_old_logprobs:
       old = self.logprobs(params, prompt_QP, pmask_QP, out.tokens)
-    tokens_BC, lengths_B = _all_hosts(out.tokens), _all_hosts(out.lengths)  # the one round trip
+    # the one round trip
+    tokens_BC, lengths_B = sharding.host_array(out.tokens), sharding.host_array(out.lengths)
     texts = [tokenizer.decode([t for t in row[:n] if t != tokenizer.eos_id])
              for row, n in zip(tokens_BC.tolist(), lengths_B.tolist())]
     # Labels placed as global rows like the prompts, so that gathered they line up with
@@ -163,8 +156,8 @@ class GRPOTrainer:
     answer_Q = grain_pipeline.to_global_arrays(
         {k: np.asarray(prompt_batch[k]) for k in ("labels", "n_options")},
         {k: self.batch_sh["advantages"] for k in ("labels", "n_options")})
-    labels = np.repeat(_all_hosts(answer_Q["labels"]), G).tolist()
-    n_options = np.repeat(_all_hosts(answer_Q["n_options"]), G).tolist()
+    labels = np.repeat(sharding.host_array(answer_Q["labels"]), G).tolist()
+    n_options = np.repeat(sharding.host_array(answer_Q["n_options"]), G).tolist()
     answers = rewards_lib.grade(texts, labels, n_options, self.balance)
     total, per_name = rewards_lib.combined_reward(answers, dict(cfg.reward_weights))
     advantages_B, zero_groups = grpo.group_advantages(jnp.asarray(total), G,

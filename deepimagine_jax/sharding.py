@@ -199,6 +199,14 @@ def on_params_mesh(params):
   return jax.set_mesh(mesh)
 
 
+def host_array(x) -> np.ndarray:
+  """Every element of a jax.Array as NumPy on this host, in global order (a batch sharded over
+  several hosts' devices is gathered from all of them)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def constrain_activation(x):
   """Pins the batch dimension of an activation to (data, fsdp) under a mesh context."""
   mesh = jax.sharding.get_abstract_mesh()

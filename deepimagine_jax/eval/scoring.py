@@ -134,7 +134,7 @@ def batched_option_logprobs(graphdef, params, arrays, *, batch_size: int,
                       option_logprobs(graphdef, params, *map(jnp.asarray, batch))))
   logp_QO = np.zeros((Q, arrays[2].shape[1]), np.float64)
   for rows, logp_BO in pending:
-    logp_QO[rows] = np.asarray(logp_BO, np.float64)[:len(rows)]
+    logp_QO[rows] = sharding.host_array(logp_BO).astype(np.float64)[:len(rows)]
   return logp_QO
 
 
@@ -189,7 +189,7 @@ def sample_texts(graphdef, params, tokenizer, examples: Sequence[Example], *, ru
         out = sampler.sample(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(mask_BP),
                              key, max_new_tokens=max_new_tokens, temperature=temperature,
                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-      tokens_BC, lengths_B = np.asarray(out.tokens), np.asarray(out.lengths)
+      tokens_BC, lengths_B = sharding.host_array(out.tokens), sharding.host_array(out.lengths)
       texts += [decode_completion(tokenizer, tokens_BC[b], int(lengths_B[b]))
                 for b in range(len(examples[s:s + batch_size]))]
     texts_runs.append(texts)
