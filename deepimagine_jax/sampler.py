@@ -291,7 +291,8 @@ def sample(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, *,
   meaningless but finite and does not affect other rows. Call under
   `jax.set_mesh(mesh)` to shard the cache (batch on data+fsdp, kv heads on
   tensor). Compiles once per (shapes, graphdef, max_new_tokens, sampling
-  settings, cache dtype).
+  settings, cache dtype). With no mesh set, it runs under the one the parameters live on
+  (sharding.on_params_mesh).
   """
   if prompt_tokens_QP.ndim != 2 or prompt_tokens_QP.shape != prompt_mask_QP.shape:
     raise ValueError(f"prompt tokens {prompt_tokens_QP.shape} and mask "
@@ -307,11 +308,12 @@ def sample(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, *,
   sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
   eos = jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
   pad = jnp.asarray(pad_id, jnp.int32)
-  state = _prefill(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, eos, pad,
-                   max_new_tokens=int(max_new_tokens),
-                   cache_dtype=jnp.dtype(cache_dtype).name, group_size=int(group_size),
-                   **sampling)
-  state = _decode(graphdef, params_state, state, eos, pad, **sampling)
-  return _finish(state.tokens_BL, state.mask_BC, state.logprobs_BC, state.lengths_B,
-                 prefix.fan_out(prompt_mask_QP, int(group_size)))
+  with sharding.on_params_mesh(params_state):
+    state = _prefill(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, eos, pad,
+                     max_new_tokens=int(max_new_tokens),
+                     cache_dtype=jnp.dtype(cache_dtype).name, group_size=int(group_size),
+                     **sampling)
+    state = _decode(graphdef, params_state, state, eos, pad, **sampling)
+    return _finish(state.tokens_BL, state.mask_BC, state.logprobs_BC, state.lengths_B,
+                   prefix.fan_out(prompt_mask_QP, int(group_size)))
 

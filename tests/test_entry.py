@@ -8,11 +8,14 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def launch_env(devices: int) -> dict:
+def launch_env(devices: int, *, optimized: bool = False) -> dict:
   """The launcher's environment: this checkout's packages first (not another editable
-  install's), `devices` CPU devices, the session's other XLA flags (tests/conftest.py)."""
+  install's), `devices` CPU devices, the session's other XLA flags (tests/conftest.py),
+  less its fast-compile ones when `optimized` (a child that runs more than it compiles)."""
+  from conftest import FAST_COMPILE_FLAGS
+  drop = FAST_COMPILE_FLAGS if optimized else ()
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count=")]
+           if not f.startswith("--xla_force_host_platform_device_count=") and f not in drop]
   flags.append(f"--xla_force_host_platform_device_count={devices}")
   return dict(os.environ, XLA_FLAGS=" ".join(flags),
               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(

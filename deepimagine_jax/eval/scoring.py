@@ -185,10 +185,9 @@ def sample_texts(graphdef, params, tokenizer, examples: Sequence[Example], *, ru
       prompt_BP, mask_BP = _fill_rows([x[s:s + batch_size] for x in prompts], batch_size,
                                       tokenizer.bos_id)
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), r), s)
-      with sharding.on_params_mesh(params):
-        out = sampler.sample(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(mask_BP),
-                             key, max_new_tokens=max_new_tokens, temperature=temperature,
-                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+      out = sampler.sample(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(mask_BP), key,
+                           max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
       tokens_BC, lengths_B = sharding.host_array(out.tokens), sharding.host_array(out.lengths)
       texts += [decode_completion(tokenizer, tokens_BC[b], int(lengths_B[b]))
                 for b in range(len(examples[s:s + batch_size]))]
