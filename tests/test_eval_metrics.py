@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 
 from data_pipeline.example import Example
 from deepimagine_jax.eval import metrics as M
@@ -114,6 +115,10 @@ def test_class_metrics_against_reference():
     t, p = rng.integers(0, 3, 40).tolist(), rng.integers(0, 3, 40).tolist()
     assert M.class_balanced_accuracy(t, p) == pytest.approx(_ref_recall_mean(t, p))
     assert M.macro_f1(t, p) == pytest.approx(_ref_macro_f1(t, p))
+    assert M.macro_f1(t, p) == pytest.approx(f1_score(t, p, average="macro", zero_division=0))
+  # a class only predicted, a class never predicted, one class in all
+  for t, p in [([0, 0, 1], [0, 2, 1]), ([0, 1, 1], [0, 0, 0]), ([1, 1], [1, 1])]:
+    assert M.macro_f1(t, p) == pytest.approx(f1_score(t, p, average="macro", zero_division=0))
 
 
 # Hand-computed ------------------------------------------------------------------------
