@@ -215,9 +215,10 @@ def test_sft_step_rank_zero_equals_the_full_fine_tune():
   rows = _rows(4)
   batch = {k: jnp.stack([r[k] for r in rows]) for k in rows[0]}
   state, _ = train_state.state_from_params(params, tx, mesh, 0)
-  new, metrics = sft.train_step(state, batch, lora.partition(params)[1], graphdef=graphdef,
-                                tx=tx, accum_steps=1)
-  loss_sum, n = sft.masked_nll_sum(params, graphdef, batch)
+  # jitted: eager, every op of the model compiles on its own (tens of seconds)
+  step = jax.jit(functools.partial(sft.train_step, graphdef=graphdef, tx=tx, accum_steps=1))
+  new, metrics = step(state, batch, lora.partition(params)[1])
+  loss_sum, n = jax.jit(sft.masked_nll_sum, static_argnums=1)(params, graphdef, batch)
   assert float(metrics["loss"]) == pytest.approx(float(loss_sum / n), rel=1e-6)
   moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
            for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params))]
@@ -232,7 +233,8 @@ def test_per_row_adapter_key_in_the_sft_step():
   rows = _rows(2)
   batch = {k: jnp.stack([r[k] for r in rows]) for k in rows[0]}
   batch[sft.ADAPTER_KEY] = jnp.array([1, 1], jnp.int32)
-  grads = jax.grad(lambda p: sft.masked_nll_sum(p, graphdef, batch, frozen)[0])(trainable)
+  grads = jax.jit(jax.grad(lambda p: sft.masked_nll_sum(p, graphdef, batch, frozen)[0]))(
+      trainable)
   g = grads["layers"][0]["attn"]["lora"]["q"]["b"].get_value()
   assert np.abs(np.asarray(g[0])).max() == 0 and np.abs(np.asarray(g[1])).max() > 0
 
@@ -252,8 +254,9 @@ def test_grpo_reference_is_the_base_on_the_same_arrays():
   ref = trainer.ref_logprobs(lora.combine(state.params, frozen), prompts, pmask, comp)
   base_gd, base_params = nnx.split(model_lib.Transformer(CFG, nnx.Rngs(0)))
   base_params = jax.tree.map(jnp.asarray, base)
-  want = rl.completion_logprobs(base_params, prompts, pmask, comp, graphdef=base_gd,
-                                group_size=2, temperature=cfg.temperature)
+  want = jax.jit(functools.partial(rl.completion_logprobs, graphdef=base_gd, group_size=2,
+                                   temperature=cfg.temperature))(base_params, prompts, pmask,
+                                                                 comp)
   np.testing.assert_allclose(np.asarray(ref), np.asarray(want), atol=2e-6, rtol=1e-6)
   policy = trainer.logprobs(lora.combine(state.params, frozen), prompts, pmask, comp)
   assert np.abs(np.asarray(policy) - np.asarray(want)).max() > 1e-3
