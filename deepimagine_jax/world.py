@@ -266,8 +266,8 @@ def world(config, workdir: str):
   # The references are fitted once on the training data and answer every split's targets.
   every_target = [t for s in exp.splits for t in targets[s]]
   all_refs = reference_runs(train_q, train_pairs, every_target,
-                               [ex for s in exp.splits for ex in split_examples[s]],
-                               run.eval.rf_seeds, run.eval.cv_folds)
+                            [ex for s in exp.splits for ex in split_examples[s]],
+                            run.eval.rf_seeds, run.eval.cv_folds)
   results: dict = {}
   start = 0
   for s in exp.splits:
