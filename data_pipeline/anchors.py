@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -159,10 +159,19 @@ def _closest(target: Example, candidates: Sequence[Example]) -> Example:
                                 q.id))
 
 
-def assert_time_respecting(examples: Sequence[Example]) -> None:
+def breaks_time_rule(ex: Example) -> bool:
+  """A cross-trial pair whose anchor was not public before the target's cutoff."""
+  return (ex.anchor is not None and ex.anchor_trial_id != ex.trial_id
+          and not time_respecting(ex.anchor.public_date, ex.public_date))
+
+
+def assert_time_respecting(examples: Iterable[Example]) -> None:
   """Raises AssertionError naming the cross-trial pairs whose anchor was not public
   before the target's cutoff (the build calls it on everything it writes)."""
-  bad = [ex.id for ex in examples if ex.anchor is not None and ex.anchor_trial_id != ex.trial_id
-         and not time_respecting(ex.anchor.public_date, ex.public_date)]
-  if bad:
-    raise AssertionError(f"{len(bad)} cross-trial pairs break the time rule: {bad[:5]}")
+  time_rule_error([ex.id for ex in examples if breaks_time_rule(ex)])
+
+
+def time_rule_error(bad_ids: Sequence[str]) -> None:
+  """Raises AssertionError naming the first of `bad_ids` (breaks_time_rule), if any."""
+  if bad_ids:
+    raise AssertionError(f"{len(bad_ids)} cross-trial pairs break the time rule: {bad_ids[:5]}")

@@ -31,6 +31,7 @@ the prompts with cut fields per split.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -41,14 +42,15 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from data_pipeline import (anchors, facts, io, pairs, questions, retrieval, splits, synthetic,
                            templates)
-from data_pipeline.build_report import BuildReport
+from data_pipeline.build_report import (BuildReport, ExampleCounts, format_report,
+                                        label_balance)  # noqa: F401 (build.label_balance)
 from data_pipeline.config import DataConfig
 from data_pipeline.data_root import CT_OPEN_TRAIN_FILES, resolve_data_root
-from data_pipeline.example import PAIR_KINDS, Example
+from data_pipeline.example import Example
 from data_pipeline.readers import ct_open, ctgov_bulk, ctgov_json, ctgov_xml, evidence_inference
 from data_pipeline.schema import Trial
 
@@ -219,66 +221,52 @@ def read_sources(root: pathlib.Path, cfg: DataConfig, report: BuildReport):
 
 # --- statistics ---------------------------------------------------------------
 
-def label_balance(examples: Sequence[Example]) -> dict:
-  """{n_options: {n, fractions: [share of label 0, 1(, 2)]}}."""
-  counts: dict[int, list[int]] = {}
-  for ex in examples:
-    counts.setdefault(ex.n_options, [0] * ex.n_options)[ex.label] += 1
-  return {str(n): {"n": sum(c), "fractions": [round(x / sum(c), 4) for x in c]}
-          for n, c in sorted(counts.items())}
+def fit_record(rec: dict, n_tokens: Callable[[str], int], cfg: DataConfig) -> Example | None:
+  """The record's example re-rendered to fit prompt_len tokens with BOS (and seq_len with its
+  completion, BOS and EOS), so no consumer cuts one; None when it already fits (the record
+  is written as it is). templates.PromptTooLong when it cannot fit."""
+  limit = min(cfg.prompt_len - 1, cfg.seq_len - 2 - n_tokens(rec["completion"]))
+  if n_tokens(rec["prompt"]) <= limit:  # templates.fit_to_tokens would return it unchanged
+    return None
+  return templates.fit_to_tokens(Example.from_json(rec), n_tokens, limit)
 
 
-def _nested_counts(examples: Sequence[Example], *fields: str) -> dict:
-  out: dict = {}
-  for ex in examples:
-    d = out
-    for f in fields[:-1]:
-      d = d.setdefault(str(getattr(ex, f)), {})
-    last = str(getattr(ex, fields[-1]))
-    d[last] = d.get(last, 0) + 1
+def fit_prompts(src: pathlib.Path, dest: pathlib.Path, tok: TrainedTokenizer, cfg: DataConfig,
+                report: BuildReport, counts: ExampleCounts) -> dict:
+  """Every split's file of `src` rewritten to `dest` with its prompts fitted (fit_record),
+  one line at a time; each record kept is added to `counts`. Returns {split: {examples,
+  shortened (a field cut), refit (re-rendered for tokens), max_tokens, max_chars}}; a
+  prompt that cannot fit is dropped, counted under 'render'."""
+  n_tokens = functools.lru_cache(maxsize=1 << 16)(lambda text: len(tok.encode(text)))
+  out = {}
+  for s in counts.splits:
+    kept = refit = longest = shortened = max_chars = 0
+    with io.JsonlWriter(dest / f"{s}.jsonl") as w:
+      for line in _lines(src / f"{s}.jsonl"):
+        rec = json.loads(line)
+        try:
+          fitted = fit_record(rec, n_tokens, cfg)
+        except templates.PromptTooLong as e:
+          report.add_skip("render", "prompt_too_long", f"{rec['id']}: {str(e)[:80]}")
+          continue
+        if fitted is None:
+          w.write_line(line)
+          prompt, cut = rec["prompt"], rec["prompt_fields_cut"]
+        else:
+          w.write_line(_example_line(fitted))
+          prompt, cut = fitted.prompt, fitted.prompt_fields_cut
+          refit += 1
+        kept += 1
+        shortened += cut > 0
+        longest = max(longest, 1 + n_tokens(prompt))
+        max_chars = max(max_chars, len(prompt))
+        counts.add(s, rec)  # fitting changes only prompt, completion and prompt_fields_cut
+    out[s] = {"examples": kept, "shortened": shortened, "refit": refit, "max_tokens": longest,
+              "max_chars": max_chars}
   return out
 
 
-def _factor_counts(examples: Sequence[Example]) -> dict:
-  """{pair kind: {number of differing factors: count}}."""
-  out: dict = {}
-  for ex in examples:
-    if ex.kind in PAIR_KINDS:
-      c = out.setdefault(ex.kind, {})
-      c[str(len(ex.factors))] = c.get(str(len(ex.factors)), 0) + 1
-  return out
-
-
-def fit_prompts(by_split: dict, tok: TrainedTokenizer, cfg: DataConfig, report: BuildReport
-                ) -> tuple[dict, dict]:
-  """Every prompt re-rendered to fit prompt_len tokens with BOS (and seq_len with its
-  completion, BOS and EOS), so no consumer cuts one. Returns the examples by split and
-  {split: {examples, shortened (a field cut), refit (re-rendered for tokens), max_tokens,
-  max_chars}}; a prompt that cannot fit is dropped, counted under 'render'."""
-  n_tokens = functools.lru_cache(maxsize=None)(lambda text: len(tok.encode(text)))
-  out, counts = {}, {}
-  for s, exs in by_split.items():
-    kept, refit, longest = [], 0, 0
-    for ex in exs:
-      limit = min(cfg.prompt_len - 1, cfg.seq_len - 2 - n_tokens(ex.completion))
-      try:
-        fitted = templates.fit_to_tokens(ex, n_tokens, limit)
-      except templates.PromptTooLong as e:
-        report.add_skip("render", "prompt_too_long", f"{ex.id}: {str(e)[:80]}")
-        continue
-      refit += fitted is not ex
-      longest = max(longest, 1 + n_tokens(fitted.prompt))
-      kept.append(fitted)
-    out[s] = kept
-    counts[s] = {"examples": len(kept), "shortened": sum(ex.prompt_fields_cut > 0 for ex in kept),
-                 "refit": refit, "max_tokens": longest,
-                 "max_chars": max((len(ex.prompt) for ex in kept), default=0)}
-  return out, counts
-
-
-def eval_source(eval_examples: Sequence[Example]) -> str:
-  """What the eval split's questions are, as the report and the eval table name them."""
-  sources = {ex.source for ex in eval_examples if ex.kind == "question"}
+def _eval_source_of(sources: set[str]) -> str:
   if not sources:
     return "none"
   if sources == {"ct_open"}:
@@ -287,13 +275,15 @@ def eval_source(eval_examples: Sequence[Example]) -> str:
           f"whose results were posted last)")
 
 
-def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: float,
+def eval_source(eval_examples: Sequence[Example]) -> str:
+  """What the eval split's questions are, as the report and the eval table name them."""
+  return _eval_source_of({ex.source for ex in eval_examples if ex.kind == "question"})
+
+
+def make_report(reader: BuildReport, counts: ExampleCounts, eval_trials: int, elapsed: float,
                 tok_vocab: int, fp: dict, found: anchors.AnchorSet, index: dict | None,
                 prompts: dict) -> dict:
-  everything = [ex for exs in by_split.values() for ex in exs]
   rd = reader.to_dict()
-  qs = [ex for ex in everything if ex.kind == "question"]
-  pairs_ = [ex for ex in everything if ex.kind != "question"]
   return {
       "build_version": BUILD_VERSION,
       "fingerprint": fp["sha256"],
@@ -304,82 +294,57 @@ def make_report(reader: BuildReport, by_split: dict, eval_trials: int, elapsed: 
                             if s.startswith("questions:")},
       "dropped": {s: d["skipped"] for s, d in rd.items()
                   if s in ("splits", "render", TRIAL_FILTER)},
-      "questions_by_source_and_type": _nested_counts(qs, "source", "question_type"),
-      "pairs_by_kind_and_perturbation": _nested_counts(pairs_, "kind", "perturbation"),
-      "pairs_by_kind_and_source": _nested_counts(pairs_, "kind", "source"),
-      "pairs_by_split_kind_and_n_factors": {s: _factor_counts(exs)
-                                            for s, exs in by_split.items()},
+      **counts.to_dict(),
       "anchors": {"k": fp["config"]["anchors_k"], "retriever": fp["config"]["retriever"],
                   "factor_order": fp["config"]["factor_order"],
                   "coverage": found.coverage, "index": index},
       "prompts": prompts,
-      "split_sizes": {s: len(by_split.get(s, [])) for s in by_split},
-      "split_sizes_by_kind": {s: dict(collections.Counter(ex.kind for ex in exs))
-                              for s, exs in by_split.items()},
-      "label_balance": {s: label_balance(exs) for s, exs in by_split.items()},
       "eval_trials": eval_trials,
-      "eval_source": eval_source(by_split.get("eval", ())),
+      "eval_source": _eval_source_of(counts.eval_question_sources),
       "tokenizer_vocab_size": tok_vocab,
       "reused": False,  # True when build_dataset returns an existing build
   }
 
 
-def format_report(r: dict) -> str:
-  """The report as plain text, for the terminal."""
-  reused = " [reused]" if r["reused"] else ""
-  lines = [f"data build v{r['build_version']} ({r['elapsed_s']} s){reused}"]
-  lines.append("records read / skipped:")
-  for src, d in r["records"].items():
-    sk = ", ".join(f"{k}={v['count']}" for k, v in d["skipped"].items())
-    lines.append(f"  {src:<20} read {d['read']:>6}  {sk}")
-  for src, d in r["questions_skipped"].items():
-    lines.append(f"  questions:{src:<10} skipped: "
-                 + ", ".join(f"{k}={v['count']}" for k, v in d.items()))
-  for src, d in r["dropped"].items():
-    lines.append(f"  dropped ({src}): " + ", ".join(f"{k}={v['count']}" for k, v in d.items()))
-  lines.append("questions by source / type:")
-  for src, d in r["questions_by_source_and_type"].items():
-    lines.append(f"  {src:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in sorted(d.items())))
-  lines.append("pairs by kind / perturbation (cross-trial kinds: pairs in which each factor "
-               "differs):")
-  for kind, d in r["pairs_by_kind_and_perturbation"].items():
-    if kind != "natural_pair":
-      per = collections.Counter(f for k, v in d.items() for f in k.split("+") if f for _ in
-                                range(v))
-      d = {f: per[f] for f in r["anchors"]["factor_order"] if per[f]}
-    lines.append(f"  {kind:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in d.items()))
-  lines.append("pairs by split / kind / number of differing factors:")
-  for s, d in r["pairs_by_split_kind_and_n_factors"].items():
-    for kind, c in d.items():
-      lines.append(f"  {s:<6} {kind:<17} " + ", ".join(
-          f"{k}:{v}" for k, v in sorted(c.items(), key=lambda kv: int(kv[0]))))
-  a = r["anchors"]
-  lines.append(f"anchors ({a['retriever']}, k={a['k']}): targets with k anchors / with any / "
-               "all, per split")
-  for s, c in a["coverage"].items():
-    share = c.get("with_k", 0) / max(c["targets"], 1)
-    lines.append(f"  {s:<6} {c.get('with_k', 0):>5} ({share:.1%}) / {c.get('with_any', 0):>5} / "
-                 f"{c['targets']:>5}" + "".join(f"  {k}={c[k]}" for k in
-                                              ("no_public_date", "no_trial_text") if k in c))
-  lines.append("prompts with a field cut to fit (budget / prompt_len), per split:")
-  for s, c in r["prompts"].items():
-    lines.append(f"  {s:<6} {c['shortened']:>5} of {c['examples']:>5}, {c['refit']} of them "
-                 f"re-rendered for tokens (longest {c['max_tokens']} tokens with BOS, "
-                 f"{c['max_chars']} chars)")
-  lines.append("splits (label balance: fraction of each label index, per option count):")
-  for s, n in r["split_sizes"].items():
-    bal = "; ".join(f"{k}-way n={v['n']} {v['fractions']}"
-                    for k, v in r["label_balance"][s].items())
-    lines.append(f"  {s:<6} {n:>6}  {bal}")
-  lines.append(f"eval trials: {r['eval_trials']} ({r['eval_source']})  tokenizer vocab: "
-               f"{r['tokenizer_vocab_size']}")
-  return "\n".join(lines)
-
-
 # --- writing ------------------------------------------------------------------
 
-def _write_examples(path: pathlib.Path, examples: Sequence[Example]) -> None:
-  io.write_jsonl(path, (ex.to_json() for ex in examples), sort_keys=True)
+def _example_line(ex: Example, split: str = "") -> str:
+  """Example.to_json as one sorted JSON line, `split` set when given (no copy of the
+  Example: a build writes millions)."""
+  rec = io.to_jsonable(ex)
+  if split:
+    rec["split"] = split
+  return json.dumps(rec, ensure_ascii=False, sort_keys=True)
+
+
+def _lines(path: pathlib.Path) -> Iterator[str]:
+  """The lines of a JSON-lines file the build wrote, without their newlines."""
+  if path.is_file():
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        yield line.rstrip("\n")
+
+
+def write_splits(kept: Iterable[tuple[str, Example]], directory: pathlib.Path
+                 ) -> dict[str, int]:
+  """Each (split, example) written as it comes to directory/<split>.jsonl (nothing held);
+  returns {split: examples written}. An exception (a failed check) leaves no file."""
+  with contextlib.ExitStack() as stack:
+    writers: dict[str, io.JsonlWriter] = {}
+    for split, ex in kept:
+      if split not in writers:
+        writers[split] = stack.enter_context(io.JsonlWriter(directory / f"{split}.jsonl"))
+      writers[split].write_line(_example_line(ex, split))
+    return {s: w.lines for s, w in writers.items()}
+
+
+def _texts(directory: pathlib.Path, names: Sequence[str]) -> Iterator[str]:
+  """Prompts and completions of the named splits' files (the tokenizer's corpus)."""
+  for s in names:
+    for line in _lines(directory / f"{s}.jsonl"):
+      rec = json.loads(line)
+      yield rec["prompt"]
+      yield rec["completion"]
 
 
 # --- the build ----------------------------------------------------------------
@@ -412,14 +377,20 @@ def registry_eval(qs: Sequence[Example], trials: dict, fraction: float, report: 
   return out, eval_ids
 
 
-def make_examples(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
-                  embed: retrieval.Embed | None = None
-                  ) -> tuple[dict[str, list[Example]], anchors.AnchorSet, set[str]]:
-  """Read, pair, render and split: ({split: examples}, the anchors, the eval trial ids).
+@dataclasses.dataclass
+class Pairing:
+  """What pairing starts from: questions with facts and public dates, ready-made examples
+  (synthetic), every question's anchors, the eval trials and the trial splits."""
+  questions: list[Example]
+  ready: list[Example]
+  found: anchors.AnchorSet
+  eval_ids: set[str]
+  split_of: splits.TrialSplits
 
-  Checked before anything is written: no held-out trial leaks into training
-  (splits.assert_no_leakage) and every cross-trial anchor is time-respecting.
-  """
+
+def prepare(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
+            embed: retrieval.Embed | None = None) -> Pairing:
+  """Read the sources, choose the eval trials, attach facts and dates, retrieve anchors."""
   qs, trials, ready = read_sources(root, cfg, report)
   eval_ids = splits.ct_open_eval_ids(qs, EVAL_RELEASE)
   if not eval_ids and cfg.registry_eval_fraction > 0:
@@ -435,29 +406,70 @@ def make_examples(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
                                 rl_fraction=cfg.rl_fraction, eval_trial_ids=eval_ids)
   found = anchors.find_anchors(qs, trials, split_of, k=cfg.anchors_k, retriever=cfg.retriever,
                                embed=embed)
-  examples = list(qs)
-  examples += pairs.natural_pairs(qs, report, max_anchors=cfg.max_anchors)
-  for q in qs:
-    examples += pairs.cross_trial_pairs(q, found.anchors.get(q.id, ()), cfg.factor_order,
-                                        report)
-  examples += ready
-  rendered = []
-  for ex in examples:
+  return Pairing(qs, ready, found, eval_ids, split_of)
+
+
+def iter_examples(p: Pairing, factor_order: Sequence[str], max_anchors: int,
+                  report: BuildReport) -> Iterator[Example]:
+  """Every example, rendered, one at a time in the build's order: the questions, the
+  natural pairs, each question's cross-trial pairs, the ready-made examples. One that
+  cannot be rendered is counted under 'render' and skipped."""
+  def unrendered():
+    yield from p.questions
+    yield from pairs.iter_natural_pairs(p.questions, report, max_anchors=max_anchors)
+    for q in p.questions:
+      yield from pairs.cross_trial_pairs(q, p.found.anchors.get(q.id, ()), factor_order, report)
+    yield from p.ready
+
+  for ex in unrendered():
     if not ex.prompt:
       try:
         ex = templates.render(ex)
       except ValueError as e:
         report.add_skip("render", type(e).__name__, f"{ex.id}: {str(e)[:80]}")
         continue
-    rendered.append(ex)
-  by_split = splits.assign_splits(
-      rendered, cfg.seed, dev_fraction=cfg.dev_fraction, rl_fraction=cfg.rl_fraction,
-      eval_trial_ids=eval_ids, report=report)
-  by_split = {s: by_split.get(s, []) for s in SPLITS} | {
-      s: v for s, v in sorted(by_split.items()) if s not in SPLITS}
-  splits.assert_no_leakage(by_split)
-  anchors.assert_time_respecting([ex for exs in by_split.values() for ex in exs])
-  return by_split, found, eval_ids
+    yield ex
+
+
+def split_checked(examples: Iterable[Example], split_of: splits.TrialSplits,
+                  report: BuildReport) -> Iterator[tuple[str, Example]]:
+  """(split, example) for each example kept (splits.split_or_drop; drops counted). When
+  the examples run out, raises if any kept one lets training see a held-out trial
+  (splits.LeakageCheck) or has an anchor not public before its target's cutoff: the
+  checks cover everything, on trial ids rather than held examples."""
+  leakage, late = splits.LeakageCheck(), []
+  for ex in examples:
+    split = splits.split_or_drop(ex, split_of, report)
+    if not split:
+      continue
+    leakage.add(split, ex)
+    if anchors.breaks_time_rule(ex):
+      late.append(ex.id)
+    yield split, ex
+  leakage.check()
+  anchors.time_rule_error(late)
+
+
+def split_names(seen: Iterable[str]) -> tuple[str, ...]:
+  """SPLITS, then any other split seen, sorted."""
+  return SPLITS + tuple(sorted(set(seen) - set(SPLITS)))
+
+
+def make_examples(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
+                  embed: retrieval.Embed | None = None
+                  ) -> tuple[dict[str, list[Example]], anchors.AnchorSet, set[str]]:
+  """Read, pair, render and split, held in memory: ({split: examples}, the anchors, the
+  eval trial ids). The same stages as build_dataset, which streams them to files.
+
+  Checked: no held-out trial leaks into training (splits.LeakageCheck) and every
+  cross-trial anchor is time-respecting.
+  """
+  p = prepare(cfg, root, report, embed)
+  by_split: dict[str, list[Example]] = collections.defaultdict(list)
+  for split, ex in split_checked(iter_examples(p, cfg.factor_order, cfg.max_anchors, report),
+                                 p.split_of, report):
+    by_split[split].append(ex.replace(split=split))
+  return {s: by_split.get(s, []) for s in split_names(by_split)}, p.found, p.eval_ids
 
 
 def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
@@ -470,6 +482,12 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
   `model_dir/tokenizer.model`, and returns it (its `vocab_size` goes in the report,
   its `encode` sizes the prompts): pass `deepimagine_jax.tokenizer.Tokenizer.train`.
   `embed(texts) -> [N, D]` is the dense retriever's encoder (data.retriever 'dense').
+
+  Examples are streamed, never all held: each is written to its split's file in the
+  staging folder as it is made (the leakage and time-rule checks run on every one, and
+  fail the build before anything is swapped in); the tokenizer trains on those files,
+  then each file is rewritten with its prompts fitted to the tokens and counted for the
+  report.
   """
   t0 = time.time()
   root = resolve_data_root(cfg.root)
@@ -488,30 +506,36 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
   logging.info("data build: building %s from %s (sources %s)", build_dir, root, cfg.sources)
 
   report = BuildReport()
-  by_split, found, eval_ids = make_examples(cfg, root, report, embed)
+  p = prepare(cfg, root, report, embed)
 
   build_dir.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=io.staging_prefix(build_dir),
                                           dir=build_dir.parent))
   try:
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would become the build's mode
-    texts = [t for s, exs in by_split.items() if s != "eval"
-             for ex in exs for t in (ex.prompt, ex.completion)]
-    tok = train_tokenizer(texts, staging / "tokenizer", cfg.vocab_size)
-    by_split, prompts = fit_prompts(by_split, tok, cfg, report)
-    (staging / "examples").mkdir()
-    for s, exs in by_split.items():
-      _write_examples(staging / "examples" / f"{s}.jsonl", exs)
-    index = (retrieval.save_index(staging / "index", found.retriever, found.pool_dates)
-             if found.retriever is not None else None)
+    unfitted = staging / "unfitted"
+    written = write_splits(
+        split_checked(iter_examples(p, cfg.factor_order, cfg.max_anchors, report), p.split_of,
+                      report), unfitted)
+    names = split_names(written)
+    tok = train_tokenizer(_texts(unfitted, [s for s in names if s != "eval"]),
+                          staging / "tokenizer", cfg.vocab_size)
+    counts = ExampleCounts(names)
+    prompts = fit_prompts(unfitted, staging / "examples", tok, cfg, report, counts)
+    shutil.rmtree(unfitted)
+    index = (retrieval.save_index(staging / "index", p.found.retriever, p.found.pool_dates)
+             if p.found.retriever is not None else None)
     if cfg.tfds:
       from data_pipeline.tfds_pairs import build_tfds  # heavy import, only when asked
       both = staging / "all.jsonl"
-      _write_examples(both, [ex for exs in by_split.values() for ex in exs])
+      with io.JsonlWriter(both) as w:
+        for s in names:
+          for line in _lines(staging / "examples" / f"{s}.jsonl"):
+            w.write_line(line)
       build_tfds(both, staging / "tfds")
       both.unlink()
-    rep = make_report(report, by_split, len(eval_ids), time.time() - t0, tok.vocab_size, fp,
-                      found, index, prompts)
+    rep = make_report(report, counts, len(p.eval_ids), time.time() - t0, tok.vocab_size, fp,
+                      p.found, index, prompts)
     io.write_json(staging / "report.json", rep, sort_keys=True)
     # written last: a staging folder without it is never mistaken for a build
     io.write_json(staging / "fingerprint.json", fp)
@@ -521,5 +545,4 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
   if verbose:
     print(format_report(rep))
   logging.info("data build: wrote %s in %.1f s", build_dir, rep["elapsed_s"])
-  return BuiltData(build_dir, build_dir / "tokenizer" / "tokenizer.model", rep,
-                   tuple(by_split))
+  return BuiltData(build_dir, build_dir / "tokenizer" / "tokenizer.model", rep, names)

@@ -11,6 +11,7 @@ standard JSON that any reader parses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -39,13 +40,18 @@ def to_jsonable(x: Any) -> Any:
     return to_jsonable(x.item())
   if isinstance(x, float):
     return x if math.isfinite(x) else None
-  if dataclasses.is_dataclass(x) and not isinstance(x, type):
-    return to_jsonable(dataclasses.asdict(x))
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):  # as asdict, without its deep copy
+    return {name: to_jsonable(getattr(x, name)) for name in _field_names(type(x))}
   if isinstance(x, os.PathLike):
     return os.fspath(x)
   if x is None or isinstance(x, (str, int, bool)):
     return x
   raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+@functools.cache
+def _field_names(cls) -> tuple[str, ...]:
+  return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> pathlib.Path:
@@ -76,8 +82,50 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1,
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any], *,
                 sort_keys: bool = False) -> pathlib.Path:
   """One JSON object per line (UTF-8, not ASCII-escaped), written atomically."""
-  lines = [json.dumps(to_jsonable(r), ensure_ascii=False, sort_keys=sort_keys) for r in rows]
-  return atomic_write(path, "".join(line + "\n" for line in lines))
+  with JsonlWriter(path, sort_keys=sort_keys) as w:
+    for r in rows:
+      w.write(r)
+  return w.path
+
+
+class JsonlWriter:
+  """JSON lines written as they come (nothing held) to a temporary file beside `path`,
+  fsynced and renamed into place when the `with` block ends; an exception inside it
+  removes the temporary file, so `path` is the old file or the whole new one."""
+
+  def __init__(self, path: str | os.PathLike, *, sort_keys: bool = False):
+    self.path = pathlib.Path(path)
+    self.sort_keys = sort_keys
+    self.lines = 0
+
+  def __enter__(self) -> "JsonlWriter":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                    suffix=".tmp")
+    self.file = os.fdopen(fd, "w", encoding="utf-8", newline="", buffering=1 << 20)
+    return self
+
+  def write(self, row: Any) -> None:
+    """One value (made JSON-ready by to_jsonable) as one line."""
+    self.write_line(json.dumps(to_jsonable(row), ensure_ascii=False, sort_keys=self.sort_keys))
+
+  def write_line(self, line: str) -> None:
+    """One line already encoded as JSON (no newline in it)."""
+    self.file.write(line)
+    self.file.write("\n")
+    self.lines += 1
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    try:
+      if exc_type is None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+      self.file.close()
+      if exc_type is None:
+        os.replace(self.tmp, self.path)
+    finally:
+      if os.path.exists(self.tmp):
+        os.unlink(self.tmp)
 
 
 def read_jsonl(path: str | os.PathLike, report: BuildReport | None = None,

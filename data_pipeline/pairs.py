@@ -15,7 +15,7 @@ from its Trial, so pairing never looks a trial up again.
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from data_pipeline import templates
 from data_pipeline.anchors import Retrieved
@@ -41,10 +41,15 @@ def natural_pairs(questions: Sequence[Example], report: BuildReport | None = Non
   Questions need `facts` (attach_facts). Each target keeps at most `max_anchors`
   anchors per perturbation type, the first in question order.
   """
+  return list(iter_natural_pairs(questions, report, max_anchors))
+
+
+def iter_natural_pairs(questions: Sequence[Example], report: BuildReport | None = None,
+                       max_anchors: int = 3) -> Iterator[Example]:
+  """natural_pairs one at a time, in the same order (a build streams them)."""
   by_group = collections.defaultdict(list)
   for q in questions:
     by_group[(q.trial_id, _qtype(q))].append(q)
-  out = []
   for _, qs in sorted(by_group.items()):
     for target in qs:
       used = collections.Counter()
@@ -56,11 +61,11 @@ def natural_pairs(questions: Sequence[Example], report: BuildReport | None = Non
           continue
         key = {"outcome": "outcome", "comparator": "arm_b", "dose": "dose"}[ptype]
         factor = Factor(ptype, getattr(anchor.facts, key), getattr(target.facts, key))
-        out.append(make_pair(anchor, target, "natural_pair", [factor]))
+        pair = make_pair(anchor, target, "natural_pair", [factor])
         used[ptype] += 1
         if report is not None:
           report.add_read(f"pairs:natural_pair:{ptype}")
-  return out
+        yield pair
 
 
 def _natural_type(a: Example, t: Example) -> str | None:

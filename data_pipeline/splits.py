@@ -67,6 +67,29 @@ class TrialSplits:
     return self.memo[trial_id]
 
 
+def drop_reason(ex: Example, split_of: TrialSplits) -> str:
+  """Why `ex` may not be kept ('' when it may): 'anchor_in_<split>' (a cross-trial anchor
+  from a held-out trial) or 'natural_pair_in_<split>' (a same-trial pair of a held-out
+  target: its anchor's result is published with the target's)."""
+  anchor = ex.anchor_trial_id
+  if anchor and anchor != ex.trial_id and split_of(anchor) not in TRAINING:
+    return f"anchor_in_{split_of(anchor)}"
+  if anchor == ex.trial_id and ex.kind in PAIR_KINDS and split_of(ex.trial_id) in HELD_OUT:
+    return f"natural_pair_in_{split_of(ex.trial_id)}"
+  return ""
+
+
+def split_or_drop(ex: Example, split_of: TrialSplits, report=None) -> str:
+  """The split `ex` goes to, or '' when it is dropped (drop_reason; counted in `report`
+  under source 'splits'). One example at a time, so a build can stream."""
+  why = drop_reason(ex, split_of)
+  if why:
+    if report is not None:
+      report.add_skip("splits", why, ex.id)
+    return ""
+  return split_of(ex.trial_id)
+
+
 def assign_splits(examples: Iterable[Example], seed: int, *, dev_fraction: float = 0.1,
                   rl_fraction: float = 0.1, eval_fraction: float = 0.0,
                   eval_trial_ids: Iterable[str] = (),
@@ -83,18 +106,9 @@ def assign_splits(examples: Iterable[Example], seed: int, *, dev_fraction: float
                          eval_fraction=eval_fraction, eval_trial_ids=eval_trial_ids)
   out: dict[str, list[Example]] = collections.defaultdict(list)
   for ex in examples:
-    split = split_of(ex.trial_id)
-    anchor = ex.anchor_trial_id
-    why = ""
-    if anchor and anchor != ex.trial_id and split_of(anchor) not in TRAINING:
-      why = f"anchor_in_{split_of(anchor)}"
-    elif anchor == ex.trial_id and ex.kind in PAIR_KINDS and split in HELD_OUT:
-      why = f"natural_pair_in_{split}"
-    if why:
-      if report is not None:
-        report.add_skip("splits", why, ex.id)
-      continue
-    out[split].append(dataclasses.replace(ex, split=split))
+    split = split_or_drop(ex, split_of, report)
+    if split:
+      out[split].append(dataclasses.replace(ex, split=split))
   return dict(out)
 
 
@@ -108,6 +122,48 @@ def ct_open_eval_ids(examples: Iterable[Example], eval_release: str = "Summer_20
           if ex.source == "ct_open" and ex.split == eval_release}
 
 
+class LeakageCheck:
+  """assert_no_leakage one example at a time: keeps only trial ids per split (compact keys,
+  not examples), so a streamed build checks everything it writes."""
+
+  def __init__(self):
+    self.targets: dict[str, set[str]] = collections.defaultdict(set)
+    self.anchors: dict[str, set[str]] = collections.defaultdict(set)
+    self.cross_anchors: dict[str, set[str]] = collections.defaultdict(set)
+    self.problems: list[str] = []
+
+  def add(self, split: str, ex: Example) -> None:
+    self.targets[split].add(ex.trial_id)
+    a = ex.anchor_trial_id
+    if a:
+      self.anchors[split].add(a)
+      if a != ex.trial_id:
+        self.cross_anchors[split].add(a)
+      elif split in HELD_OUT and ex.kind in PAIR_KINDS:
+        self.problems.append(f"{split} example {ex.id} has an anchor from its own trial")
+
+  def check(self) -> None:
+    """Raises LeakageError naming every held-out trial that training can see."""
+    targets, problems = self.targets, list(self.problems)
+    splits = sorted(targets)
+    for i, s1 in enumerate(splits):
+      for s2 in splits[i + 1:]:
+        both = targets[s1] & targets[s2]
+        if both:
+          problems.append(f"targets in both {s1} and {s2}: {sorted(both)[:20]}")
+    held = set().union(*(targets[s] for s in HELD_OUT if s in targets))
+    for s in TRAINING:
+      seen = (targets.get(s, set()) | self.anchors.get(s, set())) & held
+      if seen:
+        problems.append(f"held-out trials seen in {s}: {sorted(seen)[:20]}")
+    for s in HELD_OUT:
+      bad = self.cross_anchors.get(s, set()) & held
+      if bad:
+        problems.append(f"held-out trials used as anchors in {s}: {sorted(bad)[:20]}")
+    if problems:
+      raise LeakageError("; ".join(problems))
+
+
 def assert_no_leakage(examples_by_split: Mapping[str, Iterable[Example]]) -> None:
   """Raises LeakageError naming every held-out trial that training can see.
 
@@ -116,34 +172,8 @@ def assert_no_leakage(examples_by_split: Mapping[str, Iterable[Example]]) -> Non
   are not themselves dev/eval targets; (4) no dev/eval example's anchor is from
   its own trial.
   """
-  targets: dict[str, set[str]] = collections.defaultdict(set)
-  anchors: dict[str, set[str]] = collections.defaultdict(set)
-  cross_anchors: dict[str, set[str]] = collections.defaultdict(set)
-  problems = []
+  check = LeakageCheck()
   for split, exs in examples_by_split.items():
     for ex in exs:
-      targets[split].add(ex.trial_id)
-      a = ex.anchor_trial_id
-      if a:
-        anchors[split].add(a)
-        if a != ex.trial_id:
-          cross_anchors[split].add(a)
-        elif split in HELD_OUT and ex.kind in PAIR_KINDS:
-          problems.append(f"{split} example {ex.id} has an anchor from its own trial")
-  splits = sorted(targets)
-  for i, s1 in enumerate(splits):
-    for s2 in splits[i + 1:]:
-      both = targets[s1] & targets[s2]
-      if both:
-        problems.append(f"targets in both {s1} and {s2}: {sorted(both)[:20]}")
-  held = set().union(*(targets[s] for s in HELD_OUT if s in targets))
-  for s in TRAINING:
-    seen = (targets.get(s, set()) | anchors.get(s, set())) & held
-    if seen:
-      problems.append(f"held-out trials seen in {s}: {sorted(seen)[:20]}")
-  for s in HELD_OUT:
-    bad = cross_anchors.get(s, set()) & held
-    if bad:
-      problems.append(f"held-out trials used as anchors in {s}: {sorted(bad)[:20]}")
-  if problems:
-    raise LeakageError("; ".join(problems))
+      check.add(split, ex)
+  check.check()

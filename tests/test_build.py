@@ -155,16 +155,17 @@ def test_crash_while_writing_keeps_the_previous_build(root, tmp_path, monkeypatc
   cfg = _cfg(root, out)
   first = _build(cfg)
   before = first.examples("train")
-  real = build._write_examples
+  real = build.write_splits
 
-  def crashing(path, examples):
-    real(path, examples[: len(examples) // 2])
+  def crashing(kept, directory):
+    kept = list(kept)
+    real(kept[: len(kept) // 2], directory)
     raise OSError("disk full (simulated)")
 
-  monkeypatch.setattr(build, "_write_examples", crashing)
+  monkeypatch.setattr(build, "write_splits", crashing)
   with pytest.raises(OSError, match="simulated"):
     _build(_cfg(root, out, seed=7))
-  monkeypatch.setattr(build, "_write_examples", real)
+  monkeypatch.setattr(build, "write_splits", real)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no staging left behind
   again = _build(cfg)
   assert again.report.get("reused") is True and again.examples("train") == before
@@ -305,3 +306,45 @@ def test_without_ct_open_the_registry_trials_posted_last_are_eval(data_root, tmp
   assert build.eval_source(by_split["eval"]).startswith("Registry-derived questions (not CT")
   off = dataclasses.replace(cfg, registry_eval_fraction=0.0)
   assert build.make_examples(off, tmp_path, BuildReport())[2] == set()
+
+
+def test_streamed_build_writes_what_the_stages_make_in_memory(built, root):
+  """build_dataset streams examples to files and never holds them; the same stages held in
+  memory (make_examples), fitted to the build's tokenizer and written with Example.to_json
+  as before streaming, give byte-identical files and the same report counts."""
+  from data_pipeline import templates
+  from data_pipeline.build_report import BuildReport
+  cfg = _cfg(root, built.dir)
+  by_split, _, _ = build.make_examples(cfg, root, BuildReport())
+  tok = Tokenizer.load(built.tokenizer_path)
+  n_tokens = lambda text: len(tok.encode(text))  # noqa: E731
+  assert tuple(by_split) == built.splits
+  for s, exs in by_split.items():
+    fitted = []
+    for ex in exs:
+      limit = min(cfg.prompt_len - 1, cfg.seq_len - 2 - n_tokens(ex.completion))
+      try:
+        fitted.append(templates.fit_to_tokens(ex, n_tokens, limit))
+      except templates.PromptTooLong:
+        continue
+    lines = [json.dumps(ex.to_json(), ensure_ascii=False, sort_keys=True) for ex in fitted]
+    assert (built.dir / "examples" / f"{s}.jsonl").read_text(encoding="utf-8").splitlines() \
+        == lines, s
+    assert built.report["split_sizes"][s] == len(fitted)
+    assert built.report["split_sizes_by_kind"][s] == dict(
+        collections.Counter(ex.kind for ex in fitted))
+    assert built.report["label_balance"][s] == build.label_balance(fitted)
+  assert sum(ex.kind in ("approximate_pair", "chain") for exs in by_split.values()
+             for ex in exs) > 10  # the cross-trial pairs that streaming is for are there
+
+
+def test_a_failed_check_while_streaming_leaves_no_file(tmp_path):
+  from data_pipeline import splits
+
+  def kept():
+    yield "train", _ex(("a", "b"), 0)
+    raise splits.LeakageError("held-out trials seen in train: ['T']")  # split_checked's end
+
+  with pytest.raises(splits.LeakageError):
+    build.write_splits(kept(), tmp_path / "out")
+  assert list((tmp_path / "out").iterdir()) == []
