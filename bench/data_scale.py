@@ -5,14 +5,19 @@
 
 Trials come from the project's trial world (data_pipeline/world.py, configs/world.py's
 declared values) with more drugs and conditions as the size grows, cut to exactly the
-size asked. Each size runs in its own subprocess, so its peak memory (ru_maxrss) is its
-own; the stages are the build's: questions (what a reader yields) -> facts and public
-dates -> anchors (retrieval under the time rule) -> pairs (natural and cross-trial,
-rendered) -> render (questions) -> splits (leakage and time-rule checks). Prints one
-line: per size, build seconds, peak RSS, examples, and each stage's share of the time;
-then the growth exponent (log-log slope of build seconds vs trials) between sizes, of wall
-and of CPU seconds (the machine's 2 cores are shared, so wall seconds carry others' load).
-World generation is timed apart (it is not the build).
+size asked. Each size runs in its own subprocess. The stages are the build's: questions
+(what a reader yields) -> facts and public dates -> anchors (retrieval under the time
+rule) -> stream (build_stream.write_examples, as build_dataset runs it: the questions,
+natural and cross-trial pairs made and rendered, split, leakage- and time-rule-checked
+and written one JSON line at a time to their split's files, in forked worker processes,
+into a temporary folder removed after). Not timed: the tokenizer's training and the
+prompts' fitting to its tokens (build_dataset's second pass over the files).
+Prints one line: per size, build seconds (wall; CPU of the process and its workers),
+peak memory (summed PSS of the process and its workers, sampled every 0.25 s), examples,
+GB written, each stage's share of the time; then the growth exponent (log-log slope of
+build seconds vs trials) between sizes, of wall and of CPU seconds (the machine's 2 cores
+are shared, so wall seconds carry others' load). World generation is timed apart (it is
+not the build). `--profile N` runs one size in one process (workers 1) under cProfile.
 """
 from __future__ import annotations
 
@@ -22,22 +27,26 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import pathlib
 import pstats
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import common  # noqa: E402
 from configs import world as world_config  # noqa: E402
-from data_pipeline import anchors, facts, pairs, splits, templates, world_build  # noqa: E402
+from data_pipeline import anchors, facts, splits, world_build  # noqa: E402
+from data_pipeline import build_stream  # noqa: E402
 from data_pipeline.build_report import BuildReport  # noqa: E402
 from data_pipeline.world import World, WorldConfig, generate_world  # noqa: E402
 
-STAGES = ("questions", "facts", "anchors", "pairs", "render", "splits")
+STAGES = ("questions", "facts", "anchors", "stream")
 DATA = common.data()  # the build's declared anchors_k, max_anchors, factor_order
 
 
@@ -59,8 +68,11 @@ def make_world(n_trials: int) -> World:
   return dataclasses.replace(world, trials=world.trials[:n_trials])
 
 
-def build(world: World, cfg: WorldConfig, retriever: str) -> tuple[dict, dict]:
-  """The build's stages on the world, each timed: ({stage: seconds}, counts)."""
+def build(world: World, cfg: WorldConfig, retriever: str, out_dir: pathlib.Path,
+          workers: int | None = None) -> tuple[dict, dict]:
+  """The build's stages on the world, each timed, the examples streamed to out_dir's split
+  files by build_stream.write_examples as build_dataset streams them: ({stage: seconds},
+  counts)."""
   seconds, report = {}, BuildReport()
   clock = [time.perf_counter()]
 
@@ -79,39 +91,75 @@ def build(world: World, cfg: WorldConfig, retriever: str) -> tuple[dict, dict]:
                                 rl_fraction=cfg.rl_fraction, eval_trial_ids=held)
   found = anchors.find_anchors(qs, trials, split_of, k=DATA.anchors_k, retriever=retriever)
   lap("anchors")
-  examples = pairs.natural_pairs(qs, report, max_anchors=DATA.max_anchors)
-  for q in qs:
-    examples += pairs.cross_trial_pairs(q, found.anchors.get(q.id, ()), DATA.factor_order, report)
-  lap("pairs")
-  examples += [templates.render(q) for q in qs]
-  lap("render")
-  by_split = splits.assign_splits(examples, cfg.seed, dev_fraction=cfg.dev_fraction,
-                                  rl_fraction=cfg.rl_fraction, eval_trial_ids=held,
-                                  report=report)
-  splits.assert_no_leakage(by_split)
-  anchors.assert_time_respecting([ex for exs in by_split.values() for ex in exs])
-  lap("splits")
-  counts = {"questions": len(qs), "examples": sum(len(v) for v in by_split.values()),
-            "cross_trial": sum(ex.anchor_trial_id not in ("", ex.trial_id) for ex in examples)}
+  pairing = build_stream.Pairing(qs, [], found, set(held), split_of)
+  written = build_stream.write_examples(pairing, DATA.factor_order, DATA.max_anchors, report,
+                                        out_dir, workers)
+  lap("stream")
+  counts = {"questions": len(qs), "examples": sum(written.sizes.values()),
+            "cross_trial": sum(n for k, n in report.read.items()
+                               if k.startswith(("pairs:approximate_pair:", "pairs:chain:"))),
+            "written_gb": sum(f.stat().st_size for f in out_dir.rglob("*.jsonl")) / 2**30}
   return seconds, counts
 
 
-def child(n_trials: int, retriever: str) -> dict:
-  """One size, in this process: what the parent prints."""
+class PeakMemory:
+  """The peak, sampled every `every` seconds, of the summed proportional set size (PSS:
+  shared pages split between the processes sharing them) of this process and its
+  descendants (the forked workers), in GiB."""
+
+  def __init__(self, every: float = 0.25):
+    self.every, self.peak_gb = every, 0.0
+    self.done = threading.Event()
+    self.thread = threading.Thread(target=self._run, daemon=True)
+
+  @staticmethod
+  def _pss_gb(pid: int) -> float:
+    total = 0
+    try:
+      for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith("Pss:"):
+          total += int(line.split()[1])
+      for tid in os.listdir(f"/proc/{pid}/task"):
+        for child in open(f"/proc/{pid}/task/{tid}/children").read().split():
+          total += PeakMemory._pss_gb(int(child)) * 2**20
+    except (OSError, ValueError):
+      pass  # a worker that just exited
+    return total / 2**20
+
+  def _run(self):
+    while not self.done.wait(self.every):
+      self.peak_gb = max(self.peak_gb, self._pss_gb(os.getpid()))
+
+  def __enter__(self):
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.done.set()
+    self.thread.join()
+
+
+def child(n_trials: int, retriever: str, workers: int | None) -> dict:
+  """One size, in this process (and its workers): what the parent prints."""
   t0 = time.perf_counter()
   world = make_world(n_trials)
   world_s = time.perf_counter() - t0
-  cpu0 = time.process_time()
-  seconds, counts = build(world, scaled_config(n_trials), retriever)
-  cpu_s = time.process_time() - cpu0  # beside wall seconds: the 2 cores are shared
-  peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+  cpu0, kids0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+  with PeakMemory() as mem, tempfile.TemporaryDirectory(prefix="data_scale-") as out:
+    seconds, counts = build(world, scaled_config(n_trials), retriever, pathlib.Path(out),
+                            workers)
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu_s = (time.process_time() - cpu0 + kids.ru_utime - kids0.ru_utime + kids.ru_stime
+           - kids0.ru_stime)  # beside wall seconds: the 2 cores are shared
   return {"trials": n_trials, "world_s": world_s, "stages": seconds,
-          "build_s": sum(seconds.values()), "cpu_s": cpu_s, "peak_gb": peak_kb / 2**20, **counts}
+          "build_s": sum(seconds.values()), "cpu_s": cpu_s, "peak_gb": mem.peak_gb,
+          "workers": workers or build_stream.WORKERS, **counts}
 
 
-def run_size(n_trials: int, retriever: str) -> dict:
-  out = subprocess.run([sys.executable, __file__, "--child", str(n_trials),
-                        "--retriever", retriever], capture_output=True, text=True, check=False)
+def run_size(n_trials: int, retriever: str, workers: int) -> dict:
+  out = subprocess.run([sys.executable, __file__, "--child", str(n_trials), "--retriever",
+                        retriever, "--workers", str(workers)], capture_output=True, text=True,
+                       check=False)
   if out.returncode:
     raise RuntimeError(f"size {n_trials} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,9 +169,11 @@ def line(rows: list[dict], retriever: str) -> str:
   parts = []
   for r in rows:
     shares = " ".join(f"{s} {r['stages'][s] / r['build_s']:.0%}" for s in STAGES)
-    parts.append(f"{r['trials']} trials: build {r['build_s']:.1f} s (cpu {r['cpu_s']:.1f} s), "
+    parts.append(f"{r['trials']} trials: build {r['build_s']:.1f} s (cpu {r['cpu_s']:.1f} s, "
+                 f"{r['workers']} workers), "
                  f"peak {r['peak_gb']:.2f} GB, {r['questions'] / r['trials']:.1f} questions/trial, "
-                 f"{r['examples']} examples ({r['cross_trial']} cross-trial) [{shares}]; "
+                 f"{r['examples']} examples ({r['cross_trial']} cross-trial, "
+                 f"{r['written_gb']:.1f} GB written) [{shares}]; "
                  f"world {r['world_s']:.1f} s")
   def slope(a, b, key):
     return math.log(b[key] / a[key]) / math.log(b["trials"] / a["trials"])
@@ -139,19 +189,22 @@ def main():
   p.add_argument("--sizes", default="1000,10000,50000", help="trial counts, comma-separated")
   p.add_argument("--retriever", default="tfidf", choices=("tfidf", "bm25"))
   p.add_argument("--profile", type=int, default=0, help="cProfile one size in this process")
+  p.add_argument("--workers", type=int, default=0,
+                 help="processes that write the examples (0: build_stream.WORKERS)")
   p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.child:
-    print(json.dumps(child(a.child, a.retriever)))
+    print(json.dumps(child(a.child, a.retriever, a.workers or None)))
     return
   if a.profile:
     world = make_world(a.profile)
     prof = cProfile.Profile()
-    prof.runcall(build, world, scaled_config(a.profile), a.retriever)
+    with tempfile.TemporaryDirectory(prefix="data_scale-") as out:  # in one process: all seen
+      prof.runcall(build, world, scaled_config(a.profile), a.retriever, pathlib.Path(out), 1)
     pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
     return
   sizes = [int(s) for s in a.sizes.split(",")]
-  print(line([run_size(n, a.retriever) for n in sizes], a.retriever))
+  print(line([run_size(n, a.retriever, a.workers) for n in sizes], a.retriever))
 
 
 if __name__ == "__main__":

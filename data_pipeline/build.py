@@ -31,7 +31,6 @@ the prompts with cut fields per split.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -42,10 +41,10 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
-from data_pipeline import (anchors, facts, io, pairs, questions, retrieval, splits, synthetic,
-                           templates)
+from data_pipeline import (anchors, build_stream, facts, io, questions, retrieval, splits,
+                           synthetic, templates)
 from data_pipeline.build_report import (BuildReport, ExampleCounts, format_report,
                                         label_balance)  # noqa: F401 (build.label_balance)
 from data_pipeline.config import DataConfig
@@ -231,9 +230,9 @@ def fit_record(rec: dict, n_tokens: Callable[[str], int], cfg: DataConfig) -> Ex
   return templates.fit_to_tokens(Example.from_json(rec), n_tokens, limit)
 
 
-def fit_prompts(src: pathlib.Path, dest: pathlib.Path, tok: TrainedTokenizer, cfg: DataConfig,
-                report: BuildReport, counts: ExampleCounts) -> dict:
-  """Every split's file of `src` rewritten to `dest` with its prompts fitted (fit_record),
+def fit_prompts(src: build_stream.Written, dest: pathlib.Path, tok: TrainedTokenizer,
+                cfg: DataConfig, report: BuildReport, counts: ExampleCounts) -> dict:
+  """Every split's examples in `src` rewritten to `dest` with their prompts fitted (fit_record),
   one line at a time; each record kept is added to `counts`. Returns {split: {examples,
   shortened (a field cut), refit (re-rendered for tokens), max_tokens, max_chars}}; a
   prompt that cannot fit is dropped, counted under 'render'."""
@@ -242,7 +241,7 @@ def fit_prompts(src: pathlib.Path, dest: pathlib.Path, tok: TrainedTokenizer, cf
   for s in counts.splits:
     kept = refit = longest = shortened = max_chars = 0
     with io.JsonlWriter(dest / f"{s}.jsonl") as w:
-      for line in _lines(src / f"{s}.jsonl"):
+      for line in src.lines(s):
         rec = json.loads(line)
         try:
           fitted = fit_record(rec, n_tokens, cfg)
@@ -253,7 +252,7 @@ def fit_prompts(src: pathlib.Path, dest: pathlib.Path, tok: TrainedTokenizer, cf
           w.write_line(line)
           prompt, cut = rec["prompt"], rec["prompt_fields_cut"]
         else:
-          w.write_line(_example_line(fitted))
+          w.write_line(build_stream.example_line(fitted))
           prompt, cut = fitted.prompt, fitted.prompt_fields_cut
           refit += 1
         kept += 1
@@ -306,47 +305,6 @@ def make_report(reader: BuildReport, counts: ExampleCounts, eval_trials: int, el
   }
 
 
-# --- writing ------------------------------------------------------------------
-
-def _example_line(ex: Example, split: str = "") -> str:
-  """Example.to_json as one sorted JSON line, `split` set when given (no copy of the
-  Example: a build writes millions)."""
-  rec = io.to_jsonable(ex)
-  if split:
-    rec["split"] = split
-  return json.dumps(rec, ensure_ascii=False, sort_keys=True)
-
-
-def _lines(path: pathlib.Path) -> Iterator[str]:
-  """The lines of a JSON-lines file the build wrote, without their newlines."""
-  if path.is_file():
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        yield line.rstrip("\n")
-
-
-def write_splits(kept: Iterable[tuple[str, Example]], directory: pathlib.Path
-                 ) -> dict[str, int]:
-  """Each (split, example) written as it comes to directory/<split>.jsonl (nothing held);
-  returns {split: examples written}. An exception (a failed check) leaves no file."""
-  with contextlib.ExitStack() as stack:
-    writers: dict[str, io.JsonlWriter] = {}
-    for split, ex in kept:
-      if split not in writers:
-        writers[split] = stack.enter_context(io.JsonlWriter(directory / f"{split}.jsonl"))
-      writers[split].write_line(_example_line(ex, split))
-    return {s: w.lines for s, w in writers.items()}
-
-
-def _texts(directory: pathlib.Path, names: Sequence[str]) -> Iterator[str]:
-  """Prompts and completions of the named splits' files (the tokenizer's corpus)."""
-  for s in names:
-    for line in _lines(directory / f"{s}.jsonl"):
-      rec = json.loads(line)
-      yield rec["prompt"]
-      yield rec["completion"]
-
-
 # --- the build ----------------------------------------------------------------
 
 def registry_eval(qs: Sequence[Example], trials: dict, fraction: float, report: BuildReport
@@ -377,19 +335,8 @@ def registry_eval(qs: Sequence[Example], trials: dict, fraction: float, report: 
   return out, eval_ids
 
 
-@dataclasses.dataclass
-class Pairing:
-  """What pairing starts from: questions with facts and public dates, ready-made examples
-  (synthetic), every question's anchors, the eval trials and the trial splits."""
-  questions: list[Example]
-  ready: list[Example]
-  found: anchors.AnchorSet
-  eval_ids: set[str]
-  split_of: splits.TrialSplits
-
-
 def prepare(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
-            embed: retrieval.Embed | None = None) -> Pairing:
+            embed: retrieval.Embed | None = None) -> build_stream.Pairing:
   """Read the sources, choose the eval trials, attach facts and dates, retrieve anchors."""
   qs, trials, ready = read_sources(root, cfg, report)
   eval_ids = splits.ct_open_eval_ids(qs, EVAL_RELEASE)
@@ -406,48 +353,7 @@ def prepare(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
                                 rl_fraction=cfg.rl_fraction, eval_trial_ids=eval_ids)
   found = anchors.find_anchors(qs, trials, split_of, k=cfg.anchors_k, retriever=cfg.retriever,
                                embed=embed)
-  return Pairing(qs, ready, found, eval_ids, split_of)
-
-
-def iter_examples(p: Pairing, factor_order: Sequence[str], max_anchors: int,
-                  report: BuildReport) -> Iterator[Example]:
-  """Every example, rendered, one at a time in the build's order: the questions, the
-  natural pairs, each question's cross-trial pairs, the ready-made examples. One that
-  cannot be rendered is counted under 'render' and skipped."""
-  def unrendered():
-    yield from p.questions
-    yield from pairs.iter_natural_pairs(p.questions, report, max_anchors=max_anchors)
-    for q in p.questions:
-      yield from pairs.cross_trial_pairs(q, p.found.anchors.get(q.id, ()), factor_order, report)
-    yield from p.ready
-
-  for ex in unrendered():
-    if not ex.prompt:
-      try:
-        ex = templates.render(ex)
-      except ValueError as e:
-        report.add_skip("render", type(e).__name__, f"{ex.id}: {str(e)[:80]}")
-        continue
-    yield ex
-
-
-def split_checked(examples: Iterable[Example], split_of: splits.TrialSplits,
-                  report: BuildReport) -> Iterator[tuple[str, Example]]:
-  """(split, example) for each example kept (splits.split_or_drop; drops counted). When
-  the examples run out, raises if any kept one lets training see a held-out trial
-  (splits.LeakageCheck) or has an anchor not public before its target's cutoff: the
-  checks cover everything, on trial ids rather than held examples."""
-  leakage, late = splits.LeakageCheck(), []
-  for ex in examples:
-    split = splits.split_or_drop(ex, split_of, report)
-    if not split:
-      continue
-    leakage.add(split, ex)
-    if anchors.breaks_time_rule(ex):
-      late.append(ex.id)
-    yield split, ex
-  leakage.check()
-  anchors.time_rule_error(late)
+  return build_stream.Pairing(qs, ready, found, eval_ids, split_of)
 
 
 def split_names(seen: Iterable[str]) -> tuple[str, ...]:
@@ -466,8 +372,8 @@ def make_examples(cfg: DataConfig, root: pathlib.Path, report: BuildReport,
   """
   p = prepare(cfg, root, report, embed)
   by_split: dict[str, list[Example]] = collections.defaultdict(list)
-  for split, ex in split_checked(iter_examples(p, cfg.factor_order, cfg.max_anchors, report),
-                                 p.split_of, report):
+  made = build_stream.iter_examples(p, cfg.factor_order, cfg.max_anchors, report)
+  for split, ex in build_stream.split_checked(made, p.split_of, report):
     by_split[split].append(ex.replace(split=split))
   return {s: by_split.get(s, []) for s in split_names(by_split)}, p.found, p.eval_ids
 
@@ -483,11 +389,11 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
   its `encode` sizes the prompts): pass `deepimagine_jax.tokenizer.Tokenizer.train`.
   `embed(texts) -> [N, D]` is the dense retriever's encoder (data.retriever 'dense').
 
-  Examples are streamed, never all held: each is written to its split's file in the
-  staging folder as it is made (the leakage and time-rule checks run on every one, and
-  fail the build before anything is swapped in); the tokenizer trains on those files,
-  then each file is rewritten with its prompts fitted to the tokens and counted for the
-  report.
+  Examples are streamed, never all held (build_stream.write_examples, in worker
+  processes): each is written to its split's file in the staging folder as it is made;
+  the leakage and time-rule checks run on every one and fail the build before anything
+  is swapped in. The tokenizer trains on those files, then each split is rewritten with
+  its prompts fitted to the tokens and counted for the report.
   """
   t0 = time.time()
   root = resolve_data_root(cfg.root)
@@ -513,16 +419,14 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
                                           dir=build_dir.parent))
   try:
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would become the build's mode
-    unfitted = staging / "unfitted"
-    written = write_splits(
-        split_checked(iter_examples(p, cfg.factor_order, cfg.max_anchors, report), p.split_of,
-                      report), unfitted)
-    names = split_names(written)
-    tok = train_tokenizer(_texts(unfitted, [s for s in names if s != "eval"]),
+    written = build_stream.write_examples(p, cfg.factor_order, cfg.max_anchors, report,
+                                          staging / "unfitted")
+    names = split_names(written.sizes)
+    tok = train_tokenizer(written.texts([s for s in names if s != "eval"]),
                           staging / "tokenizer", cfg.vocab_size)
     counts = ExampleCounts(names)
-    prompts = fit_prompts(unfitted, staging / "examples", tok, cfg, report, counts)
-    shutil.rmtree(unfitted)
+    prompts = fit_prompts(written, staging / "examples", tok, cfg, report, counts)
+    shutil.rmtree(staging / "unfitted")
     index = (retrieval.save_index(staging / "index", p.found.retriever, p.found.pool_dates)
              if p.found.retriever is not None else None)
     if cfg.tfds:
@@ -530,7 +434,7 @@ def build_dataset(cfg: DataConfig, workdir: str | os.PathLike, *,
       both = staging / "all.jsonl"
       with io.JsonlWriter(both) as w:
         for s in names:
-          for line in _lines(staging / "examples" / f"{s}.jsonl"):
+          for line in build_stream.read_lines(staging / "examples" / f"{s}.jsonl"):
             w.write_line(line)
       build_tfds(both, staging / "tfds")
       both.unlink()

@@ -142,6 +142,14 @@ class LeakageCheck:
       elif split in HELD_OUT and ex.kind in PAIR_KINDS:
         self.problems.append(f"{split} example {ex.id} has an anchor from its own trial")
 
+  def merge(self, other: "LeakageCheck") -> None:
+    """Adds what `other` saw (a part of the examples checked apart)."""
+    for mine, theirs in ((self.targets, other.targets), (self.anchors, other.anchors),
+                         (self.cross_anchors, other.cross_anchors)):
+      for s, ids in theirs.items():
+        mine[s] |= ids
+    self.problems.extend(other.problems)
+
   def check(self) -> None:
     """Raises LeakageError naming every held-out trial that training can see."""
     targets, problems = self.targets, list(self.problems)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from configs import common
-from data_pipeline import build, safe_pickle
+from data_pipeline import build, build_stream, safe_pickle
 from data_pipeline.config import DataConfig
 from data_pipeline.example import Example
 from deepimagine_jax.tokenizer import Tokenizer
@@ -155,17 +155,17 @@ def test_crash_while_writing_keeps_the_previous_build(root, tmp_path, monkeypatc
   cfg = _cfg(root, out)
   first = _build(cfg)
   before = first.examples("train")
-  real = build.write_splits
+  real = build_stream.write_splits
 
-  def crashing(kept, directory):
+  def crashing(kept, directory):  # in a worker process: forked, so it sees the patch
     kept = list(kept)
     real(kept[: len(kept) // 2], directory)
     raise OSError("disk full (simulated)")
 
-  monkeypatch.setattr(build, "write_splits", crashing)
+  monkeypatch.setattr(build_stream, "write_splits", crashing)
   with pytest.raises(OSError, match="simulated"):
     _build(_cfg(root, out, seed=7))
-  monkeypatch.setattr(build, "write_splits", real)
+  monkeypatch.setattr(build_stream, "write_splits", real)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no staging left behind
   again = _build(cfg)
   assert again.report.get("reused") is True and again.examples("train") == before
@@ -308,13 +308,19 @@ def test_without_ct_open_the_registry_trials_posted_last_are_eval(data_root, tmp
   assert build.make_examples(off, tmp_path, BuildReport())[2] == set()
 
 
-def test_streamed_build_writes_what_the_stages_make_in_memory(built, root):
-  """build_dataset streams examples to files and never holds them; the same stages held in
-  memory (make_examples), fitted to the build's tokenizer and written with Example.to_json
-  as before streaming, give byte-identical files and the same report counts."""
+@pytest.mark.parametrize("chunk,workers", [(5, 2), (5, 1)])
+def test_streamed_build_writes_what_the_stages_make_in_memory(root, tmp_path, monkeypatch, chunk,
+                                                              workers):
+  """build_dataset streams examples to files in worker processes, in segments (cross-trial
+  pairs of `chunk` questions each), and never holds them; the same stages held in memory
+  (make_examples), fitted to the build's tokenizer and written with Example.to_json as
+  before streaming, give byte-identical files and the same report counts."""
   from data_pipeline import templates
   from data_pipeline.build_report import BuildReport
-  cfg = _cfg(root, built.dir)
+  monkeypatch.setattr(build_stream, "QUESTION_CHUNK", chunk)
+  monkeypatch.setattr(build_stream, "WORKERS", workers)
+  cfg = _cfg(root, tmp_path / "build")
+  built = _build(cfg)
   by_split, _, _ = build.make_examples(cfg, root, BuildReport())
   tok = Tokenizer.load(built.tokenizer_path)
   n_tokens = lambda text: len(tok.encode(text))  # noqa: E731
@@ -346,5 +352,5 @@ def test_a_failed_check_while_streaming_leaves_no_file(tmp_path):
     raise splits.LeakageError("held-out trials seen in train: ['T']")  # split_checked's end
 
   with pytest.raises(splits.LeakageError):
-    build.write_splits(kept(), tmp_path / "out")
+    build_stream.write_splits(kept(), tmp_path / "out")
   assert list((tmp_path / "out").iterdir()) == []

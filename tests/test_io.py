@@ -72,3 +72,26 @@ def test_recover_swap_after_kills(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", live.name])
   assert io.recover_swap(dest) == []  # nothing more to do
   assert io.staging_prefix(dest) == f".data.staging-{os.getpid()}-"
+
+
+def test_dataclass_record_writes_the_json_of_to_jsonable():
+  @dataclasses.dataclass(frozen=True)
+  class Inner:
+    name: str
+    values: tuple[int, ...]
+
+  @dataclasses.dataclass(frozen=True)
+  class Outer:
+    id: str
+    n: int
+    words: tuple[str, ...]
+    inner: Inner | None
+    inners: tuple[Inner, ...]
+    score: float | None
+    loose: tuple
+
+  x = Outer("ü", 3, ("a", "b"), Inner("i", (1, 2)), (Inner("j", ()),), math.nan,
+            (np.int64(4),))
+  assert json.dumps(io.dataclass_record(x), sort_keys=True, ensure_ascii=False) == json.dumps(
+      io.to_jsonable(x), sort_keys=True, ensure_ascii=False)
+  assert io.dataclass_record(x)["score"] is None and io.dataclass_record(x)["loose"] == [4]
