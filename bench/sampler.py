@@ -64,7 +64,7 @@ def time_cache(graphdef, params, vocab, batch, prompt_len, new, cache_dtype, rep
 
   def run():
     t0 = time.perf_counter()
-    st = sampler._prefill(graphdef, params, tok, mask, jax.random.key(0), eos, pad,
+    st = sampler._prefill(graphdef, params, tok, mask, jax.random.key(0), eos, pad, None,
                           max_new_tokens=new, cache_dtype=cache_dtype, group_size=1, **_GREEDY)
     jax.block_until_ready(st)
     t1 = time.perf_counter()

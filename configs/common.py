@@ -24,6 +24,9 @@ def lora() -> ml_collections.ConfigDict:
   c.dropout = 0.0  # on the adapter input, in training only
   c.targets = ("q", "k", "v", "o", "gate", "up", "down")  # every linear projection
   c.adapters = ("default",)  # several names: one adapter per factor on one frozen base
+  # "active": every example trains / is scored with adapters[0]; "factor": an example of
+  # one factor named in adapters uses that adapter, the rest adapters[0] (lora.route)
+  c.route = "active"
   return c
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import grain.experimental as grain_exp
@@ -32,6 +32,7 @@ import numpy as np
 from data_pipeline.example import Example
 
 TOKEN_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+ADAPTER_KEY = "adapter"  # with a route: each token's LoRA adapter (packed rows mix examples)
 
 
 def _text(x: Any) -> str:
@@ -51,13 +52,15 @@ def _field(rec: Example | Mapping[str, Any], key: str) -> Any:
   return rec[key]
 
 
-def sft_tokens(rec: Example | Mapping[str, Any], tokenizer, seq_len: int
-               ) -> dict[str, np.ndarray]:
+def sft_tokens(rec: Example | Mapping[str, Any], tokenizer, seq_len: int,
+               route: Callable[[str], int] | None = None) -> dict[str, np.ndarray]:
   """One record -> unpadded inputs/targets/loss_mask of length <= seq_len.
 
   `tokenizer.prompt_ids` gives the prompt's (head, body) - `[BOS]`, or a chat
   template's opening, and the rest - and `tokenizer.completion_ids` the
-  completion ending in its EOS / end of turn.
+  completion ending in its EOS / end of turn. With `route` (the record's
+  perturbation -> an adapter index, lora.route) every token also carries its
+  example's adapter (`adapter`).
   """
   head, body = tokenizer.prompt_ids(_text(_field(rec, "prompt")))
   completion = tokenizer.completion_ids(_text(_field(rec, "completion")))
@@ -72,7 +75,11 @@ def sft_tokens(rec: Example | Mapping[str, Any], tokenizer, seq_len: int
     mask = mask[:len(head)] + mask[len(head) + cut:]
   tokens_T = np.asarray(tokens, np.int32)
   mask_T = np.asarray(mask, np.float32)
-  return {"inputs": tokens_T[:-1], "targets": tokens_T[1:], "loss_mask": mask_T[1:]}
+  out = {"inputs": tokens_T[:-1], "targets": tokens_T[1:], "loss_mask": mask_T[1:]}
+  if route is not None:
+    out[ADAPTER_KEY] = np.full(len(tokens_T) - 1, route(_text(_field(rec, "perturbation"))),
+                               np.int32)
+  return out
 
 
 def pad_tokens(ex: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -86,15 +93,21 @@ def pad_tokens(ex: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarr
   out["positions"][:n] = np.arange(n)
   out["segment_ids"] = np.zeros(seq_len, np.int32)
   out["segment_ids"][:n] = 1
+  if ADAPTER_KEY in ex:  # padding: the base (the loss mask makes it inert anyway)
+    out[ADAPTER_KEY] = np.full(seq_len, -1, np.int32)
+    out[ADAPTER_KEY][:n] = ex[ADAPTER_KEY]
   return out
 
 
 def _rename_packed(ex: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Grain's packer emits per-feature positions/segment ids; keep one pair."""
-  return {
+  out = {
       "inputs": ex["inputs"], "targets": ex["targets"], "loss_mask": ex["loss_mask"],
       "positions": ex["inputs_positions"], "segment_ids": ex["inputs_segment_ids"],
   }
+  if ADAPTER_KEY in ex:  # padding after the last segment reads adapter 0, masked out
+    out[ADAPTER_KEY] = ex[ADAPTER_KEY]
+  return out
 
 
 def _host_shard(records, shard_index: int | None, shard_count: int | None,
@@ -136,6 +149,7 @@ def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: in
                       seed: int, num_epochs: int | None = None, pack: bool = False,
                       shard_index: int | None = None, shard_count: int | None = None,
                       num_packing_bins: int | None = None,
+                      route: Callable[[str], int] | None = None,
                       read_threads: int = 4) -> grain.DatasetIterator:
   """Token batches ([B_local, seq_len], design.md "Token batches") for this host.
 
@@ -144,13 +158,16 @@ def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: in
   `pack=True`, several examples share a row (first-fit packing over
   `num_packing_bins` rows, default the local batch size); hosts may then see
   different batch counts per epoch, so multi-host packed runs should repeat
-  forever.
+  forever. With `route` (perturbation -> LoRA adapter index) batches also hold
+  `adapter` [B, seq_len]: each token's example's adapter.
   """
-  tokens = functools.partial(sft_tokens, tokenizer=tokenizer, seq_len=seq_len)
+  tokens = functools.partial(sft_tokens, tokenizer=tokenizer, seq_len=seq_len, route=route)
   it_ds, local_bs = _host_dataset(records, tokens, global_batch_size, seed, num_epochs,
                                   shard_index, shard_count, read_threads)
   if pack:
     lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+    if route is not None:
+      lengths[ADAPTER_KEY] = seq_len
     it_ds = grain_exp.FirstFitPackIterDataset(
         it_ds, length_struct=lengths, num_packing_bins=num_packing_bins or local_bs,
         seed=seed, shuffle_bins=True).map(_rename_packed)
@@ -159,8 +176,10 @@ def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: in
   return iter(it_ds.batch(local_bs, drop_remainder=True))
 
 
-def rl_prompt(rec: Example | Mapping[str, Any], tokenizer, prompt_len: int) -> dict[str, Any]:
-  """One record -> a left-padded prompt row plus the host-side fields (truncated as sft_tokens)."""
+def rl_prompt(rec: Example | Mapping[str, Any], tokenizer, prompt_len: int,
+              route: Callable[[str], int] | None = None) -> dict[str, Any]:
+  """One record -> a left-padded prompt row plus the host-side fields (truncated as sft_tokens);
+  with `route`, the row's LoRA adapter (`adapter`)."""
   head, body = tokenizer.prompt_ids(_text(_field(rec, "prompt")))
   if len(head) > prompt_len:
     raise ValueError(f"example record {_text(_field(rec, 'id'))!r}: prompt_len {prompt_len} "
@@ -170,29 +189,38 @@ def rl_prompt(rec: Example | Mapping[str, Any], tokenizer, prompt_len: int) -> d
   mask_P = np.zeros(prompt_len, np.int32)
   row_P[prompt_len - len(tokens):] = tokens
   mask_P[prompt_len - len(tokens):] = 1
-  return {"prompt_tokens": row_P, "prompt_mask": mask_P,
-          "label": int(_field(rec, "label")), "n_options": len(_field(rec, "options"))}
+  out = {"prompt_tokens": row_P, "prompt_mask": mask_P,
+         "label": int(_field(rec, "label")), "n_options": len(_field(rec, "options"))}
+  if route is not None:
+    out[ADAPTER_KEY] = route(_text(_field(rec, "perturbation")))
+  return out
 
 
 def _stack_prompts(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  return {
+  out = {
       "prompt_tokens": np.stack([r["prompt_tokens"] for r in rows]),
       "prompt_mask": np.stack([r["prompt_mask"] for r in rows]),
       "labels": [r["label"] for r in rows],
       "n_options": [r["n_options"] for r in rows],
   }
+  if ADAPTER_KEY in rows[0]:
+    out[ADAPTER_KEY] = np.asarray([r[ADAPTER_KEY] for r in rows], np.int32)
+  return out
 
 
 def make_prompt_iterator(records, tokenizer, *, prompt_len: int, batch_size: int,
                          seed: int, num_epochs: int | None = None,
                          shard_index: int | None = None, shard_count: int | None = None,
+                         route: Callable[[str], int] | None = None,
                          read_threads: int = 4) -> grain.DatasetIterator:
   """RL prompt batches (design.md "RL prompt batches") for this host.
 
   `batch_size` is global; each host gets batch_size / hosts rows, and the
-  host-side lists (`labels`, `n_options`) describe those rows.
+  host-side lists (`labels`, `n_options`) describe those rows. With `route`
+  (perturbation -> LoRA adapter index) batches also hold `adapter` [B_local].
   """
-  prompts = functools.partial(rl_prompt, tokenizer=tokenizer, prompt_len=prompt_len)
+  prompts = functools.partial(rl_prompt, tokenizer=tokenizer, prompt_len=prompt_len,
+                              route=route)
   it_ds, local_bs = _host_dataset(records, prompts, batch_size, seed, num_epochs, shard_index,
                                   shard_count, read_threads)
   return iter(it_ds.batch(local_bs, drop_remainder=True, batch_fn=_stack_prompts))

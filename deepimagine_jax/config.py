@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from data_pipeline.config import DataConfig  # noqa: F401 - re-exported: one place for configs
 from data_pipeline.example import KINDS
+from data_pipeline.facts import FACTORS
 from deepimagine_jax import grpo
 from deepimagine_jax import rewards
 
@@ -505,6 +506,7 @@ class EvalConfig:
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the linear projections
+LORA_ROUTES = ("active", "factor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,13 +514,18 @@ class LoRAConfig:
   """Low-rank adapters on the base's linear projections (lora.py); rank 0: none (full training).
 
   An update is `scale * (dropout(x) @ A) @ B` with scale = alpha / rank, as in PEFT;
-  `adapters` names several on one base (one per factor), chosen per example.
+  `adapters` names several on one base (one per factor), chosen per example by `route`
+  (lora.route): "active", every example uses adapters[0]; "factor", an example whose
+  perturbation is one factor named in `adapters` uses that factor's adapter (the method's
+  local operator), every other one (questions, several factors) adapters[0], the general
+  one. The SFT job counts examples per adapter (sft_adapters.json).
   """
   rank: int
   alpha: float
   dropout: float  # on the adapter's input, in training only
   targets: tuple[str, ...]  # of LORA_TARGETS
   adapters: tuple[str, ...]  # adapter names; index i is adapter i of every projection
+  route: str  # "active" | "factor": which adapter an example trains and is scored with
 
   def __post_init__(self):
     _require(isinstance(self.rank, int) and self.rank >= 0, "lora.rank",
@@ -535,6 +542,12 @@ class LoRAConfig:
              and all(isinstance(a, str) and a for a in self.adapters)
              and len(set(self.adapters)) == len(self.adapters), "lora.adapters",
              "a non-empty tuple of distinct names, e.g. ('default',)", self.adapters)
+    _require(self.route in LORA_ROUTES, "lora.route", f"one of {LORA_ROUTES}", self.route)
+    if self.route == "factor":
+      _require(len(self.adapters) > 1 and set(self.adapters[1:]) <= set(FACTORS)
+               and self.adapters[0] not in FACTORS, "lora.adapters",
+               f"with lora.route 'factor': a general adapter first, then factor names of "
+               f"{FACTORS}, e.g. ('general', 'dose', 'outcome')", self.adapters)
 
   @property
   def enabled(self) -> bool:

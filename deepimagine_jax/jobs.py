@@ -5,6 +5,8 @@ calls the library with them; nothing below this file sees a ConfigDict.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import logging
 import os
@@ -97,6 +99,25 @@ def initial_model(run: RunConfig, model_cfg: ModelConfig, mesh):
   return lora.attach(graphdef, params, run.lora, mesh, run.seed)
 
 
+def adapter_route(lcfg):
+  """perturbation -> adapter index (lora.route) when examples choose among several adapters;
+  None otherwise (every row uses the active adapter, or there are no adapters)."""
+  if lcfg is None or not lcfg.enabled or lcfg.route == "active":
+    return None
+  return functools.partial(lora.route, lcfg)
+
+
+def write_adapter_counts(lcfg, records, workdir: str) -> dict[str, int]:
+  """Training examples per adapter under lcfg.route, logged and written to sft_adapters.json
+  (an adapter no example reaches trains on nothing: its count says so)."""
+  counts = collections.Counter(lora.route(lcfg, ex.perturbation) for ex in records)
+  out = {name: counts[i] for i, name in enumerate(lcfg.adapters)}
+  logging.info("SFT examples per adapter (lora.route %r): %s", lcfg.route, out)
+  if jax.process_index() == 0:
+    io.write_json(os.path.join(workdir, "sft_adapters.json"), out)
+  return out
+
+
 def run_sft_stage(run: RunConfig, workdir: str, built, tokenizer, mesh):
   """SFT on the configured example kinds of the train split; returns (graphdef, params)."""
   cfg = run.sft
@@ -107,12 +128,16 @@ def run_sft_stage(run: RunConfig, workdir: str, built, tokenizer, mesh):
   # sft.imagined / sft.traces: imagined steps added, traces joined (counts: sft_traces.json)
   records = traces_lib.sft_records(cfg, records, tokenizer, run.data.seq_len, workdir)
   logging.info("SFT on %d examples (%s)", len(records), ", ".join(cfg.kinds))
+  route = adapter_route(run.lora)
+  if route is not None:
+    write_adapter_counts(run.lora, records, workdir)
   batches = grain_pipeline.make_sft_iterator(
       records, tokenizer, seq_len=run.data.seq_len, global_batch_size=cfg.global_batch_size,
       seed=run.seed, pack=run.data.pack, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
+      shard_count=jax.process_count(), route=route)
   graphdef, params = initial_model(run, model_cfg, mesh)
-  state = sft_lib.run_sft(cfg, mesh, graphdef, params, batches, workdir, seed=run.seed)
+  state = sft_lib.run_sft(cfg, mesh, graphdef, params, batches, workdir, seed=run.seed,
+                          routed=route is not None)
   params = lora.combine(state.params, params)  # the trained part over the frozen base
   export_policy(graphdef, params, model_cfg, tokenizer, os.path.join(workdir, POLICY_DIR))
   return graphdef, params
@@ -191,7 +216,8 @@ def grpo_prompts(run: RunConfig, built, tokenizer, *, shard_index: int, shard_co
                ", ".join(cfg.splits))
   prompts = grain_pipeline.make_prompt_iterator(
       records, tokenizer, prompt_len=run.data.prompt_len, batch_size=cfg.prompts_per_step,
-      seed=run.seed, shard_index=shard_index, shard_count=shard_count)
+      seed=run.seed, shard_index=shard_index, shard_count=shard_count,
+      route=adapter_route(run.lora))
   # Rewards are class-balanced over the labels of the prompts GRPO draws from.
   balance = rewards.ClassBalance.of([ex.label for ex in records],
                                     [ex.n_options for ex in records])

@@ -7,9 +7,11 @@ Variable type of their own and not an nnx.Param, so one filter separates them:
 the trainers differentiate and checkpoint `partition(params)[0]` (the adapters,
 with their optimizer state) and pass the base beside it, never donated.
 
-The adapter a call uses is per row (`adapter_B`, gathered inside the projection)
-or the model's static `active_adapter`; -1 is the base alone, which is how GRPO's
-reference runs on the very same base arrays (`reference_graphdef`). `merged` folds
+The adapter a call uses is per row or per token (the model's `adapter` argument:
+[B], gathered inside the projection, or [B, T] for packed rows whose examples
+belong to different adapters, `route`), else the model's static `active_adapter`;
+-1 is the base alone, which is how GRPO's reference runs on the very same base
+arrays (`reference_graphdef`). `merged` folds
 one adapter into the base weights (export, fast sampling). Shape letters as in
 model.py's legend (E named adapters, r the rank).
 """
@@ -50,7 +52,8 @@ class Adapter(nnx.Module):
     self.salt = sum(ord(c) for c in weight)  # one dropout stream per projection of a layer
 
   def __call__(self, x, adapter, rng):
-    """The update to add to x W. `adapter`: a scalar index, or [B] with -1 rows off."""
+    """The update to add to x W. `adapter`: a scalar index, [B] per row or [B, T] per
+    token, -1 where off."""
     dt = x.dtype
     if rng is not None and self.dropout > 0:
       keep = 1.0 - self.dropout
@@ -61,6 +64,10 @@ class Adapter(nnx.Module):
     if jnp.ndim(adapter) == 0:
       xa_BTr = jnp.einsum(f"BT{i},{i}r->BTr", x, a[adapter])
       return jnp.einsum(f"BTr,r{o}->BT{o}", xa_BTr, b[adapter]) * jnp.asarray(self.scale, dt)
+    if jnp.ndim(adapter) == 2:  # per token: every adapter's A, each token keeps its own
+      onehot_BTE = (adapter[..., None] == jnp.arange(a.shape[0])).astype(dt)
+      xa_BTEr = jnp.einsum(f"BT{i},E{i}r->BTEr", x, a) * onehot_BTE[..., None]
+      return jnp.einsum(f"BTEr,Er{o}->BT{o}", xa_BTEr, b) * jnp.asarray(self.scale, dt)
     on_B = (adapter >= 0).astype(dt) * jnp.asarray(self.scale, dt)
     if a.shape[0] == 1:  # one adapter: no per-row gather of the weights
       xa_BTr = jnp.einsum(f"BT{i},{i}r->BTr", x, a[0])
@@ -77,6 +84,26 @@ def adapter_index(cfg: LoRAConfig, name: str) -> int:
   if name not in cfg.adapters:
     raise ValueError(f"no LoRA adapter {name!r}: lora.adapters is {cfg.adapters}")
   return cfg.adapters.index(name)
+
+
+def route(cfg: LoRAConfig | None, perturbation: str) -> int:
+  """The adapter an example of this perturbation ('+'-joined factors, "" for none) uses.
+
+  With cfg.route "factor", a single factor that names an adapter picks it (its local
+  operator); everything else, and every example with route "active", uses adapter 0.
+  """
+  if cfg is None or not cfg.enabled:
+    return -1
+  if cfg.route == "factor" and perturbation in cfg.adapters[1:]:
+    return cfg.adapters.index(perturbation)
+  return 0
+
+
+def routed_config(graphdef, params) -> LoRAConfig | None:
+  """The model's LoRAConfig when its examples choose adapters by factor (route "factor"),
+  else None (one adapter, the active one, serves every call)."""
+  cfg = nnx.merge(graphdef, params).lora_cfg
+  return cfg if cfg is not None and cfg.route == "factor" else None
 
 
 def attach(graphdef, params, cfg: LoRAConfig, mesh, seed: int):

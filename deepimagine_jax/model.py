@@ -397,7 +397,7 @@ class Transformer(nnx.Module):
   """Token ids in, float32 logits out; optional KV cache for decoding.
 
   With `lora` of rank > 0 the projections carry adapters; `active_adapter` (static:
-  part of the graphdef, see lora.py) is the one a call without `adapter_B` uses,
+  part of the graphdef, see lora.py) is the one a call without `adapter` uses,
   -1 for none (the base alone: GRPO's reference).
   """
 
@@ -417,12 +417,13 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT, positions_BT, *, segment_ids_BT=None,
                cache: KVCache | SharedPrefixCache | None = None, cache_index=None,
-               kv_valid_BS=None, return_hidden: bool = False, adapter_B=None, dropout_rng=None):
+               kv_valid_BS=None, return_hidden: bool = False, adapter=None, dropout_rng=None):
     """Returns (logits_BTV, cache), or (hidden_BTD, cache) with `return_hidden`.
 
     Callers that need logits at a few positions only (the last prompt token,
     the completion) take the hidden states and call `logits` on a slice.
-    `adapter_B` [B] int picks each row's adapter (-1: the base alone), else
+    `adapter` [B] int picks each row's adapter, [B, T] each token's (packed rows of
+    several adapters' examples; -1: the base alone), else
     `active_adapter` serves every row; `dropout_rng` (training only) turns on the
     adapters' input dropout. Both are ignored by a model without adapters.
     """
@@ -449,10 +450,10 @@ class Transformer(nnx.Module):
     if cfg.embed_scale:  # the factor rounded to the compute dtype first, as transformers does
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), dt)
     x_BTD = sharding.constrain_activation(x_BTD)
-    adapter = None  # None: no adapter path at all
-    if self.lora_cfg is not None:
-      adapter = adapter_B if adapter_B is not None else (
-          None if self.active_adapter < 0 else jnp.asarray(self.active_adapter, jnp.int32))
+    if self.lora_cfg is None:
+      adapter = None  # no adapter path at all
+    elif adapter is None:
+      adapter = None if self.active_adapter < 0 else jnp.asarray(self.active_adapter, jnp.int32)
     if adapter is None or not self.lora_cfg.dropout:
       dropout_rng = None
     if cfg.scan_layers:

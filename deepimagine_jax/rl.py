@@ -40,6 +40,7 @@ from deepimagine_jax.optimizer import make_optimizer
 from deepimagine_jax.train_state import TrainState
 
 PROMPT_KEYS = ("prompt_tokens", "prompt_mask")
+ADAPTER_KEY = grain_pipeline.ADAPTER_KEY  # [Q] each prompt's LoRA adapter, with lora.route "factor"
 
 
 def rl_update(state: TrainState, batch, frozen=None, *, graphdef, tx, cfg: RLConfig):
@@ -53,7 +54,8 @@ def rl_update(state: TrainState, batch, frozen=None, *, graphdef, tx, cfg: RLCon
     model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]))
     logits_BCV = prefix.continuation_logits(
         model, batch["prompt_tokens"], batch["prompt_mask"], batch["completions"],
-        group_size=cfg.group_size, temperature=cfg.temperature)
+        group_size=cfg.group_size, temperature=cfg.temperature,
+        adapter_Q=batch.get(ADAPTER_KEY))
     logp_BC = grpo.logprobs_from_logits(logits_BCV, batch["completions"])
     mask_BC = batch["completion_mask"]
     loss, aux = grpo.policy_loss(
@@ -76,12 +78,13 @@ def rl_update(state: TrainState, batch, frozen=None, *, graphdef, tx, cfg: RLCon
   return state.replace(params=params, opt_state=opt_state), aux
 
 
-def completion_logprobs(params, prompt_QP, prompt_mask_QP, completions_BC, *, graphdef,
-                        group_size: int, temperature: float):
-  """Log-probs of the completions under `params` (the reference, or the old policy)."""
+def completion_logprobs(params, prompt_QP, prompt_mask_QP, completions_BC, adapter_Q=None, *,
+                        graphdef, group_size: int, temperature: float):
+  """Log-probs of the completions under `params` (the reference, or the old policy);
+  `adapter_Q`: each prompt's adapter (None: the graphdef's active one, off for the reference)."""
   return prefix.continuation_logprobs(nnx.merge(graphdef, params), prompt_QP, prompt_mask_QP,
                                       completions_BC, group_size=group_size,
-                                      temperature=temperature)
+                                      temperature=temperature, adapter_Q=adapter_Q)
 
 
 # Update metrics averaged over all `updates_per_rollout` updates of a step.
@@ -101,15 +104,20 @@ class GRPOTrainer:
   """The jitted pieces of one run (built once): rollout and update."""
 
   def __init__(self, graphdef, tx, cfg: RLConfig, mesh, state_sh, ref_params,
-               balance: rewards_lib.ClassBalance, frozen=None):
+               balance: rewards_lib.ClassBalance, frozen=None, routed: bool = False):
+    """`routed`: prompt batches carry each prompt's adapter (ADAPTER_KEY, lora.route), which
+    samples, is scored and trains with it; the reference stays the base (adapters off)."""
     self.graphdef, self.cfg, self.balance = graphdef, cfg, balance
     # With LoRA the state holds the adapters; the base is an argument, never donated.
     self.frozen = nnx.State({}) if frozen is None else frozen
     rows = sharding.batch_sharding(mesh)
+    self.prompt_keys = PROMPT_KEYS + ((ADAPTER_KEY,) if routed else ())
     self.prompt_sh = {k: rows for k in PROMPT_KEYS}
     self.batch_sh = {"prompt_tokens": rows, "prompt_mask": rows, "completions": rows,
                      "old_logprobs": rows, "advantages": sharding.batch_sharding(mesh, 1),
                      "completion_mask": rows, "ref_logprobs": rows}
+    if routed:
+      self.prompt_sh[ADAPTER_KEY] = self.batch_sh[ADAPTER_KEY] = sharding.batch_sharding(mesh, 1)
     update = jax.jit(
         functools.partial(rl_update, graphdef=graphdef, tx=tx, cfg=cfg),
         in_shardings=(state_sh, self.batch_sh, jax.tree.map(lambda x: x.sharding, self.frozen)),
@@ -133,12 +141,14 @@ class GRPOTrainer:
     cfg, G = self.cfg, self.cfg.group_size
     params = lora.combine(params, self.frozen)  # the one tree the sampler and prefix take
     prompts = grain_pipeline.to_global_arrays(
-        {k: prompt_batch[k] for k in PROMPT_KEYS}, self.prompt_sh)
+        {k: prompt_batch[k] for k in self.prompt_keys}, self.prompt_sh)
     prompt_QP, pmask_QP = prompts["prompt_tokens"], prompts["prompt_mask"]
+    adapter_Q = prompts.get(ADAPTER_KEY)
     out = sampler.sample(self.graphdef, params, prompt_QP, pmask_QP, rng,
                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eos_id,
-                         pad_id=tokenizer.pad_id, cache_dtype=cfg.cache_dtype, group_size=G)
+                         pad_id=tokenizer.pad_id, cache_dtype=cfg.cache_dtype, group_size=G,
+                         adapter_Q=adapter_Q)
     if cfg.beta > 0:  # dispatched before the host round trip below, so they overlap
       ref = self.ref_logprobs(params if self.ref_params is None else self.ref_params,
                               prompt_QP, pmask_QP, out.tokens)
@@ -146,7 +156,7 @@ class GRPOTrainer:
       ref = jnp.zeros_like(out.logprobs)
     old = out.logprobs
     if cfg.recompute_old_logprobs:
-      old = self.logprobs(params, prompt_QP, pmask_QP, out.tokens)
+      old = self.logprobs(params, prompt_QP, pmask_QP, out.tokens, adapter_Q)
     # the one round trip
     tokens_BC, lengths_B = sharding.host_array(out.tokens), sharding.host_array(out.lengths)
     texts = [tokenizer.decode([t for t in row[:n] if t != tokenizer.eos_id])
@@ -165,6 +175,8 @@ class GRPOTrainer:
     batch = {"prompt_tokens": prompt_QP, "prompt_mask": pmask_QP, "completions": out.tokens,
              "old_logprobs": old, "advantages": advantages_B,
              "completion_mask": out.completion_mask, "ref_logprobs": ref}
+    if adapter_Q is not None:
+      batch[ADAPTER_KEY] = adapter_Q
     batch = jax.device_put(batch, self.batch_sh)  # a no-op where the layout already matches
     host = {"reward_mean": float(np.mean(total)), "reward_std": float(np.std(total)),
             **{f"reward_{name}": float(np.mean(r)) for name, r in per_name.items()},
@@ -214,7 +226,8 @@ def run_grpo(cfg: RLConfig, mesh, graphdef, params, ref_params, prompts: Iterato
   tx, _ = make_optimizer(cfg.optimizer)
   trainable, frozen = lora.partition(params)  # with adapters, only they train
   state, state_sh = train_state.state_from_params(trainable, tx, mesh, seed)
-  trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, ref_params, balance, frozen)
+  trainer = GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, ref_params, balance, frozen,
+                        routed=lora.routed_config(graphdef, params) is not None)
 
   def summarize(step, metrics, seconds):
     del step

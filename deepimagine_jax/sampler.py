@@ -52,6 +52,7 @@ class SamplerState:
   mask_BC: jax.Array        # bool completion mask (EOS included)
   uniforms_BC: jax.Array    # float32 in [0, 1): completion token n is drawn at uniforms_BC[:, n]
   lengths_B: jax.Array      # int32 number of completion tokens (EOS included)
+  adapter_B: jax.Array | None = None  # int32 each row's LoRA adapter; None: the active one
 
 
 class SampleOutput(NamedTuple):
@@ -175,8 +176,9 @@ _SAMPLING = ("temperature", "top_k", "top_p")
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_dtype",
                                              "group_size") + _SAMPLING)
-def _prefill(graphdef, params, prompt_QP, mask_QP, rng, eos_id, pad_id, *, max_new_tokens,
-             cache_dtype, group_size, temperature, top_k, top_p) -> SamplerState:
+def _prefill(graphdef, params, prompt_QP, mask_QP, rng, eos_id, pad_id, adapter_Q, *,
+             max_new_tokens, cache_dtype, group_size, temperature, top_k,
+             top_p) -> SamplerState:
   """Runs each distinct prompt once, then fans it out to its G samples; samples token 0."""
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
@@ -190,7 +192,8 @@ def _prefill(graphdef, params, prompt_QP, mask_QP, rng, eos_id, pad_id, *, max_n
   prompt_QP = prompt_QP.astype(jnp.int32)
   # The prompts' cache is not fanned out: the G rows of a prompt read its one copy.
   last_Q1D, prompt_cache, _ = prefix.prefill(model, prompt_QP, mask_QP, extra_slots=0,
-                                             cache_dtype=jnp.dtype(cache_dtype))
+                                             cache_dtype=jnp.dtype(cache_dtype),
+                                             adapter_Q=adapter_Q)
   logits_QV = model.logits(last_Q1D)[:, 0]  # the head only where it is needed
   logits_BV, prompt_BP, mask_BP = prefix.fan_out((logits_QV, prompt_QP, mask_QP), group_size)
   kv_valid_BL = jnp.concatenate([mask_BP, jnp.zeros((B, C), bool)], axis=1)
@@ -213,6 +216,7 @@ def _prefill(graphdef, params, prompt_QP, mask_QP, rng, eos_id, pad_id, *, max_n
       mask_BC=jnp.zeros((B, C), bool).at[:, 0].set(True),
       uniforms_BC=uniforms_BC,
       lengths_B=jnp.ones((B,), jnp.int32),
+      adapter_B=None if adapter_Q is None else prefix.fan_out(adapter_Q, group_size),
   )
 
 
@@ -234,7 +238,7 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
     kv_valid_BL = jax.lax.dynamic_update_slice_in_dim(
         s.kv_valid_BL, jnp.ones((B, 1), bool), slot, axis=1)
     logits_B1V, cache = model(tok_B1, s.positions_B[:, None], cache=s.cache,
-                              cache_index=slot, kv_valid_BS=kv_valid_BL)
+                              cache_index=slot, kv_valid_BS=kv_valid_BL, adapter=s.adapter_B)
     n = slot + 1 - P  # index of the new token in the completion arrays
     u_B = jax.lax.dynamic_index_in_dim(s.uniforms_BC, n, axis=1, keepdims=False)
     tok_B, logp_B = choose_token(logits_B1V[:, 0], u_B, temperature=temperature,
@@ -254,6 +258,7 @@ def _decode(graphdef, params, state: SamplerState, eos_id, pad_id, *,
         mask_BC=put(s.mask_BC, live_B, n),
         uniforms_BC=s.uniforms_BC,
         lengths_B=s.lengths_B + live_B.astype(jnp.int32),
+        adapter_B=s.adapter_B,
     )
 
   return jax.lax.while_loop(cond, body, state)
@@ -277,7 +282,7 @@ def _finish(tokens_BL, mask_BC, logprobs_BC, lengths_B, prompt_mask_BP) -> Sampl
 def sample(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, *,
            max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            eos_id: int | None = None, pad_id: int = 0, cache_dtype: Any = "float32",
-           group_size: int = 1) -> SampleOutput:
+           group_size: int = 1, adapter_Q=None) -> SampleOutput:
   """Samples up to `max_new_tokens` per left-padded prompt, all on device.
 
   With `group_size` G, each of the Q prompts gets G samples (output row
@@ -292,7 +297,8 @@ def sample(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, *,
   `jax.set_mesh(mesh)` to shard the cache (batch on data+fsdp, kv heads on
   tensor). Compiles once per (shapes, graphdef, max_new_tokens, sampling
   settings, cache dtype). With no mesh set, it runs under the one the parameters live on
-  (sharding.on_params_mesh).
+  (sharding.on_params_mesh). `adapter_Q` [Q] int: each prompt's LoRA adapter, used by
+  its G samples (None: the model's active adapter).
   """
   if prompt_tokens_QP.ndim != 2 or prompt_tokens_QP.shape != prompt_mask_QP.shape:
     raise ValueError(f"prompt tokens {prompt_tokens_QP.shape} and mask "
@@ -310,7 +316,7 @@ def sample(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, *,
   pad = jnp.asarray(pad_id, jnp.int32)
   with sharding.on_params_mesh(params_state):
     state = _prefill(graphdef, params_state, prompt_tokens_QP, prompt_mask_QP, rng, eos, pad,
-                     max_new_tokens=int(max_new_tokens),
+                     adapter_Q, max_new_tokens=int(max_new_tokens),
                      cache_dtype=jnp.dtype(cache_dtype).name, group_size=int(group_size),
                      **sampling)
     state = _decode(graphdef, params_state, state, eos, pad, **sampling)

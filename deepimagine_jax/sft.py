@@ -28,7 +28,7 @@ from deepimagine_jax.optimizer import make_optimizer
 from deepimagine_jax.train_state import TrainState
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
-ADAPTER_KEY = "adapter"  # optional [B] int batch key: each row's LoRA adapter (-1: the base)
+ADAPTER_KEY = grain_pipeline.ADAPTER_KEY  # optional [B] or [B, T] int: a row's / token's adapter
 
 
 def token_nll(logits_BTV, targets_BT):
@@ -43,7 +43,7 @@ def masked_nll_sum(params, graphdef, batch, frozen=None, rng=None):
   """
   model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]))
   logits_BTV, _ = model(batch["inputs"], batch["positions"], segment_ids_BT=batch["segment_ids"],
-                        adapter_B=batch[ADAPTER_KEY] if ADAPTER_KEY in batch else None,
+                        adapter=batch[ADAPTER_KEY] if ADAPTER_KEY in batch else None,
                         dropout_rng=rng)
   nll_BT = token_nll(logits_BTV, batch["targets"])
   mask_BT = batch["loss_mask"].astype(jnp.float32)
@@ -103,7 +103,7 @@ def make_jitted_step(graphdef, tx, accum_steps: int, state_sh, batch_sh, frozen_
 
 
 def run_sft(cfg: SFTConfig, mesh, graphdef, params, batches: Iterator[dict], workdir: str, *,
-            seed: int, stop_after: int | None = None):
+            seed: int, stop_after: int | None = None, routed: bool = False):
   """Trains `params` for `cfg.loop.steps` updates; resumes model, optimizer and data position.
 
   `graphdef, params` are the model to train (train_state.init_params for a
@@ -111,12 +111,14 @@ def run_sft(cfg: SFTConfig, mesh, graphdef, params, batches: Iterator[dict], wor
   (lora.attach) only they train. `batches` is a checkpointable Grain iterator of
   host-local numpy batches (design.md "Token batches"). Returns the final
   TrainState, whose params are the trained part (lora.combine with the base).
+  `routed`: the batches carry each token's adapter (ADAPTER_KEY, lora.route).
   """
   check_batch(cfg.global_batch_size, cfg.optimizer.grad_accum_steps, mesh)
   tx, schedule = make_optimizer(cfg.optimizer)
   trainable, frozen = lora.partition(params)
   state, state_sh = train_state.state_from_params(trainable, tx, mesh, seed)
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  keys = BATCH_KEYS + ((ADAPTER_KEY,) if routed else ())
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in keys}
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   jitted = make_jitted_step(graphdef, tx, cfg.optimizer.grad_accum_steps, state_sh, batch_sh,
                             frozen_sh)
@@ -124,7 +126,7 @@ def run_sft(cfg: SFTConfig, mesh, graphdef, params, batches: Iterator[dict], wor
   def step_fn(state, step, host_batch):
     del step
     tokens = float(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
-    batch = grain_pipeline.to_global_arrays({k: host_batch[k] for k in BATCH_KEYS}, batch_sh)
+    batch = grain_pipeline.to_global_arrays({k: host_batch[k] for k in keys}, batch_sh)
     state, metrics = jitted(state, batch, frozen)
     return state, {**metrics, "tokens": tokens}
 

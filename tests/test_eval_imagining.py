@@ -217,3 +217,45 @@ def test_aggregate_vs_numpy():
     imagining.aggregate(p, "median")
   with pytest.raises(ValueError):
     imagining.aggregate(np.zeros((0, 2)), "mean")
+
+
+def test_each_step_is_scored_by_its_factors_local_operator(policy, data):
+  """LoRA routed by factor (lora.route "factor"): step d of a walk runs with the adapter of
+  its factor (the general one for a step with no known factor), as a one-walk loop does
+  with that adapter made the active one."""
+  import jax
+  from deepimagine_jax import lora, sharding
+  from deepimagine_jax.config import LoRAConfig
+  tok, graphdef, params = policy
+  lcfg = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v", "down"),
+                    adapters=("general", "dose", "population"), route="factor")
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  gd, prm = lora.attach(graphdef, params, lcfg, mesh, 0)
+  flat = nnx.to_flat_state(prm)
+  rs = np.random.RandomState(0)
+  for path, v in flat:  # B = 0 would make every adapter the base
+    if path[-1] == "b":
+      v.set_value(jax.numpy.asarray(rs.randn(*v.shape).astype(np.float32)))
+  prm = nnx.from_flat_state(flat)
+  targets, records, _ = data
+  probs, traj, _ = imagining.imagine(gd, prm, tok, targets, records, k=3, how="mean",
+                                     prompt_len=PROMPT_LEN, batch_size=BATCH)
+  model = nnx.merge(gd, prm)
+  with_active = {}
+  for e in range(3):
+    model.active_adapter = e
+    with_active[e] = nnx.split(model)[0]
+  route_of = {"dose": 1, "population": 2, "outcome": 0, "": 0}
+  for i, recs in {0: [records[1], records[2], records[0]], 1: [records[4], records[5]]}.items():
+    for w, r in zip(traj[i].details["walks"], recs):
+      factors = [f.factor for f in r.factors] or [""]
+      assert [s["adapter"] for s in w["steps"]] == [lcfg.adapters[route_of[f]] for f in factors]
+      for s, f in zip(w["steps"], factors):
+        step_ex = r.replace(prompt=s["prompt"])
+        p = scoring.option_probs_by_scoring(with_active[route_of[f]], prm, tok, [step_ex],
+                                            prompt_len=PROMPT_LEN, batch_size=1)[0, :r.n_options]
+        np.testing.assert_allclose(s["probs"], p, atol=1e-5)  # a row gather vs one adapter
+  model.active_adapter, model.lora_cfg = 0, dataclasses.replace(lcfg, route="active")
+  plain, _, _ = imagining.imagine(nnx.split(model)[0], prm, tok, targets, records, k=3,
+                                  how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH)
+  assert np.nanmax(np.abs(plain - probs)) > 1e-4  # the routed adapters change the answers

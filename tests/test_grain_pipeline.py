@@ -291,3 +291,30 @@ def test_to_global_arrays_on_8_device_mesh(records, tok):
     for shard in arr.addressable_shards:  # 4 batch slices of 2 rows, replicated over tensor
       assert shard.data.shape == (2, 32)
       np.testing.assert_array_equal(np.asarray(shard.data), batch[key][shard.index])
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_route_gives_every_token_its_examples_adapter(records, tok, pack):
+  """With a route, each token carries its example's adapter, through padding and packing."""
+  factors = ("", "dose", "outcome", "dose+outcome")
+  recs = [r.replace(perturbation=factors[i % 4], prompt=f"{i}. {r.prompt}")  # distinct inputs
+          for i, r in enumerate(records)]
+  adapter_of = {"": 0, "dose": 1, "outcome": 2, "dose+outcome": 0}
+  by_inputs = {tuple(gp.sft_tokens(r, tok, 256)["inputs"]): adapter_of[r.perturbation]
+               for r in recs}
+  it = gp.make_sft_iterator(recs, tok, seq_len=256, global_batch_size=4, seed=0, num_epochs=1,
+                            pack=pack, shard_index=0, shard_count=1, route=adapter_of.get)
+  seen = set()
+  for batch in it:
+    assert batch[gp.ADAPTER_KEY].shape == (4, 256) and batch[gp.ADAPTER_KEY].dtype == np.int32
+    for inputs, seg, ids in zip(batch["inputs"], batch["segment_ids"], batch[gp.ADAPTER_KEY]):
+      for s in np.unique(seg[seg > 0]):
+        cols = seg == s
+        want = by_inputs[tuple(inputs[cols])]
+        assert np.all(ids[cols] == want)
+        seen.add(want)
+  assert seen == {0, 1, 2}
+  prompts = next(gp.make_prompt_iterator(recs, tok, prompt_len=64, batch_size=8, seed=0,
+                                         shard_index=0, shard_count=1, route=adapter_of.get))
+  assert prompts[gp.ADAPTER_KEY].dtype == np.int32 and prompts[gp.ADAPTER_KEY].shape == (8,)
+  assert set(prompts[gp.ADAPTER_KEY].tolist()) <= {0, 1, 2}

@@ -92,7 +92,7 @@ POS = jnp.broadcast_to(jnp.arange(8), (4, 8))
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _forward(params, adapter_B, graphdef):
-  return nnx.merge(graphdef, params)(TOK, POS, adapter_B=adapter_B)[0]
+  return nnx.merge(graphdef, params)(TOK, POS, adapter=adapter_B)[0]
 
 
 def _logits(graphdef, params, adapter_B=None):
@@ -109,7 +109,7 @@ def test_each_row_computes_its_adapter_as_numpy_merged_weights():
   for row, ref in zip(range(4), (want[0], want[1], base_logits, want[1])):
     np.testing.assert_allclose(rows[row], ref[row], atol=2e-5, rtol=1e-5)
   assert np.abs(want[0] - base_logits).max() > 1e-2  # the adapters do something
-  # The active adapter serves a call without adapter_B; lora.merged folds it in.
+  # The active adapter serves a call without `adapter`; lora.merged folds it in.
   model = nnx.merge(graphdef, params)
   model.active_adapter = 1
   np.testing.assert_allclose(_logits(*nnx.split(model)), want[1], atol=2e-5, rtol=1e-5)
@@ -118,6 +118,59 @@ def test_each_row_computes_its_adapter_as_numpy_merged_weights():
   for p, v in nnx.to_flat_state(nnx.state(merged)):
     np.testing.assert_allclose(np.asarray(v.get_value()),
                                _numpy_merged(params, base, lcfg, 1)[p], atol=1e-6, rtol=1e-6)
+
+
+def _scanned(params, lcfg, mesh):
+  """The scanned layout's (graphdef, params) holding the unrolled `params`, stacked by layer."""
+  graphdef, scanned = train_state.init_params(CFG.replace(scan_layers=True), mesh, 0)
+  graphdef, scanned = lora.attach(graphdef, scanned, lcfg, mesh, 0)
+  unrolled = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
+  flat = nnx.to_flat_state(scanned)
+  for path, v in flat:
+    if path[0] == "layers":
+      v.set_value(jnp.stack([unrolled[("layers", i, *path[1:])] for i in range(CFG.n_layers)]))
+    else:
+      v.set_value(jnp.asarray(unrolled[path]))
+  return graphdef, nnx.from_flat_state(flat)
+
+
+def test_each_token_computes_its_adapter_in_packed_rows():
+  """[B, T] adapter ids (packed rows mixing adapters): every segment's logits are those of
+  its adapter's merged weights run on the segment alone, in both layer layouts."""
+  mesh = sharding.make_mesh(-1, 1, 1)
+  lcfg = lora_cfg(adapters=("drug", "dose", "outcome"))
+  graphdef, params, base = _model(mesh, lcfg)
+  seg = np.array([[1, 1, 1, 2, 2, 2, 2, 3], [1, 1, 1, 1, 1, 2, 2, 3]] * 2)
+  ids = np.array([[2, 2, 2, 0, 0, 0, 0, -1], [1, 1, 1, 1, 1, -1, -1, 0]] * 2)
+  pos = np.concatenate([np.arange(n) for row in seg for n in np.unique(row, return_counts=True)[1]]
+                       ).reshape(seg.shape)
+
+  @functools.partial(jax.jit, static_argnames="graphdef")
+  def packed(params, graphdef):
+    return nnx.merge(graphdef, params)(TOK, jnp.asarray(pos), segment_ids_BT=jnp.asarray(seg),
+                                       adapter=jnp.asarray(ids, jnp.int32))[0]
+
+  flat_base = {p: v.get_value() for p, v in nnx.to_flat_state(base)}
+  want = {e: _numpy_merged(params, base, lcfg, e) for e in (0, 1, 2)}
+  want[-1] = flat_base
+  got = np.asarray(packed(params, graphdef=graphdef))
+  graphdef0, state0 = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(CFG, nnx.Rngs(0))))
+  for b in range(2):
+    for s in np.unique(seg[b]):
+      cols = np.flatnonzero(seg[b] == s)
+      e = int(ids[b, cols[0]])
+      fs = nnx.to_flat_state(state0)
+      for p, v in fs:
+        v.set_value(jnp.asarray(want[e][p]))
+      alone = np.asarray(jax.jit(lambda prm, t: nnx.merge(graphdef0, prm)(
+          t, jnp.arange(len(cols))[None])[0])(nnx.from_flat_state(fs),
+                                              jnp.asarray(TOK)[b:b + 1, cols]))
+      np.testing.assert_allclose(got[b, cols], alone[0], atol=2e-5, rtol=1e-5,
+                                 err_msg=f"row {b} segment {s} adapter {e}")
+  # The scanned layout reads the same ids the same way.
+  scan_gd, scan_params = _scanned(params, lcfg, mesh)
+  np.testing.assert_allclose(np.asarray(packed(scan_params, graphdef=scan_gd)), got,
+                             atol=2e-5, rtol=1e-5)
 
 
 def test_new_adapters_are_the_identity_and_rank_zero_changes_nothing():
@@ -281,6 +334,102 @@ def test_config_section_is_declared_and_checked():
   with pytest.raises(ValueError, match="no LoRA adapter 'nope'"):
     lora.adapter_index(lora_cfg(), "nope")
   assert common.lora().rank == 0
+  for route, adapters, words in (("by_hand", ("a",), "lora.route"),
+                                 ("factor", ("general",), "lora.adapters"),
+                                 ("factor", ("general", "colour"), "lora.adapters"),
+                                 ("factor", ("dose", "outcome"), "lora.adapters")):
+    c = _rl_config()
+    c.lora.rank, c.lora.route, c.lora.adapters = 8, route, adapters
+    with pytest.raises(ConfigError, match=f"config.{words}="):
+      RunConfig.from_config(c)
+
+
+def test_route_picks_the_factors_adapter_else_the_general_one():
+  cfg = lora_cfg(adapters=("general", "dose", "outcome"), route="factor")
+  assert [lora.route(cfg, p) for p in ("dose", "outcome", "", "population", "dose+outcome")] \
+      == [1, 2, 0, 0, 0]
+  assert lora.route(lora_cfg(adapters=("general", "dose")), "dose") == 0  # route "active"
+
+
+def test_routed_packed_batch_trains_only_the_adapters_its_examples_name(tmp_path):
+  """Packed rows mixing 'dose' and general examples: 'dose' and 'general' get gradients,
+  'outcome' (no example) none; the SFT job's counts say so."""
+  from data_pipeline import grain_pipeline as gp
+  from data_pipeline.example import Example
+  from deepimagine_jax import jobs
+  mesh = sharding.make_mesh(-1, 1, 1)
+  lcfg = lora_cfg(adapters=("general", "dose", "outcome"), route="factor")
+  graphdef, params, _ = _model(mesh, lcfg)
+  recs = [Example(id=f"e{i}", source="synthetic", kind="natural_pair", trial_id=f"t{i}",
+                  options=("up", "down"), label=i % 2, perturbation=("dose", "", "dose+outcome")[i % 3],
+                  prompt=f"example {i} dose", completion=f"DECISION: ({i % 2}, {1 - i % 2})")
+          for i in range(12)]
+
+  class Tok:  # words -> ids below the tiny vocabulary; what sft_tokens asks of a tokenizer
+    ids = staticmethod(lambda text: [4 + sum(map(ord, w)) % (CFG.vocab_size - 4)
+                                     for w in text.split()])
+    prompt_ids = staticmethod(lambda text: ([1], Tok.ids(text)))
+    completion_ids = staticmethod(lambda text: Tok.ids(text) + [2])
+
+  tok = Tok()
+  assert jobs.write_adapter_counts(lcfg, recs, str(tmp_path)) == {"general": 8, "dose": 4,
+                                                                    "outcome": 0}
+  assert json.loads((tmp_path / "sft_adapters.json").read_text())["dose"] == 4
+  batch = next(gp.make_sft_iterator(recs, tok, seq_len=48, global_batch_size=2, seed=0,
+                                    pack=True, shard_index=0, shard_count=1,
+                                    route=jobs.adapter_route(lcfg)))
+  assert len(set(batch[gp.ADAPTER_KEY][batch["segment_ids"] > 0].tolist())) == 2  # mixed rows
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  trainable, frozen = lora.partition(params)
+  grads = jax.jit(jax.grad(lambda p: sft.masked_nll_sum(p, graphdef, batch, frozen)[0]))(
+      trainable)
+  g = np.abs(np.asarray(grads["layers"][1]["mlp"]["lora"]["down"]["b"].get_value()))
+  assert g[0].max() > 0 and g[1].max() > 0 and g[2].max() == 0
+
+
+def test_routed_rollout_samples_and_scores_each_prompt_with_its_adapter():
+  """The sampler's log-probs of a routed rollout equal the trainer's forward with each
+  prompt's adapter made the active one; the reference stays the base."""
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  lcfg = lora_cfg(adapters=("general", "dose", "outcome"), route="factor")
+  graphdef, params, base = _model(mesh, lcfg)
+  cfg = typed_configs.rl(2, None, prompts_per_step=3, group_size=2, max_new_tokens=4, beta=0.1)
+  tx, _ = optimizer_lib.make_optimizer(cfg.optimizer)
+  trainable, frozen = lora.partition(params)
+  state, state_sh = train_state.state_from_params(trainable, tx, mesh, 0)
+  trainer = rl.GRPOTrainer(graphdef, tx, cfg, mesh, state_sh, params, rewards_balance(), frozen,
+                           routed=lora.routed_config(graphdef, params) is not None)
+  prompts = np.random.RandomState(1).randint(4, CFG.vocab_size, (3, 5)).astype(np.int32)
+  prompt_batch = {"prompt_tokens": prompts, "prompt_mask": np.ones((3, 5), np.int32),
+                  "labels": [0, 1, 0], "n_options": [2, 2, 2],
+                  rl.ADAPTER_KEY: np.array([2, 0, 1], np.int32)}
+
+  class Tok:
+    eos_id, pad_id = 1, 0
+    decode = staticmethod(lambda ids: " ".join(map(str, ids)))
+
+  batch, _, _ = trainer.rollout(state.params, prompt_batch, jax.random.key(3), Tok())
+  np.testing.assert_array_equal(np.asarray(batch[rl.ADAPTER_KEY]), [2, 0, 1])
+  comp, mask = np.asarray(batch["completions"]), np.asarray(batch["completion_mask"])
+  for q, e in enumerate((2, 0, 1)):
+    model = nnx.merge(graphdef, params)
+    model.active_adapter = e
+    want = jax.jit(functools.partial(rl.completion_logprobs, graphdef=nnx.split(model)[0],
+                                     group_size=2, temperature=cfg.temperature))(
+        params, jnp.asarray(prompts[q:q + 1]), jnp.ones((1, 5), jnp.int32),
+        jnp.asarray(comp[2 * q:2 * q + 2]))
+    rows = slice(2 * q, 2 * q + 2)
+    np.testing.assert_allclose(np.asarray(batch["old_logprobs"])[rows] * mask[rows],
+                               np.asarray(want) * mask[rows], atol=2e-5, rtol=1e-5)
+  base_gd = nnx.split(model_lib.Transformer(CFG, nnx.Rngs(0)))[0]
+  ref = jax.jit(functools.partial(rl.completion_logprobs, graphdef=base_gd, group_size=2,
+                                  temperature=cfg.temperature))(
+      jax.tree.map(jnp.asarray, base), jnp.asarray(prompts), jnp.ones((3, 5), jnp.int32),
+      jnp.asarray(comp))
+  np.testing.assert_allclose(np.asarray(batch["ref_logprobs"]) * mask, np.asarray(ref) * mask,
+                             atol=2e-5, rtol=1e-5)
+  new_state, aux = trainer.update(state, batch)  # the update reads the adapters too
+  assert float(aux["logprob_gap"]) < 1e-4
 
 
 # Export, checked by transformers and peft on random models -----------------------
@@ -314,7 +463,7 @@ def test_merged_and_peft_exports_match_transformers(case, scan, tmp_path):
   model = nnx.merge(graphdef, _randomize_b(params, scale=0.3))
   tok = np.random.RandomState(3).randint(0, _SHAPE["vocab_size"], (2, 12))
   pos = jnp.broadcast_to(jnp.arange(12), tok.shape)
-  ours = np.asarray(model(jnp.asarray(tok), pos, adapter_B=jnp.array([1, 1]))[0])
+  ours = np.asarray(model(jnp.asarray(tok), pos, adapter=jnp.array([1, 1]))[0])
   with torch.no_grad():
     assert np.abs(hf(torch.tensor(tok)).logits.numpy() - ours).max() > 1e-2
 

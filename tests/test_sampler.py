@@ -198,7 +198,7 @@ def test_sharded_mesh_gives_same_greedy_tokens(greedy):
     mask = jax.device_put(mask, sharding.batch_sharding(mesh))
     eos, pad = jnp.int32(-1), jnp.int32(PAD)
     greedy_kw = dict(temperature=0.0, top_k=0, top_p=1.0)
-    st = S._prefill(graphdef, state, tok, mask, jax.random.key(0), eos, pad,
+    st = S._prefill(graphdef, state, tok, mask, jax.random.key(0), eos, pad, None,
                     max_new_tokens=N_NEW, cache_dtype="float32", group_size=1, **greedy_kw)
     k = st.cache.rows[0]["k"]
     want = jax.sharding.NamedSharding(mesh, S.cache_spec(CFG.n_kv_heads, 4, mesh))

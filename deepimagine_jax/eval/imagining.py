@@ -31,6 +31,7 @@ import numpy as np
 
 from data_pipeline import templates
 from data_pipeline.example import Example
+from deepimagine_jax import lora
 from deepimagine_jax.eval import metrics, scoring
 from deepimagine_jax.eval.report import Trajectory
 
@@ -165,6 +166,7 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], pairs: Sequ
   n_tokens = prompt_tokens_counter(tokenizer)
   failed = collections.Counter()
   depth, calls, prompts_scored = 0, 0, 0
+  routed = lora.routed_config(graphdef, params)  # each step by its factor's local operator
   while True:
     live, examples = [], []
     for w in walks:
@@ -180,15 +182,20 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], pairs: Sequ
       examples.append(w.pair.replace(id=f"{w.pair.id}#step{depth}", prompt=prompt))
     if not live:
       break
+    adapters = None if routed is None else [
+        lora.route(routed, w.pair.factors[depth].factor if w.pair.factors else "")
+        for w in live]
     step_probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, examples,
+                                                 adapters=adapters,
                                                  prompt_len=prompt_len, batch_size=batch_size)
     calls += 1
     prompts_scored += len(live)
-    for w, ex, p3 in zip(live, examples, step_probs):
+    for j, (w, ex, p3) in enumerate(zip(live, examples, step_probs)):
       p = p3[:ex.n_options]
       estimate = ex.options[metrics.choose(p)]
       factor = w.pair.factors[depth] if w.pair.factors else None
       w.steps.append({"step": depth, "factor": factor.factor if factor else "",
+                      "adapter": "" if routed is None else routed.adapters[adapters[j]],
                       "from": factor.anchor_value if factor else "",
                       "to": factor.target_value if factor else "", "given": w.current,
                       "probs": [float(x) for x in p], "estimate": estimate,

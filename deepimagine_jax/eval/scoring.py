@@ -76,19 +76,20 @@ def _fill_rows(arrays, rows: int, bos_id: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def option_logprobs(graphdef, params, prompt_QP, prompt_mask_QP, candidates_QOC,
-                    candidate_mask_QOC):
+                    candidate_mask_QOC, adapter_Q=None):
   """log p(candidate o | prompt) for every question and option slot: [Q, O] float32.
 
   The shared-prefix forward (prefix.py): each prompt runs once into a KV cache,
   which is fanned out to its O candidates (row q*O + o), as the GRPO trainer
   does for its G completions. Padding after a candidate's end is masked out; an
   option slot with an all-zero mask scores 0 (a 2-option question's third slot).
+  `adapter_Q` [Q]: each question's LoRA adapter (None: the model's active one).
   """
   model = nnx.merge(graphdef, params)
   Q, O, C = candidates_QOC.shape
   logp_QOC = prefix.continuation_logprobs(model, prompt_QP, prompt_mask_QP,
                                           candidates_QOC.reshape(Q * O, C),
-                                          group_size=O).reshape(Q, O, C)
+                                          group_size=O, adapter_Q=adapter_Q).reshape(Q, O, C)
   return jnp.sum(jnp.where(candidate_mask_QOC > 0, logp_QOC, 0.0), axis=-1)
 
 
@@ -112,7 +113,7 @@ def candidate_arrays(tokenizer, examples: Sequence[Example]):
 def batched_option_logprobs(graphdef, params, arrays, *, batch_size: int,
                             bos_id: int) -> np.ndarray:
   """[Q, O] float64 log p(candidate | prompt) of (prompts, prompt masks, candidates,
-  candidate masks) as prompt_arrays and candidate_arrays give them.
+  candidate masks[, adapters [Q]]) as prompt_arrays and candidate_arrays give them.
 
   batch_size counts questions; every batch is dispatched before any is read back.
   Questions go longest prompt first and each batch drops the left padding all its
@@ -139,15 +140,18 @@ def batched_option_logprobs(graphdef, params, arrays, *, batch_size: int,
 
 
 def option_probs_by_scoring(graphdef, params, tokenizer, examples: Sequence[Example], *,
-                            prompt_len: int, batch_size: int) -> np.ndarray:
+                            prompt_len: int, batch_size: int,
+                            adapters: Sequence[int] | None = None) -> np.ndarray:
   """[Q, O] option probabilities (softmax of candidate log-likelihoods), 0 past n_options.
 
-  batch_size counts questions (batched_option_logprobs).
+  batch_size counts questions (batched_option_logprobs). `adapters`: each example's
+  LoRA adapter index (lora.route; None: the model's active adapter for all).
   """
   _check_examples(examples)
+  extra = () if adapters is None else (np.asarray(adapters, np.int32).reshape(len(examples)),)
   logp_QO = batched_option_logprobs(
       graphdef, params, (*prompt_arrays(tokenizer, examples, prompt_len),
-                         *candidate_arrays(tokenizer, examples)),
+                         *candidate_arrays(tokenizer, examples), *extra),
       batch_size=batch_size, bos_id=tokenizer.bos_id)
   probs = np.zeros((len(examples), MAX_OPTIONS), np.float64)
   for q, ex in enumerate(examples):
