@@ -93,9 +93,8 @@ def pad_tokens(ex: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarr
   out["positions"][:n] = np.arange(n)
   out["segment_ids"] = np.zeros(seq_len, np.int32)
   out["segment_ids"][:n] = 1
-  if ADAPTER_KEY in ex:  # padding: the base (the loss mask makes it inert anyway)
-    out[ADAPTER_KEY] = np.full(seq_len, -1, np.int32)
-    out[ADAPTER_KEY][:n] = ex[ADAPTER_KEY]
+  if ADAPTER_KEY in ex:  # one example per row: one adapter per row, the cheaper gather
+    out[ADAPTER_KEY] = np.int32(ex[ADAPTER_KEY][0])
   return out
 
 
@@ -159,7 +158,8 @@ def make_sft_iterator(records, tokenizer, *, seq_len: int, global_batch_size: in
   `num_packing_bins` rows, default the local batch size); hosts may then see
   different batch counts per epoch, so multi-host packed runs should repeat
   forever. With `route` (perturbation -> LoRA adapter index) batches also hold
-  `adapter` [B, seq_len]: each token's example's adapter.
+  `adapter`: [B] each row's example's adapter, or with `pack` [B, seq_len] each token's
+  (a row then mixes examples; the model computes every adapter's A for it).
   """
   tokens = functools.partial(sft_tokens, tokenizer=tokenizer, seq_len=seq_len, route=route)
   it_ds, local_bs = _host_dataset(records, tokens, global_batch_size, seed, num_epochs,

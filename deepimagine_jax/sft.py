@@ -118,7 +118,9 @@ def run_sft(cfg: SFTConfig, mesh, graphdef, params, batches: Iterator[dict], wor
   trainable, frozen = lora.partition(params)
   state, state_sh = train_state.state_from_params(trainable, tx, mesh, seed)
   keys = BATCH_KEYS + ((ADAPTER_KEY,) if routed else ())
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in keys}
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  if routed:  # [B] (one example per row) or [B, T] (packed): the leading axis split alike
+    batch_sh[ADAPTER_KEY] = sharding.batch_sharding(mesh, 1)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   jitted = make_jitted_step(graphdef, tx, cfg.optimizer.grad_accum_steps, state_sh, batch_sh,
                             frozen_sh)

@@ -306,8 +306,11 @@ def test_route_gives_every_token_its_examples_adapter(records, tok, pack):
                             pack=pack, shard_index=0, shard_count=1, route=adapter_of.get)
   seen = set()
   for batch in it:
-    assert batch[gp.ADAPTER_KEY].shape == (4, 256) and batch[gp.ADAPTER_KEY].dtype == np.int32
-    for inputs, seg, ids in zip(batch["inputs"], batch["segment_ids"], batch[gp.ADAPTER_KEY]):
+    ids_B = batch[gp.ADAPTER_KEY]
+    assert ids_B.shape == ((4, 256) if pack else (4,)) and ids_B.dtype == np.int32
+    if not pack:  # one example per row: one id per row
+      ids_B = np.repeat(ids_B[:, None], 256, axis=1)
+    for inputs, seg, ids in zip(batch["inputs"], batch["segment_ids"], ids_B):
       for s in np.unique(seg[seg > 0]):
         cols = seg == s
         want = by_inputs[tuple(inputs[cols])]

@@ -528,3 +528,22 @@ def test_rl_job_with_lora_on_a_gemma3_checkpoint(tmp_path):
   with torch.no_grad():  # training moved the policy away from the base
     base = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
     assert np.abs(base(torch.tensor(tok)).logits.numpy() - merged_logits).max() > 1e-3
+
+
+def test_sft_job_trains_each_factors_adapter_on_its_examples_only(tmp_path):
+  """configs/sft.py:tiny with lora.route 'factor': the synthetic examples (all 'dose') train
+  the 'dose' adapter; 'general' and 'outcome' see none (sft_adapters.json says so) and stay
+  the identity (B = 0) in the PEFT exports. Packed rows: the per-token path."""
+  from safetensors.numpy import load_file
+  from configs import sft as sft_config
+  from deepimagine_jax import jobs
+  c = sft_config.get_config("tiny")
+  c.lora.update(rank=4, alpha=8.0, adapters=("general", "dose", "outcome"), route="factor")
+  c.data.pack = True
+  jobs.sft(c, str(tmp_path))
+  counts = json.loads((tmp_path / "sft_adapters.json").read_text())
+  assert counts["dose"] > 0 and counts["general"] == counts["outcome"] == 0
+  for name, moved in (("general", False), ("dose", True), ("outcome", False)):
+    w = load_file(str(tmp_path / "policy" / "adapters" / name / "adapter_model.safetensors"))
+    b = max(np.abs(v).max() for k, v in w.items() if "lora_B" in k)
+    assert (b > 0) == moved, (name, b)
