@@ -486,8 +486,9 @@ class Transformer(nnx.Module):
     """The stacked layers under lax.scan (remat per layer with cfg.remat).
 
     Each step gets its layer's parameters, index, local flag and RoPE frequencies
-    from per-layer arrays; the cache (a StackedCache) rides in the carry, a shared
-    prefix (SharedPrefixCache.prefix, read only) is indexed per layer.
+    from per-layer arrays; the cache (a StackedCache) rides in the carry (decoding:
+    updated in place), or with remat over several tokens its layer slices are scanned
+    in and out; a shared prefix (SharedPrefixCache.prefix, read only) is indexed per layer.
     """
     cfg = self.cfg
     graphdef, state = nnx.split(self.layers)
@@ -506,9 +507,27 @@ class Transformer(nnx.Module):
           x_BTD, positions_BT, mask, inv_freq_h, layer_cache, cache_index, adapter, rng)
       return (x_BTD, stack), None
 
+    xs = (state, jnp.arange(cfg.n_layers), local_Y, inv_freq_Yh)
+    if cfg.remat and cache is not None and shared is None and x_BTD.shape[1] > 1:
+      # Differentiated with a cache (GRPO's prompt-then-completion forward): remat saves
+      # each step's inputs, and a carried stack would be saved whole at every layer
+      # (memory quadratic in depth). Each layer's slice goes in and out as scanned data.
+      def layer_slices(x_BTD, xs):
+        state, i, local, inv_freq_h, k_BSKH, v_BSKH = xs
+        mask = mask_BTS if local_mask_BTS is None else jnp.where(local, local_mask_BTS,
+                                                                 mask_BTS)
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        x_BTD, new = nnx.merge(graphdef, state)(
+            x_BTD, positions_BT, mask, inv_freq_h, {"k": k_BSKH, "v": v_BSKH}, cache_index,
+            adapter, rng)
+        return x_BTD, (new["k"], new["v"])
+
+      kv_Y = (jnp.moveaxis(cache.k_BSKYH, 3, 0), jnp.moveaxis(cache.v_BSKYH, 3, 0))
+      x_BTD, (k_YBSKH, v_YBSKH) = jax.lax.scan(
+          jax.checkpoint(layer_slices, prevent_cse=False), x_BTD, xs + kv_Y)
+      return x_BTD, StackedCache(jnp.moveaxis(k_YBSKH, 0, 3), jnp.moveaxis(v_YBSKH, 0, 3))
     if cfg.remat:
       layer = jax.checkpoint(layer, prevent_cse=False)
-    xs = (state, jnp.arange(cfg.n_layers), local_Y, inv_freq_Yh)
     (x_BTD, cache), _ = jax.lax.scan(layer, (x_BTD, cache), xs)
     return x_BTD, cache
 

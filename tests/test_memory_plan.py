@@ -83,3 +83,37 @@ def test_plan_peak_is_the_largest_phase():
   text = memory.table(p, [1e-9, 16])
   assert "fits (peak <= 90%): 1e-09 GiB NO, 16 GiB yes" in text
   np.testing.assert_equal(p["devices"], 8)
+
+
+def test_remat_keeps_one_residual_and_the_weight_gradients_per_layer():
+  """With remat a layer adds its input (the residual remat keeps) and its weight gradients,
+  by hand; without, all of its activations; neither SFT nor the GRPO update (whose forward
+  runs through a KV cache) grows faster than linearly in depth."""
+  def growth(remat):
+    c = rl_config.get_config("tiny")
+    c.model.remat = remat
+    c.model.scan_layers = True
+    c.data.seq_len = c.data.prompt_len = 128
+    run = RunConfig.from_config(c)
+    if not remat:  # only SFT's figure is compared
+      run = dataclasses.replace(run, rl=None)
+    mesh = sharding.mesh_from_config(run.mesh)
+    cfg = memory.model_config(run)
+    t = [memory.step_temp_bytes(memory._layers(cfg, n), run, mesh)
+         for n in ((4, 8, 12) if remat else (4, 8))]
+    return cfg, run, mesh, {k: [b[k] - a[k] for a, b in zip(t, t[1:])] for k in t[0]}
+
+  cfg, run, mesh, with_remat = growth(True)
+  _, _, _, without = growth(False)
+  B = run.sft.global_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  residual = B * run.data.seq_len * cfg.d_model * 4
+  _, trainable, _ = memory.abstract_params(memory._layers(cfg, 1), run, mesh)
+  _, trainable2, _ = memory.abstract_params(memory._layers(cfg, 2), run, mesh)
+  layer_grads = memory.device_bytes(trainable2) - memory.device_bytes(trainable)
+  per_layer = with_remat["sft"][1] / 4
+  assert residual <= per_layer <= 1.5 * (residual + layer_grads), (per_layer, residual,
+                                                                   layer_grads)
+  assert without["sft"][0] / 4 > 2 * per_layer
+  for k in ("sft", "rl_update"):
+    first, second = with_remat[k]
+    assert second <= 1.25 * first, (k, first, second)  # linear, not quadratic, in depth

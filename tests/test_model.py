@@ -10,6 +10,7 @@ from flax import nnx
 
 from deepimagine_jax import hf_import
 from deepimagine_jax import model as M
+from deepimagine_jax import prefix
 from deepimagine_jax import sampler
 from deepimagine_jax import sharding as S
 from deepimagine_jax.config import ModelConfig, RopeScaling
@@ -364,7 +365,10 @@ def test_scanned_layers_equal_unrolled(arch):
     _, cache = model(tok[:, :8], pos[:, :8], cache=cache, cache_index=0, kv_valid_BS=valid)
     step, cache = model(tok[:, 8:9], pos[:, 8:9], cache=cache, cache_index=8, kv_valid_BS=valid)
     grads = nnx.grad(lambda m: jnp.mean(m(tok, pos)[0] ** 2))(model)
-    return full, step, cache, grads
+    # through a cache (GRPO's prompt-then-completion forward: remat over cache slices)
+    cache_grads = nnx.grad(lambda m: jnp.sum(prefix.continuation_logprobs(
+        m, tok[:, :6], jnp.ones((2, 6), jnp.int32), tok[:, 6:], group_size=1)))(model)
+    return full, step, cache, (grads, cache_grads)
 
   outs = {name: run(model) for name, model in (("unrolled", unrolled), ("scanned", scanned))}
   (full_u, step_u, cache_u, grads_u), (full_s, step_s, cache_s, grads_s) = (
@@ -376,10 +380,11 @@ def test_scanned_layers_equal_unrolled(arch):
   for i in range(cfg.n_layers):  # cache[i] is layer i's keys in both layouts
     np.testing.assert_allclose(np.asarray(cache_s[i]["k"]), np.asarray(cache_u[i]["k"]),
                                atol=1e-5)
-  grads_u_stacked = _stacked(nnx.merge(nnx.graphdef(unrolled), grads_u))
-  for path, g in nnx.to_flat_state(grads_s["layers"]):
-    np.testing.assert_allclose(np.asarray(g.get_value()), grads_u_stacked[path], atol=1e-5,
-                               rtol=1e-4, err_msg=str(path))
+  for g_u, g_s in zip(grads_u, grads_s):
+    g_u_stacked = _stacked(nnx.merge(nnx.graphdef(unrolled), g_u))
+    for path, g in nnx.to_flat_state(g_s["layers"]):
+      np.testing.assert_allclose(np.asarray(g.get_value()), g_u_stacked[path], atol=1e-5,
+                                 rtol=1e-4, err_msg=str(path))
 
 
 def test_scanned_layers_on_a_mesh_keep_the_layer_axis_whole():
