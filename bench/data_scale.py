@@ -13,7 +13,8 @@ and written one JSON line at a time to their split's files, in forked worker pro
 into a temporary folder removed after). Not timed: the tokenizer's training and the
 prompts' fitting to its tokens (build_dataset's second pass over the files).
 Prints one line: per size, build seconds (wall; CPU of the process and its workers),
-peak memory (summed PSS of the process and its workers, sampled every 0.25 s), examples,
+peak memory (a bound: this process's peak RSS + workers x the largest worker's, so pages
+the forked workers share with it count more than once; sampling PSS cost a core), examples,
 GB written, each stage's share of the time; then the growth exponent (log-log slope of
 build seconds vs trials) between sizes, of wall and of CPU seconds (the machine's 2 cores
 are shared, so wall seconds carry others' load). World generation is timed apart (it is
@@ -27,14 +28,12 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import pathlib
 import pstats
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -102,58 +101,24 @@ def build(world: World, cfg: WorldConfig, retriever: str, out_dir: pathlib.Path,
   return seconds, counts
 
 
-class PeakMemory:
-  """The peak, sampled every `every` seconds, of the summed proportional set size (PSS:
-  shared pages split between the processes sharing them) of this process and its
-  descendants (the forked workers), in GiB."""
-
-  def __init__(self, every: float = 0.25):
-    self.every, self.peak_gb = every, 0.0
-    self.done = threading.Event()
-    self.thread = threading.Thread(target=self._run, daemon=True)
-
-  @staticmethod
-  def _pss_gb(pid: int) -> float:
-    total = 0
-    try:
-      for line in open(f"/proc/{pid}/smaps_rollup"):
-        if line.startswith("Pss:"):
-          total += int(line.split()[1])
-      for tid in os.listdir(f"/proc/{pid}/task"):
-        for child in open(f"/proc/{pid}/task/{tid}/children").read().split():
-          total += PeakMemory._pss_gb(int(child)) * 2**20
-    except (OSError, ValueError):
-      pass  # a worker that just exited
-    return total / 2**20
-
-  def _run(self):
-    while not self.done.wait(self.every):
-      self.peak_gb = max(self.peak_gb, self._pss_gb(os.getpid()))
-
-  def __enter__(self):
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self.done.set()
-    self.thread.join()
-
-
 def child(n_trials: int, retriever: str, workers: int | None) -> dict:
   """One size, in this process (and its workers): what the parent prints."""
   t0 = time.perf_counter()
   world = make_world(n_trials)
   world_s = time.perf_counter() - t0
   cpu0, kids0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-  with PeakMemory() as mem, tempfile.TemporaryDirectory(prefix="data_scale-") as out:
+  with tempfile.TemporaryDirectory(prefix="data_scale-") as out:
     seconds, counts = build(world, scaled_config(n_trials), retriever, pathlib.Path(out),
                             workers)
   kids = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu_s = (time.process_time() - cpu0 + kids.ru_utime - kids0.ru_utime + kids.ru_stime
            - kids0.ru_stime)  # beside wall seconds: the 2 cores are shared
+  workers = workers or build_stream.WORKERS
+  self_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+  worker_gb = kids.ru_maxrss / 2**20 if workers > 1 else 0.0  # the largest worker's
   return {"trials": n_trials, "world_s": world_s, "stages": seconds,
-          "build_s": sum(seconds.values()), "cpu_s": cpu_s, "peak_gb": mem.peak_gb,
-          "workers": workers or build_stream.WORKERS, **counts}
+          "build_s": sum(seconds.values()), "cpu_s": cpu_s, "workers": workers,
+          "self_gb": self_gb, "peak_gb": self_gb + workers * worker_gb, **counts}
 
 
 def run_size(n_trials: int, retriever: str, workers: int) -> dict:
@@ -170,8 +135,9 @@ def line(rows: list[dict], retriever: str) -> str:
   for r in rows:
     shares = " ".join(f"{s} {r['stages'][s] / r['build_s']:.0%}" for s in STAGES)
     parts.append(f"{r['trials']} trials: build {r['build_s']:.1f} s (cpu {r['cpu_s']:.1f} s, "
-                 f"{r['workers']} workers), "
-                 f"peak {r['peak_gb']:.2f} GB, {r['questions'] / r['trials']:.1f} questions/trial, "
+                 f"{r['workers']} workers), peak <= {r['peak_gb']:.2f} GB (this process "
+                 f"{r['self_gb']:.2f}), "
+                 f"{r['questions'] / r['trials']:.1f} questions/trial, "
                  f"{r['examples']} examples ({r['cross_trial']} cross-trial, "
                  f"{r['written_gb']:.1f} GB written) [{shares}]; "
                  f"world {r['world_s']:.1f} s")

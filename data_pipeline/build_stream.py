@@ -128,7 +128,10 @@ def example_line(ex: Example, split: str = "") -> str:
   rec = io.dataclass_record(ex)
   if split:
     rec["split"] = split
-  return json.dumps(rec, ensure_ascii=False, sort_keys=True)
+  return _ENCODER.encode(rec)
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True)  # json.dumps makes one a call
 
 
 def write_splits(kept: Iterable[tuple[str, Example]], directory: pathlib.Path
