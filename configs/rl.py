@@ -23,6 +23,7 @@ Its memory plan before the run (per-device bytes, fits 16 / 80 / 141 GiB):
 import ml_collections
 
 from configs import common
+from data_pipeline import facts
 
 
 def rl_section(steps: int) -> ml_collections.ConfigDict:
@@ -98,7 +99,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 def recipe(c: ml_collections.ConfigDict) -> None:
   """The method's own recipe: Gemma-3-12B-it with LoRA (rank 64, alpha 128, dropout 0.1)
   on every linear layer, peak lr 2e-5 with 640 warm-up steps and a cosine to a 10%
-  floor, in both stages. Sized by bench/memory.py for 8 x 80 GiB (see the docstring)."""
+  floor, in both stages; one adapter per factor (lora.route "factor") beside a general
+  one. Sized by bench/memory.py for 8 x 80 GiB (see the docstring)."""
   c.workdir = "runs/recipe"
   c.model.preset = "gemma3_12b"  # the shape; the weights come from --config.model.hf_checkpoint
   c.model.dtype = "bfloat16"
@@ -108,6 +110,10 @@ def recipe(c: ml_collections.ConfigDict) -> None:
   c.lora.rank = 64
   c.lora.alpha = 128.0
   c.lora.dropout = 0.1
+  # One local operator per factor: a one-factor example (a dose pair, an imagined step)
+  # trains and is scored with its factor's adapter, everything else with "general".
+  c.lora.adapters = ("general",) + facts.FACTORS
+  c.lora.route = "factor"
   c.data.seq_len = 2048
   c.data.prompt_len = 1536
   c.sft = common.sft(steps=6400, batch=64)

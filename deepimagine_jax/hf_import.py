@@ -538,3 +538,46 @@ def export_peft_adapter(model: nnx.Module, cfg: ModelConfig, out_dir, *,
   (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
   safetensors.numpy.save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
   return out_dir
+
+
+def load_peft_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir, *, adapter: str) -> None:
+  """Reads a PEFT adapter folder (export_peft_adapter's format) into adapter `adapter` of
+  `model` (which has LoRA with the folder's rank and targets), in place, keeping shardings.
+
+  A missing tensor, a rank or target that differs, or a shape that does not fit is an
+  HFImportError naming the folder and the tensor.
+  """
+  adapter_dir = pathlib.Path(adapter_dir)
+  if model.lora_cfg is None:
+    raise HFImportError(f"{adapter_dir}: the model has no LoRA adapters to load into")
+  lcfg, e = model.lora_cfg, lora_lib.adapter_index(model.lora_cfg, adapter)
+  try:
+    config = json.loads((adapter_dir / PEFT_CONFIG).read_text())
+    tensors = safetensors.numpy.load_file(str(adapter_dir / PEFT_WEIGHTS))
+  except (OSError, ValueError) as err:
+    raise HFImportError(f"{adapter_dir}: not a readable PEFT adapter ({err})") from err
+  want = sorted(PEFT_MODULES[t] for t in lcfg.targets)
+  if config.get("r") != lcfg.rank or sorted(config.get("target_modules") or ()) != want:
+    raise HFImportError(f"{adapter_dir / PEFT_CONFIG}: r={config.get('r')}, target_modules="
+                        f"{config.get('target_modules')}; the model has r={lcfg.rank}, {want}")
+  slots = tensor_slots(cfg)
+  for path, module in model.iter_modules():
+    stacked = cfg.scan_layers and tuple(path[:1]) == ("layers",)
+    for ad in (module.lora.values() if getattr(module, "lora", None) else ()):
+      a, b = _to_host(ad.a[...]).copy(), _to_host(ad.b[...]).copy()
+      if not stacked:
+        a, b = a[None], b[None]
+      for i, (hf_weight, _) in enumerate(slots[tuple(path) + (ad.weight,)]):
+        prefix = "base_model.model." + hf_weight.removesuffix(".weight")
+        for key, dst, layout in ((".lora_A.weight", a, "A"), (".lora_B.weight", b, "B")):
+          if prefix + key not in tensors:
+            raise HFImportError(f"{adapter_dir / PEFT_WEIGHTS}: no tensor {prefix + key}")
+          t = tensors[prefix + key].T  # A: [in, r]; B: [r, out]
+          if t.size != dst[i, e].size:
+            raise HFImportError(f"{adapter_dir / PEFT_WEIGHTS}: {prefix + key} has shape "
+                                f"{tensors[prefix + key].shape}, the model's is "
+                                f"{dst[i, e].shape} ({layout})")
+          dst[i, e] = t.reshape(dst[i, e].shape)
+      for var, host in ((ad.a, a), (ad.b, b)):
+        value = host if stacked else host[0]
+        var.set_value(jax.device_put(value.astype(var[...].dtype), var[...].sharding))

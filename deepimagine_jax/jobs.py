@@ -6,6 +6,7 @@ calls the library with them; nothing below this file sees a ConfigDict.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -25,7 +26,7 @@ from deepimagine_jax import sft as sft_lib
 from deepimagine_jax import sharding
 from deepimagine_jax import train_state
 from deepimagine_jax import traces as traces_lib
-from deepimagine_jax.config import ModelConfig, ModelSection, RunConfig
+from deepimagine_jax.config import LoRAConfig, ModelConfig, ModelSection, RunConfig
 from deepimagine_jax.embed import Embedder
 from deepimagine_jax.eval import run as eval_run
 from deepimagine_jax.tokenizer import Tokenizer
@@ -139,32 +140,68 @@ def run_sft_stage(run: RunConfig, workdir: str, built, tokenizer, mesh):
   state = sft_lib.run_sft(cfg, mesh, graphdef, params, batches, workdir, seed=run.seed,
                           routed=route is not None)
   params = lora.combine(state.params, params)  # the trained part over the frozen base
-  export_policy(graphdef, params, model_cfg, tokenizer, os.path.join(workdir, POLICY_DIR))
+  export_policy(graphdef, params, model_cfg, tokenizer, os.path.join(workdir, POLICY_DIR),
+                base_checkpoint=run.model.hf_checkpoint)
   return graphdef, params
 
 
-def export_policy(graphdef, params, model_cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str):
+ROUTED_LORA_FILE = "routed_lora.json"  # in policy/: a routed run's adapters and their base
+
+
+def export_policy(graphdef, params, model_cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str,
+                  *, base_checkpoint: str = ""):
   """Writes the policy as a Hugging Face checkpoint with the tokenizer files it was trained with.
 
   With LoRA the weights are merged (the active adapter) and every adapter is also
-  written alone in PEFT's format under `adapters/<name>/`.
+  written alone in PEFT's format under `adapters/<name>/` (their base: `base_checkpoint`,
+  the run's model.hf_checkpoint). Adapters routed by factor are one policy only together:
+  ROUTED_LORA_FILE then records their config and base, and load_policy rebuilds it.
   """
   model = nnx.merge(graphdef, params)
   hf_import.export_hf_checkpoint(model, model_cfg, out_dir)
-  for name in model.lora_cfg.adapters if model.lora_cfg is not None else ():
+  lcfg = model.lora_cfg
+  for name in lcfg.adapters if lcfg is not None else ():
     hf_import.export_peft_adapter(model, model_cfg, os.path.join(out_dir, "adapters", name),
-                                  adapter=name)
+                                  adapter=name, base_model=base_checkpoint)
   if jax.process_index() == 0:
     tokenizer.save(out_dir)
+    if lcfg is not None and lcfg.route == "factor":
+      io.write_json(os.path.join(out_dir, ROUTED_LORA_FILE),
+                    {"lora": dataclasses.asdict(lcfg), "base_checkpoint": base_checkpoint})
   logging.info("policy written to %s", out_dir)
 
 
 def load_policy(run_dir: str, mesh, dtype: str):
-  """(graphdef, params, tokenizer) of the policy a run exported."""
+  """(graphdef, params, tokenizer) of the policy a run exported.
+
+  A run whose adapters are routed by factor comes back as its base checkpoint with every
+  adapter loaded from `adapters/<name>/` (the merged weights hold the general one only).
+  """
   d = os.path.join(run_dir, POLICY_DIR)
   if not os.path.isdir(d):
     raise FileNotFoundError(f"{d}: no exported policy (a finished sft or rl run writes one)")
-  _, model = hf_import.load_hf_checkpoint(d, mesh, dtype=dtype)
+  routed = os.path.join(d, ROUTED_LORA_FILE)
+  if not os.path.exists(routed):
+    _, model = hf_import.load_hf_checkpoint(d, mesh, dtype=dtype)
+    graphdef, params = nnx.split(model)
+    return graphdef, params, Tokenizer.load(d)
+  with open(routed) as f:
+    meta = json.load(f)
+  lcfg = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in meta["lora"].items()})
+  base = meta["base_checkpoint"]
+  if not base or not os.path.isdir(base):
+    why = "not a folder here" if base else "not recorded: the run started from random weights"
+    raise FileNotFoundError(
+        f"{routed}: adapters routed by factor need the base checkpoint they were trained on "
+        f"(base_checkpoint {base!r}: {why}); evaluate within the run (configs/rl.py "
+        f"evaluates its own policy), or put the base at that path")
+  model_cfg, model = hf_import.load_hf_checkpoint(base, mesh, dtype=dtype)
+  graphdef, params = lora.attach(*nnx.split(model), lcfg, mesh, 0)
+  model = nnx.merge(graphdef, params)
+  for name in lcfg.adapters:
+    hf_import.load_peft_adapter(model, model_cfg, os.path.join(d, "adapters", name),
+                                adapter=name)
   graphdef, params = nnx.split(model)
   return graphdef, params, Tokenizer.load(d)
 
@@ -253,7 +290,7 @@ def rl(config, workdir: str):
   state = run_grpo_stage(run, workdir, built, tokenizer, mesh, graphdef, params, sft_dir)
   params = lora.combine(state.params, params)
   export_policy(graphdef, params, model_config(run.model, tokenizer), tokenizer,
-                os.path.join(workdir, POLICY_DIR))
+                os.path.join(workdir, POLICY_DIR), base_checkpoint=run.model.hf_checkpoint)
   evaluate(run, workdir, built, tokenizer, graphdef, params,
            metrics_logs=[os.path.join(sft_dir, "metrics.jsonl"),
                          os.path.join(workdir, "rl", "metrics.jsonl")])

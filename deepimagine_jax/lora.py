@@ -44,9 +44,9 @@ class Adapter(nnx.Module):
       fan_in *= sizes[c]
     init = jax.nn.initializers.normal(stddev=fan_in ** -0.5)
     self.a = LoRAParam(init(rngs.params(), (E, *[sizes[c] for c in ins], r), jnp.float32),
-                       logical_axes=(None, *[axes[c] for c in ins], None))
+                       logical_axes=(None, *[axes[c] for c in ins], "lora_rank"))
     self.b = LoRAParam(jnp.zeros((E, r, *[sizes[c] for c in outs]), jnp.float32),
-                       logical_axes=(None, None, *[axes[c] for c in outs]))
+                       logical_axes=(None, "lora_rank", *[axes[c] for c in outs]))
     self.ins, self.outs, self.weight = ins, outs, weight
     self.scale, self.dropout = cfg.scale, cfg.dropout
     self.salt = sum(ord(c) for c in weight)  # one dropout stream per projection of a layer

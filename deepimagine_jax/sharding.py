@@ -40,6 +40,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),  # the scanned layout's stacked layer axis: each device holds every layer
+    ("lora_rank", "fsdp"),  # an adapter's rank axis, where its other axes leave fsdp free
 )
 
 
@@ -121,7 +122,9 @@ def primary_first(fn: Callable[[], Any], what: str) -> Any:
 
 def logical_to_spec(axes: Sequence[str | None] | None,
                     rules=RULES, mesh: jax.sharding.Mesh | None = None) -> P:
-  """Maps logical axis names to a PartitionSpec (unknown names are an error)."""
+  """Maps logical axis names to a PartitionSpec (unknown names are an error). A mesh axis
+  already taken by an earlier dimension leaves the later one replicated (a LoRA A of
+  [E, embed, lora_rank] shards embed over fsdp, a B of [E, lora_rank, mlp] its rank)."""
   if axes is None:
     return P()
   table = dict(rules)
@@ -132,7 +135,7 @@ def logical_to_spec(axes: Sequence[str | None] | None,
       continue
     if name not in table:
       raise KeyError(f"logical axis {name!r} has no sharding rule")
-    out.append(table[name])
+    out.append(None if table[name] is not None and table[name] in out else table[name])
   return P(*out)
 
 

@@ -195,9 +195,14 @@ def test_only_adapters_train_and_reach_the_optimizer():
   assert {(p[2], p[4], p[5]) for p in paths} == {("attn", "q", "a"), ("attn", "q", "b"),
                                                  ("mlp", "down", "a"), ("mlp", "down", "b")}
   assert all(isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(frozen))
-  # Adapters are sharded like the weight they update (q: embed on fsdp, heads on tensor).
-  q_b = trainable["layers"][0]["attn"]["lora"]["q"]["b"].get_value()
-  assert q_b.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+  # Adapters are sharded like the weight they update (q: embed on fsdp, heads on tensor),
+  # B's rank over fsdp (free there); A's rank stays whole (fsdp holds its embed axis).
+  ad = trainable["layers"][0]["attn"]["lora"]["q"]
+  assert ad["b"].get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor",
+                                                                         None)
+  assert ad["a"].get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+  down_b = trainable["layers"][0]["mlp"]["lora"]["down"]["b"].get_value()  # out: embed
+  assert down_b.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
   tx, _ = optimizer_lib.make_optimizer(typed_configs.optimizer(4))
   state, _ = train_state.state_from_params(trainable, tx, mesh, 0)
   n_adapter = sum(x.size for x in jax.tree.leaves(trainable))
@@ -531,19 +536,64 @@ def test_rl_job_with_lora_on_a_gemma3_checkpoint(tmp_path):
 
 
 def test_sft_job_trains_each_factors_adapter_on_its_examples_only(tmp_path):
-  """configs/sft.py:tiny with lora.route 'factor': the synthetic examples (all 'dose') train
-  the 'dose' adapter; 'general' and 'outcome' see none (sft_adapters.json says so) and stay
-  the identity (B = 0) in the PEFT exports. Packed rows: the per-token path."""
+  """configs/sft.py:tiny on a random Gemma 3 checkpoint with lora.route 'factor': the
+  synthetic examples (all 'dose') train the 'dose' adapter; 'general' and 'outcome' see
+  none (sft_adapters.json) and stay the identity (B = 0). Packed rows: the per-token path.
+  load_policy rebuilds the routed policy (base + every PEFT adapter): each adapter's logits
+  are those of peft loading that adapter onto the transformers base."""
+  import peft
+  import tokenizer_files
   from safetensors.numpy import load_file
   from configs import sft as sft_config
+  from data_pipeline import synthetic
   from deepimagine_jax import jobs
+  folder = tmp_path / "gemma"
+  texts = [e.prompt + "\n" + e.completion for e in synthetic.make_synthetic(200, 0)]
+  tokenizer_files.gemma_sentencepiece(folder, texts, vocab_size=400)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(
+      **{**_SHAPE, "vocab_size": 400}, query_pre_attn_scalar=16, sliding_window=16,
+      layer_types=["sliding_attention", "full_attention"])).float().save_pretrained(folder)
   c = sft_config.get_config("tiny")
+  c.model.hf_checkpoint = str(folder)
   c.lora.update(rank=4, alpha=8.0, adapters=("general", "dose", "outcome"), route="factor")
   c.data.pack = True
-  jobs.sft(c, str(tmp_path))
-  counts = json.loads((tmp_path / "sft_adapters.json").read_text())
+  c.sft.optimizer.learning_rate = 1e-2
+  run = tmp_path / "run"
+  jobs.sft(c, str(run))
+  counts = json.loads((run / "sft_adapters.json").read_text())
   assert counts["dose"] > 0 and counts["general"] == counts["outcome"] == 0
   for name, moved in (("general", False), ("dose", True), ("outcome", False)):
-    w = load_file(str(tmp_path / "policy" / "adapters" / name / "adapter_model.safetensors"))
+    w = load_file(str(run / "policy" / "adapters" / name / "adapter_model.safetensors"))
     b = max(np.abs(v).max() for k, v in w.items() if "lora_B" in k)
     assert (b > 0) == moved, (name, b)
+
+  graphdef, params, _ = jobs.load_policy(str(run), sharding.make_mesh(-1, 1, 1), "float32")
+  model = nnx.merge(graphdef, params)
+  assert model.lora_cfg.route == "factor" and model.lora_cfg.adapters[1] == "dose"
+  tok = np.random.RandomState(0).randint(0, 400, (2, 10))
+  pos = jnp.broadcast_to(jnp.arange(10), tok.shape)
+  for e, name in enumerate(model.lora_cfg.adapters):
+    model.active_adapter = e
+    ours = np.asarray(nnx.jit(lambda m: m(jnp.asarray(tok), pos)[0])(model))
+    with torch.no_grad():
+      hf = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+      want = peft.PeftModel.from_pretrained(hf, str(run / "policy" / "adapters" / name))
+      want = want.eval()(torch.tensor(tok)).logits.numpy()
+    np.testing.assert_allclose(ours, want, atol=2e-5, rtol=1e-5, err_msg=name)
+    if name == "dose":
+      with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+        assert np.abs(base(torch.tensor(tok)).logits.numpy() - want).max() > 1e-3
+
+
+def test_a_routed_policy_without_its_base_is_one_clear_error(tmp_path):
+  from deepimagine_jax import jobs
+  d = tmp_path / "policy"
+  d.mkdir()
+  (d / jobs.ROUTED_LORA_FILE).write_text(json.dumps(
+      {"lora": dataclasses.asdict(lora_cfg(adapters=("general", "dose"), route="factor")),
+       "base_checkpoint": ""}))
+  with pytest.raises(FileNotFoundError, match="routed_lora.json: adapters routed by factor "
+                     "need the base checkpoint.*the run started from random weights"):
+    jobs.load_policy(str(tmp_path), sharding.make_mesh(-1, 1, 1), "float32")
