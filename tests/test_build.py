@@ -308,17 +308,15 @@ def test_without_ct_open_the_registry_trials_posted_last_are_eval(data_root, tmp
   assert build.make_examples(off, tmp_path, BuildReport())[2] == set()
 
 
-@pytest.mark.parametrize("chunk,workers", [(5, 2), (5, 1)])
-def test_streamed_build_writes_what_the_stages_make_in_memory(root, tmp_path, monkeypatch, chunk,
-                                                              workers):
-  """build_dataset streams examples to files in worker processes, in segments (cross-trial
-  pairs of `chunk` questions each), and never holds them; the same stages held in memory
+def test_streamed_build_writes_what_the_stages_make_in_memory(root, tmp_path, monkeypatch):
+  """build_dataset streams examples to files from 2 worker processes, in segments (the
+  cross-trial pairs of 5 questions each), and never holds them; the same stages held in memory
   (make_examples), fitted to the build's tokenizer and written with Example.to_json as
   before streaming, give byte-identical files and the same report counts."""
   from data_pipeline import templates
   from data_pipeline.build_report import BuildReport
-  monkeypatch.setattr(build_stream, "QUESTION_CHUNK", chunk)
-  monkeypatch.setattr(build_stream, "WORKERS", workers)
+  monkeypatch.setattr(build_stream, "QUESTION_CHUNK", 5)
+  monkeypatch.setattr(build_stream, "WORKERS", 2)
   cfg = _cfg(root, tmp_path / "build")
   built = _build(cfg)
   by_split, _, _ = build.make_examples(cfg, root, BuildReport())
