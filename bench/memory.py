@@ -21,8 +21,11 @@ check): XLA:CPU schedules the unrolled layout's recomputation early, so its buff
 assignment showed no remat saving at all (small, 16 x 400 tokens: 33 MB per layer without
 remat, 31 MB with it unrolled, 4 MB scanned, which is the layer's input plus its weight
 gradients). `--probe_layers=a,b` compiles a- and b-layer copies of the model and
-extrapolates the temporaries linearly to all layers (big models compile slowly
-on CPU); 0 compiles the whole model. A plan fits an accelerator when its peak
+extrapolates the temporaries linearly to all layers (unrolled big models compile slowly
+on CPU); 0 (the default) compiles the whole model, which the scanned layout (presets of
+26+ layers, and any plan with remat) does in minutes. Extrapolating the scanned layout
+from few layers is unreliable: XLA's buffer assignment for 2 vs 4 scanned layers of
+qwen3_8b on 16 devices gave a negative slope. A plan fits an accelerator when its peak
 (the largest of the three phases) is at most 90% of its memory (headroom for the
 runtime and fragmentation). A preset model keeps the preset's vocabulary (a
 checkpoint's); --config.model.hf_checkpoint reads config.json.
