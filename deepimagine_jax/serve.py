@@ -187,9 +187,11 @@ class Engine:
     self.calls = 0
 
   def encode(self, prompt: str) -> list[int]:
-    ids = [self.tok.bos_id] + self.tok.encode(prompt)
+    head, body = self.tok.prompt_ids(prompt)  # BOS or the chat template's turn, as trained
+    ids = head + body
     if len(ids) > self.cfg.prompt_len:
-      raise RequestError(f"the prompt is {len(ids)} tokens (BOS included); this server takes "
+      raise RequestError(f"the prompt is {len(ids)} tokens (BOS / chat turn included); this "
+                         f"server takes "
                          f"at most {self.cfg.prompt_len} (serve.prompt_len)",
                          param="messages", code="context_length_exceeded")
     return ids
@@ -228,7 +230,8 @@ class Engine:
     """Compiles every row bucket for one setting, so no request of it waits for XLA."""
     rows = 1
     while True:
-      self.generate([[self.tok.bos_id]] * rows, [1] * rows, temperature=temperature,
+      filler = self.tok.bos_id if self.tok.bos_id is not None else 0  # Qwen3 has no BOS
+      self.generate([[filler]] * rows, [1] * rows, temperature=temperature,
                     top_p=top_p, new_tokens=bucket(max_tokens, self.cfg.max_new_tokens))
       if rows >= self.cfg.batch_size:
         return

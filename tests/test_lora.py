@@ -492,99 +492,95 @@ def test_merged_and_peft_exports_match_transformers(case, scan, tmp_path):
 
 
 @pytest.mark.slow
-def test_rl_job_with_lora_on_a_gemma3_checkpoint(tmp_path):
-  """configs/rl.py:tiny on a random Gemma 3 + Gemma-style tokenizer: data, SFT, GRPO, eval,
-  and exports (merged; PEFT) that transformers and peft read as the same policy."""
-  import peft
+def _checkpoint_folder(arch: str, folder):
+  """A random transformers checkpoint with tokenizer files built here: Gemma 3 with a
+  Gemma-style SentencePiece model, Qwen3 / Llama-3 with a byte-level BPE tokenizer.json."""
   import tokenizer_files
-  from configs import rl as rl_config
   from data_pipeline import synthetic
-  from deepimagine_jax import jobs
-  folder = tmp_path / "gemma"
   texts = [e.prompt + "\n" + e.completion for e in synthetic.make_synthetic(200, 0)]
-  tokenizer_files.gemma_sentencepiece(folder, texts, vocab_size=400)
   torch.manual_seed(0)
-  hf = transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(
-      **{**_SHAPE, "vocab_size": 400}, query_pre_attn_scalar=16, sliding_window=16,
-      layer_types=["sliding_attention", "full_attention"])).float().eval()
-  hf.save_pretrained(folder)
+  if arch == "gemma3":
+    tokenizer_files.gemma_sentencepiece(folder, texts, vocab_size=400)
+    config = transformers.Gemma3TextConfig(
+        **{**_SHAPE, "vocab_size": 400}, query_pre_attn_scalar=16, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"])
+  else:
+    tokenizer_files.byte_level_bpe(folder, texts, "qwen" if arch == "qwen3" else "llama3",
+                                   vocab_size=400)
+    config = CASES["qwen3" if arch == "qwen3" else "llama"]()
+    config.vocab_size = 512  # the BPE's ids and its special tokens fit below
+  transformers.AutoModelForCausalLM.from_config(config).float().save_pretrained(folder)
+  return config.vocab_size
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3", "llama3"])
+def test_rl_job_with_lora_on_a_checkpoint(tmp_path, arch):
+  """configs/rl.py:tiny on a random Gemma 3 / Qwen3 / Llama-3 checkpoint with its tokenizer
+  files: data, SFT, GRPO, eval, and exports (merged; PEFT) that transformers and peft read
+  as the same policy.
+
+  Qwen3 and Llama-3 run with lora.route 'factor' (adapters general, dose, outcome): the
+  synthetic examples (all 'dose') train and sample with 'dose'; 'general' and 'outcome'
+  see none (sft_adapters.json) and stay the identity (B = 0); packed rows take the
+  per-token path. load_policy rebuilds the routed policy (base + every PEFT adapter), and
+  each adapter's logits are those of peft loading it onto the transformers base."""
+  import peft
+  from safetensors.numpy import load_file
+  from configs import rl as rl_config
+  from deepimagine_jax import jobs
+  folder = tmp_path / arch
+  vocab = _checkpoint_folder(arch, folder)
+  routed = arch != "gemma3"
   c = rl_config.get_config("tiny")
   c.model.hf_checkpoint = str(folder)
   c.lora.update(rank=4, alpha=8.0, dropout=0.1)
+  if routed:
+    c.lora.update(adapters=("general", "dose", "outcome"), route="factor")
+    c.data.pack = True
   # :tiny's 48-token prompts hold no CT Open question: 160 holds ~500 of the eval split.
   c.data.seq_len, c.data.prompt_len = 176, 160
   c.sft.optimizer.learning_rate = 1e-2
-  jobs.rl(c, str(tmp_path / "run"))
-
   run = tmp_path / "run"
+  jobs.rl(c, str(run))
+
   assert [r["step"] for r in metrics_log.read_metrics(run / "rl" / "metrics.jsonl")] == [1, 2, 3]
   assert "model_score" in json.loads((run / "summary.json").read_text())
-  tok = np.random.RandomState(0).randint(0, 400, (2, 10))
-  with torch.no_grad():
-    merged = transformers.AutoModelForCausalLM.from_pretrained(run / "policy").float().eval()
-    merged_logits = merged(torch.tensor(tok)).logits.numpy()
-    adapter = peft.PeftModel.from_pretrained(hf, str(run / "policy" / "adapters" / "default"))
-    peft_logits = adapter.eval()(torch.tensor(tok)).logits.numpy()
-  np.testing.assert_allclose(merged_logits, peft_logits, atol=2e-5, rtol=1e-5)
-  graphdef, params, _ = jobs.load_policy(str(run), sharding.make_mesh(-1, 1, 1), "float32")
-  ours = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tok), jnp.broadcast_to(
-      jnp.arange(10), tok.shape))[0])
-  np.testing.assert_allclose(ours, merged_logits, atol=2e-5, rtol=1e-5)
-  with torch.no_grad():  # training moved the policy away from the base
-    base = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-    assert np.abs(base(torch.tensor(tok)).logits.numpy() - merged_logits).max() > 1e-3
+  tok = np.random.RandomState(0).randint(0, vocab, (2, 10))
+  pos = jnp.broadcast_to(jnp.arange(10), tok.shape)
 
-
-def test_sft_job_trains_each_factors_adapter_on_its_examples_only(tmp_path):
-  """configs/sft.py:tiny on a random Gemma 3 checkpoint with lora.route 'factor': the
-  synthetic examples (all 'dose') train the 'dose' adapter; 'general' and 'outcome' see
-  none (sft_adapters.json) and stay the identity (B = 0). Packed rows: the per-token path.
-  load_policy rebuilds the routed policy (base + every PEFT adapter): each adapter's logits
-  are those of peft loading that adapter onto the transformers base."""
-  import peft
-  import tokenizer_files
-  from safetensors.numpy import load_file
-  from configs import sft as sft_config
-  from data_pipeline import synthetic
-  from deepimagine_jax import jobs
-  folder = tmp_path / "gemma"
-  texts = [e.prompt + "\n" + e.completion for e in synthetic.make_synthetic(200, 0)]
-  tokenizer_files.gemma_sentencepiece(folder, texts, vocab_size=400)
-  torch.manual_seed(0)
-  transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(
-      **{**_SHAPE, "vocab_size": 400}, query_pre_attn_scalar=16, sliding_window=16,
-      layer_types=["sliding_attention", "full_attention"])).float().save_pretrained(folder)
-  c = sft_config.get_config("tiny")
-  c.model.hf_checkpoint = str(folder)
-  c.lora.update(rank=4, alpha=8.0, adapters=("general", "dose", "outcome"), route="factor")
-  c.data.pack = True
-  c.sft.optimizer.learning_rate = 1e-2
-  run = tmp_path / "run"
-  jobs.sft(c, str(run))
-  counts = json.loads((run / "sft_adapters.json").read_text())
-  assert counts["dose"] > 0 and counts["general"] == counts["outcome"] == 0
-  for name, moved in (("general", False), ("dose", True), ("outcome", False)):
-    w = load_file(str(run / "policy" / "adapters" / name / "adapter_model.safetensors"))
-    b = max(np.abs(v).max() for k, v in w.items() if "lora_B" in k)
-    assert (b > 0) == moved, (name, b)
+  def hf_logits(adapter=None):
+    with torch.no_grad():
+      m = transformers.AutoModelForCausalLM.from_pretrained(
+          run / "policy" if adapter is None and not routed else folder).float().eval()
+      if adapter is not None:
+        m = peft.PeftModel.from_pretrained(m, str(run / "policy" / "adapters" / adapter)).eval()
+      return m(torch.tensor(tok)).logits.numpy()
 
   graphdef, params, _ = jobs.load_policy(str(run), sharding.make_mesh(-1, 1, 1), "float32")
   model = nnx.merge(graphdef, params)
+  with torch.no_grad():
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    base_logits = base(torch.tensor(tok)).logits.numpy()
+  if not routed:
+    merged_logits = hf_logits()
+    np.testing.assert_allclose(merged_logits, hf_logits("default"), atol=2e-5, rtol=1e-5)
+    ours = np.asarray(nnx.jit(lambda m: m(jnp.asarray(tok), pos)[0])(model))
+    np.testing.assert_allclose(ours, merged_logits, atol=2e-5, rtol=1e-5)
+    assert np.abs(base_logits - merged_logits).max() > 1e-3  # training moved the policy
+    return
+  counts = json.loads((run / "sft" / "sft_adapters.json").read_text())
+  assert counts["dose"] > 0 and counts["general"] == counts["outcome"] == 0
   assert model.lora_cfg.route == "factor" and model.lora_cfg.adapters[1] == "dose"
-  tok = np.random.RandomState(0).randint(0, 400, (2, 10))
-  pos = jnp.broadcast_to(jnp.arange(10), tok.shape)
   for e, name in enumerate(model.lora_cfg.adapters):
+    w = load_file(str(run / "policy" / "adapters" / name / "adapter_model.safetensors"))
+    moved = max(np.abs(v).max() for k, v in w.items() if "lora_B" in k) > 0
+    assert moved == (name == "dose"), name
     model.active_adapter = e
     ours = np.asarray(nnx.jit(lambda m: m(jnp.asarray(tok), pos)[0])(model))
-    with torch.no_grad():
-      hf = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-      want = peft.PeftModel.from_pretrained(hf, str(run / "policy" / "adapters" / name))
-      want = want.eval()(torch.tensor(tok)).logits.numpy()
+    want = hf_logits(name)
     np.testing.assert_allclose(ours, want, atol=2e-5, rtol=1e-5, err_msg=name)
     if name == "dose":
-      with torch.no_grad():
-        base = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
-        assert np.abs(base(torch.tensor(tok)).logits.numpy() - want).max() > 1e-3
+      assert np.abs(base_logits - want).max() > 1e-3
 
 
 def test_a_routed_policy_without_its_base_is_one_clear_error(tmp_path):

@@ -58,17 +58,18 @@ def prompt_arrays(tokenizer, examples: Sequence[Example], prompt_len: int):
   return prompts, masks
 
 
-def _fill_rows(arrays, rows: int, bos_id: int):
+def _fill_rows(arrays, rows: int, bos_id: int | None):
   """Pads (prompt, prompt mask, ...) to `rows` rows: one batch shape, one compile.
 
-  A filler row is a lone BOS (the sampler needs one real last token); other
-  arrays are padded with zeros, which the masks make inert.
+  A filler row is a lone BOS (the sampler needs one real last token; token 0 for a
+  tokenizer without BOS, such as Qwen3's; the row's output is dropped); other arrays are
+  padded with zeros, which the masks make inert.
   """
   n = arrays[0].shape[0]
   if n == rows:
     return arrays
   out = [np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)]) for x in arrays]
-  out[0][n:, -1], out[1][n:, -1] = bos_id, 1
+  out[0][n:, -1], out[1][n:, -1] = 0 if bos_id is None else bos_id, 1
   return out
 
 
