@@ -26,7 +26,8 @@ from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Example
 
 QUESTION_CHUNK = 2048  # targets whose cross-trial pairs are one segment
-WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))
+WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count() or 1))
 
 
 @dataclasses.dataclass
@@ -211,6 +212,7 @@ def write_examples(p: Pairing, factor_order: Sequence[str], max_anchors: int,
         # render and write Python records and exit without running JAX's atexit hooks.
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*use of fork", category=DeprecationWarning)
         pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
         results = pool.imap(_write_segment, range(n))
       else:
