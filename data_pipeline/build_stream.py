@@ -15,9 +15,11 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import pathlib
+import sys
 import warnings
 from typing import Iterable, Iterator, Sequence
 
@@ -191,6 +193,15 @@ def _write_segment(i: int) -> tuple:
   return sizes, report, checked.leakage, checked.late
 
 
+def _jax_distributed() -> bool:
+  """Whether this process has started jax.distributed (a gRPC client or service)."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import distributed  # no public query; the launcher's multihost runs set it
+  return distributed.global_state.client is not None or distributed.global_state.service \
+      is not None
+
+
 def write_examples(p: Pairing, factor_order: Sequence[str], max_anchors: int,
                    report: BuildReport, directory: pathlib.Path, workers: int | None = None
                    ) -> Written:
@@ -199,6 +210,12 @@ def write_examples(p: Pairing, factor_order: Sequence[str], max_anchors: int,
   `report`. Raises after writing if a check fails (Checked.check)."""
   global _JOB
   workers = WORKERS if workers is None else workers
+  if workers > 1 and _jax_distributed():
+    # gRPC's threads (jax.distributed) do not survive a fork: a child can abort the whole
+    # process (seen as a SIGABRT in the 2-process launcher tests). Build in this process.
+    logging.info("build_stream: jax.distributed is up, so the examples are written in "
+                 "this process (no forked workers)")
+    workers = 1
   n = len(segments(p))
   checked = Checked(p.split_of, report)
   sizes: dict[str, int] = {}
