@@ -11,9 +11,9 @@ The adapter a call uses is per row or per token (the model's `adapter` argument:
 [B], gathered inside the projection, or [B, T] for packed rows whose examples
 belong to different adapters, `route`), else the model's static `active_adapter`;
 -1 is the base alone, which is how GRPO's reference runs on the very same base
-arrays (`reference_graphdef`). `merged` folds
-one adapter into the base weights (export, fast sampling). Shape letters as in
-model.py's legend (E named adapters, r the rank).
+arrays (`reference_graphdef`). `merged` folds one adapter into the base weights
+(export, fast sampling). Shape letters as in model.py's legend (E named adapters,
+r the rank).
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from deepimagine_jax.optimizer import make_optimizer
 from deepimagine_jax.train_state import TrainState
 
 PROMPT_KEYS = ("prompt_tokens", "prompt_mask")
-ADAPTER_KEY = grain_pipeline.ADAPTER_KEY  # [Q] each prompt's LoRA adapter, with lora.route "factor"
+ADAPTER_KEY = grain_pipeline.ADAPTER_KEY  # [Q] each prompt's LoRA adapter (lora.route "factor")
 
 
 def rl_update(state: TrainState, batch, frozen=None, *, graphdef, tx, cfg: RLConfig):

@@ -366,7 +366,8 @@ def test_routed_packed_batch_trains_only_the_adapters_its_examples_name(tmp_path
   lcfg = lora_cfg(adapters=("general", "dose", "outcome"), route="factor")
   graphdef, params, _ = _model(mesh, lcfg)
   recs = [Example(id=f"e{i}", source="synthetic", kind="natural_pair", trial_id=f"t{i}",
-                  options=("up", "down"), label=i % 2, perturbation=("dose", "", "dose+outcome")[i % 3],
+                  options=("up", "down"), label=i % 2,
+                  perturbation=("dose", "", "dose+outcome")[i % 3],
                   prompt=f"example {i} dose", completion=f"DECISION: ({i % 2}, {1 - i % 2})")
           for i in range(12)]
 
