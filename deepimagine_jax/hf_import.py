@@ -498,6 +498,24 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
+def _peft_layers(model: nnx.Module, cfg: ModelConfig, writable: bool = False):
+  """Every adapter of `model` as (adapter module, stacked, A [Y, E, *in, r], B [Y, E, r, *out]
+  on the host, [(layer i, PEFT name prefix)]): one layer is a stack of one. `writable`:
+  copies the caller may change."""
+  slots = tensor_slots(cfg)
+  for path, module in model.iter_modules():
+    stacked = cfg.scan_layers and tuple(path[:1]) == ("layers",)
+    for ad in (module.lora.values() if getattr(module, "lora", None) else ()):
+      a, b = _to_host(ad.a[...]), _to_host(ad.b[...])
+      if writable:
+        a, b = a.copy(), b.copy()
+      if not stacked:
+        a, b = a[None], b[None]
+      layers = [(i, "base_model.model." + hf_weight.removesuffix(".weight"))
+                for i, (hf_weight, _) in enumerate(slots[tuple(path) + (ad.weight,)])]
+      yield ad, stacked, a, b, layers
+
+
 def export_peft_adapter(model: nnx.Module, cfg: ModelConfig, out_dir, *,
                         adapter: str | None = None, base_model: str = "") -> pathlib.Path:
   """Writes one adapter alone as PEFT does: adapter_config.json + adapter_model.safetensors.
@@ -509,20 +527,11 @@ def export_peft_adapter(model: nnx.Module, cfg: ModelConfig, out_dir, *,
   if model.lora_cfg is None:
     raise HFImportError("the model has no LoRA adapters to export")
   lcfg, e = model.lora_cfg, _adapter_of(model, adapter)
-  slots = tensor_slots(cfg)
   tensors = {}
-  for path, module in model.iter_modules():
-    stacked = cfg.scan_layers and tuple(path[:1]) == ("layers",)
-    for target, ad in (module.lora.items() if getattr(module, "lora", None) else ()):
-      a, b = _to_host(ad.a[...]), _to_host(ad.b[...])
-      if not stacked:  # one layer: the same code path as a stack of one
-        a, b = a[None], b[None]
-      for i, (hf_weight, _) in enumerate(slots[tuple(path) + (ad.weight,)]):
-        prefix = "base_model.model." + hf_weight.removesuffix(".weight")
-        a_r_in = a[i, e].reshape(-1, lcfg.rank).T
-        b_out_r = b[i, e].reshape(lcfg.rank, -1).T
-        tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a_r_in)
-        tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(b_out_r)
+  for _, _, a, b, layers in _peft_layers(model, cfg):
+    for i, prefix in layers:
+      tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a[i, e].reshape(-1, lcfg.rank).T)
+      tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(b[i, e].reshape(lcfg.rank, -1).T)
   out_dir = pathlib.Path(out_dir)
   if jax.process_index() != 0:
     return out_dir
@@ -560,24 +569,17 @@ def load_peft_adapter(model: nnx.Module, cfg: ModelConfig, adapter_dir, *, adapt
   if config.get("r") != lcfg.rank or sorted(config.get("target_modules") or ()) != want:
     raise HFImportError(f"{adapter_dir / PEFT_CONFIG}: r={config.get('r')}, target_modules="
                         f"{config.get('target_modules')}; the model has r={lcfg.rank}, {want}")
-  slots = tensor_slots(cfg)
-  for path, module in model.iter_modules():
-    stacked = cfg.scan_layers and tuple(path[:1]) == ("layers",)
-    for ad in (module.lora.values() if getattr(module, "lora", None) else ()):
-      a, b = _to_host(ad.a[...]).copy(), _to_host(ad.b[...]).copy()
-      if not stacked:
-        a, b = a[None], b[None]
-      for i, (hf_weight, _) in enumerate(slots[tuple(path) + (ad.weight,)]):
-        prefix = "base_model.model." + hf_weight.removesuffix(".weight")
-        for key, dst, layout in ((".lora_A.weight", a, "A"), (".lora_B.weight", b, "B")):
-          if prefix + key not in tensors:
-            raise HFImportError(f"{adapter_dir / PEFT_WEIGHTS}: no tensor {prefix + key}")
-          t = tensors[prefix + key].T  # A: [in, r]; B: [r, out]
-          if t.size != dst[i, e].size:
-            raise HFImportError(f"{adapter_dir / PEFT_WEIGHTS}: {prefix + key} has shape "
-                                f"{tensors[prefix + key].shape}, the model's is "
-                                f"{dst[i, e].shape} ({layout})")
-          dst[i, e] = t.reshape(dst[i, e].shape)
-      for var, host in ((ad.a, a), (ad.b, b)):
-        value = host if stacked else host[0]
-        var.set_value(jax.device_put(value.astype(var[...].dtype), var[...].sharding))
+  for ad, stacked, a, b, layers in _peft_layers(model, cfg, writable=True):
+    for i, prefix in layers:
+      for key, dst, layout in ((".lora_A.weight", a, "A"), (".lora_B.weight", b, "B")):
+        if prefix + key not in tensors:
+          raise HFImportError(f"{adapter_dir / PEFT_WEIGHTS}: no tensor {prefix + key}")
+        t = tensors[prefix + key].T  # A: [in, r]; B: [r, out]
+        if t.size != dst[i, e].size:
+          raise HFImportError(f"{adapter_dir / PEFT_WEIGHTS}: {prefix + key} has shape "
+                              f"{tensors[prefix + key].shape}, the model's is "
+                              f"{dst[i, e].shape} ({layout})")
+        dst[i, e] = t.reshape(dst[i, e].shape)
+    for var, host in ((ad.a, a), (ad.b, b)):
+      value = host if stacked else host[0]
+      var.set_value(jax.device_put(value.astype(var[...].dtype), var[...].sharding))

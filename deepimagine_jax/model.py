@@ -496,11 +496,14 @@ class Transformer(nnx.Module):
     inv_freq_Yh = jnp.stack([local_inv_freq_h if cfg.is_local(i) else inv_freq_h
                              for i in range(cfg.n_layers)])
 
+    def mask_and_rng(i, local):  # layer i's attention mask and dropout key
+      mask = mask_BTS if local_mask_BTS is None else jnp.where(local, local_mask_BTS, mask_BTS)
+      return mask, None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+
     def layer(carry, xs):
       x_BTD, stack = carry
       state, i, local, inv_freq_h = xs
-      mask = mask_BTS if local_mask_BTS is None else jnp.where(local, local_mask_BTS, mask_BTS)
-      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      mask, rng = mask_and_rng(i, local)
       layer_cache = None if stack is None else (stack, i) if shared is None else _SharedLayer(
           (stack, i), (shared, i))
       x_BTD, stack = nnx.merge(graphdef, state)(
@@ -514,9 +517,7 @@ class Transformer(nnx.Module):
       # (memory quadratic in depth). Each layer's slice goes in and out as scanned data.
       def layer_slices(x_BTD, xs):
         state, i, local, inv_freq_h, k_BSKH, v_BSKH = xs
-        mask = mask_BTS if local_mask_BTS is None else jnp.where(local, local_mask_BTS,
-                                                                 mask_BTS)
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        mask, rng = mask_and_rng(i, local)
         x_BTD, new = nnx.merge(graphdef, state)(
             x_BTD, positions_BT, mask, inv_freq_h, {"k": k_BSKH, "v": v_BSKH}, cache_index,
             adapter, rng)
