@@ -15,10 +15,20 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the entry tests' subprocesses) compile the same programs: a
 # persistent compilation cache shared by the session turns repeats into loads.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="deepimagine-jax-cache-"))
+
+def _session_dir(var: str, prefix: str) -> None:
+  """$var, a folder for this test run: made (and removed at exit) by the process that starts
+  the run; the xdist workers and subprocesses inherit it. A folder the user set is kept."""
+  if var not in os.environ:
+    os.environ[var] = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, os.environ[var], True)
+
+
+_session_dir("JAX_COMPILATION_CACHE_DIR", "deepimagine-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The xdist workers and the entry tests' subprocesses inherit this environment, so they all
@@ -26,7 +36,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # lock around every read and write, so no process reads another's half-written entry.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 # Things built once per test run and shared by the xdist workers (tests/tiny_policy.py).
-os.environ.setdefault("DEEPIMAGINE_TEST_SHARED", tempfile.mkdtemp(prefix="deepimagine-tests-"))
+_session_dir("DEEPIMAGINE_TEST_SHARED", "deepimagine-tests-")
 
 import pathlib  # noqa: E402
 

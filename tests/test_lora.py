@@ -492,7 +492,6 @@ def test_merged_and_peft_exports_match_transformers(case, scan, tmp_path):
 # The whole job with LoRA on a checkpoint folder transformers wrote -------------------
 
 
-@pytest.mark.slow
 def _checkpoint_folder(arch: str, folder):
   """A random transformers checkpoint with tokenizer files built here: Gemma 3 with a
   Gemma-style SentencePiece model, Qwen3 / Llama-3 with a byte-level BPE tokenizer.json."""
@@ -514,6 +513,7 @@ def _checkpoint_folder(arch: str, folder):
   return config.vocab_size
 
 
+@pytest.mark.slow  # about 45 s each: the whole main job on a checkpoint folder
 @pytest.mark.parametrize("arch", ["gemma3", "qwen3", "llama3"])
 def test_rl_job_with_lora_on_a_checkpoint(tmp_path, arch):
   """configs/rl.py:tiny on a random Gemma 3 / Qwen3 / Llama-3 checkpoint with its tokenizer

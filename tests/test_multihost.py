@@ -77,6 +77,7 @@ class _Concat:
       it.set_state(s)
 
 
+@pytest.mark.slow  # about 40 s: 2 launcher processes (data build, compiles, SFT)
 def test_two_processes_sft_equals_one_process(tmp_path):
   overrides = [f"--config.sft.steps={STEPS}", f"--config.sft.checkpoint_every={STEPS}"]
   logs = _launch_two(tmp_path / "two", "sft.py:tiny", overrides)
