@@ -4,7 +4,7 @@
 
 Run by `bench/rl_step.py --peer=tunix` (in this interpreter or `--peer_python`, a venv
 holding google-tunix, so the peer's dependencies never touch the main environment).
-Prints one JSON line: {"s_per_step": median seconds, "steps": n}. A step's time is the
+Prints one JSON line: {"s_per_step": median seconds, "steps": n, "devices": d}. A step's time is the
 gap between two consecutive calls of the reward function (once per step, after the
 rollout); the first gap holds the update's compile and is dropped, so compile time is
 excluded as in ours. Imports nothing of
@@ -12,7 +12,9 @@ deepimagine_jax: the prompts come from the same NumPy generator and seed as ours
 """
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -57,10 +59,29 @@ def shape_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--beta", type=float, default=0.04)
   ap.add_argument("--lr", type=float, default=1e-5)
+  ap.add_argument("--host_devices", type=int, default=os.cpu_count() or 1,
+                  help="on a CPU host, JAX devices to split it into (one per core: the "
+                       "batch is sharded over them); set before JAX starts")
   return ap
 
 
+def use_host_devices(argv) -> int:
+  """Sets XLA's host device count from --host_devices in argv; call before importing JAX.
+
+  On a CPU, XLA runs one program on all cores by splitting each op between threads; a
+  decode step's ops are too small for that to pay (one core or two take the same time).
+  One device per core with the batch sharded over them keeps every core busy."""
+  n = shape_args(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)[0].host_devices
+  if n < 1:
+    raise SystemExit(f"--host_devices must be >= 1, got {n}")
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count=")]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+  return n
+
+
 def main():
+  use_host_devices(sys.argv[1:])
   args = shape_args(argparse.ArgumentParser()).parse_args()
   try:
     import jax
@@ -79,8 +100,9 @@ def main():
   cfg = qwen3.ModelConfig(num_layers=4, vocab_size=vocab, embed_dim=256, hidden_dim=768,
                           num_heads=4, head_dim=64, num_kv_heads=2, rope_theta=1_000_000,
                           norm_eps=1e-6, use_tied_embedding=True)
-  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as tunix's examples
+  # As tunix's examples: (fsdp, tp); every device on fsdp (the batch and weights split).
+  mesh = jax.make_mesh((jax.device_count(), 1), ("fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
     reference = qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(reference)
@@ -115,7 +137,8 @@ def main():
   texts = [" ".join(map(str, row)) for row in prompt_ids.tolist()]
   learner.train([{"prompts": np.array(texts)}] * steps)
   gaps = np.diff(stamps)[1:].tolist()
-  print(json.dumps({"s_per_step": statistics.median(gaps), "steps": len(gaps)}))
+  print(json.dumps({"s_per_step": statistics.median(gaps), "steps": len(gaps),
+                    "devices": jax.device_count()}))
 
 
 if __name__ == "__main__":

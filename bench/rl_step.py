@@ -3,6 +3,7 @@
   python bench/rl_step.py                      # the tunix peer's shape: 8 prompts x 4, 256 + 64
   python bench/rl_step.py --peer=tunix --peer_python=/tmp/peer-venv/bin/python
   python bench/rl_step.py --prompts=16 --group=8
+  python bench/rl_step.py --host_devices=1          # one JAX device for the whole CPU
 
 Prints one line: per stage (sample, reward, reference, update) the median seconds, its
 matmul FLOPs (counted from the ModelConfig: `step_flops`), the time those FLOPs take at
@@ -12,6 +13,13 @@ reached (limit / seconds). Rows never stop early (no EOS), so every step decodes
 tokens. Compile time is excluded. With `--peer=tunix` google-tunix's own GRPO learner
 (bench/peer_tunix.py) then runs on the same shape, prompts and settings and the line
 ends with both seconds per step and the ratio.
+
+On a CPU both run on `--host_devices` JAX devices (default: one per core), the batch
+sharded over them (ours over the mesh's data axis, tunix's over fsdp as in its
+examples): XLA splits each op of a single-device program between the cores, which does
+not pay for a decode step's small ops (on 2 cores, ours decoded as fast on one core as on
+two). The line names the device count of each; the peer runs on one device and on
+--host_devices, and its faster time is the one compared.
 """
 import argparse
 import dataclasses
@@ -24,11 +32,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import peer_tunix  # noqa: E402  (imports no JAX)
+
+if __name__ == "__main__":
+  peer_tunix.use_host_devices(sys.argv[1:])  # before JAX starts
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import peer_tunix  # noqa: E402
 from configs import common  # noqa: E402
 from configs import rl as rl_config  # noqa: E402
 from deepimagine_jax import rewards, rl, sampler, sharding, train_state  # noqa: E402
@@ -73,33 +85,58 @@ def step_flops(cfg: ModelConfig, prompts: int, group: int, prompt_len: int, new:
 
 
 def make_peak(n: int, dtype):
-  """Seconds of one compiled n x n matmul in `dtype`, warmed up; 2 n^3 FLOPs per call."""
+  """Seconds of one n x n matmul in `dtype` (2 n^3 FLOPs) at the best this machine does.
+
+  Timed two ways, the faster kept: compiled for one device (XLA splits it between the
+  cores of a CPU), and with its rows split over every device (one per core on a CPU with
+  host devices, bench/peer_tunix.use_host_devices). Warmed up."""
   a_NN, b_NN = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
   dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a_NN, b_NN))
+  calls = [lambda: dot(a_NN, b_NN)]
+  if jax.device_count() > 1 and n % jax.device_count() == 0:
+    mesh = jax.make_mesh((jax.device_count(),), ("rows",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+    a_rows = jax.device_put(a_NN, rows)
+    b_all = jax.device_put(b_NN, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    calls.append(lambda: dot(a_rows, b_all))
+  for call in calls:
+    jax.block_until_ready(call())
 
   def seconds() -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(dot(a_NN, b_NN))
-    return time.perf_counter() - start
+    best = float("inf")
+    for call in calls:
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      best = min(best, time.perf_counter() - start)
+    return best
 
   return seconds
 
 
 def run_peer(args) -> str:
-  """google-tunix's step on the same shape in a subprocess; the line's peer part."""
-  flags = [f"--{k}={getattr(args, k)}" for k in ("prompts", "group", "prompt_len", "new",
-                                                    "steps", "beta", "lr")]
+  """google-tunix's step on the same shape in a subprocess, on one device and on
+  --host_devices devices; the line's peer part names both and leads with the faster."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_tunix.py")
-  proc = subprocess.run([args.peer_python, script, *flags], capture_output=True, text=True)
-  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-  if proc.returncode or not lines:
-    raise SystemExit(f"peer {args.peer_python} {script} failed (exit {proc.returncode}):\n"
-                     f"{proc.stderr[-3000:]}")
-  result = json.loads(lines[-1])
-  if "error" in result:
-    return result["error"]
-  return f"tunix {result['s_per_step']:.2f} s/step (median of {result['steps']})"
+  results = []
+  for devices in sorted({1, args.host_devices}):
+    flags = [f"--{k}={getattr(args, k)}" for k in ("prompts", "group", "prompt_len", "new",
+                                                      "steps", "beta", "lr")]
+    proc = subprocess.run([args.peer_python, script, *flags, f"--host_devices={devices}"],
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+      raise SystemExit(f"peer {args.peer_python} {script} failed (exit {proc.returncode}):\n"
+                       f"{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+      return result["error"]
+    results.append(result)
+  best = min(results, key=lambda r: r["s_per_step"])
+  others = "; ".join(f"{r['s_per_step']:.2f} s on {r['devices']}" for r in results
+                     if r is not best)
+  return (f"tunix {best['s_per_step']:.2f} s/step (median of {best['steps']}, "
+          f"{best['devices']} devices{'; ' + others if others else ''})")
 
 
 def time_stages(cfg: ModelConfig, args, matmul) -> tuple[dict[str, list[float]], list[float]]:
@@ -184,7 +221,8 @@ def main():
   for k in STAGES:
     frac = f" {flops[k] / peak / med[k]:.0%}" if flops[k] else ""
     parts.append(f"{k} {med[k]:.3f} s {flops[k] / 1e9:.1f} GF{frac}")
-  line = (f"rl_step small {args.prompts}x{args.group} prompt={P} new={N} beta={args.beta} | "
+  line = (f"rl_step small {args.prompts}x{args.group} prompt={P} new={N} beta={args.beta} "
+          f"on {jax.device_count()} {jax.devices()[0].platform} devices | "
           f"{total_s:.2f} s/step, {total_f / 1e9:.1f} GFLOP, limit {total_f / peak:.2f} s at "
           f"{jnp.dtype(peak_dtype).name} matmul peak {peak / 1e9:.1f} GFLOP/s (n={args.matmul_n})"
           f" = {total_f / peak / total_s:.0%} of limit | " + ", ".join(parts) +

@@ -6,6 +6,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,3 +69,19 @@ def test_sampling_flops_count_prefill_once_per_prompt():
       CFG, 1, 1, 16, 5, beta=0.0)["sample"]
   assert four - one == 2 * 3 * decode_row
   assert rl_step.step_flops(CFG, 2, 4, 16, 5, beta=0.0)["reference"] == 0
+
+
+def test_host_devices_flag_replaces_the_device_count_and_keeps_other_flags(monkeypatch):
+  from bench import peer_tunix
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_force_host_platform_device_count=8")
+  assert peer_tunix.use_host_devices(["--steps=3", "--host_devices=3", "--peer=tunix"]) == 3
+  assert os.environ["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=3"
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert peer_tunix.use_host_devices([]) == (os.cpu_count() or 1)  # one device per core
+  with pytest.raises(SystemExit, match="--host_devices must be >= 1"):
+    peer_tunix.use_host_devices(["--host_devices=0"])
+
+
+def test_peak_matmul_seconds_are_positive_on_the_sharded_devices():
+  seconds = rl_step.make_peak(64, jnp.float32)  # 8 fake devices: the row-split variant too
+  assert 0 < seconds() < 10
