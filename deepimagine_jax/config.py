@@ -283,6 +283,7 @@ class MeshConfig:
   data: int  # -1: all devices the other axes leave
   fsdp: int
   tensor: int
+  host_devices: int  # > 0: a CPU host split into this many JAX devices (launch/main.py)
   multihost: bool  # jax.distributed.initialize() before anything else (launch/main.py)
   coordinator_address: str  # "host:port" of process 0; "": the environment's (sharding.py)
   num_processes: int  # -1: the environment's
@@ -295,6 +296,9 @@ class MeshConfig:
                size)
     _require(list(axes.values()).count(-1) <= 1, "mesh.data/fsdp/tensor",
              "at most one -1", tuple(axes.values()))
+    _require(self.host_devices >= 0, "mesh.host_devices",
+             "0 (XLA's own) or the number of JAX devices to split a CPU host into",
+             self.host_devices)
     host, _, port = self.coordinator_address.rpartition(":")
     _require(not self.coordinator_address or (host and port.isdigit()),
              "mesh.coordinator_address", "'' (from the environment) or 'host:port'",

@@ -97,6 +97,21 @@ def distributed_args(mesh_cfg: MeshConfig, environ: Mapping[str, str]) -> dict:
   }
 
 
+def split_cpu_host(n: int) -> None:
+  """Makes XLA's CPU platform n devices ($XLA_FLAGS' device count replaced); a no-op for
+  n = 0. Call before any JAX computation: XLA reads the flag when its CPU client starts.
+  Accelerators are unaffected (their devices are the chips)."""
+  if n == 0:
+    return
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError("mesh.host_devices: JAX's backends already started; set it before "
+                       "any JAX computation (launch/main.py does)")
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count=")]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+
+
 def initialize_hosts(mesh_cfg: MeshConfig) -> None:
   """jax.distributed.initialize(), before any other JAX call (launch/main.py).
 

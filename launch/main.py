@@ -65,9 +65,12 @@ def main(argv):
   from deepimagine_jax.checkpoint import CheckpointError
   from deepimagine_jax.config import ConfigError, MeshConfig
   try:
-    if "mesh" in config and MeshConfig.from_config(config.mesh).multihost:
+    if "mesh" in config:
       from deepimagine_jax import sharding
-      sharding.initialize_hosts(MeshConfig.from_config(config.mesh))
+      mesh_cfg = MeshConfig.from_config(config.mesh)
+      sharding.split_cpu_host(mesh_cfg.host_devices)
+      if mesh_cfg.multihost:
+        sharding.initialize_hosts(mesh_cfg)
     import jax  # nothing above touched a backend: initialize() had to come first
     jobs = jobs_table()
     if config.job not in jobs:

@@ -70,6 +70,7 @@ def _set(config, key: str, value):
     ("mesh.tensor", -1, "at most one -1"),
     ("mesh.coordinator_address", "10.0.0.1", "'host:port'"),
     ("mesh.num_processes", 0, "-1 (from the environment) or >= 1"),
+    ("mesh.host_devices", -1, "0 (XLA's own) or the number of JAX devices"),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(key, value, allowed):
   config = _set(rl.get_config(), key, value)

@@ -34,7 +34,9 @@ def _launch(config: str, workdir: pathlib.Path, *overrides: str, ok: bool = True
 
 
 def test_sft_tiny_three_steps(tmp_path):
-  log = _launch("configs/sft.py:tiny", tmp_path)
+  # mesh.host_devices splits the CPU into 4 devices (launch_env asked for 2).
+  log = _launch("configs/sft.py:tiny", tmp_path, "--config.mesh.host_devices=4")
+  assert "4 devices (cpu) over 1 processes" in log
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert all(r["loss"] > 0 for r in rows)
