@@ -103,8 +103,12 @@ def split_cpu_host(n: int) -> None:
   Accelerators are unaffected (their devices are the chips)."""
   if n == 0:
     return
-  from jax._src import xla_bridge
-  if xla_bridge.backends_are_initialized():
+  try:  # JAX's private API (0.10); without it the flag is set and the check skipped
+    from jax._src import xla_bridge
+    started = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):
+    started = False
+  if started:
     raise RuntimeError("mesh.host_devices: JAX's backends already started; set it before "
                        "any JAX computation (launch/main.py does)")
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()

@@ -1,7 +1,9 @@
 """The typed boundary: every job config becomes a RunConfig once; a bad key or value is
 one ConfigError naming the key and what it may be, before any work."""
 import dataclasses
+import os
 
+import jax
 import pytest
 
 from configs import data, eval as eval_config, rl, sft
@@ -122,3 +124,14 @@ def test_multihost_arguments_from_config_else_environment():
       "coordinator_address": "127.0.0.1:5", "num_processes": 2, "process_id": 0}
   with pytest.raises(ConfigError, match=r"\$JAX_PROCESS_ID='x'"):
     sharding.distributed_args(mesh, {"JAX_PROCESS_ID": "x"})
+
+
+def test_splitting_the_cpu_host_is_refused_once_jax_has_started():
+  """mesh.host_devices works only before XLA's CPU client starts (launch/main.py); after,
+  it is one clear error and $XLA_FLAGS is left as it was (the launch test covers before)."""
+  jax.devices()  # the backends start (in a whole session they have already)
+  flags = os.environ.get("XLA_FLAGS")
+  sharding.split_cpu_host(0)  # 0: XLA's own, nothing to do
+  with pytest.raises(RuntimeError, match="mesh.host_devices: JAX's backends already started"):
+    sharding.split_cpu_host(2)
+  assert os.environ.get("XLA_FLAGS") == flags
