@@ -74,6 +74,8 @@ def use_host_devices(argv) -> int:
   n = shape_args(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)[0].host_devices
   if n < 1:
     raise SystemExit(f"--host_devices must be >= 1, got {n}")
+  # deepimagine_jax.sharding.with_host_devices's rule, written here: the peer's interpreter
+  # imports nothing of deepimagine_jax.
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count=")]
   os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])

@@ -118,10 +118,10 @@ def run_peer(args) -> str:
   """google-tunix's step on the same shape in a subprocess, on one device and on
   --host_devices devices; the line's peer part names both and leads with the faster."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_tunix.py")
+  flags = [f"--{k}={getattr(args, k)}" for k in ("prompts", "group", "prompt_len", "new",
+                                                    "steps", "beta", "lr")]
   results = []
   for devices in sorted({1, args.host_devices}):
-    flags = [f"--{k}={getattr(args, k)}" for k in ("prompts", "group", "prompt_len", "new",
-                                                      "steps", "beta", "lr")]
     proc = subprocess.run([args.peer_python, script, *flags, f"--host_devices={devices}"],
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -111,9 +111,14 @@ def split_cpu_host(n: int) -> None:
   if started:
     raise RuntimeError("mesh.host_devices: JAX's backends already started; set it before "
                        "any JAX computation (launch/main.py does)")
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+  os.environ["XLA_FLAGS"] = with_host_devices(os.environ.get("XLA_FLAGS", ""), n)
+
+
+def with_host_devices(xla_flags: str, n: int) -> str:
+  """`xla_flags` with its CPU device count (if any) replaced by n."""
+  flags = [f for f in xla_flags.split()
            if not f.startswith("--xla_force_host_platform_device_count=")]
-  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+  return " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
 
 
 def initialize_hosts(mesh_cfg: MeshConfig) -> None:

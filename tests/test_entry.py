@@ -13,11 +13,10 @@ def launch_env(devices: int, *, optimized: bool = False) -> dict:
   install's), `devices` CPU devices, the session's other XLA flags (tests/conftest.py),
   less its fast-compile ones when `optimized` (a child that runs more than it compiles)."""
   from conftest import FAST_COMPILE_FLAGS
+  from deepimagine_jax import sharding
   drop = FAST_COMPILE_FLAGS if optimized else ()
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count=") and f not in drop]
-  flags.append(f"--xla_force_host_platform_device_count={devices}")
-  return dict(os.environ, XLA_FLAGS=" ".join(flags),
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in drop)
+  return dict(os.environ, XLA_FLAGS=sharding.with_host_devices(flags, devices),
               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                   [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH", "")] if p]))
 
