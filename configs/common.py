@@ -122,6 +122,10 @@ def eval_() -> ml_collections.ConfigDict:
   c.imagining = True  # also successive imagining over retrieved anchors
   c.imagining_k = 7  # anchors walked per target (the method uses 7; <= data.anchors_k)
   c.aggregate = "mean"  # how the k anchors' final distributions combine: mean | geometric
+  # What a walk carries: "decision" (the option sentence chosen at each step) or "per_arm"
+  # (the two arms' values, written by the model at each step in max_new_tokens tokens,
+  # then compared; train with sft.kinds including arm_estimate and arm_compare)
+  c.walk = "decision"
   c.baselines = True
   c.rf_seeds = (0, 1, 2)
   c.cv_folds = 5  # baselines: hyper-parameters by k-fold CV on the training split (grouped by trial)

@@ -53,7 +53,7 @@ from data_pipeline.example import Example
 from data_pipeline.readers import ct_open, ctgov_bulk, ctgov_json, ctgov_xml, evidence_inference
 from data_pipeline.schema import Trial
 
-BUILD_VERSION = 4  # bump when the build's code changes what it writes
+BUILD_VERSION = 5  # bump when the build's code changes what it writes
 SPLITS = ("train", "dev", "rl", "eval")
 REGISTRY_SOURCES = ("ctgov_xml", "ctgov_json")
 CT_OPEN_RELEASES = ("Train_2025", "Winter_2025", "Summer_2025")  # Train: three files, merged

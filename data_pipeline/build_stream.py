@@ -2,7 +2,8 @@
 
 Nothing is held: each example goes to its split's JSON-lines file as it is made. The
 stream, in the build's order, is cut into segments (the questions; the natural pairs;
-the cross-trial pairs of each run of QUESTION_CHUNK questions; the ready-made examples);
+the cross-trial pairs of each run of QUESTION_CHUNK questions; the ready-made examples;
+each question and pair followed by its per-arm operator example, if any: arm_examples);
 each segment is written by a worker process (forked, so the questions and anchors are
 shared, not copied) to its own folder `part-<i>/<split>.jsonl`, and a split's examples
 are the parts' files read in order (`Written.lines`): the files do not depend on the
@@ -25,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 from data_pipeline import anchors, io, pairs, splits, templates
 from data_pipeline.build_report import BuildReport
-from data_pipeline.example import Example
+from data_pipeline.example import PAIR_KINDS, Example
 
 QUESTION_CHUNK = 2048  # targets whose cross-trial pairs are one segment
 WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -56,14 +57,35 @@ def _unrendered(p: Pairing, seg: Segment, factor_order: Sequence[str], max_ancho
                 report: BuildReport) -> Iterator[Example]:
   what, first, stop = seg
   if what == "questions":
-    yield from p.questions
+    for q in p.questions:
+      yield q
+      yield from arm_examples(q)
   elif what == "natural":
-    yield from pairs.iter_natural_pairs(p.questions, report, max_anchors=max_anchors)
+    for pair in pairs.iter_natural_pairs(p.questions, report, max_anchors=max_anchors):
+      yield pair
+      yield from arm_examples(pair)
   elif what == "cross":
     for q in p.questions[first:stop]:
-      yield from pairs.cross_trial_pairs(q, p.found.anchors.get(q.id, ()), factor_order, report)
+      for pair in pairs.cross_trial_pairs(q, p.found.anchors.get(q.id, ()), factor_order,
+                                          report):
+        yield pair
+        yield from arm_examples(pair)
   else:
     yield from p.ready
+
+
+def arm_examples(ex: Example) -> Iterator[Example]:
+  """The per-arm operators' training examples `ex` gives (none, or one): a question with
+  both arms' values -> an `arm_compare`; a pair (natural or cross-trial) with at most one
+  differing factor and values on both sides -> an `arm_estimate`. Held-out splits drop
+  them (splits.drop_reason)."""
+  if not templates.has_arm_values(ex):
+    return
+  if ex.kind == "question":
+    yield ex.replace(id=f"arm_compare:{ex.id}", kind="arm_compare", facts=None)
+  elif (ex.kind in PAIR_KINDS and ex.anchor is not None and len(ex.factors) <= 1
+        and templates.has_arm_values(ex.anchor)):
+    yield ex.replace(id="arm_estimate:" + ex.id.partition(":")[2], kind="arm_estimate")
 
 
 def _rendered(examples: Iterable[Example], report: BuildReport) -> Iterator[Example]:

@@ -11,7 +11,8 @@ Fields (defaults in brackets; "" / -1 / () / None mean "does not apply"):
                    "ctgov_xml:NCT..:o0:a0:superiority", "natural_pair:<anchor id>-><target id>")
   source           one of SOURCES: ct_open | ctgov_xml | ctgov_json | evidence_inference | synthetic
   kind             one of KINDS: question | natural_pair | approximate_pair | chain | synthetic |
-                   imagined_step (a teacher-imagined intermediate result, deepimagine_jax/imagined.py)
+                   imagined_step (a teacher-imagined intermediate result, deepimagine_jax/imagined.py) |
+                   arm_estimate | arm_compare (ARM_KINDS: the per-arm operators)
   trial_id         the target trial (NCT id; "PMC<id>" for Evidence Inference)
   options          tuple[str, ...], 2 or 3 option sentences
   label            index of the true option in `options`
@@ -51,6 +52,10 @@ Fields (defaults in brackets; "" / -1 / () / None mean "does not apply"):
                    pairs, chains): they cannot be compared, so they are no step
   similarity       [None] retrieval similarity of the two trials (approximate pairs, chains)
   synthetic        [None] SyntheticTask: the controlled dose task's numbers
+  value_a, value_b [None] the observed values of the endpoint in arm_a and arm_b (derived
+                   questions: the registry's per-arm results); None where the source has
+                   none (CT Open). Imagining's per-arm walk starts from an anchor's values
+  unit             [""] the unit of value_a / value_b (the outcome's)
   public_date      [""] ISO date the question's result became public: CT Open, its release's
                    cutoff (Winter_2025 2025-02-01, Summer_2025 2025-09-01); registry
                    questions, the trial's results-first-posted date. A target is predicted
@@ -68,7 +73,11 @@ from typing import Any, Mapping
 
 SOURCES = ("ct_open", "ctgov_xml", "ctgov_json", "evidence_inference", "synthetic")
 PAIR_KINDS = ("natural_pair", "approximate_pair", "chain")
-KINDS = ("question",) + PAIR_KINDS + ("synthetic", "imagined_step")
+# The per-arm operators, for training only (never in a held-out split): `arm_estimate`
+# (an anchor's per-arm values + one change -> the target's per-arm values) and
+# `arm_compare` (a question with per-arm values -> its decision).
+ARM_KINDS = ("arm_estimate", "arm_compare")
+KINDS = ("question",) + PAIR_KINDS + ("synthetic", "imagined_step") + ARM_KINDS
 
 
 class ExampleError(ValueError):
@@ -124,6 +133,11 @@ class Anchor:
   label: int
   question_type: str
   public_date: str = ""  # when this result became public (Example.public_date)
+  arm_a: str = ""  # the arms the observed answer compares, as in its options
+  arm_b: str = ""
+  value_a: float | None = None  # their observed values (Example.value_a), None if unknown
+  value_b: float | None = None
+  unit: str = ""
 
   @classmethod
   def of(cls, question: Example) -> Anchor:
@@ -178,6 +192,9 @@ class Example:
   similarity: float | None = None
   synthetic: SyntheticTask | None = None
   public_date: str = ""
+  value_a: float | None = None
+  value_b: float | None = None
+  unit: str = ""
   prompt_fields_cut: int = 0
 
   @classmethod

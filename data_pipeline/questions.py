@@ -131,7 +131,8 @@ def _question(trial: Trial, outcome: Outcome, k: int, j: int, qtype: str, a: Arm
       outcome_type=outcome.type, polarity=outcome.polarity, arm_a=names[0], arm_b=names[1],
       group_a_title=a.group_title, group_b_title=b.group_title,
       arm_a_id=arm_a.id if arm_a else "", arm_b_id=arm_b.id if arm_b else "",
-      group_a_id=a.arm_id, group_b_id=b.arm_id)
+      group_a_id=a.arm_id, group_b_id=b.arm_id, value_a=a.value, value_b=b.value,
+      unit=outcome.unit)
 
 
 def _usable(trial: Trial, k: int, j: int, outcome: Outcome, an: Analysis, report, source):

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 from typing import Iterable, Mapping
 
-from data_pipeline.example import PAIR_KINDS, Example
+from data_pipeline.example import ARM_KINDS, PAIR_KINDS, Example
 
 TRAINING = ("train", "rl")
 HELD_OUT = ("dev", "eval")
@@ -69,13 +69,16 @@ class TrialSplits:
 
 def drop_reason(ex: Example, split_of: TrialSplits) -> str:
   """Why `ex` may not be kept ('' when it may): 'anchor_in_<split>' (a cross-trial anchor
-  from a held-out trial) or 'natural_pair_in_<split>' (a same-trial pair of a held-out
-  target: its anchor's result is published with the target's)."""
+  from a held-out trial), 'natural_pair_in_<split>' (a same-trial pair of a held-out
+  target: its anchor's result is published with the target's) or '<arm kind>_in_<split>'
+  (a per-arm operator's example of a held-out target: training only)."""
   anchor = ex.anchor_trial_id
   if anchor and anchor != ex.trial_id and split_of(anchor) not in TRAINING:
     return f"anchor_in_{split_of(anchor)}"
   if anchor == ex.trial_id and ex.kind in PAIR_KINDS and split_of(ex.trial_id) in HELD_OUT:
     return f"natural_pair_in_{split_of(ex.trial_id)}"
+  if ex.kind in ARM_KINDS and split_of(ex.trial_id) in HELD_OUT:
+    return f"{ex.kind}_in_{split_of(ex.trial_id)}"  # shows the target's own result
   return ""
 
 

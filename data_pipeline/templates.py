@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from typing import Callable, Sequence
 
@@ -211,6 +212,187 @@ def render_chain_step(ex: Example, step_index: int, current_result: str,
   return prompt, (_completion(ex) if last else "")
 
 
+# Per-arm results ----------------------------------------------------------------
+# A per-arm walk carries the endpoint's value in the two compared arms (the study
+# arm, arm_a, and its comparator, arm_b) instead of an option sentence: each step
+# writes the target's arms' values after one more change (`arm_estimate`), and a
+# last call compares them (`arm_compare`). One text form for a state, whether the
+# registry observed it (training) or the model wrote it (a walk), so the operators
+# meet at inference what they were trained on.
+
+_NUMBER = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
+_ESTIMATE = re.compile(r"ESTIMATE:\s*\(\s*" + _NUMBER + r"\s*,\s*" + _NUMBER + r"\s*\)")
+_ESTIMATE_INSTRUCTION = ("Answer with one line ESTIMATE: (v1, v2): the endpoint's value in "
+                         "the first arm and in the second{unit}.")
+_COMPARE_INSTRUCTION = ("Compare the arms' results above. " + _INSTRUCTION)
+
+
+def format_value(x: float) -> str:
+  """A value as a state and a completion show it: 4 significant digits ('12.35', '0.004')."""
+  return f"{float(x):.4g}"
+
+
+def estimate_line(a: float, b: float) -> str:
+  """The completion of a per-arm step: estimate_line(12.3, 8) == 'ESTIMATE: (12.3, 8)'."""
+  return f"ESTIMATE: ({format_value(a)}, {format_value(b)})"
+
+
+def parse_estimate(text: str) -> tuple[float, float] | None:
+  """The two values of the last ESTIMATE line in `text`; None when there is none or a value
+  is not finite (the caller counts it: a failure, never an answer)."""
+  found = _ESTIMATE.findall(text or "")
+  if not found:
+    return None
+  a, b = (float(x) for x in found[-1])
+  return (a, b) if math.isfinite(a) and math.isfinite(b) else None
+
+
+def has_arm_values(x: Example | Anchor) -> bool:
+  """Whether both compared arms' values are known (registry questions, not CT Open)."""
+  return x.value_a is not None and x.value_b is not None and bool(x.arm_a and x.arm_b)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmState:
+  """What a per-arm walk carries: an observed answer (the anchor's option sentence, or
+  none) and the two compared arms' values (none when unknown). The values are never cut
+  from a prompt; the sentence and the arm names may be. `arm_a` / `arm_b` name the arms
+  the values are of when they are not the target's (the anchor's, at the start)."""
+  observed: str = ""
+  values: tuple[float, float] | None = None
+  unit: str = ""
+  arm_a: str = ""
+  arm_b: str = ""
+
+  def text(self) -> str:
+    """One line for reports: the sentence and the values."""
+    return " ".join(x for x in (self.observed, self._values(lambda k, t: t)) if x)
+
+  def _values(self, f) -> str:
+    if self.values is None:
+      return ""
+    u = f" {self.unit}" if self.unit else ""
+    name = lambda key, arm: f" ({f(key, arm)})" if arm else ""
+    return (f"first arm{name('state_arm_a', self.arm_a)} {format_value(self.values[0])}{u}; "
+            f"second arm{name('state_arm_b', self.arm_b)} {format_value(self.values[1])}{u}")
+
+  def lines(self, f: Fields, label: str) -> list[str]:
+    out = [f"{label}: " + f("observed", self.observed)] if self.observed else []
+    if self.values is not None:
+      out.append("Values: " + self._values(f))
+    return out
+
+
+def anchor_state(anchor: Anchor) -> ArmState:
+  """Where a per-arm walk starts: the anchor's observed answer, and its arms' values
+  when the registry gives them."""
+  if has_arm_values(anchor):
+    return ArmState(anchor.answer, (anchor.value_a, anchor.value_b), anchor.unit,
+                    anchor.arm_a, anchor.arm_b)
+  return ArmState(anchor.answer)
+
+
+def estimate_state(ex: Example, a: float, b: float) -> ArmState:
+  """The state after a step: the values of ex's (the target's) two arms."""
+  return ArmState(values=(a, b), unit=ex.unit)
+
+
+def arm_estimate_steps(ex: Example) -> int:
+  """Calls of a per-arm walk before the comparison: one per factor, one when none is known."""
+  return max(len(ex.factors), 1)
+
+
+def _arm_lines(ex: Example, f: Fields) -> list[str]:
+  return ["First arm: " + f("arm_a", ex.arm_a), "Second arm: " + f("arm_b", ex.arm_b)]
+
+
+def render_arm_estimate_step(ex: Example, step_index: int, state: ArmState,
+                             budget: int = PROMPT_CHAR_BUDGET,
+                             n_tokens: Callable[[str], int] | None = None,
+                             max_tokens: int = 0) -> tuple[str, str, int]:
+  """One per-arm step: the current state + the next change -> the values of the target's
+  two arms after it. (prompt, completion, fields cut).
+
+  `state` is anchor_state(anchor) at step 0, else estimate_state of the previous
+  step's values. The completion is the target's observed ESTIMATE line on the last
+  step when both values are known, '' otherwise (an intermediate trial was never
+  run). A pair with no known differing factor has one step ("no known factor
+  differs"). Fitted to max_tokens as render_chain_step.
+  """
+  factors, n = ex.factors, arm_estimate_steps(ex)
+  if not 0 <= step_index < n:
+    raise ValueError(f"example {ex.id}: per-arm step {step_index} of {n}")
+  if not (ex.arm_a and ex.arm_b):
+    raise ValueError(f"example {ex.id}: a per-arm step needs fields 'arm_a' and 'arm_b'")
+  what = f"example {ex.id} per-arm step {step_index}"
+  cut = [0]
+
+  def build(f):
+    lines = state.lines(f, "Current result")
+    if factors:
+      lines.append(f"Next change (step {step_index + 1} of {n}):")
+      lines.append(_factor_line(factors[step_index], 0, f))
+    else:
+      lines.append("Next change: no known factor differs")
+    lines.append("New per-arm result for:")
+    lines.append("Trial: " + f("title", ex.title))
+    lines.append("Endpoint: " + f("endpoint", ex.endpoint))
+    lines.extend(_arm_lines(ex, f))
+    lines.append(_ESTIMATE_INSTRUCTION.format(unit=f" ({ex.unit})" if ex.unit else ""))
+    return lines
+
+  def render_at(b: int) -> str:
+    prompt, cut[0] = fit(build, b, what)
+    return prompt
+
+  prompt = _within_tokens(render_at, budget, n_tokens, max_tokens, what)
+  last = step_index == n - 1
+  completion = estimate_line(ex.value_a, ex.value_b) if last and has_arm_values(ex) else ""
+  return prompt, completion, cut[0]
+
+
+def render_arm_compare(ex: Example, state: ArmState, budget: int = PROMPT_CHAR_BUDGET,
+                       n_tokens: Callable[[str], int] | None = None,
+                       max_tokens: int = 0) -> tuple[str, str, int]:
+  """The comparison that ends a per-arm walk: the target's two arms' values (`state`,
+  estimate_state) and the question -> its DECISION. (prompt, completion, fields cut)."""
+  if state.values is None:
+    raise ValueError(f"example {ex.id}: a per-arm comparison needs the arms' values")
+  what = f"example {ex.id} per-arm comparison"
+  cut = [0]
+
+  def build(f):
+    lines = state.lines(f, "Result")
+    lines.extend(_arm_lines(ex, f))
+    lines.extend(_question_lines(ex, f, header="Question:"))
+    lines.append(_COMPARE_INSTRUCTION.format(slots=_slots(ex.n_options)))
+    return lines
+
+  def render_at(b: int) -> str:
+    prompt, cut[0] = fit(build, b, what)
+    return prompt
+
+  prompt = _within_tokens(render_at, budget, n_tokens, max_tokens, what)
+  return prompt, _completion(ex), cut[0]
+
+
+def _render_arm_estimate(ex: Example, budget: int) -> tuple[str, str, int]:
+  """A training `arm_estimate`: a pair with at most one differing factor whose two sides
+  both have per-arm values; the anchor's values + the change -> the target's."""
+  if len(ex.factors) > 1 or ex.anchor is None or not (has_arm_values(ex)
+                                                      and has_arm_values(ex.anchor)):
+    raise ValueError(f"example {ex.id}: an arm_estimate needs an anchor, at most one factor "
+                     f"and per-arm values on both sides")
+  return render_arm_estimate_step(ex, 0, anchor_state(ex.anchor), budget)
+
+
+def _render_arm_compare(ex: Example, budget: int) -> tuple[str, str, int]:
+  """A training `arm_compare`: a question shown with its arms' observed values."""
+  if not has_arm_values(ex):
+    raise ValueError(f"example {ex.id}: an arm_compare needs per-arm values")
+  return render_arm_compare(ex, estimate_state(ex, ex.value_a, ex.value_b), budget)
+
+
 _IMAGINE_INSTRUCTION = (
     "Imagine the known trial with the changes above made and nothing else. Explain in a few "
     "sentences how the last change moves the result, then end with one line DECISION: "
@@ -260,6 +442,8 @@ _RENDERERS = {
     "approximate_pair": render_pair,
     "chain": render_pair,
     "synthetic": render_synthetic,
+    "arm_estimate": _render_arm_estimate,
+    "arm_compare": _render_arm_compare,
 }
 
 

@@ -487,6 +487,7 @@ class EvalConfig:
   imagining: bool
   imagining_k: int
   aggregate: str  # how the k anchors' final distributions combine: mean | geometric
+  walk: str  # what a walk carries: decision | per_arm (eval/imagining.py)
   baselines: bool
   rf_seeds: tuple[int, ...]
   cv_folds: int  # baselines choose hyper-parameters by this many folds on the training split
@@ -503,6 +504,8 @@ class EvalConfig:
       raise ValueError(f"eval.mode must be 'score' or 'sample', got {self.mode!r}")
     if self.cv_folds < 2:
       raise ValueError(f"eval.cv_folds must be >= 2, got {self.cv_folds}")
+    if self.walk not in ("decision", "per_arm"):
+      raise ValueError(f"eval.walk must be 'decision' or 'per_arm', got {self.walk!r}")
 
   @classmethod
   def from_config(cls, section) -> "EvalConfig":

@@ -254,7 +254,8 @@ def world(config, workdir: str):
           p, _, stats = imagining.imagine(
               graphdef, params, tokenizer, targets[s], walks, k=run.eval.imagining_k,
               how=run.eval.aggregate, prompt_len=run.data.prompt_len,
-              batch_size=run.eval.batch_size, direct_probs=direct,
+              batch_size=run.eval.batch_size, walk=run.eval.walk,
+              max_new_tokens=run.eval.max_new_tokens, direct_probs=direct,
               exclude_anchor_ids={t.id for t in targets[s]},
               exclude_anchor_trials=held_trials)
           probs["imagining"][s].append(scoring.trimmed(p, targets[s]))

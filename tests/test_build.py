@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from configs import common
-from data_pipeline import build, build_stream, safe_pickle
+from data_pipeline import build, build_stream, safe_pickle, templates
 from data_pipeline.config import DataConfig
 from data_pipeline.example import Example
 from deepimagine_jax.tokenizer import Tokenizer
@@ -85,8 +85,17 @@ def test_build_writes_splits_tokenizer_and_report(built):
     exs = built.examples(s)
     assert len(exs) == r["split_sizes"][s]
     for ex in exs:
-      assert ex.split == s and ex.prompt and ex.completion.startswith("DECISION: (")
+      head = "ESTIMATE: (" if ex.kind == "arm_estimate" else "DECISION: ("
+      assert ex.split == s and ex.prompt and ex.completion.startswith(head)
       assert 0 <= ex.label < len(ex.options)
+  # The per-arm operators' examples train only: never in a held-out split
+  train_kinds = {ex.kind for ex in built.examples("train")}
+  assert {"arm_estimate", "arm_compare"} <= train_kinds
+  assert not {ex.kind for s in ("dev", "eval") for ex in built.examples(s)} & {
+      "arm_estimate", "arm_compare"}
+  for ex in built.examples("train", ("arm_compare",)):  # the question's values, in its prompt
+    state = templates.estimate_state(ex, ex.value_a, ex.value_b)
+    assert state.lines(lambda key, text: text, "Result")[0] in ex.prompt
   tok = Tokenizer.load(built.tokenizer_path)
   text = built.examples("train")[0].prompt
   assert tok.decode(tok.encode(text)) == text and tok.vocab_size <= 400

@@ -22,6 +22,7 @@ from deepimagine_jax.eval import imagining, report, scoring
 from deepimagine_jax.tokenizer import Tokenizer
 
 PROMPT_LEN = 224
+DECISION = dict(walk="decision", max_new_tokens=0)  # walks whose state is an option sentence
 BATCH = 8
 STEPS = [Factor("dose", "10 mg", "20 mg"), Factor("population", "adult", "older adult"),
          Factor("outcome", "HbA1c", "body weight")]
@@ -100,7 +101,7 @@ def test_imagine_matches_one_walk_at_a_time(policy, data, how):
   tok, graphdef, params = policy
   targets, records, _ = data
   probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, records, k=3, how=how,
-                                         prompt_len=PROMPT_LEN, batch_size=BATCH)
+                                         prompt_len=PROMPT_LEN, batch_size=BATCH, **DECISION)
   assert probs.shape == (3, 3)
   walked = {0: [records[1], records[2], records[0]], 1: [records[4], records[5]]}  # nearest first
   for i, recs in walked.items():
@@ -137,11 +138,11 @@ def test_prompts_fit_the_window_or_the_walk_is_counted(policy, data):
   unfitted = templates.render_chain_step(records[4], 0, "x")[0]
   assert _n_tokens(tok, unfitted) > PROMPT_LEN  # so the limit is exercised
   _, traj, _ = imagining.imagine(graphdef, params, tok, targets[1:2], records, k=1,
-                                 how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH)
+                                 how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH, **DECISION)
   for s in traj[0].details["walks"][0]["steps"]:
     assert _n_tokens(tok, s["prompt"]) <= PROMPT_LEN and "Next change" in s["prompt"]
   probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, records, k=3,
-                                         how="mean", prompt_len=24, batch_size=BATCH)
+                                         how="mean", prompt_len=24, batch_size=BATCH, **DECISION)
   assert np.isnan(probs).all() and stats["imagined"] == 0 and stats["missing"] == 3
   assert stats["walks_failed"] == {"prompt_too_long": 5} and stats["scoring_calls"] == 0
   assert [w["failed"] for w in traj[0].details["walks"]] == ["prompt_too_long"] * 3
@@ -153,14 +154,14 @@ def test_direct_answers_only_when_given(policy, data):
   direct = np.array([[0.3, 0.7, 0], [0.2, 0.3, 0.5], [0.9, 0.1, 0]])
   probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, records[4:6], k=2,
                                          how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH,
-                                         direct_probs=direct)
+                                         direct_probs=direct, **DECISION)
   np.testing.assert_array_equal(probs[[0, 2]], direct[[0, 2]])
   assert not np.allclose(probs[1], direct[1])
   assert stats["fallback"] == 2 and stats["imagined"] == 1 and stats["missing"] == 0
   assert [t.details["answered_by"] for t in traj] == ["direct", "anchors", "direct"]
   with pytest.raises(ValueError, match="direct_probs"):
     imagining.imagine(graphdef, params, tok, targets, records, k=2, how="mean",
-                      prompt_len=PROMPT_LEN, batch_size=BATCH, direct_probs=direct[:2])
+                      prompt_len=PROMPT_LEN, batch_size=BATCH, direct_probs=direct[:2], **DECISION)
 
 
 def test_select_anchors_leaks_k_and_order(data):
@@ -195,7 +196,7 @@ def test_trajectories_page_shows_the_walks(policy, data):
   tok, graphdef, params = policy
   targets, records, _ = data
   _, traj, _ = imagining.imagine(graphdef, params, tok, targets, records, k=3, how="mean",
-                                 prompt_len=PROMPT_LEN, batch_size=BATCH)
+                                 prompt_len=PROMPT_LEN, batch_size=BATCH, **DECISION)
   page = report.trajectories_html(traj)
   walk = traj[0].details["walks"][0]
   assert page.count('class="walk"') == 5 and page.count("<tr><td>") == 8
@@ -239,7 +240,7 @@ def test_each_step_is_scored_by_its_factors_local_operator(policy, data):
   prm = nnx.from_flat_state(flat)
   targets, records, _ = data
   probs, traj, _ = imagining.imagine(gd, prm, tok, targets, records, k=3, how="mean",
-                                     prompt_len=PROMPT_LEN, batch_size=BATCH)
+                                     prompt_len=PROMPT_LEN, batch_size=BATCH, **DECISION)
   model = nnx.merge(gd, prm)
   with_active = {}
   for e in range(3):
@@ -257,5 +258,5 @@ def test_each_step_is_scored_by_its_factors_local_operator(policy, data):
         np.testing.assert_allclose(s["probs"], p, atol=1e-5)  # a row gather vs one adapter
   model.active_adapter, model.lora_cfg = 0, dataclasses.replace(lcfg, route="active")
   plain, _, _ = imagining.imagine(nnx.split(model)[0], prm, tok, targets, records, k=3,
-                                  how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH)
+                                  how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH, **DECISION)
   assert np.nanmax(np.abs(plain - probs)) > 1e-4  # the routed adapters change the answers

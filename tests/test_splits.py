@@ -122,3 +122,21 @@ def test_natural_pairs_of_held_out_targets_are_dropped_and_counted():
   assert (of("EVAL1"), of(dev), of(train)) == ("eval", "dev", "train")
   with pytest.raises(splits.LeakageError, match="n_eval has an anchor from its own trial"):
     splits.assert_no_leakage({"eval": [nat("n_eval", "EVAL1")]})
+
+
+def test_per_arm_operators_train_only():
+  """arm_estimate / arm_compare show the target's own per-arm result in the prompt or the
+  completion: kept in train and rl, dropped and counted in dev and eval."""
+  seed = 0
+  by_split = {s: next(f"T{i}" for i in range(1000) if splits.trial_split(f"T{i}", seed) == s)
+              for s in ("train", "dev", "rl")}
+  by_split["eval"] = "EVAL1"
+  exs = [_ex(f"{kind}-{s}", t).replace(kind=kind) for s, t in by_split.items()
+         for kind in ("arm_estimate", "arm_compare")]
+  report = BuildReport()
+  out = splits.assign_splits(exs, seed, eval_trial_ids={"EVAL1"}, report=report)
+  assert sorted(out) == ["rl", "train"]
+  assert {ex.id for ex in out["train"]} == {"arm_estimate-train", "arm_compare-train"}
+  for kind in ("arm_estimate", "arm_compare"):
+    for s in ("dev", "eval"):
+      assert report.n_skipped("splits", f"{kind}_in_{s}") == 1

@@ -13,6 +13,18 @@ A record with no known differing factor is one call on its own pair prompt
 distribution is that anchor's decision; the k decisions are combined by the mean
 or normalised geometric mean of probabilities.
 
+With walk "per_arm" (eval.walk) the state is per-arm instead: the endpoint's
+value in the target's two compared arms. It starts as the anchor's observed
+answer with its arms' values where the registry gives them
+(templates.anchor_state); at step d the model writes the values after the d-th
+change (templates.render_arm_estimate_step; one greedy generation, `ESTIMATE:
+(v1, v2)`); the last estimate is compared in one scored call
+(templates.render_arm_compare), whose option distribution is the anchor's
+decision. An estimate that does not parse ends the walk, counted
+("estimate_unparsed"); so does a target without two named arms ("no_two_arms"). The
+model learns both operators from the build's `arm_estimate` and `arm_compare`
+examples (sft.kinds).
+
 Every prompt of every walk at the same depth is scored in one batched call
 (scoring.option_probs_by_scoring: the one shared-prefix forward), so the calls
 are the longest walk, not the targets. Every prompt is fitted to `prompt_len`
@@ -36,6 +48,7 @@ from deepimagine_jax.eval import metrics, scoring
 from deepimagine_jax.eval.report import Trajectory
 
 AGGREGATES = ("mean", "geometric")
+WALKS = ("decision", "per_arm")  # eval.walk: what a walk's state is
 WALK_KINDS = ("approximate_pair", "chain")  # the cross-trial records imagining walks
 EPS = metrics.EPS
 
@@ -104,7 +117,7 @@ def select_anchors(targets: Sequence[Example], pairs: Sequence[Example], k: int,
 class _Walk:
   target: int  # index into the targets
   pair: Example
-  current: str  # the result given to the next step
+  current: str | templates.ArmState  # the result given to the next step
   steps: list  # one dict per call made
   probs: np.ndarray | None = None  # the final decision
   failed: str = ""
@@ -112,6 +125,10 @@ class _Walk:
   @property
   def n_calls(self) -> int:
     return max(len(self.pair.factors), 1)  # no known factor: one call on the pair prompt
+
+  def fail(self, why: str, failed: collections.Counter) -> None:
+    self.failed = why
+    failed[why] += 1
 
 
 def prompt_tokens_counter(tokenizer):
@@ -138,35 +155,29 @@ def _walk_json(w: _Walk) -> dict:
           "probs": None if w.probs is None else [float(x) for x in w.probs]}
 
 
-def imagine(graphdef, params, tokenizer, targets: Sequence[Example], pairs: Sequence[Example],
-            *, k: int, how: str, prompt_len: int, batch_size: int,
-            direct_probs: np.ndarray | None = None,
-            exclude_anchor_ids: frozenset | set = frozenset(),
-            exclude_anchor_trials: frozenset | set = frozenset()):
-  """(probs [Q, O], one trajectory per target, stats).
+def _adapters(routed, walks: Sequence[_Walk], depth: int | None):
+  """Each walk's LoRA adapter for its call at `depth` (its factor's local operator; None:
+  the comparison, the general adapter); None when one adapter serves every call."""
+  if routed is None:
+    return None
+  return [lora.route(routed, w.pair.factors[depth].factor
+                     if depth is not None and w.pair.factors else "") for w in walks]
 
-  probs row q: target q's aggregated anchor decisions (0 past its n_options);
-  NaN where it has no answer: no usable anchor and no finished walk, unless
-  direct_probs [Q, O] is given, whose row is then used (counted as `fallback`).
-  Each trajectory holds the final answer and, in details["walks"], every
-  anchor's walk: its observed result, each step's change, the result given,
-  the probabilities and the estimate chosen. stats: targets, imagined (answered
-  through anchors), fallback, missing, coverage (imagined / targets), anchors per target,
-  walks by steps, failed walks by reason, scoring calls and prompts scored, and
-  the records left out (select_anchors).
-  """
-  if how not in AGGREGATES:
-    raise ValueError(f"eval.aggregate must be one of {AGGREGATES}, got {how!r}")
-  if k < 1:
-    raise ValueError(f"eval.imagining_k must be >= 1, got {k}")
-  if direct_probs is not None and np.shape(direct_probs) != (len(targets), scoring.MAX_OPTIONS):
-    raise ValueError(f"direct_probs of shape {np.shape(direct_probs)} for {len(targets)} targets")
-  chosen, skipped = select_anchors(targets, pairs, k, exclude_anchor_ids, exclude_anchor_trials)
-  walks = [_Walk(i, ex, ex.anchor.answer, []) for i in sorted(chosen) for ex in chosen[i]]
-  n_tokens = prompt_tokens_counter(tokenizer)
-  failed = collections.Counter()
-  depth, calls, prompts_scored = 0, 0, 0
+
+def _step_record(w: _Walk, depth: int, routed, adapter) -> dict:
+  factor = w.pair.factors[depth] if w.pair.factors else None
+  given = w.current if isinstance(w.current, str) else w.current.text()
+  return {"step": depth, "factor": factor.factor if factor else "",
+          "adapter": "" if routed is None else routed.adapters[adapter],
+          "from": factor.anchor_value if factor else "",
+          "to": factor.target_value if factor else "", "given": given}
+
+
+def _walk_decisions(walks, graphdef, params, tokenizer, n_tokens, *, prompt_len: int,
+                    batch_size: int, failed: collections.Counter, counts: collections.Counter):
+  """Walks whose state is an option sentence: every call is a scored decision."""
   routed = lora.routed_config(graphdef, params)  # each step by its factor's local operator
+  depth = 0
   while True:
     live, examples = [], []
     for w in walks:
@@ -175,35 +186,145 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], pairs: Sequ
       try:
         prompt = step_prompt(w.pair, depth, w.current, n_tokens, prompt_len)
       except templates.PromptTooLong:
-        w.failed = "prompt_too_long"
-        failed[w.failed] += 1
+        w.fail("prompt_too_long", failed)
         continue
       live.append(w)
       examples.append(w.pair.replace(id=f"{w.pair.id}#step{depth}", prompt=prompt))
     if not live:
       break
-    adapters = None if routed is None else [
-        lora.route(routed, w.pair.factors[depth].factor if w.pair.factors else "")
-        for w in live]
+    adapters = _adapters(routed, live, depth)
     step_probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, examples,
                                                  adapters=adapters,
                                                  prompt_len=prompt_len, batch_size=batch_size)
-    calls += 1
-    prompts_scored += len(live)
+    counts["scoring_calls"] += 1
+    counts["prompts_scored"] += len(live)
     for j, (w, ex, p3) in enumerate(zip(live, examples, step_probs)):
       p = p3[:ex.n_options]
       estimate = ex.options[metrics.choose(p)]
-      factor = w.pair.factors[depth] if w.pair.factors else None
-      w.steps.append({"step": depth, "factor": factor.factor if factor else "",
-                      "adapter": "" if routed is None else routed.adapters[adapters[j]],
-                      "from": factor.anchor_value if factor else "",
-                      "to": factor.target_value if factor else "", "given": w.current,
+      w.steps.append({**_step_record(w, depth, routed, adapters and adapters[j]),
                       "probs": [float(x) for x in p], "estimate": estimate,
                       "prompt": ex.prompt})
       w.current = estimate
       if depth == w.n_calls - 1:
         w.probs = p
     depth += 1
+
+
+def _walk_per_arm(walks, graphdef, params, tokenizer, n_tokens, *, prompt_len: int,
+                  batch_size: int, max_new_tokens: int, failed: collections.Counter,
+                  counts: collections.Counter):
+  """Walks whose state is the two compared arms' values: a generated estimate per step,
+  then one scored comparison."""
+  routed = lora.routed_config(graphdef, params)
+  for w in walks:
+    w.current = templates.anchor_state(w.pair.anchor)
+    if not (w.pair.arm_a and w.pair.arm_b):
+      w.fail("no_two_arms", failed)
+  depth = 0
+  while True:
+    live, examples = [], []
+    for w in walks:
+      if w.failed or depth >= templates.arm_estimate_steps(w.pair):
+        continue
+      try:
+        prompt, _, _ = templates.render_arm_estimate_step(
+            w.pair, depth, w.current, n_tokens=n_tokens, max_tokens=prompt_len)
+      except templates.PromptTooLong:
+        w.fail("prompt_too_long", failed)
+        continue
+      live.append(w)
+      examples.append(w.pair.replace(id=f"{w.pair.id}#arms{depth}", prompt=prompt))
+    if not live:
+      break
+    adapters = _adapters(routed, live, depth)
+    (texts,) = scoring.sample_texts(graphdef, params, tokenizer, examples, runs=1,
+                                    temperature=0.0, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, prompt_len=prompt_len, seed=0,
+                                    adapters=adapters)
+    counts["generation_calls"] += 1
+    counts["prompts_generated"] += len(live)
+    for j, (w, ex, text) in enumerate(zip(live, examples, texts)):
+      values = templates.parse_estimate(text)
+      state = None if values is None else templates.estimate_state(w.pair, *values)
+      w.steps.append({**_step_record(w, depth, routed, adapters and adapters[j]),
+                      "probs": None, "estimate": text if state is None else state.text(),
+                      "text": text,
+                      "values": None if values is None else list(values),
+                      "prompt": ex.prompt})
+      if values is None:
+        w.fail("estimate_unparsed", failed)
+      else:
+        w.current = state
+    depth += 1
+  live, examples = [], []
+  for w in walks:
+    if w.failed:
+      continue
+    try:
+      prompt, _, _ = templates.render_arm_compare(w.pair, w.current, n_tokens=n_tokens,
+                                                  max_tokens=prompt_len)
+    except templates.PromptTooLong:
+      w.fail("prompt_too_long", failed)
+      continue
+    live.append(w)
+    examples.append(w.pair.replace(id=f"{w.pair.id}#compare", prompt=prompt))
+  if live:
+    adapters = _adapters(routed, live, None)
+    probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, examples,
+                                            adapters=adapters, prompt_len=prompt_len,
+                                            batch_size=batch_size)
+    counts["scoring_calls"] += 1
+    counts["prompts_scored"] += len(live)
+    for j, (w, ex, p3) in enumerate(zip(live, examples, probs)):
+      w.probs = p3[:ex.n_options]
+      w.steps.append({"step": len(w.steps), "factor": "compare", "from": "", "to": "",
+                      "adapter": "" if routed is None else routed.adapters[adapters[j]],
+                      "given": w.current.text(), "probs": [float(x) for x in w.probs],
+                      "estimate": ex.options[metrics.choose(w.probs)], "prompt": ex.prompt})
+
+
+def imagine(graphdef, params, tokenizer, targets: Sequence[Example], pairs: Sequence[Example],
+            *, k: int, how: str, prompt_len: int, batch_size: int, walk: str,
+            max_new_tokens: int,
+            direct_probs: np.ndarray | None = None,
+            exclude_anchor_ids: frozenset | set = frozenset(),
+            exclude_anchor_trials: frozenset | set = frozenset()):
+  """(probs [Q, O], one trajectory per target, stats).
+
+  probs row q: target q's aggregated anchor decisions (0 past its n_options);
+  NaN where it has no answer: no usable anchor and no finished walk, unless
+  direct_probs [Q, O] is given, whose row is then used (counted as `fallback`).
+  `walk` is what a walk carries (WALKS; the module docstring); "per_arm" generates
+  each estimate greedily in at most max_new_tokens tokens.
+  Each trajectory holds the final answer and, in details["walks"], every
+  anchor's walk: its observed result, each step's change, the result given,
+  the probabilities and the estimate chosen (per_arm: the text written and the
+  values read, then the comparison). stats: targets, imagined (answered
+  through anchors), fallback, missing, coverage (imagined / targets), anchors per target,
+  walks by steps, failed walks by reason, scoring (and generation) calls and
+  prompts, and the records left out (select_anchors).
+  """
+  if how not in AGGREGATES:
+    raise ValueError(f"eval.aggregate must be one of {AGGREGATES}, got {how!r}")
+  if walk not in WALKS:
+    raise ValueError(f"eval.walk must be one of {WALKS}, got {walk!r}")
+  if walk == "per_arm" and max_new_tokens < 1:
+    raise ValueError(f"eval.max_new_tokens must be >= 1 for a per_arm walk, got {max_new_tokens}")
+  if k < 1:
+    raise ValueError(f"eval.imagining_k must be >= 1, got {k}")
+  if direct_probs is not None and np.shape(direct_probs) != (len(targets), scoring.MAX_OPTIONS):
+    raise ValueError(f"direct_probs of shape {np.shape(direct_probs)} for {len(targets)} targets")
+  chosen, skipped = select_anchors(targets, pairs, k, exclude_anchor_ids, exclude_anchor_trials)
+  walks = [_Walk(i, ex, ex.anchor.answer, []) for i in sorted(chosen) for ex in chosen[i]]
+  n_tokens = prompt_tokens_counter(tokenizer)
+  failed, counts = collections.Counter(), collections.Counter()
+  if walk == "decision":
+    _walk_decisions(walks, graphdef, params, tokenizer, n_tokens, prompt_len=prompt_len,
+                    batch_size=batch_size, failed=failed, counts=counts)
+  else:
+    _walk_per_arm(walks, graphdef, params, tokenizer, n_tokens, prompt_len=prompt_len,
+                  batch_size=batch_size, max_new_tokens=max_new_tokens, failed=failed,
+                  counts=counts)
 
   out = np.full((len(targets), scoring.MAX_OPTIONS), np.nan)
   by_target = collections.defaultdict(list)
@@ -236,6 +357,8 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], pairs: Sequ
            "walks": len(walks),
            "walks_by_steps": {str(n): c for n, c in sorted(collections.Counter(
                len(w.pair.factors) for w in walks).items())},
-           "walks_failed": dict(failed), "scoring_calls": calls, "prompts_scored": prompts_scored,
-           "skipped": skipped}
+           "walks_failed": dict(failed), "walk": walk,
+           "scoring_calls": counts["scoring_calls"], "prompts_scored": counts["prompts_scored"],
+           "generation_calls": counts["generation_calls"],
+           "prompts_generated": counts["prompts_generated"], "skipped": skipped}
   return out, trajectories, stats

@@ -376,12 +376,13 @@ def _probs_text(probs) -> str:
 
 def _walk_html(w: Mapping) -> str:
   """One anchor's walk: the anchor's observed result, then each step's change, the result
-  given, the model's probabilities and its estimate. Step prompts (the target question
+  given, the model's probabilities (none for a per-arm step's generated estimate) and its
+  estimate; a per-arm walk ends in its comparison. Step prompts (the target question
   under these lines) stay in the JSON lines: with k walks per answer they would
   multiply the page's size."""
   rows = "".join(
       f'<tr><td>{s["step"] + 1}</td><td>{_e(s["factor"] or "(no known factor differs)")}'
-      + (f': {_e(s["from"])} &rarr; {_e(s["to"])}' if s["factor"] else "")
+      + (f': {_e(s["from"])} &rarr; {_e(s["to"])}' if s["from"] or s["to"] else "")
       + f'</td><td>{_e(s["given"])}</td><td>{_e(_probs_text(s["probs"]))}</td>'
       f'<td>{_e(s["estimate"])}</td></tr>' for s in w["steps"])
   end = (f'failed: {_e(w["failed"])}' if w["failed"]

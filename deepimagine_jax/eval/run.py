@@ -239,7 +239,8 @@ def evaluate_imagining(graphdef, params, tokenizer, built_examples: Splits,
     probs, trajectories, st = imagining.imagine(
         graphdef, params, tokenizer, subset, walk_records(built_examples),
         k=eval_cfg.imagining_k, how=eval_cfg.aggregate, prompt_len=prompt_len,
-        batch_size=eval_cfg.batch_size, exclude_anchor_ids={q.id for q in questions},
+        batch_size=eval_cfg.batch_size, walk=eval_cfg.walk,
+        max_new_tokens=eval_cfg.max_new_tokens, exclude_anchor_ids={q.id for q in questions},
         exclude_anchor_trials={q.trial_id for q in questions})
     st["seconds"] = time.perf_counter() - t0
     stats["model_imagining"] = st
@@ -262,9 +263,13 @@ def imagining_line(name: str, st: dict) -> str:
           f"(coverage {st['coverage']:.3f}); no usable anchor {st['no_anchors']}, missing "
           f"{st['missing']}; k={st['k']}, anchors per target {st['anchors_per_target']}")
   if "walks" in st:
-    line += (f"; walks {st['walks']} by steps {st['walks_by_steps']}, failed "
+    line += (f"; {st['walk']} walks {st['walks']} by steps {st['walks_by_steps']}, failed "
              f"{st['walks_failed']}; {st['scoring_calls']} scoring calls, "
-             f"{st['prompts_scored']} prompts, {st['seconds']:.1f} s")
+             f"{st['prompts_scored']} prompts")
+    if st["generation_calls"]:
+      line += (f", {st['generation_calls']} generation calls, "
+               f"{st['prompts_generated']} prompts")
+    line += f", {st['seconds']:.1f} s"
   return line
 
 

@@ -173,26 +173,30 @@ def decode_completion(tokenizer, tokens_C: np.ndarray, length: int) -> str:
 
 def sample_texts(graphdef, params, tokenizer, examples: Sequence[Example], *, runs: int,
                  temperature: float, max_new_tokens: int, batch_size: int, prompt_len: int,
-                 seed: int) -> list[list[str]]:
+                 seed: int, adapters: Sequence[int] | None = None) -> list[list[str]]:
   """`runs` lists of completions, one sampled per question per run, each run with its own key.
 
   Nothing is parsed here: the texts are the answers (predictions.py reads them
-  as the benchmark does and counts what does not parse).
+  as the benchmark does and counts what does not parse). `adapters`: each
+  example's LoRA adapter index (None: the model's active adapter for all).
   """
   _check_examples(examples)
   if runs < 1:
     raise ValueError(f"eval.runs must be >= 1, got {runs}")
   prompts = prompt_arrays(tokenizer, examples, prompt_len)
+  if adapters is not None:
+    prompts = (*prompts, np.asarray(adapters, np.int32).reshape(len(examples)))
   texts_runs = []
   for r in range(runs):
     texts = []
     for s in range(0, len(examples), batch_size):
-      prompt_BP, mask_BP = _fill_rows([x[s:s + batch_size] for x in prompts], batch_size,
-                                      tokenizer.bos_id)
+      prompt_BP, mask_BP, *adapter_B = _fill_rows([x[s:s + batch_size] for x in prompts],
+                                                  batch_size, tokenizer.bos_id)
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), r), s)
       out = sampler.sample(graphdef, params, jnp.asarray(prompt_BP), jnp.asarray(mask_BP), key,
                            max_new_tokens=max_new_tokens, temperature=temperature,
-                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                           adapter_Q=jnp.asarray(adapter_B[0]) if adapter_B else None)
       tokens_BC, lengths_B = sharding.host_array(out.tokens), sharding.host_array(out.lengths)
       texts += [decode_completion(tokenizer, tokens_BC[b], int(lengths_B[b]))
                 for b in range(len(examples[s:s + batch_size]))]
