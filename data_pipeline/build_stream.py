@@ -81,11 +81,13 @@ def arm_examples(ex: Example) -> Iterator[Example]:
   them (splits.drop_reason)."""
   if not templates.has_arm_values(ex):
     return
+  unrendered = dict(prompt="", completion="", prompt_fields_cut=0)
   if ex.kind == "question":
-    yield ex.replace(id=f"arm_compare:{ex.id}", kind="arm_compare", facts=None)
+    yield ex.replace(id=f"arm_compare:{ex.id}", kind="arm_compare", facts=None, **unrendered)
   elif (ex.kind in PAIR_KINDS and ex.anchor is not None and len(ex.factors) <= 1
         and templates.has_arm_values(ex.anchor)):
-    yield ex.replace(id="arm_estimate:" + ex.id.partition(":")[2], kind="arm_estimate")
+    yield ex.replace(id="arm_estimate:" + ex.id.partition(":")[2], kind="arm_estimate",
+                     **unrendered)
 
 
 def _rendered(examples: Iterable[Example], report: BuildReport) -> Iterator[Example]:

@@ -20,6 +20,7 @@ import re
 from typing import Callable, Sequence
 
 from data_pipeline.example import Anchor, Example, Factor
+from data_pipeline.questions import arms_from_options
 
 PROMPT_CHAR_BUDGET = 1500
 ELLIPSIS = "..."
@@ -302,8 +303,21 @@ def arm_estimate_steps(ex: Example) -> int:
   return max(len(ex.factors), 1)
 
 
+def compared_arms(ex: Example) -> tuple[str, str] | None:
+  """(study arm, comparator) of a question: its fields, else as its options name them
+  (CT Open's questions name arms only there); None for a question about no two arms
+  (an endpoint met or not)."""
+  if ex.arm_a and ex.arm_b:
+    return ex.arm_a, ex.arm_b
+  return arms_from_options(ex.options)
+
+
 def _arm_lines(ex: Example, f: Fields) -> list[str]:
-  return ["First arm: " + f("arm_a", ex.arm_a), "Second arm: " + f("arm_b", ex.arm_b)]
+  arms = compared_arms(ex)
+  if arms is None:
+    raise ValueError(f"example {ex.id}: a per-arm prompt needs two compared arms (fields "
+                     f"'arm_a' and 'arm_b', or options that name them)")
+  return ["First arm: " + f("arm_a", arms[0]), "Second arm: " + f("arm_b", arms[1])]
 
 
 def render_arm_estimate_step(ex: Example, step_index: int, state: ArmState,
@@ -322,8 +336,7 @@ def render_arm_estimate_step(ex: Example, step_index: int, state: ArmState,
   factors, n = ex.factors, arm_estimate_steps(ex)
   if not 0 <= step_index < n:
     raise ValueError(f"example {ex.id}: per-arm step {step_index} of {n}")
-  if not (ex.arm_a and ex.arm_b):
-    raise ValueError(f"example {ex.id}: a per-arm step needs fields 'arm_a' and 'arm_b'")
+  _arm_lines(ex, lambda key, text: text)  # raises for a question about no two arms
   what = f"example {ex.id} per-arm step {step_index}"
   cut = [0]
 

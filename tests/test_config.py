@@ -40,6 +40,10 @@ def test_bad_sections_name_the_key():
   config.eval.mode = "vote"
   with pytest.raises(ValueError, match="eval.mode"):
     RunConfig.from_config(config)
+  config = rl.get_config()
+  config.eval.walk = "per-arm"
+  with pytest.raises(ValueError, match="eval.walk must be 'decision' or 'per_arm'"):
+    RunConfig.from_config(config)
 
 
 def _set(config, key: str, value):

@@ -220,10 +220,8 @@ def test_aggregate_vs_numpy():
     imagining.aggregate(np.zeros((0, 2)), "mean")
 
 
-def test_each_step_is_scored_by_its_factors_local_operator(policy, data):
-  """LoRA routed by factor (lora.route "factor"): step d of a walk runs with the adapter of
-  its factor (the general one for a step with no known factor), as a one-walk loop does
-  with that adapter made the active one."""
+def _routed(policy):
+  """The tiny policy with three random adapters routed by factor (general, dose, population)."""
   import jax
   from deepimagine_jax import lora, sharding
   from deepimagine_jax.config import LoRAConfig
@@ -237,7 +235,15 @@ def test_each_step_is_scored_by_its_factors_local_operator(policy, data):
   for path, v in flat:  # B = 0 would make every adapter the base
     if path[-1] == "b":
       v.set_value(jax.numpy.asarray(rs.randn(*v.shape).astype(np.float32)))
-  prm = nnx.from_flat_state(flat)
+  return lcfg, gd, nnx.from_flat_state(flat)
+
+
+def test_each_step_is_scored_by_its_factors_local_operator(policy, data):
+  """LoRA routed by factor (lora.route "factor"): step d of a walk runs with the adapter of
+  its factor (the general one for a step with no known factor), as a one-walk loop does
+  with that adapter made the active one."""
+  tok = policy[0]
+  lcfg, gd, prm = _routed(policy)
   targets, records, _ = data
   probs, traj, _ = imagining.imagine(gd, prm, tok, targets, records, k=3, how="mean",
                                      prompt_len=PROMPT_LEN, batch_size=BATCH, **DECISION)
@@ -260,3 +266,148 @@ def test_each_step_is_scored_by_its_factors_local_operator(policy, data):
   plain, _, _ = imagining.imagine(nnx.split(model)[0], prm, tok, targets, records, k=3,
                                   how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH, **DECISION)
   assert np.nanmax(np.abs(plain - probs)) > 1e-4  # the routed adapters change the answers
+
+
+# Per-arm walks (walk="per_arm") ---------------------------------------------------
+
+PER_ARM = dict(walk="per_arm", max_new_tokens=12)
+
+
+def _written(d: int) -> tuple[float, float]:
+  """The values the fake writer gives at step d."""
+  return d + 1.5, 2.0 * d
+
+
+def _fake_writer(calls):
+  def sample_texts(graphdef, params, tokenizer, examples, **kw):
+    calls.append({"n": len(examples), **{k: kw[k] for k in ("temperature", "adapters",
+                                                            "max_new_tokens", "runs")}})
+    steps = [int(ex.id.rsplit("#arms", 1)[1]) for ex in examples]
+    return [[f"The change moves it. ESTIMATE: {_written(d)}" for d in steps]]
+  return sample_texts
+
+
+def _per_arm_one(policy, rec):
+  """The reference: one per-arm walk on its own, the written values known in advance."""
+  tok, graphdef, params = policy
+  n_tokens = lambda text: _n_tokens(tok, text)
+  state, prompts = templates.anchor_state(rec.anchor), []
+  for d in range(templates.arm_estimate_steps(rec)):
+    prompts.append(templates.render_arm_estimate_step(rec, d, state, n_tokens=n_tokens,
+                                                      max_tokens=PROMPT_LEN)[0])
+    state = templates.estimate_state(rec, *_written(d))
+  compare = templates.render_arm_compare(rec, state, n_tokens=n_tokens, max_tokens=PROMPT_LEN)[0]
+  assert all(n_tokens(x) <= PROMPT_LEN for x in prompts + [compare])
+  p = scoring.option_probs_by_scoring(graphdef, params, tok, [rec.replace(prompt=compare)],
+                                      prompt_len=PROMPT_LEN, batch_size=1)[0, :rec.n_options]
+  return p, prompts + [compare]
+
+
+def _with_anchor_values(records):
+  """records[1]'s anchor given per-arm values, as a registry anchor has."""
+  out = list(records)
+  out[1] = out[1].replace(anchor=dataclasses.replace(
+      out[1].anchor, arm_a="Anchor drug", arm_b="Anchor placebo", value_a=3.0, value_b=1.5,
+      unit="mg"))
+  return out
+
+
+def test_per_arm_walk_matches_one_walk_at_a_time(policy, data, monkeypatch):
+  """Each step's prompt carries the previous state (the anchor's sentence and values, then
+  the values written), the writer is called once per depth, greedily, and each walk's
+  comparison is scored as a lone walk scores it; targets without two arms are counted."""
+  tok, graphdef, params = policy
+  targets, records, _ = data
+  records = _with_anchor_values(records)
+  calls = []
+  monkeypatch.setattr(scoring, "sample_texts", _fake_writer(calls))
+  probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, records, k=3,
+                                         how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH,
+                                         **PER_ARM)
+  walked = {0: [records[1], records[2], records[0]], 1: [records[4], records[5]]}
+  armed = [i for i in walked if templates.compared_arms(targets[i]) is not None]
+  assert armed == [0, 1]  # the sample's targets compare two arms
+  for i, recs in walked.items():
+    walks = traj[i].details["walks"]
+    if i not in armed:
+      assert np.isnan(probs[i]).all() and {w["failed"] for w in walks} == {"no_two_arms"}
+      continue
+    refs = [_per_arm_one(policy, r) for r in recs]
+    n = targets[i].n_options
+    np.testing.assert_allclose(probs[i, :n], _np_aggregate([p for p, _ in refs], "mean"),
+                               rtol=1e-5, atol=1e-7)
+    for w, r, (p_ref, prompts) in zip(walks, recs, refs):
+      assert [s["prompt"] for s in w["steps"]] == prompts and not w["failed"]
+      np.testing.assert_allclose(w["probs"], p_ref, rtol=1e-5, atol=1e-7)
+      depth = templates.arm_estimate_steps(r)
+      assert [s["values"] for s in w["steps"][:depth]] == [list(_written(d))
+                                                           for d in range(depth)]
+      assert w["steps"][0]["given"] == templates.anchor_state(r.anchor).text()
+      assert w["steps"][-1]["factor"] == "compare" and w["steps"][-1]["probs"] is not None
+  assert "Values: first arm (Anchor drug) 3 mg" in traj[0].details["walks"][0]["steps"][0][
+      "prompt"]
+  longest = max(templates.arm_estimate_steps(r) for i in armed for r in walked[i])
+  assert len(calls) == stats["generation_calls"] == longest
+  assert all(c["temperature"] == 0.0 and c["adapters"] is None and c["runs"] == 1
+             and c["max_new_tokens"] == 12 for c in calls)
+  assert stats["prompts_generated"] == sum(templates.arm_estimate_steps(r)
+                                           for i in armed for r in walked[i])
+  assert stats["scoring_calls"] == 1 and stats["walk"] == "per_arm"
+  assert stats["imagined"] == len(armed) and stats["missing"] == 3 - len(armed)
+  page = report.trajectories_html(traj)
+  assert "compare" in page and 'class="walk"' in page
+  # a question about no two arms (an endpoint met or not) has no per-arm walk: counted
+  met = targets[0].replace(id="met", options=("This endpoint is met.",
+                                              "This endpoint is not met."))
+  rec = records[0].replace(id=f"approximate_pair:{records[0].anchor.id}->met",
+                           options=met.options)
+  probs, _, stats = imagining.imagine(graphdef, params, tok, [met], [rec], k=3, how="mean",
+                                      prompt_len=PROMPT_LEN, batch_size=BATCH, **PER_ARM)
+  assert np.isnan(probs).all() and stats["walks_failed"] == {"no_two_arms": 1}
+  assert stats["generation_calls"] == stats["scoring_calls"] == 0
+
+
+def test_per_arm_walk_counts_what_the_model_cannot_write(policy, data):
+  """A random model writes no ESTIMATE line: every walk ends at its first step, counted,
+  and no target is answered (nothing falls back)."""
+  tok, graphdef, params = policy
+  targets, records, _ = data
+  probs, traj, stats = imagining.imagine(graphdef, params, tok, targets, records, k=3,
+                                         how="mean", prompt_len=PROMPT_LEN, batch_size=BATCH,
+                                         **PER_ARM)
+  assert np.isnan(probs).all() and stats["imagined"] == 0 and stats["scoring_calls"] == 0
+  assert stats["generation_calls"] == 1
+  failed = stats["walks_failed"]
+  assert sum(failed.values()) == stats["walks"] == 5
+  assert set(failed) <= {"estimate_unparsed", "no_two_arms"} and failed["estimate_unparsed"]
+  for t in traj:
+    for w in t.details["walks"]:
+      if w["failed"] == "estimate_unparsed":
+        (step,) = w["steps"]
+        assert step["values"] is None and step["estimate"] == step["text"]
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    imagining.imagine(graphdef, params, tok, targets, records, k=3, how="mean",
+                      prompt_len=PROMPT_LEN, batch_size=BATCH, walk="per_arm", max_new_tokens=0)
+  with pytest.raises(ValueError, match="eval.walk"):
+    imagining.imagine(graphdef, params, tok, targets, records, k=3, how="mean",
+                      prompt_len=PROMPT_LEN, batch_size=BATCH, walk="both", max_new_tokens=4)
+
+
+def test_written_estimates_use_each_examples_adapter(policy, data):
+  """sample_texts with per-example adapters writes what the model with that adapter made
+  the active one writes (greedy), as the per-arm walk's steps route by factor."""
+  tok = policy[0]
+  lcfg, gd, prm = _routed(policy)
+  targets, _, _ = data
+  exs = [targets[i % len(targets)] for i in range(5)]
+  adapters = [0, 1, 2, 1, 0]
+  kw = dict(runs=1, temperature=0.0, max_new_tokens=6, batch_size=4, prompt_len=PROMPT_LEN,
+            seed=0)
+  (routed,) = scoring.sample_texts(gd, prm, tok, exs, adapters=adapters, **kw)
+  model = nnx.merge(gd, prm)
+  by_adapter = {}
+  for e in range(3):
+    model.active_adapter = e
+    (by_adapter[e],) = scoring.sample_texts(nnx.split(model)[0], prm, tok, exs, **kw)
+  assert routed == [by_adapter[a][j] for j, a in enumerate(adapters)]
+  assert len({tuple(v) for v in by_adapter.values()}) > 1  # the adapters write differently

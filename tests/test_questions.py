@@ -107,6 +107,8 @@ def test_known_polarity_labels_and_study_arm_first():
   assert set(qs) == {"superiority", "comparative", "endpoint_met"}
   # Placebo is listed first in the analysis; the study arm is still Drug X.
   assert qs["superiority"].arm_a == "Drug X" and qs["superiority"].label == 0
+  # each arm's observed value follows it when the study arm is put first
+  assert [(q.value_a, q.value_b, q.unit) for q in qs.values()] == [(55.0, 40.0, "%")] * 3
   assert qs["comparative"].label == 0 and qs["endpoint_met"].label == 0
   low = {q.question_type: q for q in questions.derive_questions(
       _trial("lower_better", title="Pain score at week 12"))}

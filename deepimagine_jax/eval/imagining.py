@@ -218,7 +218,7 @@ def _walk_per_arm(walks, graphdef, params, tokenizer, n_tokens, *, prompt_len: i
   routed = lora.routed_config(graphdef, params)
   for w in walks:
     w.current = templates.anchor_state(w.pair.anchor)
-    if not (w.pair.arm_a and w.pair.arm_b):
+    if templates.compared_arms(w.pair) is None:
       w.fail("no_two_arms", failed)
   depth = 0
   while True:
