@@ -1,4 +1,4 @@
-"""The controlled trial world: does learning from counterfactual pairs transfer? Four arms, equal compute.
+"""The controlled trial world: does learning from counterfactual pairs transfer? Six arms, equal compute.
 
 On this 2-core CPU (the `mini` model, 3 seeds, under 30 minutes):
   python launch/main.py --config=configs/world.py
@@ -13,7 +13,9 @@ A larger world and model on an accelerator (one GPU / TPU host):
 Arms (experiment.steps optimizer steps each, sft.global_batch_size sequences per step):
 questions (SFT on questions), pairs (SFT on questions + natural pairs), grpo (the pairs arm's
 SFT for steps - rl_steps, then GRPO on approximate pairs for rl_steps), imagining (the grpo
-model, answering held-out questions by stepwise imagining from anchors). Held-out splits:
+model, answering held-out questions by stepwise imagining from anchors), arms (SFT on questions,
+natural pairs and the per-arm operators' examples), arm_walks (the arms model answering by
+per-arm walks from anchors: each step writes both arms' values, then compares). Held-out splits:
 test_combo ((drug, condition) combinations never trialled in training) and test_dose
 (doses of seen drugs never given in training). Writes <workdir>/report/{world.md,
 world.json, world.png}.
@@ -71,7 +73,7 @@ def world() -> ml_collections.ConfigDict:
 
 
 def experiment() -> ml_collections.ConfigDict:
-  """The four arms at equal compute, and how they are measured."""
+  """The arms at equal compute, and how they are measured."""
   e = ml_collections.ConfigDict()
   e.seeds = 3  # training seeds per arm (model init and data order); the world is fixed
   e.steps = 400  # optimizer steps of every arm (questions arm: ~6 epochs of its questions)

@@ -4,7 +4,8 @@ Why a build of its own: the real-data build reads files and hashes trials into
 splits; the world needs two held-out sets chosen by the mechanism. Everything
 else is the project's stages, unchanged: questions.derive_questions, facts,
 anchors.find_anchors (similar, time-respecting, training trials only), pairs
-(natural_pairs, cross_trial_pairs), templates, splits.assign_splits (held-out
+(natural_pairs, cross_trial_pairs), the per-arm operators' examples
+(build_stream.arm_examples), templates, splits.assign_splits (held-out
 trials are its `eval`; natural pairs and held-out anchors dropped and counted) and
 splits.assert_no_leakage. Held-out splits:
   test_combo  trials with a (drug, condition) combination that no training trial has,
@@ -19,7 +20,7 @@ import os
 import pathlib
 from typing import Sequence
 
-from data_pipeline import anchors, facts, io, pairs, questions, splits, templates
+from data_pipeline import anchors, build_stream, facts, io, pairs, questions, splits, templates
 from data_pipeline.build import BuiltData, TrainTokenizer, label_balance
 from data_pipeline.build_report import BuildReport
 from data_pipeline.example import Example
@@ -71,10 +72,12 @@ def build_examples(world: World, cfg: WorldConfig, *, anchors_k: int, retriever:
   split_of = splits.TrialSplits(cfg.seed, dev_fraction=cfg.dev_fraction,
                                 rl_fraction=cfg.rl_fraction, eval_trial_ids=held)
   found = anchors.find_anchors(qs, trials, split_of, k=anchors_k, retriever=retriever)
-  examples = [templates.render(q) for q in qs]
-  examples += pairs.natural_pairs(qs, report, max_anchors=max_anchors)
+  made = list(qs) + pairs.natural_pairs(qs, report, max_anchors=max_anchors)
   for q in qs:
-    examples += pairs.cross_trial_pairs(q, found.anchors.get(q.id, ()), facts.FACTORS, report)
+    made += pairs.cross_trial_pairs(q, found.anchors.get(q.id, ()), facts.FACTORS, report)
+  # each with the per-arm operators' example it gives (training splits only)
+  examples = [templates.render(x) if not x.prompt else x
+              for ex in made for x in (ex, *build_stream.arm_examples(ex))]
   by_split = splits.assign_splits(examples, cfg.seed, dev_fraction=cfg.dev_fraction,
                                   rl_fraction=cfg.rl_fraction, eval_trial_ids=held,
                                   report=report)

@@ -11,8 +11,14 @@ length), the arms:
              cross-trial pairs (rl.kinds: approximate pairs, one factor apart, and
              chains, several; prompts_per_step x group_size = the SFT batch);
   imagining  the grpo model, answering by stepwise imagining from anchors
-             (eval.imagining; a target without a chain keeps its direct answer,
-             counted).
+             (eval.imagining, walks of eval.walk; a target without a finished walk
+             keeps its direct answer, counted);
+  arms       SFT on the questions, natural pairs and the per-arm operators'
+             examples (arm_estimate: an anchor's arm values + one change -> the
+             target's; arm_compare: arm values -> the decision), answering directly;
+  arm_walks  the arms model, answering by per-arm walks from anchors (eval/imagining.py
+             walk "per_arm": each step writes the two arms' values, the last
+             values are compared; the direct answer where no walk finishes, counted).
 Every arm answers the held-out questions of each split by scoring
 (eval.scoring); references are the per-category majority, copy-the-anchor and
 TF-IDF LR / RF without and with anchor features (eval.baselines; a target
@@ -43,9 +49,12 @@ from deepimagine_jax.config import OptimizerConfig, RunConfig
 from deepimagine_jax.eval import baselines, imagining, metrics, scoring
 from deepimagine_jax.tokenizer import Tokenizer
 
-ARMS = ("questions", "pairs", "grpo", "imagining")
+ARMS = ("questions", "pairs", "grpo", "imagining", "arms", "arm_walks")
 SFT_KINDS = {"questions": ("question",), "pairs": ("question", "natural_pair"),
-             "grpo": ("question", "natural_pair")}
+             "grpo": ("question", "natural_pair"),
+             "arms": ("question", "natural_pair", "arm_estimate", "arm_compare")}
+TRAINED = tuple(SFT_KINDS)  # the arms with a model of their own
+WALKED = {"grpo": "imagining", "arms": "arm_walks"}  # model arm -> the arm of its walks
 REFERENCES = ("majority", "copy_anchor", "logreg_tfidf", "logreg_tfidf+anchor",
               "random_forest_tfidf", "random_forest_tfidf+anchor")
 SHOWN = ("balanced_accuracy", "macro_f1", "cross_entropy")
@@ -226,7 +235,7 @@ def plot(results: dict, splits: Sequence[str], path: pathlib.Path) -> None:
 
 
 def world(config, workdir: str):
-  """The experiment job (configs/world.py): build, four arms x seeds, references, report."""
+  """The experiment job (configs/world.py): build, the arms x seeds, references, report."""
   t0 = time.time()
   run = RunConfig.from_config(config)
   wcfg = WorldConfig(**dict(config.world))
@@ -237,10 +246,10 @@ def world(config, workdir: str):
   targets = {s: built.examples(s, ("question",)) for s in exp.splits}
   split_examples = {s: built.examples(s) for s in exp.splits}
   probs: dict = {arm: {s: [] for s in exp.splits} for arm in ARMS}
-  imagining_stats: dict = {s: [] for s in exp.splits}
+  walk_stats: dict = {name: {s: [] for s in exp.splits} for name in WALKED.values()}
   held_trials = {t.trial_id for s in exp.splits for t in targets[s]}
   for i in range(exp.seeds):
-    for arm in ARMS[:3]:
+    for arm in TRAINED:
       arm_run = arm_config(run, arm, run.seed + i, exp)
       arm_dir = os.path.join(workdir, f"seed{i}", arm)
       graphdef, params = train_arm(arm_run, arm, arm_dir, built, tokenizer, mesh)
@@ -249,17 +258,18 @@ def world(config, workdir: str):
             graphdef, params, tokenizer, targets[s], prompt_len=run.data.prompt_len,
             batch_size=run.eval.batch_size)
         probs[arm][s].append(scoring.trimmed(direct, targets[s]))
-        if arm == "grpo":
+        if arm in WALKED:
           walks = [ex for ex in split_examples[s] if ex.kind in CROSS_TRIAL]
           p, _, stats = imagining.imagine(
               graphdef, params, tokenizer, targets[s], walks, k=run.eval.imagining_k,
               how=run.eval.aggregate, prompt_len=run.data.prompt_len,
-              batch_size=run.eval.batch_size, walk=run.eval.walk,
+              batch_size=run.eval.batch_size,
+              walk="per_arm" if arm == "arms" else run.eval.walk,
               max_new_tokens=run.eval.max_new_tokens, direct_probs=direct,
               exclude_anchor_ids={t.id for t in targets[s]},
               exclude_anchor_trials=held_trials)
-          probs["imagining"][s].append(scoring.trimmed(p, targets[s]))
-          imagining_stats[s].append(stats)
+          probs[WALKED[arm]][s].append(scoring.trimmed(p, targets[s]))
+          walk_stats[WALKED[arm]][s].append(stats)
       logging.info("world: seed %d arm %s done at %.0f s", i, arm, time.time() - t0)
   train_q = [ex for s in world_build.TRAINING for ex in built.examples(s, ("question",))]
   train_pairs = [ex for s in world_build.TRAINING for ex in built.examples(s, CROSS_TRIAL)
@@ -277,7 +287,7 @@ def world(config, workdir: str):
     refs = {name: [list(r[part]) for r in runs] for name, runs in all_refs.items()}
     anchored = len(nearest_pairs(targets[s], split_examples[s]))
     results[s] = {"questions": {"n": len(targets[s]), "anchored": anchored},
-                  "imagining": {"stats": imagining_stats[s]}}
+                  **{name: {"stats": st[s]} for name, st in walk_stats.items()}}
     for name, runs in [(a, probs[a][s]) for a in ARMS] + list(refs.items()):
       entry = {k: v for k, v in score(targets[s], runs).items() if k in SHOWN}
       entry["ci"] = bootstrap(targets[s], runs, exp.bootstrap, exp.ci, run.seed)
@@ -292,7 +302,14 @@ def world(config, workdir: str):
   md = ["# World experiment", "", f"{exp.seeds} seeds x {exp.steps} steps "
         f"({exp.rl_steps} GRPO in grpo / imagining); {elapsed:.0f} s in all.", "",
         f"Cells: metric over seeds [{exp.ci:.0%} bootstrap interval over questions].", "",
-        table, "![accuracy](world.png)", ""]
+        table, "![accuracy](world.png)", "", "Walks (per seed: targets answered through "
+        "their anchors, the rest by the model's direct answer; walks that did not finish):", ""]
+  for name, by_split in walk_stats.items():
+    for s, seeds in by_split.items():
+      md += [f"- {name}, {s}, seed {i}: {st['imagined']} of {st['targets']} through anchors, "
+             f"{st['fallback']} direct; {st['walks']} walks, failed {st['walks_failed']}"
+             for i, st in enumerate(seeds)]
+  md.append("")
   io.atomic_write(report_dir / "world.md", "\n".join(md))
   print(table)
   print(f"world experiment: {elapsed:.0f} s; report in {report_dir}")

@@ -388,6 +388,9 @@ def test_per_arm_walk_counts_what_the_model_cannot_write(policy, data):
   with pytest.raises(ValueError, match="max_new_tokens"):
     imagining.imagine(graphdef, params, tok, targets, records, k=3, how="mean",
                       prompt_len=PROMPT_LEN, batch_size=BATCH, walk="per_arm", max_new_tokens=0)
+  with pytest.raises(ValueError, match="eval.max_new_tokens 40 exceeds the model's max_seq_len"):
+    imagining.imagine(graphdef, params, tok, targets, records, k=3, how="mean",
+                      prompt_len=PROMPT_LEN, batch_size=BATCH, walk="per_arm", max_new_tokens=40)
   with pytest.raises(ValueError, match="eval.walk"):
     imagining.imagine(graphdef, params, tok, targets, records, k=3, how="mean",
                       prompt_len=PROMPT_LEN, batch_size=BATCH, walk="both", max_new_tokens=4)

@@ -16,6 +16,7 @@ def test_world_quick_end_to_end(tmp_path):
   c.data.seq_len = 256
   c.data.prompt_len = 240
   c.rl.max_new_tokens = 8
+  c.eval.max_new_tokens = 16  # per-arm estimates are written after a 240-token prompt
   c.rl.prompts_per_step = 8  # a multiple of the 8 test devices
   c.rl.group_size = 2
   results = world_job.world(c, str(tmp_path))
@@ -25,10 +26,18 @@ def test_world_quick_end_to_end(tmp_path):
       lo, hi = entry["ci"]["balanced_accuracy"]
       assert 0.0 <= lo <= hi <= 1.0, (split, name)
       assert entry["cross_entropy"] > 0
-    stats = results[split]["imagining"]["stats"][0]
-    assert stats["imagined"] + stats["fallback"] == results[split]["questions"]["n"]
+    for name, walk in (("imagining", "decision"), ("arm_walks", "per_arm")):
+      stats = results[split][name]["stats"][0]
+      assert stats["imagined"] + stats["fallback"] == results[split]["questions"]["n"]
+      assert stats["walk"] == walk
+  sizes = json.loads((tmp_path / "data" / "report.json").read_text())[
+      "split_sizes_by_kind"]
+  assert sizes["train"]["arm_estimate"] > 0 and sizes["train"]["arm_compare"] > 0
+  assert not any(k.startswith("arm_") for s in ("test_combo", "test_dose")
+                 for k in sizes.get(s, {}))  # the per-arm operators train only
   for name in ("world.md", "world.json", "world.png"):
     assert (tmp_path / "report" / name).stat().st_size > 0
+  assert "arm_walks, test_combo, seed 0:" in (tmp_path / "report" / "world.md").read_text()
   saved = json.loads((tmp_path / "report" / "world.json").read_text())
   assert saved["build"]["split_sizes"]["test_combo"] > 0
   assert [json.loads(l)["step"] for l in open(tmp_path / "seed0" / "grpo" / "rl" / "metrics.jsonl")] == [1]

@@ -40,6 +40,7 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
+from flax import nnx
 
 from data_pipeline import templates
 from data_pipeline.example import Example
@@ -173,23 +174,30 @@ def _step_record(w: _Walk, depth: int, routed, adapter) -> dict:
           "to": factor.target_value if factor else "", "given": given}
 
 
+def _prompts(walks: Sequence[_Walk], tag: str, failed: collections.Counter, render):
+  """(walks, their call's examples) for the walks whose prompt `render(walk)` fits the
+  window; one that cannot fit ends there, counted."""
+  live, examples = [], []
+  for w in walks:
+    try:
+      prompt = render(w)
+    except templates.PromptTooLong:
+      w.fail("prompt_too_long", failed)
+      continue
+    live.append(w)
+    examples.append(w.pair.replace(id=f"{w.pair.id}#{tag}", prompt=prompt))
+  return live, examples
+
+
 def _walk_decisions(walks, graphdef, params, tokenizer, n_tokens, *, prompt_len: int,
                     batch_size: int, failed: collections.Counter, counts: collections.Counter):
   """Walks whose state is an option sentence: every call is a scored decision."""
   routed = lora.routed_config(graphdef, params)  # each step by its factor's local operator
   depth = 0
   while True:
-    live, examples = [], []
-    for w in walks:
-      if w.failed or depth >= w.n_calls:
-        continue
-      try:
-        prompt = step_prompt(w.pair, depth, w.current, n_tokens, prompt_len)
-      except templates.PromptTooLong:
-        w.fail("prompt_too_long", failed)
-        continue
-      live.append(w)
-      examples.append(w.pair.replace(id=f"{w.pair.id}#step{depth}", prompt=prompt))
+    live, examples = _prompts(
+        [w for w in walks if not w.failed and depth < w.n_calls], f"step{depth}", failed,
+        lambda w: step_prompt(w.pair, depth, w.current, n_tokens, prompt_len))
     if not live:
       break
     adapters = _adapters(routed, live, depth)
@@ -222,18 +230,10 @@ def _walk_per_arm(walks, graphdef, params, tokenizer, n_tokens, *, prompt_len: i
       w.fail("no_two_arms", failed)
   depth = 0
   while True:
-    live, examples = [], []
-    for w in walks:
-      if w.failed or depth >= templates.arm_estimate_steps(w.pair):
-        continue
-      try:
-        prompt, _, _ = templates.render_arm_estimate_step(
-            w.pair, depth, w.current, n_tokens=n_tokens, max_tokens=prompt_len)
-      except templates.PromptTooLong:
-        w.fail("prompt_too_long", failed)
-        continue
-      live.append(w)
-      examples.append(w.pair.replace(id=f"{w.pair.id}#arms{depth}", prompt=prompt))
+    live, examples = _prompts(
+        [w for w in walks if not w.failed and depth < templates.arm_estimate_steps(w.pair)],
+        f"arms{depth}", failed, lambda w: templates.render_arm_estimate_step(
+            w.pair, depth, w.current, n_tokens=n_tokens, max_tokens=prompt_len)[0])
     if not live:
       break
     adapters = _adapters(routed, live, depth)
@@ -256,18 +256,10 @@ def _walk_per_arm(walks, graphdef, params, tokenizer, n_tokens, *, prompt_len: i
       else:
         w.current = state
     depth += 1
-  live, examples = [], []
-  for w in walks:
-    if w.failed:
-      continue
-    try:
-      prompt, _, _ = templates.render_arm_compare(w.pair, w.current, n_tokens=n_tokens,
-                                                  max_tokens=prompt_len)
-    except templates.PromptTooLong:
-      w.fail("prompt_too_long", failed)
-      continue
-    live.append(w)
-    examples.append(w.pair.replace(id=f"{w.pair.id}#compare", prompt=prompt))
+  live, examples = _prompts(
+      [w for w in walks if not w.failed], "compare", failed,
+      lambda w: templates.render_arm_compare(w.pair, w.current, n_tokens=n_tokens,
+                                             max_tokens=prompt_len)[0])
   if live:
     adapters = _adapters(routed, live, None)
     probs = scoring.option_probs_by_scoring(graphdef, params, tokenizer, examples,
@@ -310,6 +302,12 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], pairs: Sequ
     raise ValueError(f"eval.walk must be one of {WALKS}, got {walk!r}")
   if walk == "per_arm" and max_new_tokens < 1:
     raise ValueError(f"eval.max_new_tokens must be >= 1 for a per_arm walk, got {max_new_tokens}")
+  if walk == "per_arm":
+    context = nnx.merge(graphdef, params).cfg.max_seq_len
+    if prompt_len + max_new_tokens > context:
+      raise ValueError(f"data.prompt_len {prompt_len} + eval.max_new_tokens {max_new_tokens} "
+                       f"exceeds the model's max_seq_len {context}: a per_arm walk writes each "
+                       f"estimate after its prompt")
   if k < 1:
     raise ValueError(f"eval.imagining_k must be >= 1, got {k}")
   if direct_probs is not None and np.shape(direct_probs) != (len(targets), scoring.MAX_OPTIONS):
