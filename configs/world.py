@@ -115,6 +115,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.rl.beta = 0.0
   c.eval = common.eval_()
   c.eval.imagining_k = 2
+  c.eval.max_new_tokens = 32  # an ESTIMATE line of two 4-digit values is about 20 tokens here
   c.eval.rf_seeds = (0,)
   c.world = world()
   c.experiment = experiment()

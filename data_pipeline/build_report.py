@@ -15,7 +15,7 @@ import collections
 import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
-from data_pipeline.example import PAIR_KINDS
+from data_pipeline.example import ARM_KINDS, PAIR_KINDS
 
 MAX_EXAMPLES = 3
 
@@ -146,11 +146,18 @@ def format_report(r: dict) -> str:
   lines.append("pairs by kind / perturbation (cross-trial kinds: pairs in which each factor "
                "differs):")
   for kind, d in r["pairs_by_kind_and_perturbation"].items():
+    if kind == "arm_compare":  # a question shown with its values: no pair, no factor
+      continue
     if kind != "natural_pair":
       per = collections.Counter(f for k, v in d.items() for f in k.split("+") if f for _ in
                                 range(v))
       d = {f: per[f] for f in r["anchors"]["factor_order"] if per[f]}
     lines.append(f"  {kind:<20} " + ", ".join(f"{k or '-'}={v}" for k, v in d.items()))
+  arm_kinds = {s: {k: n for k, n in d.items() if k in ARM_KINDS}
+               for s, d in r["split_sizes_by_kind"].items()}
+  lines.append("per-arm operators' examples (training splits only), per split: " + "; ".join(
+      f"{s} " + ", ".join(f"{k}={n}" for k, n in sorted(d.items()))
+      for s, d in arm_kinds.items() if d))
   lines.append("pairs by split / kind / number of differing factors:")
   for s, d in r["pairs_by_split_kind_and_n_factors"].items():
     for kind, c in d.items():
