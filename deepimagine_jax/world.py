@@ -234,6 +234,16 @@ def plot(results: dict, splits: Sequence[str], path: pathlib.Path) -> None:
   io.atomic_write(path, out.getvalue())
 
 
+def estimates_line(q: dict) -> str:
+  """imagining.estimate_quality as words: the written values, then the anchor's copied."""
+  w, a = q["written"], q["anchor"]
+  return (f"; over {q['n']} finished walks from anchors with values, the written values "
+          f"(copying the anchor's) have the observed sign of the arms' difference "
+          f"{w['sign_agreement']:.3f} ({a['sign_agreement']:.3f}), difference correlation "
+          f"{w['diff_correlation']:.3f} ({a['diff_correlation']:.3f}), mean absolute error "
+          f"{w['mae']:.3f} ({a['mae']:.3f})")
+
+
 def world(config, workdir: str):
   """The experiment job (configs/world.py): build, the arms x seeds, references, report."""
   t0 = time.time()
@@ -260,7 +270,7 @@ def world(config, workdir: str):
         probs[arm][s].append(scoring.trimmed(direct, targets[s]))
         if arm in WALKED:
           walks = [ex for ex in split_examples[s] if ex.kind in CROSS_TRIAL]
-          p, _, stats = imagining.imagine(
+          p, traj, stats = imagining.imagine(
               graphdef, params, tokenizer, targets[s], walks, k=run.eval.imagining_k,
               how=run.eval.aggregate, prompt_len=run.data.prompt_len,
               batch_size=run.eval.batch_size,
@@ -268,6 +278,9 @@ def world(config, workdir: str):
               max_new_tokens=run.eval.max_new_tokens, direct_probs=direct,
               exclude_anchor_ids={t.id for t in targets[s]},
               exclude_anchor_trials=held_trials)
+          if arm == "arms":  # the values the walks wrote against the observed ones
+            stats["estimates"] = imagining.estimate_quality(
+                *imagining.written_estimates(traj, targets[s]))
           probs[WALKED[arm]][s].append(scoring.trimmed(p, targets[s]))
           walk_stats[WALKED[arm]][s].append(stats)
       logging.info("world: seed %d arm %s done at %.0f s", i, arm, time.time() - t0)
@@ -308,6 +321,7 @@ def world(config, workdir: str):
     for s, seeds in by_split.items():
       md += [f"- {name}, {s}, seed {i}: {st['imagined']} of {st['targets']} through anchors, "
              f"{st['fallback']} direct; {st['walks']} walks, failed {st['walks_failed']}"
+             + (estimates_line(st["estimates"]) if "estimates" in st else "")
              for i, st in enumerate(seeds)]
   md.append("")
   io.atomic_write(report_dir / "world.md", "\n".join(md))

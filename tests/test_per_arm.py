@@ -126,3 +126,40 @@ def test_arm_examples_the_build_makes():
   for bad in (est.replace(prompt="", anchor=None), compare.replace(prompt="", value_a=None)):
     with pytest.raises(ValueError, match="needs"):
       templates.render(bad)
+
+
+def test_written_estimates_and_their_quality():
+  """The world's read-out of per-arm walks: last written values per finished walk from an
+  anchor with values, against the target's observed values (hand-computed reference)."""
+  import types
+  from deepimagine_jax.eval import imagining
+
+  def walk(written, anchor_values, failed=""):
+    steps = [{"values": v} for v in written] + [{"factor": "compare", "probs": [0.5, 0.5]}]
+    return {"steps": steps, "anchor_values": anchor_values, "failed": failed}
+
+  targets = [_q("t0", "NCT1", values=(3.0, 1.0)), _q("t1", "NCT2", values=(1.0, 2.0)),
+             _q("t2", "NCT3", values=None)]
+  trajs = [types.SimpleNamespace(details={"walks": [
+               walk([[9.0, 9.0], [2.0, 1.0]], [1.0, 2.0]),  # the last values count
+               walk([[7.0, 1.0]], None),  # an anchor without values: left out
+               walk([[7.0, 1.0]], [1.0, 2.0], failed="estimate_unparsed")]}),
+           types.SimpleNamespace(details={"walks": [walk([[0.0, 3.0]], [1.0, 0.0]),
+                                                    walk([[5.0, 5.5]], [4.0, 3.0])]}),
+           types.SimpleNamespace(details={"walks": [walk([[1.0, 1.0]], [1.0, 0.0])]})]
+  written, anchor, observed = imagining.written_estimates(trajs, targets)
+  np.testing.assert_array_equal(written, [[2, 1], [0, 3], [5, 5.5]])
+  np.testing.assert_array_equal(anchor, [[1, 2], [1, 0], [4, 3]])
+  np.testing.assert_array_equal(observed, [[3, 1], [1, 2], [1, 2]])
+  q = imagining.estimate_quality(written, anchor, observed)
+  d, a, o = np.array([1, -3, -0.5]), np.array([-1, 1, 1]), np.array([2, -1, -1])
+  r = lambda x: np.sum((x - x.mean()) * (o - o.mean())) / np.sqrt(
+      np.sum((x - x.mean()) ** 2) * np.sum((o - o.mean()) ** 2))
+  assert q["n"] == 3
+  assert q["written"]["sign_agreement"] == 1.0 and q["anchor"]["sign_agreement"] == 0.0
+  assert q["written"]["diff_correlation"] == pytest.approx(r(d))
+  assert q["anchor"]["diff_correlation"] == pytest.approx(r(a))
+  assert q["written"]["mae"] == pytest.approx((1 + 0 + 1 + 1 + 4 + 3.5) / 6)
+  assert q["anchor"]["mae"] == pytest.approx((2 + 1 + 0 + 2 + 3 + 1) / 6)
+  empty = imagining.estimate_quality(*imagining.written_estimates([], []))
+  assert empty["n"] == 0 and np.isnan(empty["written"]["sign_agreement"])

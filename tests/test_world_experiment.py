@@ -30,6 +30,7 @@ def test_world_quick_end_to_end(tmp_path):
       stats = results[split][name]["stats"][0]
       assert stats["imagined"] + stats["fallback"] == results[split]["questions"]["n"]
       assert stats["walk"] == walk
+    assert results[split]["arm_walks"]["stats"][0]["estimates"]["n"] >= 0
   sizes = json.loads((tmp_path / "data" / "report.json").read_text())[
       "split_sizes_by_kind"]
   assert sizes["train"]["arm_estimate"] > 0 and sizes["train"]["arm_compare"] > 0

@@ -151,6 +151,7 @@ def _walk_json(w: _Walk) -> dict:
   return {"pair_id": w.pair.id, "kind": w.pair.kind, "anchor_id": a.id,
           "anchor_trial_id": a.trial_id, "anchor_title": a.title,
           "anchor_endpoint": a.endpoint, "anchor_result": a.answer,
+          "anchor_values": [a.value_a, a.value_b] if templates.has_arm_values(a) else None,
           "similarity": w.pair.similarity, "unknown_factors": list(w.pair.unknown_factors),
           "steps": w.steps, "failed": w.failed,
           "probs": None if w.probs is None else [float(x) for x in w.probs]}
@@ -360,3 +361,37 @@ def imagine(graphdef, params, tokenizer, targets: Sequence[Example], pairs: Sequ
            "generation_calls": counts["generation_calls"],
            "prompts_generated": counts["prompts_generated"], "skipped": skipped}
   return out, trajectories, stats
+
+
+def written_estimates(trajectories: Sequence[Trajectory], targets: Sequence[Example]):
+  """(written [N, 2], anchors' [N, 2], observed [N, 2]) over the finished per-arm walks of
+  targets whose two arms' values are known and whose anchor's are: each walk's last
+  written values, its anchor's observed values, the target's observed values (NaN rows
+  where an anchor has none are left out)."""
+  written, anchor, observed = [], [], []
+  for t, traj in zip(targets, trajectories):
+    if not templates.has_arm_values(t):
+      continue
+    for w in traj.details["walks"]:
+      values = [s["values"] for s in w["steps"] if s.get("values") is not None]
+      if w["failed"] or not values or w["anchor_values"] is None:
+        continue
+      written.append(values[-1])
+      anchor.append(w["anchor_values"])
+      observed.append([t.value_a, t.value_b])
+  shape = lambda x: np.asarray(x, np.float64).reshape(-1, 2)
+  return shape(written), shape(anchor), shape(observed)
+
+
+def estimate_quality(written: np.ndarray, anchor: np.ndarray, observed: np.ndarray) -> dict:
+  """How written per-arm values match the observed ones, beside copying the anchor's:
+  n, the share whose first-minus-second difference has the observed sign, the
+  Pearson correlation of the differences and the mean absolute error per arm value."""
+  def of(x):
+    d, d_obs = x[:, 0] - x[:, 1], observed[:, 0] - observed[:, 1]
+    r = (float(np.corrcoef(d, d_obs)[0, 1]) if len(d) > 1 and d.std() > 0 and d_obs.std() > 0
+         else float("nan"))
+    return {"sign_agreement": float(np.mean(np.sign(d) == np.sign(d_obs))) if len(d) else
+            float("nan"), "diff_correlation": r,
+            "mae": float(np.mean(np.abs(x - observed))) if len(d) else float("nan")}
+  return {"n": int(len(observed)), "written": of(written), "anchor": of(anchor)}
