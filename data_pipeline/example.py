@@ -4,7 +4,7 @@ Readers and builders make Examples; templates fill `prompt` / `completion`; the
 build writes them as JSON lines (`to_json`) and `BuiltData.examples` reads them
 back (`Example.from_json`). Every field has one type for every source, so no
 consumer branches on where a record came from or reads a field with a default.
-Nothing mutates an Example: changes are `ex.replace(...)` (dataclasses.replace).
+Nothing mutates an Example: changes are `ex.replace(...)` (as dataclasses.replace).
 
 Fields (defaults in brackets; "" / -1 / () / None mean "does not apply"):
   id               unique, deterministic ("ct_open:Winter_2025:NCT..:<hash>:0",
@@ -203,8 +203,8 @@ class Example:
     """A pair / chain Example (unrendered): the target's question and label, the anchor
     question with its answer, the changed factors (Factor records) in order."""
     factors = tuple(factors)
-    return dataclasses.replace(
-        target, id=f"{kind}:{anchor.id}->{target.id}", kind=kind,
+    return target.replace(
+        id=f"{kind}:{anchor.id}->{target.id}", kind=kind,
         perturbation="+".join(sorted({f.factor for f in factors})),
         anchor_trial_id=anchor.trial_id, anchor=Anchor.of(anchor), factors=factors,
         unknown_factors=tuple(unknown_factors), similarity=similarity, facts=None,
@@ -215,8 +215,16 @@ class Example:
     return len(self.options)
 
   def replace(self, **changes) -> Example:
-    """A copy with `changes` (dataclasses.replace)."""
-    return dataclasses.replace(self, **changes)
+    """A copy with `changes`: dataclasses.replace's result (tested equal), built without
+    the generated __init__ (a build makes millions of copies; Example validates nothing
+    there). An unknown field is a TypeError, as there."""
+    unknown = changes.keys() - _FIELD_SET
+    if unknown:
+      raise TypeError(f"Example has no field(s) {sorted(unknown)}")
+    new = object.__new__(Example)
+    for name in _FIELD_NAMES:
+      object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+    return new
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-ready dict of every field (tuples as lists, nested records as dicts)."""
@@ -228,6 +236,10 @@ class Example:
     an unknown field or a wrong type raises ExampleError naming the id and field."""
     rid = record.get("id", "?") if isinstance(record, Mapping) else "?"
     return _decode(cls, record, "", rid)
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Example))
+_FIELD_SET = frozenset(_FIELD_NAMES)
 
 
 def _encode(x):

@@ -13,7 +13,6 @@ anchor is published with it), so in dev / eval they are dropped (and counted).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 from typing import Iterable, Mapping
 
@@ -111,7 +110,7 @@ def assign_splits(examples: Iterable[Example], seed: int, *, dev_fraction: float
   for ex in examples:
     split = split_or_drop(ex, split_of, report)
     if split:
-      out[split].append(dataclasses.replace(ex, split=split))
+      out[split].append(ex.replace(split=split))
   return dict(out)
 
 

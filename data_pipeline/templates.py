@@ -469,7 +469,7 @@ def render(ex: Example, budget: int = PROMPT_CHAR_BUDGET) -> Example:
   if ex.n_options not in (2, 3):
     raise ValueError(f"example {ex.id}: field 'options' has {ex.n_options} entries, need 2 or 3")
   prompt, completion, cut = _RENDERERS[ex.kind](ex, budget)
-  return dataclasses.replace(ex, prompt=prompt, completion=completion, prompt_fields_cut=cut)
+  return ex.replace(prompt=prompt, completion=completion, prompt_fields_cut=cut)
 
 
 def _within_tokens(render_at: Callable[[int], str], budget: int,
