@@ -208,7 +208,7 @@ def render_chain_step(ex: Example, step_index: int, current_result: str,
     lines.append(_INSTRUCTION.format(slots=_slots(ex.n_options)))
     return lines
 
-  prompt = _within_tokens(lambda b: fit(build, b, what)[0], budget, n_tokens, max_tokens, what)
+  prompt, _ = _fit_tokens(build, budget, n_tokens, max_tokens, what)
   last = step_index == len(factors) - 1
   return prompt, (_completion(ex) if last else "")
 
@@ -299,7 +299,8 @@ def estimate_state(ex: Example, a: float, b: float) -> ArmState:
 
 
 def arm_estimate_steps(ex: Example) -> int:
-  """Calls of a per-arm walk before the comparison: one per factor, one when none is known."""
+  """Steps of a walk: one per differing factor, one when none is known (a per-arm walk
+  then adds its comparison)."""
   return max(len(ex.factors), 1)
 
 
@@ -338,7 +339,6 @@ def render_arm_estimate_step(ex: Example, step_index: int, state: ArmState,
     raise ValueError(f"example {ex.id}: per-arm step {step_index} of {n}")
   _arm_lines(ex, lambda key, text: text)  # raises for a question about no two arms
   what = f"example {ex.id} per-arm step {step_index}"
-  cut = [0]
 
   def build(f):
     lines = state.lines(f, "Current result")
@@ -354,14 +354,10 @@ def render_arm_estimate_step(ex: Example, step_index: int, state: ArmState,
     lines.append(_ESTIMATE_INSTRUCTION.format(unit=f" ({ex.unit})" if ex.unit else ""))
     return lines
 
-  def render_at(b: int) -> str:
-    prompt, cut[0] = fit(build, b, what)
-    return prompt
-
-  prompt = _within_tokens(render_at, budget, n_tokens, max_tokens, what)
+  prompt, cut = _fit_tokens(build, budget, n_tokens, max_tokens, what)
   last = step_index == n - 1
   completion = estimate_line(ex.value_a, ex.value_b) if last and has_arm_values(ex) else ""
-  return prompt, completion, cut[0]
+  return prompt, completion, cut
 
 
 def render_arm_compare(ex: Example, state: ArmState, budget: int = PROMPT_CHAR_BUDGET,
@@ -372,7 +368,6 @@ def render_arm_compare(ex: Example, state: ArmState, budget: int = PROMPT_CHAR_B
   if state.values is None:
     raise ValueError(f"example {ex.id}: a per-arm comparison needs the arms' values")
   what = f"example {ex.id} per-arm comparison"
-  cut = [0]
 
   def build(f):
     lines = state.lines(f, "Result")
@@ -381,12 +376,8 @@ def render_arm_compare(ex: Example, state: ArmState, budget: int = PROMPT_CHAR_B
     lines.append(_COMPARE_INSTRUCTION.format(slots=_slots(ex.n_options)))
     return lines
 
-  def render_at(b: int) -> str:
-    prompt, cut[0] = fit(build, b, what)
-    return prompt
-
-  prompt = _within_tokens(render_at, budget, n_tokens, max_tokens, what)
-  return prompt, _completion(ex), cut[0]
+  prompt, cut = _fit_tokens(build, budget, n_tokens, max_tokens, what)
+  return prompt, _completion(ex), cut
 
 
 def _render_arm_estimate(ex: Example, budget: int) -> tuple[str, str, int]:
@@ -470,6 +461,20 @@ def render(ex: Example, budget: int = PROMPT_CHAR_BUDGET) -> Example:
     raise ValueError(f"example {ex.id}: field 'options' has {ex.n_options} entries, need 2 or 3")
   prompt, completion, cut = _RENDERERS[ex.kind](ex, budget)
   return ex.replace(prompt=prompt, completion=completion, prompt_fields_cut=cut)
+
+
+def _fit_tokens(build: Callable[[Fields], list[str]], budget: int,
+                n_tokens: Callable[[str], int] | None, max_tokens: int,
+                what: str) -> tuple[str, int]:
+  """(prompt, fields cut): `fit` within `budget` characters, then within max_tokens tokens
+  (_within_tokens) when n_tokens is given."""
+  cut = [0]
+
+  def render_at(b: int) -> str:
+    prompt, cut[0] = fit(build, b, what)
+    return prompt
+
+  return _within_tokens(render_at, budget, n_tokens, max_tokens, what), cut[0]
 
 
 def _within_tokens(render_at: Callable[[int], str], budget: int,

@@ -125,7 +125,7 @@ class _Walk:
 
   @property
   def n_calls(self) -> int:
-    return max(len(self.pair.factors), 1)  # no known factor: one call on the pair prompt
+    return templates.arm_estimate_steps(self.pair)  # no known factor: one call
 
   def fail(self, why: str, failed: collections.Counter) -> None:
     self.failed = why
@@ -232,7 +232,7 @@ def _walk_per_arm(walks, graphdef, params, tokenizer, n_tokens, *, prompt_len: i
   depth = 0
   while True:
     live, examples = _prompts(
-        [w for w in walks if not w.failed and depth < templates.arm_estimate_steps(w.pair)],
+        [w for w in walks if not w.failed and depth < w.n_calls],
         f"arms{depth}", failed, lambda w: templates.render_arm_estimate_step(
             w.pair, depth, w.current, n_tokens=n_tokens, max_tokens=prompt_len)[0])
     if not live:
