@@ -314,7 +314,7 @@ def test_without_ct_open_the_registry_trials_posted_last_are_eval(data_root, tmp
     assert not any(ex.anchor is not None and ex.anchor.trial_id in eval_ids for ex in exs)
   assert build.eval_source(by_split["eval"]).startswith("Registry-derived questions (not CT")
   off = dataclasses.replace(cfg, registry_eval_fraction=0.0)
-  assert build.make_examples(off, tmp_path, BuildReport())[2] == set()
+  assert build.prepare(off, tmp_path, BuildReport()).eval_ids == set()  # no render needed
 
 
 def test_streamed_build_writes_what_the_stages_make_in_memory(root, tmp_path, monkeypatch):
