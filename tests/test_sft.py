@@ -118,8 +118,8 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 
 class _Poisoned:
-  """A checkpointable batch iterator whose `at`-th batch (1-based, counted from creation or
-  the restored position) has a NaN loss mask, so that step's loss is NaN."""
+  """`batches` (checkpointable: its state is the wrapped one's) with the `at`-th batch drawn
+  from this wrapper (1-based) given a NaN loss mask, so that step's loss is NaN."""
 
   def __init__(self, batches, at):
     self.batches, self.at, self.n = batches, at, 0
