@@ -85,3 +85,14 @@ def test_host_devices_flag_replaces_the_device_count_and_keeps_other_flags(monke
 def test_peak_matmul_seconds_are_positive_on_the_sharded_devices():
   seconds = rl_step.make_peak(64, jnp.float32)  # 8 fake devices: the row-split variant too
   assert 0 < seconds() < 10
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decode_bound_weight_bytes_are_the_models_matrices(tie):
+  """bench/decode_bound.py streams the model's weight bytes: every parameter with two or
+  more axes of an initialised model (the norms' vectors left out), tied head or not."""
+  from bench import decode_bound
+  cfg = CFG.replace(tie_embeddings=tie)
+  params = nnx.state(model_lib.Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+  want = sum(x.nbytes for x in jax.tree.leaves(params) if x.ndim >= 2)
+  assert decode_bound.weight_bytes(cfg) == want

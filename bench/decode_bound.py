@@ -1,0 +1,104 @@
+"""How fast a decode step's matmuls can run on this machine: weights in cache vs streamed.
+
+  python bench/decode_bound.py            # the `small` model, 16 rows (32 samples on 2 cores)
+  python bench/decode_bound.py --rows=32
+
+A decode step multiplies a few rows by every weight matrix of the model once. On a CPU
+whose cache cannot hold the weights, each step streams them from memory, and that, not
+the arithmetic, sets the step's pace. This bench measures it on one core (the process is
+pinned to core 0 before JAX starts): the f32 matmul peak (n = 1024), then a chain of
+[rows, D] x [D, F] matmuls (the MLP's shape) whose weights total about 2 MB (they stay in
+the core's cache), then the same chain whose weights total the model's weight bytes
+(every matrix of ModelConfig.small, the embedding that doubles as the output head
+included). One line, rates and their ratio to the peak, measured in the same run.
+bench/rl_step.py's sample stage runs the second kind of step 63 times per GRPO step.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == "__main__" and hasattr(os, "sched_setaffinity"):
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, before JAX's threads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from deepimagine_jax.config import ModelConfig  # noqa: E402
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+  """float32 bytes of the model's matrices: embedding (the tied head), attention, MLP."""
+  D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+  per_layer = 2 * D * N * H + 2 * D * K * H + 3 * D * F
+  head = 0 if cfg.tie_embeddings else D * cfg.vocab_size
+  return 4 * (cfg.vocab_size * D + head + cfg.n_layers * per_layer)
+
+
+def chain_rate(rows: int, d: int, f: int, n_mats: int) -> float:
+  """FLOP/s of x [rows, d] times n_mats distinct [d, f] matrices in turn, inside one jit
+  (a scan, so no dispatch between them); best of 7 x 20 calls after a warm-up."""
+  w_NDF = jax.random.normal(jax.random.key(0), (n_mats, d, f), jnp.float32)
+  x_RD = jax.random.normal(jax.random.key(1), (rows, d), jnp.float32)
+
+  @jax.jit
+  def chain(x_RD, w_NDF):
+    def step(x_RD, w_DF):
+      y_RF = jnp.dot(x_RD, w_DF)
+      return y_RF[:, :d], y_RF[0, 0]  # the next input: this output's first d columns
+    return jax.lax.scan(step, x_RD, w_NDF)[1]
+
+  jax.block_until_ready(chain(x_RD, w_NDF))
+  best = float("inf")
+  for _ in range(7):
+    start = time.perf_counter()
+    for _ in range(20):
+      out = chain(x_RD, w_NDF)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - start) / 20)
+  return 2.0 * rows * d * f * n_mats / best
+
+
+def peak_rate(n: int) -> float:
+  a_NN, b_NN = (jax.random.normal(k, (n, n), jnp.float32)
+                for k in jax.random.split(jax.random.key(2)))
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a_NN, b_NN))
+  best = float("inf")
+  for _ in range(10):
+    start = time.perf_counter()
+    jax.block_until_ready(dot(a_NN, b_NN))
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n**3 / best
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--rows", type=int, default=16,
+                  help="rows per device: bench/rl_step.py's 8 x 4 samples over 2 cores")
+  ap.add_argument("--matmul_n", type=int, default=1024)
+  args = ap.parse_args()
+  cfg = ModelConfig.small()
+  D, F = cfg.d_model, cfg.mlp_dim
+  mat_bytes = 4 * D * F
+  model_bytes = weight_bytes(cfg)
+  in_cache = max(1, (2 << 20) // mat_bytes)
+  streamed = -(-model_bytes // mat_bytes)
+  peak = peak_rate(args.matmul_n)
+  cached = chain_rate(args.rows, D, F, in_cache)
+  stream = chain_rate(args.rows, D, F, streamed)
+  peak2 = peak_rate(args.matmul_n)  # again, after: the line names both
+  peak = max(peak, peak2)
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  print(f"decode_bound small rows={args.rows} [{args.rows},{D}]x[{D},{F}] on {cores} "
+        f"{jax.devices()[0].platform} core(s) | peak {peak / 1e9:.1f} GFLOP/s (n={args.matmul_n}) | "
+        f"weights in cache ({in_cache * mat_bytes / 2**20:.1f} MiB): {cached / 1e9:.1f} GFLOP/s = "
+        f"{cached / peak:.0%} of peak | streaming the model's {model_bytes / 2**20:.1f} MiB: "
+        f"{stream / 1e9:.1f} GFLOP/s = {stream / peak:.0%} of peak | load "
+        f"{os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+  main()
