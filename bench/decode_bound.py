@@ -6,12 +6,13 @@
 A decode step multiplies a few rows by every weight matrix of the model once. On a CPU
 whose cache cannot hold the weights, each step streams them from memory, and that, not
 the arithmetic, sets the step's pace. This bench measures it on one core (the process is
-pinned to core 0 before JAX starts): the f32 matmul peak (n = 1024), then a chain of
-[rows, D] x [D, F] matmuls (the MLP's shape) whose weights total about 2 MB (they stay in
-the core's cache), then the same chain whose weights total the model's weight bytes
-(every matrix of ModelConfig.small, the embedding that doubles as the output head
-included). One line, rates and their ratio to the peak, measured in the same run.
-bench/rl_step.py's sample stage runs the second kind of step 63 times per GRPO step.
+pinned to one core before JAX starts): the f32 matmul peak (n = 1024, the faster of a
+timing before and one after the rest), then a chain of [rows, D] x [D, F] matmuls (the
+MLP's shape) whose weights total at most 2 MiB (they stay in the core's cache), then the
+same chain whose weights total the model's weight bytes (every matrix of
+ModelConfig.small, the embedding that doubles as the output head included). One line:
+the rates and their ratio to the peak, from the same run. bench/rl_step.py's sample
+stage reads the weights this way at each of its 63 decode steps.
 """
 import argparse
 import os
@@ -89,8 +90,7 @@ def main():
   peak = peak_rate(args.matmul_n)
   cached = chain_rate(args.rows, D, F, in_cache)
   stream = chain_rate(args.rows, D, F, streamed)
-  peak2 = peak_rate(args.matmul_n)  # again, after: the line names both
-  peak = max(peak, peak2)
+  peak = max(peak, peak_rate(args.matmul_n))  # before and after the chains: the faster
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   print(f"decode_bound small rows={args.rows} [{args.rows},{D}]x[{D},{F}] on {cores} "
         f"{jax.devices()[0].platform} core(s) | peak {peak / 1e9:.1f} GFLOP/s (n={args.matmul_n}) | "
