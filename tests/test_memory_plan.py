@@ -97,9 +97,7 @@ def test_remat_keeps_one_residual_and_the_weight_gradients_per_layer():
     run = RunConfig.from_config(c)
     if not remat:  # only SFT's figure is compared
       run = dataclasses.replace(run, rl=None)
-    # One device: the growth per layer is the same maths, and an 8-device SPMD compile
-    # costs about twice as long (this test compiles 8 programs).
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = sharding.mesh_from_config(run.mesh)
     cfg = memory.model_config(run)
     t = [memory.step_temp_bytes(memory._layers(cfg, n), run, mesh)
          for n in ((4, 8, 12) if remat else (4, 8))]
