@@ -27,15 +27,15 @@ if __name__ == "__main__" and hasattr(os, "sched_setaffinity"):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench import rl_step  # noqa: E402
 from deepimagine_jax.config import ModelConfig  # noqa: E402
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
-  """float32 bytes of the model's matrices: embedding (the tied head), attention, MLP."""
-  D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
-  per_layer = 2 * D * N * H + 2 * D * K * H + 3 * D * F
-  head = 0 if cfg.tie_embeddings else D * cfg.vocab_size
-  return 4 * (cfg.vocab_size * D + head + cfg.n_layers * per_layer)
+  """float32 bytes of the model's matrices: those one token's forward multiplies by (each
+  weight once, 2 FLOPs: rl_step.forward_flops), plus an untied embedding table."""
+  table = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+  return 4 * (rl_step.forward_flops(cfg, tokens=1, key_pairs=0, head_tokens=1) // 2 + table)
 
 
 def chain_rate(rows: int, d: int, f: int, n_mats: int) -> float:
@@ -63,16 +63,9 @@ def chain_rate(rows: int, d: int, f: int, n_mats: int) -> float:
 
 
 def peak_rate(n: int) -> float:
-  a_NN, b_NN = (jax.random.normal(k, (n, n), jnp.float32)
-                for k in jax.random.split(jax.random.key(2)))
-  dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a_NN, b_NN))
-  best = float("inf")
-  for _ in range(10):
-    start = time.perf_counter()
-    jax.block_until_ready(dot(a_NN, b_NN))
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n**3 / best
+  """The f32 n x n matmul's FLOP/s (rl_step.make_peak), best of 10."""
+  seconds = rl_step.make_peak(n, jnp.float32)
+  return 2.0 * n**3 / min(seconds() for _ in range(10))
 
 
 def main():
